@@ -1,0 +1,79 @@
+"""Shared pieces of the benchmark scripts: the header, the timer and the result table.
+
+Every script prints the device, the library versions and the dtype first, then one row per measurement.
+Timing uses triton.testing.do_bench on the GPU (median and 20/80 % quantiles over many runs); on the CPU a plain
+wall-clock loop stands in so that the scripts can be smoke-tested anywhere.
+"""
+import argparse
+import csv
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    return parser
+
+
+def print_header(device: str, dtype: torch.dtype) -> None:
+    import triton
+
+    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else platform.processor() or "cpu"
+    print(f"# device: {name} | torch {torch.__version__} | triton {triton.__version__} | dtype {dtype}")
+
+
+def measure_ms(fn: Callable[[], object], device: str, grad_to_none=None, warmup: int = 3, reps: int = 10):
+    """(p50, p20, p80) milliseconds of `fn`."""
+    if str(device).startswith("cuda"):
+        from triton.testing import do_bench
+
+        return tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times), q[1], q[7]
+
+
+def peak_memory_gib(fn: Callable[[], object], device: str) -> float:
+    """Peak memory allocated while running `fn` once, in GiB (NaN off the GPU)."""
+    if not str(device).startswith("cuda"):
+        fn()
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+class Table:
+    """Rows printed as they come, in aligned columns, and optionally written to CSV at the end."""
+
+    def __init__(self, columns: list[str]):
+        self.columns = columns
+        self.rows: list[dict] = []
+        print(" | ".join(f"{c:>12}" for c in columns))
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        cells = [f"{row[c]:>12.4g}" if isinstance(row[c], float) else f"{str(row[c]):>12}" for c in self.columns]
+        print(" | ".join(cells), flush=True)
+
+    def write_csv(self, path: str | None) -> None:
+        if path:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(self.rows)

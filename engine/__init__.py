@@ -1,0 +1,1 @@
+"""Model, loss, training loop and evaluation: composes kernels, pipelines and models."""

@@ -1,0 +1,3 @@
+"""fastdino: fast DINO pretraining. The code lives in `fastdino.engine`, `fastdino.kernels` and `fastdino.pipelines`."""
+
+__version__ = "0.1.0"

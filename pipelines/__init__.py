@@ -1,0 +1,1 @@
+"""Data: multi-crop pipelines (DALI on the GPU, torchvision fallback) over ImageFolder and tar sources."""
