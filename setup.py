@@ -38,7 +38,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
-        "test": ["pytest", "nvidia-dali-cuda130"],
+        "test": ["pytest", "setuptools>=64", "nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["fastdino = fastdino.engine.cli:main"]},
 )
