@@ -35,7 +35,7 @@ def embed(backbone, images: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
     if pooling == "cls4":
         return torch.cat([tokens[:, 0] for tokens in backbone.get_intermediate_layers(images, 4)], dim=-1)  # (B, 4D)
     tokens = backbone.get_intermediate_layers(images, 1)[0]  # (B, N, D)
-    patches = tokens[:, backbone.num_prefix_tokens:]  # (B, N - prefix, D)
+    patches = tokens[:, 1:]  # (B, N - 1, D): fastdino's ViT has one prefix token (CLS), no registers
     return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)  # (B, 2D)
 
 
