@@ -1,0 +1,194 @@
+"""Pictures, drawn with PIL only: self-attention maps of a backbone and line charts of a run's metrics.
+
+Attention maps follow DINO's `visualize_attention.py` (Caron et al. 2021, Sec. 4.2.2 and Fig. 3): the CLS
+query's attention over the patches in each head of the last block, and per head the mask of the highest-
+attention patches that together hold `threshold` (60 %) of that head's attention mass.
+"""
+import colorsys
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from fastdino.engine.backbone_io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+# torchvision / DINO normalisation of RGB in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PLOTTED_METRICS = ("loss", "teacher_entropy", "knn_top1")
+# Anchors of matplotlib's viridis colormap at 0, 1/4, 1/2, 3/4, 1, linearly interpolated between.
+_LINE_COLOR = (31, 119, 180)
+_VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]) / 255.0
+
+
+def load_image(image) -> torch.Tensor:
+    """A path (any format PIL reads) or a (3, H, W) float tensor in [0, 1] -> (3, H, W) float32 in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be (3, H, W) RGB in [0, 1], got shape {tuple(image.shape)}")
+        return image.detach().float().cpu()
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+
+
+def threshold_masks(attn: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
+    """(H, n) attention rows -> (H, n) bool: per row, the largest entries holding `threshold` of the row's mass."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    vals, order = attn.sort(dim=1)  # ascending
+    cum = (vals / vals.sum(dim=1, keepdim=True)).cumsum(dim=1)
+    # Drop the smallest entries while what they hold stays within 1 - threshold (DINO's `cumval > 1 - threshold`).
+    return torch.zeros_like(cum, dtype=torch.bool).scatter(1, order, cum > 1 - threshold)
+
+
+@torch.no_grad()
+def cls_attention(backbone, image: torch.Tensor, threshold: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS-to-patch attention of the last block for a (3, H, W) image in [0, 1].
+
+    Returns (attn (heads, H/p, W/p) fp32, masks (heads, H/p, W/p) bool). H and W must be multiples of the
+    patch size p.
+    """
+    p = backbone.patch_size
+    height, width = image.shape[-2:]
+    if height < p or width < p:
+        raise ValueError(f"image {width}x{height} is smaller than one {p}x{p} patch")
+    if height % p or width % p:
+        raise ValueError(f"image size {width}x{height} is not a multiple of the patch size {p}: crop or resize it, "
+                         f"e.g. to {width // p * p}x{height // p * p}")
+    device = next(backbone.parameters()).device
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    x = ((image - mean) / std)[None].to(device)  # (1, 3, H, W)
+    backbone.eval()
+    attn = backbone.get_last_self_attention(x)[0, :, 0, 1:].float().cpu()  # (heads, n): CLS row, patch columns
+    masks = threshold_masks(attn, threshold)
+    grid = (height // p, width // p)
+    return attn.reshape(-1, *grid), masks.reshape(-1, *grid)  # (heads, H/p, W/p)
+
+
+def attention_grid(image: torch.Tensor, attn: torch.Tensor, masks: torch.Tensor) -> Image.Image:
+    """PNG-ready grid: row 1 = image, then each head's attention (viridis, scaled to the head's max);
+    row 2 = image, then each head's mask over the image. Size ((heads + 1) * W, 2 * H)."""
+    heads, height, width = attn.shape[0], *image.shape[-2:]
+    scale = height // attn.shape[1]
+    heat = attn / attn.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    heat_rgb = _colormap(_upsample(heat, scale))  # (heads, 3, H, W)
+    colors = torch.tensor([colorsys.hsv_to_rgb(h / heads, 0.9, 1.0) for h in range(heads)])[:, :, None, None]
+    mask = _upsample(masks, scale)[:, None]  # (heads, 1, H, W)
+    overlay = torch.where(mask, 0.5 * image + 0.5 * colors, 0.35 * image)  # (heads, 3, H, W)
+    rows = [torch.cat([image, *heat_rgb], dim=-1), torch.cat([image, *overlay], dim=-1)]  # (3, H, (heads+1)*W)
+    grid = torch.cat(rows, dim=-2).clamp(0, 1)  # (3, 2H, (heads+1)*W)
+    return Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def save_attention_png(backbone, image, output_png, *, threshold: float = 0.6) -> Path:
+    """Write `attention_grid` of `image` (path or (3, H, W) tensor in [0, 1]) to `output_png`."""
+    image = load_image(image)
+    attn, masks = cls_attention(backbone, image, threshold)
+    grid = attention_grid(image, attn, masks)
+    path = atomic_write(output_png, lambda tmp: grid.save(tmp, format="PNG"))
+    logger.info("wrote %d-head attention maps to %s", attn.shape[0], path)
+    return path
+
+
+def _upsample(t: torch.Tensor, scale: int) -> torch.Tensor:
+    """(heads, h, w) -> (heads, h * scale, w * scale): each patch becomes a scale x scale block."""
+    return t.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def _colormap(values: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) values in [0, 1] -> (..., 3, H, W) viridis RGB."""
+    pos = values.clamp(0, 1) * (len(_VIRIDIS) - 1)
+    lo = pos.floor().long().clamp(max=len(_VIRIDIS) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = _VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac  # (..., H, W, 3)
+    return rgb.movedim(-1, -3)
+
+
+def read_metrics(path) -> list[dict]:
+    """Records of a metrics.jsonl; a truncated last line (a run killed mid-write) is skipped with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file: {path}")
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from err
+            logger.warning("%s:%d: skipping a truncated last line", path, number)
+    return records
+
+
+def plot_run(run_dir) -> list[Path]:
+    """PNG line charts of loss, teacher_entropy and knn_top1 vs step from RUN_DIR/metrics.jsonl, written to
+    RUN_DIR/plots/<metric>.png (metrics the run never logged are skipped). Returns the paths written."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    written = []
+    for key in PLOTTED_METRICS:
+        points = [(r["step"], float(r[key])) for r in records
+                  if r.get(key) is not None and math.isfinite(float(r[key]))]
+        if points:
+            chart = line_chart(points, title=f"{key} vs step ({run_dir.name})", xlabel="step")
+            written.append(atomic_write(run_dir / "plots" / f"{key}.png", lambda tmp: chart.save(tmp, format="PNG")))
+    if not written:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no finite {', '.join(PLOTTED_METRICS)} values to plot")
+    return written
+
+
+def line_chart(points, *, title: str, xlabel: str, size=(640, 400)) -> Image.Image:
+    """A PIL line chart of (x, y) points, with 5 labelled ticks per axis."""
+    width, height = size
+    left, right, top, bottom = 72, 20, 32, 48
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
+    (x0, x1), (y0, y1) = _span(xs), _span(ys)
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):
+        tx, ty = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
+        px, _ = to_px(tx, y0)
+        _, py = to_px(x0, ty)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
+        draw.text((px, height - bottom + 6), f"{tx:.4g}", fill="black", font=font, anchor="ma")
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((left - 6, py), f"{ty:.4g}", fill="black", font=font, anchor="rm")
+    draw.text((width / 2, 8), title, fill="black", font=font, anchor="ma")
+    draw.text((width / 2, height - 16), xlabel, fill="black", font=font, anchor="ma")
+    pixels = [to_px(x, y) for x, y in zip(xs, ys)]
+    if len(pixels) > 1:
+        draw.line(pixels, fill=_LINE_COLOR, width=2)
+    else:  # one point has no line: mark it
+        (px, py), = pixels
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=_LINE_COLOR)
+    return img
+
+
+def _span(values) -> tuple[float, float]:
+    """(min, max) of values, widened when they are all equal so the axis has a length."""
+    lo, hi = min(values), max(values)
+    pad = 0.5 * abs(lo) + 0.5 if lo == hi else 0.0
+    return lo - pad, hi + pad

@@ -1,0 +1,100 @@
+"""Attention maps (threshold masks, PNG grid) and run plots, all drawn with PIL."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdino.engine.visualize import cls_attention, plot_run, save_attention_png, threshold_masks
+from fastdino.engine.vit import build_backbone
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", 16, img_size=32).eval()
+    # At init (std 0.02) q.k is ~0 and every head attends uniformly; sharpen the last block so heads differ.
+    with torch.no_grad():
+        model.blocks[-1].attn.qkv.weight.mul_(3)
+    return model
+
+
+def test_threshold_masks_keep_the_top_60_percent_of_the_mass():
+    attn = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.7, 0.05, 0.15], [0.25, 0.25, 0.25, 0.25]])
+    expected = torch.tensor([
+        [True, True, False, False],   # 0.5 alone < 0.6; 0.5 + 0.3 holds it
+        [False, True, False, False],  # 0.7 alone holds it
+        [True, True, True, False],    # ties: 3 of 4 quarters
+    ])
+    masks = threshold_masks(attn, 0.6)
+    assert masks.sum(1).tolist() == expected.sum(1).tolist()
+    assert torch.equal(masks[:2], expected[:2])
+
+
+def test_attention_png_has_the_grid_size_and_heads_differ(backbone, tmp_path):
+    image = torch.rand(3, 32, 48)  # 2 x 3 patches, not square
+    path = save_attention_png(backbone, image, tmp_path / "attn.png")
+    png = np.asarray(Image.open(path))
+    heads = backbone.num_heads
+    assert png.shape == (2 * 32, (heads + 1) * 48, 3)
+    # First column of both rows is the image itself.
+    expected = (image * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(png[:32, :48], expected) and np.array_equal(png[32:, :48], expected)
+    tiles = [png[:32, 48 * (h + 1): 48 * (h + 2)] for h in range(heads)]
+    for a in range(heads):
+        for b in range(a + 1, heads):
+            assert not np.array_equal(tiles[a], tiles[b]), f"heads {a} and {b} drew the same map"
+    attn, masks = cls_attention(backbone, image)
+    assert attn.shape == masks.shape == (heads, 2, 3)
+    torch.testing.assert_close(attn.sum(dim=(1, 2)), torch.ones(heads) - _cls_self_attention(backbone, image))
+
+
+def _cls_self_attention(backbone, image):
+    """What the CLS query gives to itself: the rest of its row is the patch attention."""
+    from fastdino.engine.visualize import IMAGENET_MEAN, IMAGENET_STD
+    x = (image - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        return backbone.get_last_self_attention(x[None])[0, :, 0, 0]
+
+
+def test_attention_from_an_image_file_and_bad_sizes(backbone, tmp_path):
+    Image.fromarray(np.random.randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img.jpg")
+    path = save_attention_png(backbone, tmp_path / "img.jpg", tmp_path / "out" / "attn.png")
+    assert Image.open(path).size == ((backbone.num_heads + 1) * 32, 64)
+    with pytest.raises(ValueError, match=r"image size 40x32 is not a multiple of the patch size 16"):
+        save_attention_png(backbone, torch.rand(3, 32, 40), tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"image 8x8 is smaller than one 16x16 patch"):
+        save_attention_png(backbone, torch.rand(3, 8, 8), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def _write_metrics(run_dir, lines):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines))
+
+
+def test_plot_run_draws_the_logged_curves(tmp_path):
+    lines = [json.dumps({"step": s, "epoch": 0, "loss": 10 - s / 10, "teacher_entropy": math.log(16) - s / 100,
+                         "lr": 1e-4}) for s in range(0, 100, 10)]
+    lines[4] = json.dumps({**json.loads(lines[4]), "knn_top1": 12.5})
+    lines[9] = json.dumps({**json.loads(lines[9]), "knn_top1": 31.0, "loss": float("nan")})
+    _write_metrics(tmp_path / "run", lines + ['{"step": 100, "lo'])  # killed mid-write
+    paths = plot_run(tmp_path / "run")
+    assert [p.name for p in paths] == ["loss.png", "teacher_entropy.png", "knn_top1.png"]
+    for p in paths:
+        png = np.asarray(Image.open(p))
+        assert png.shape == (400, 640, 3)
+        assert (png == (31, 119, 180)).all(axis=2).any(), f"{p.name}: no curve drawn"
+
+
+def test_plot_run_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics file"):
+        plot_run(tmp_path)
+    _write_metrics(tmp_path / "a", ['{"step": 1, "lr": 0.1}'])
+    with pytest.raises(ValueError, match="no finite loss, teacher_entropy, knn_top1 values"):
+        plot_run(tmp_path / "a")
+    _write_metrics(tmp_path / "b", ['{"step": 1, "lo', '{"step": 2, "loss": 1.0}'])
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not JSON"):
+        plot_run(tmp_path / "b")
