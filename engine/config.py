@@ -1,0 +1,410 @@
+"""The whole training configuration as one dataclass tree, its presets, and how files and overrides change it.
+
+Every field has a type, a default and a one-line docstring (the string literal after it); `__post_init__` checks
+values and raises `ValueError` naming the bad one. Named runs are functions returning a full `TrainConfig`
+(`PRESETS`). A YAML file and `section.field=value` overrides are applied on top of a preset by
+`apply_overrides`, which rebuilds the tree so every value is validated again.
+
+Lengths are in epochs and the schedules are built from `epochs * steps_per_epoch` steps (see schedules.py), so a
+time budget only has to turn minutes into a number of steps. `max_steps` stops a run early without changing the
+schedules: a run stopped at step k and resumed with a larger `max_steps` is the same run.
+"""
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+PARALLEL_MODES = ("auto", "fsdp", "ddp", "single")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    _check(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_scale(name: str, scale) -> None:
+    _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, f"{name} must be (min, max) with 0 < min <= max <= 1, "
+           f"got {scale}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"
+    """Backbone size: vit_tiny, vit_small, vit_base or vit_large."""
+    patch_size: int = 16
+    """Side of a square patch in pixels."""
+    img_size: int = 224
+    """Image side the position embedding is built for (other crop sizes resample it)."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth rate of the student (the teacher shares the value; it only matters in training mode)."""
+    attention: str = "auto"
+    """Attention backend: auto, xformers or sdpa (see engine/attention.py)."""
+    embed_dim: int | None = None
+    """Override of the arch's embedding width (tiny test models); None keeps the arch's."""
+    depth: int | None = None
+    """Override of the arch's number of blocks; None keeps the arch's."""
+    num_heads: int | None = None
+    """Override of the arch's number of attention heads; None keeps the arch's."""
+
+    def __post_init__(self):
+        _check_choice("model.arch", self.arch, ARCHS)
+        _check(self.patch_size > 0, f"model.patch_size must be > 0, got {self.patch_size}")
+        _check(self.img_size % self.patch_size == 0,
+               f"model.img_size ({self.img_size}) must be a multiple of model.patch_size ({self.patch_size})")
+        _check(0 <= self.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        _check_choice("model.attention", self.attention, ("auto", "xformers", "sdpa"))
+        for name in ("embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"model.{name} must be > 0 or null, got {value}")
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536
+    """K, the number of prototypes (DINO paper Sec. 3.1)."""
+    use_bn: bool = False
+    """Batch norm in the head's MLP."""
+    norm_last_layer: bool = True
+    """Weight-normalise the last layer with its norm fixed to 1 (more stable, DINO README)."""
+    nlayers: int = 3
+    """Layers of the head's MLP."""
+    hidden_dim: int = 2048
+    """Width of the head's hidden layers."""
+    bottleneck_dim: int = 256
+    """Width of the L2-normalised bottleneck before the prototypes."""
+
+    def __post_init__(self):
+        for name in ("out_dim", "nlayers", "hidden_dim", "bottleneck_dim"):
+            _check(getattr(self, name) > 0, f"head.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class LossConfig:
+    student_temp: float = 0.1
+    """Temperature of the student softmax."""
+    teacher_temp: float = 0.07
+    """Teacher softmax temperature after the warmup (sharpening, paper Sec. 3.1)."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at step 0, raised linearly to teacher_temp."""
+    warmup_teacher_temp_epochs: float = 30
+    """Length of the teacher temperature warmup in epochs."""
+    center_momentum: float = 0.9
+    """EMA rate of the teacher center (centering, paper Sec. 3.1)."""
+    impl: str = "auto"
+    """Loss kernel: auto (Triton on CUDA, torch otherwise), triton or torch."""
+    teacher_norm: str = "centering"
+    """How teacher outputs are normalised: centering (DINO) or sinkhorn_knopp."""
+
+    def __post_init__(self):
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            _check(getattr(self, name) > 0, f"loss.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.warmup_teacher_temp_epochs >= 0,
+               f"loss.warmup_teacher_temp_epochs must be >= 0, got {self.warmup_teacher_temp_epochs}")
+        _check(0 <= self.center_momentum < 1, f"loss.center_momentum must be in [0, 1), got {self.center_momentum}")
+        _check_choice("loss.impl", self.impl, ("auto", "triton", "torch"))
+        _check_choice("loss.teacher_norm", self.teacher_norm, ("centering", "sinkhorn_knopp"))
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 5e-4
+    """Peak AdamW learning rate for a global batch of 256; the run uses base_lr * batch_size / 256."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_epochs: float = 10
+    """Linear learning-rate warmup from 0, in epochs."""
+    weight_decay: float = 0.04
+    """Weight decay at step 0 (biases, norms, tokens and pos_embed never decay)."""
+    weight_decay_end: float = 0.4
+    """Weight decay at the last step (cosine schedule)."""
+    teacher_momentum: float = 0.996
+    """Teacher EMA momentum at step 0."""
+    teacher_momentum_end: float = 1.0
+    """Teacher EMA momentum at the last step (cosine schedule)."""
+    clip_grad: float = 3.0
+    """Maximum global gradient norm; 0 disables clipping (the norm is still measured and logged)."""
+    freeze_last_layer_epochs: float = 1
+    """The head's last layer gets no update for this many epochs (DINO: helps the first epoch)."""
+
+    def __post_init__(self):
+        _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
+        _check(0 <= self.min_lr <= self.base_lr, f"optim.min_lr must be in [0, base_lr], got {self.min_lr}")
+        for name in ("warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer_epochs"):
+            _check(getattr(self, name) >= 0, f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("teacher_momentum", "teacher_momentum_end"):
+            _check(0 <= getattr(self, name) <= 1, f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """ImageFolder root (or with train/ and val/ inside) or tar shards; null = the built-in shapes dataset."""
+    batch_size: int = 1024
+    """Global batch size in images, summed over all ranks."""
+    global_crops_size: int = 224
+    """Side of the 2 global crops in pixels."""
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    """Area range of the global crops, as fractions of the image."""
+    local_crops_number: int = 10
+    """Number of local crops per image (student only)."""
+    local_crops_size: int = 96
+    """Side of the local crops in pixels."""
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    """Area range of the local crops, as fractions of the image."""
+    backend: str = "auto"
+    """Decoding and augmentation backend: auto, dali or torchvision."""
+    num_workers: int = 8
+    """Loader worker processes (or DALI threads) per rank."""
+    shapes_train_images: int = 2000
+    """Training images of the built-in shapes dataset (when path is null)."""
+    shapes_val_images: int = 500
+    """Validation images of the built-in shapes dataset."""
+    shapes_image_size: int = 64
+    """Side of the built-in shapes dataset's images in pixels."""
+
+    def __post_init__(self):
+        self.global_crops_scale = tuple(self.global_crops_scale)
+        self.local_crops_scale = tuple(self.local_crops_scale)
+        _check(self.path is None or self.path != "", "data.path must be a folder or null, got ''")
+        for name in ("batch_size", "global_crops_size", "local_crops_size", "shapes_train_images",
+                     "shapes_val_images", "shapes_image_size"):
+            _check(getattr(self, name) > 0, f"data.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("local_crops_number", "num_workers"):
+            _check(getattr(self, name) >= 0, f"data.{name} must be >= 0, got {getattr(self, name)}")
+        _check_scale("data.global_crops_scale", self.global_crops_scale)
+        _check_scale("data.local_crops_scale", self.local_crops_scale)
+        _check_choice("data.backend", self.backend, ("auto", "dali", "torchvision"))
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "auto"
+    """auto (fsdp with several processes, else single), fsdp, ddp or single."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (with dynamic loss scaling)."""
+
+    def __post_init__(self):
+        _check_choice("parallel.mode", self.mode, PARALLEL_MODES)
+        _check_choice("parallel.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Save every this many steps (also at each epoch end and when the run stops); 0 = only those."""
+    keep_last: int = 2
+    """How many checkpoints to keep; older ones are deleted."""
+
+    def __post_init__(self):
+        _check(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = False
+    """After training: k-NN of the teacher and of the untrained network, and an attention map (needs val/)."""
+    knn_k: int = 20
+    """Neighbours voting in the k-NN evaluation."""
+    knn_temperature: float = 0.07
+    """Temperature of the k-NN vote weights exp(sim / T)."""
+    batch_size: int = 256
+    """Images per batch in feature extraction."""
+
+    def __post_init__(self):
+        _check(self.knn_k > 0, f"eval.knn_k must be > 0, got {self.knn_k}")
+        _check(self.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {self.knn_temperature}")
+        _check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone."""
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """The DINO projection head."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The DINO loss and its teacher temperature."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW, its schedules and the teacher momentum."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset, batch and multi-crop views."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data parallelism and precision."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When to save and how many to keep."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation after training."""
+    epochs: int = 100
+    """Length of the run; all schedules span it."""
+    max_steps: int | None = None
+    """Stop after this many steps without changing the schedules (resume later with a larger value)."""
+    seed: int = 0
+    """Seed of the initial weights, the data order and the augmentations."""
+    log_every: int = 10
+    """Steps between progress lines and metrics.jsonl rows (the only host-device syncs of the loop)."""
+    max_nonfinite_in_a_row: int = 5
+    """Stop the run after this many consecutive skipped steps with a non-finite loss or gradient."""
+
+    def __post_init__(self):
+        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0 or null, got {self.max_steps}")
+        _check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
+        _check(self.max_nonfinite_in_a_row > 0,
+               f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}")
+
+
+# ---------------------------------------------------------------------------------------------------- presets
+
+def vit_small16_imagenet() -> TrainConfig:
+    """The DINO paper's ViT-S/16 recipe for 100 epochs: K=65536, global batch 1024, lr 5e-4 * 1024/256 with 10
+    warmup epochs, 2x224 + 10x96 crops, teacher temp 0.04 -> 0.07 over 30 epochs; everything else is
+    facebookresearch/dino main_dino.py's default (momentum 0.996 -> 1, weight decay 0.04 -> 0.4, clip 3.0, last
+    layer frozen for 1 epoch, drop path 0.1, min lr 1e-6)."""
+    return TrainConfig(
+        model=ModelConfig(arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1),
+        head=HeadConfig(out_dim=65536),
+        loss=LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30),
+        optim=OptimConfig(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10, teacher_momentum=0.996),
+        data=DataConfig(batch_size=1024, global_crops_size=224, local_crops_number=10, local_crops_size=96),
+        epochs=100,
+        checkpoint=CheckpointConfig(every_steps=2500),
+    )
+
+
+def demo() -> TrainConfig:
+    """A few minutes on 2 CPU cores: a tiny ViT with 8-px patches on the built-in 64-px shapes dataset, then
+    k-NN of the trained and the untrained network and an attention map."""
+    return TrainConfig(
+        model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=48, drop_path_rate=0.0, depth=4, embed_dim=96,
+                          num_heads=3),
+        head=HeadConfig(out_dim=1024, hidden_dim=512, bottleneck_dim=128, norm_last_layer=True),
+        loss=LossConfig(teacher_temp=0.06, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=2, impl="auto"),
+        optim=OptimConfig(base_lr=1e-3, min_lr=1e-5, warmup_epochs=1, teacher_momentum=0.99,
+                          freeze_last_layer_epochs=0),
+        data=DataConfig(batch_size=64, global_crops_size=48, global_crops_scale=(0.3, 1.0), local_crops_number=4,
+                        local_crops_size=24, local_crops_scale=(0.05, 0.3), num_workers=2),
+        checkpoint=CheckpointConfig(every_steps=200, keep_last=1),
+        eval=EvalConfig(at_end=True, batch_size=128),
+        epochs=10,
+        log_every=10,
+    )
+
+
+PRESETS = {"demo": demo, "vit_small16_imagenet": vit_small16_imagenet}
+
+
+def preset(name: str) -> TrainConfig:
+    """The named preset's full config."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ------------------------------------------------------------------------------------- dicts, files, overrides
+
+def to_dict(cfg) -> dict:
+    """The config tree as nested plain dicts (tuples become lists), as written to DIR/config.json."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                                for k, v in items})
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, checking keys and types; ValueError names the bad key."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown config key {prefix + key!r}; valid keys here: {names}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = from_dict(kind, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, kind, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(value, kind, name: str):
+    """`value` as type `kind` (int, float, bool, str, X | None, tuple[float, float]) or a ValueError."""
+    if isinstance(kind, types.UnionType):  # only `X | None` is used
+        if value is None:
+            return None
+        (kind,) = [k for k in kind.__args__ if k is not type(None)]
+    if typing.get_origin(kind) is tuple:
+        inner = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)) or len(value) != len(inner):
+            raise ValueError(f"{name} must be a list of {len(inner)} numbers, got {value!r}")
+        return tuple(_coerce(v, k, name) for v, k in zip(value, inner))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'optim.base_lr=1e-3' -> (['optim', 'base_lr'], 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override must look like section.key=value, got {text!r}")
+    return key.split("."), yaml.safe_load(raw) if raw else None
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Nested dict `base` with `update`'s values (recursively) on top."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def load_yaml(path) -> dict:
+    """The mapping in a YAML config file (ValueError when missing or not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def apply_overrides(cfg: TrainConfig, *, file_values: dict | None = None, overrides=()) -> TrainConfig:
+    """`cfg` with a YAML file's mapping and then `key=value` overrides on top, validated as a whole."""
+    values = merge(to_dict(cfg), file_values or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        update = value
+        for part in reversed(path):
+            update = {part: update}
+        values = merge(values, update)
+    return from_dict(TrainConfig, values)

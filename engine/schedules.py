@@ -1,0 +1,101 @@
+"""Learning rate, weight decay, teacher momentum and teacher temperature as pure functions of the global step.
+
+The shapes follow facebookresearch/dino `utils.cosine_scheduler` step for step: a linear warmup that reaches
+the peak on its last step (`np.linspace(start, peak, warmup)`), then a half cosine from the peak towards the final
+value over the remaining steps. Weight decay and teacher momentum are cosines with no warmup. The teacher
+temperature rises linearly over its warmup and then stays (DINO Sec. 3.1 and App. on teacher temperature;
+the official code steps it once per epoch, here it moves every step).
+
+Nothing here holds state: a resumed run asks for step k and gets what the uninterrupted run got. The schedules
+span `total_steps`; `epochs * steps_per_epoch` by default, or any other count (e.g. from a time budget).
+"""
+import math
+from dataclasses import dataclass
+
+from fastdino.engine.config import TrainConfig
+
+
+def linear_warmup(start: float, end: float, step: int, warmup_steps: int) -> float:
+    """`np.linspace(start, end, warmup_steps)[step]`, and `end` from step `warmup_steps - 1` on."""
+    if step >= warmup_steps - 1:
+        return end
+    return start + (end - start) * step / (warmup_steps - 1)
+
+
+def cosine(start: float, end: float, step: int, total_steps: int) -> float:
+    """Half cosine from `start` at step 0 towards `end` at `total_steps` (clamped to `end` after it)."""
+    if step >= total_steps:
+        return end
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * step / total_steps))
+
+
+def warmup_cosine(start: float, peak: float, end: float, step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup from `start` to `peak` over `warmup_steps`, then a cosine from `peak` to `end`."""
+    if step < warmup_steps:
+        return linear_warmup(start, peak, step, warmup_steps)
+    return cosine(peak, end, step - warmup_steps, total_steps - warmup_steps)
+
+
+@dataclass(frozen=True)
+class ScheduleValues:
+    lr: float
+    """AdamW learning rate of every parameter group."""
+    weight_decay: float
+    """AdamW weight decay of the decayed group."""
+    teacher_momentum: float
+    """EMA momentum m in teacher <- m * teacher + (1 - m) * student."""
+    teacher_temp: float
+    """Teacher softmax temperature."""
+    freeze_last_layer: bool
+    """Whether the head's last layer gets no update this step."""
+
+
+@dataclass(frozen=True)
+class Schedules:
+    total_steps: int
+    """Steps every schedule spans."""
+    warmup_steps: int
+    """Learning-rate warmup length."""
+    peak_lr: float
+    """Learning rate after the warmup (base_lr scaled by the global batch)."""
+    min_lr: float
+    """Learning rate at the end."""
+    weight_decay: tuple[float, float]
+    """Weight decay at the start and at the end."""
+    teacher_momentum: tuple[float, float]
+    """Teacher momentum at the start and at the end."""
+    teacher_temp: tuple[float, float]
+    """Teacher temperature at the start and after its warmup."""
+    teacher_temp_warmup_steps: int
+    """Teacher temperature warmup length."""
+    freeze_last_layer_steps: int
+    """Steps during which the head's last layer gets no update."""
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> "Schedules":
+        """The run's schedules; they span `epochs * steps_per_epoch` steps unless `total_steps` is given."""
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch} (dataset smaller than one batch?)")
+        total_steps = total_steps or cfg.epochs * steps_per_epoch
+        in_steps = lambda epochs: min(round(epochs * steps_per_epoch), total_steps)  # noqa: E731
+        return cls(
+            total_steps=total_steps,
+            warmup_steps=in_steps(cfg.optim.warmup_epochs),
+            peak_lr=cfg.optim.base_lr * cfg.data.batch_size / 256,
+            min_lr=cfg.optim.min_lr,
+            weight_decay=(cfg.optim.weight_decay, cfg.optim.weight_decay_end),
+            teacher_momentum=(cfg.optim.teacher_momentum, cfg.optim.teacher_momentum_end),
+            teacher_temp=(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp),
+            teacher_temp_warmup_steps=in_steps(cfg.loss.warmup_teacher_temp_epochs),
+            freeze_last_layer_steps=in_steps(cfg.optim.freeze_last_layer_epochs),
+        )
+
+    def at(self, step: int) -> ScheduleValues:
+        """Every scheduled value at global step `step` (0-based)."""
+        return ScheduleValues(
+            lr=warmup_cosine(0.0, self.peak_lr, self.min_lr, step, self.warmup_steps, self.total_steps),
+            weight_decay=cosine(*self.weight_decay, step, self.total_steps),
+            teacher_momentum=cosine(*self.teacher_momentum, step, self.total_steps),
+            teacher_temp=linear_warmup(*self.teacher_temp, step, self.teacher_temp_warmup_steps),
+            freeze_last_layer=step < self.freeze_last_layer_steps,
+        )

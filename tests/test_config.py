@@ -1,0 +1,76 @@
+"""The config tree: presets are valid, files and key=value overrides apply and are validated, errors name the key."""
+import json
+
+import pytest
+
+from fastdino.engine import config as C
+
+
+@pytest.mark.parametrize("name", sorted(C.PRESETS))
+def test_presets_are_valid_and_round_trip_through_json(name):
+    cfg = C.preset(name)
+    assert C.from_dict(C.TrainConfig, json.loads(json.dumps(C.to_dict(cfg)))) == cfg
+
+
+def test_paper_preset_is_the_papers_recipe():
+    cfg = C.vit_small16_imagenet()
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.head.out_dim) == ("vit_small", 16, 65536)
+    assert (cfg.data.batch_size, cfg.data.global_crops_size, cfg.data.local_crops_number,
+            cfg.data.local_crops_size) == (1024, 224, 10, 96)
+    assert (cfg.epochs, cfg.optim.warmup_epochs, cfg.optim.base_lr) == (100, 10, 5e-4)
+    assert (cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp) == (0.04, 0.07)
+    assert (cfg.optim.teacher_momentum, cfg.optim.teacher_momentum_end) == (0.996, 1.0)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.4, 3.0)
+
+
+def test_overrides_and_file_values_apply_in_order(tmp_path):
+    file_values = {"optim": {"base_lr": 1e-3}, "epochs": 7}
+    cfg = C.apply_overrides(C.demo(), file_values=file_values,
+                            overrides=["epochs=9", "data.global_crops_scale=[0.2, 1]", "optim.min_lr=1e-6",
+                                       "max_steps=null", "data.path=/tmp/x"])
+    assert cfg.optim.base_lr == 1e-3 and cfg.epochs == 9  # the override wins over the file
+    assert cfg.data.global_crops_scale == (0.2, 1.0) and cfg.optim.min_lr == 1e-6  # YAML's "1e-6" is a string
+    assert cfg.max_steps is None and cfg.data.path == "/tmp/x"
+    assert cfg.model == C.demo().model  # untouched sections keep the preset's values
+
+
+def test_yaml_file_is_read(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  base_lr: 0.002\nlog_every: 3\n")
+    cfg = C.apply_overrides(C.demo(), file_values=C.load_yaml(path))
+    assert (cfg.optim.base_lr, cfg.log_every) == (0.002, 3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=1", "unknown config key 'optim.lr'"),
+    ("optimizer.base_lr=1", "unknown config key 'optimizer'"),
+    ("optim.base_lr=fast", "optim.base_lr must be float, got 'fast'"),
+    ("optim.base_lr=-1", "optim.base_lr must be > 0, got -1.0"),
+    ("data.batch_size=1.5", "data.batch_size must be int, got 1.5"),
+    ("epochs=true", "epochs must be int, got True"),
+    ("model.arch=vit_huge", "model.arch must be one of"),
+    ("data.local_crops_scale=[0.5, 0.1]", "data.local_crops_scale must be (min, max)"),
+    ("parallel.precision=fp8", "parallel.precision must be one of"),
+    ("optim=3", "optim must be a mapping"),
+    ("no_equals_sign", "override must look like section.key=value"),
+])
+def test_bad_values_raise_value_error_naming_the_key(override, message):
+    with pytest.raises(ValueError) as error:
+        C.apply_overrides(C.demo(), overrides=[override])
+    assert message in str(error.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ValueError, match="config file not found"):
+        C.load_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        C.load_yaml(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("optim: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        C.load_yaml(tmp_path / "broken.yaml")
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'nope'; known presets"):
+        C.preset("nope")

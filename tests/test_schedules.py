@@ -1,0 +1,75 @@
+"""Schedules against facebookresearch/dino's numpy `cosine_scheduler`, and values at known steps."""
+import math
+
+import numpy as np
+import pytest
+
+from fastdino.engine import config as C
+from fastdino.engine.schedules import Schedules, cosine, linear_warmup
+
+
+def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """facebookresearch/dino utils.cosine_scheduler, the spec the schedules follow step for step."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup_schedule, schedule))
+
+
+def _cfg(**optim):
+    cfg = C.vit_small16_imagenet()
+    return C.apply_overrides(cfg, overrides=[f"optim.{k}={v}" for k, v in optim.items()] + ["epochs=12"])
+
+
+def test_matches_the_official_schedules_at_every_step():
+    cfg, steps_per_epoch = _cfg(warmup_epochs=3), 7
+    sched = Schedules.from_config(cfg, steps_per_epoch)
+    peak = cfg.optim.base_lr * cfg.data.batch_size / 256
+    lr = official_cosine_scheduler(peak, cfg.optim.min_lr, 12, steps_per_epoch, 3)
+    wd = official_cosine_scheduler(0.04, 0.4, 12, steps_per_epoch)
+    momentum = official_cosine_scheduler(0.996, 1.0, 12, steps_per_epoch)
+    values = [sched.at(step) for step in range(12 * steps_per_epoch)]
+    np.testing.assert_allclose([v.lr for v in values], lr, rtol=1e-12)
+    np.testing.assert_allclose([v.weight_decay for v in values], wd, rtol=1e-12)
+    np.testing.assert_allclose([v.teacher_momentum for v in values], momentum, rtol=1e-12)
+
+
+def test_values_at_known_steps():
+    cfg, steps_per_epoch = _cfg(warmup_epochs=2, freeze_last_layer_epochs=1), 10
+    sched = Schedules.from_config(cfg, steps_per_epoch)  # 120 steps, 20 of warmup, teacher temp over 30 epochs
+    peak = 5e-4 * 1024 / 256
+    assert sched.total_steps == 120 and sched.peak_lr == peak
+    assert sched.at(0).lr == 0.0 and sched.at(19).lr == peak and sched.at(20).lr == peak
+    assert sched.at(10).lr == pytest.approx(peak * 10 / 19)
+    assert sched.at(70).lr == pytest.approx((peak + cfg.optim.min_lr) / 2)  # half way through the cosine
+    assert sched.at(0).weight_decay == pytest.approx(0.04) and sched.at(60).weight_decay == pytest.approx(0.22)
+    assert sched.at(0).teacher_momentum == pytest.approx(0.996) and sched.at(120).teacher_momentum == 1.0
+    # The teacher temperature warmup (30 epochs) is longer than this run: it is clipped to the run's length.
+    assert sched.at(0).teacher_temp == 0.04 and sched.at(119).teacher_temp == 0.07
+    assert [sched.at(s).freeze_last_layer for s in (0, 9, 10)] == [True, True, False]
+
+
+def test_teacher_temperature_rises_linearly_then_stays():
+    cfg = C.apply_overrides(C.demo(), overrides=["loss.warmup_teacher_temp_epochs=1", "epochs=5"])
+    sched = Schedules.from_config(cfg, steps_per_epoch=11)
+    temps = [sched.at(s).teacher_temp for s in range(30)]
+    np.testing.assert_allclose(temps[:11], np.linspace(0.04, cfg.loss.teacher_temp, 11), rtol=1e-12)
+    assert set(temps[11:]) == {cfg.loss.teacher_temp}
+
+
+def test_explicit_total_steps_stretches_the_schedules():
+    cfg = _cfg(warmup_epochs=1)
+    sched = Schedules.from_config(cfg, steps_per_epoch=10, total_steps=1000)  # e.g. from a time budget
+    assert sched.total_steps == 1000 and sched.warmup_steps == 10
+    assert sched.at(505).lr == pytest.approx((sched.peak_lr + sched.min_lr) / 2)
+
+
+def test_helpers_edge_cases():
+    assert linear_warmup(0.0, 1.0, 0, 0) == 1.0 and linear_warmup(0.0, 1.0, 5, 1) == 1.0
+    assert cosine(1.0, 0.0, 0, 10) == 1.0 and cosine(1.0, 0.0, 10, 10) == 0.0 and cosine(1.0, 0.0, 99, 10) == 0.0
+    assert cosine(2.0, 0.0, 5, 10) == pytest.approx(1.0) and not math.isnan(cosine(1.0, 0.0, 0, 0))
+    with pytest.raises(ValueError, match="steps_per_epoch must be > 0"):
+        Schedules.from_config(C.demo(), steps_per_epoch=0)
