@@ -1,0 +1,103 @@
+"""Launch helpers shared by the kernels: implementation choice, block-size heuristics and input checks.
+
+Nothing here imports Triton at module level, so `reference.py` (which uses the input checks) imports without it.
+Device facts are computed per call from the tensors, never probed at import.
+"""
+import functools
+import logging
+import numbers
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def triton_runs_on(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on tensors of `device`, and why (or why not)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return True, "CUDA tensors"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "CPU tensors with TRITON_INTERPRET=1 (interpreter)"
+    return False, f"{device.type} tensors need CUDA or TRITON_INTERPRET=1"
+
+
+def select_impl(op: str, impl: str, device: torch.device, fallback: str) -> str:
+    """Resolve `impl` ("auto" | "triton" | fallback) for `op` on `device`; returns "triton" or `fallback`.
+
+    "auto" takes Triton on CUDA tensors and `fallback` elsewhere (the interpreter is for tests, not for speed), and
+    logs the choice once. An explicit "triton" that cannot run here is a ValueError naming the fallback.
+    """
+    if impl not in ("auto", "triton", fallback):
+        raise ValueError(f'{op}: impl must be "auto", "triton" or "{fallback}", got {impl!r}')
+    if impl == "auto":
+        chosen = "triton" if device.type == "cuda" and triton_runs_on(device)[0] else fallback
+        _log_choice_once(op, chosen, device.type)
+        return chosen
+    if impl == "triton":
+        ok, reason = triton_runs_on(device)
+        if not ok:
+            raise ValueError(f'{op}: impl="triton" cannot run here ({reason}); use impl="{fallback}"')
+    return impl
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice_once(op: str, chosen: str, device_type: str) -> None:
+    logger.info("%s: impl=auto chose %s for %s tensors", op, chosen, device_type)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every kernel output buffer; tests replace it with a NaN-filled one to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def row_settings(n_cols: int, device: torch.device, max_block: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a kernel that walks rows of `n_cols` elements in blocks (Liger `calculate_settings`)."""
+    import triton
+
+    block = min(triton.next_power_of_2(n_cols), max_block)
+    num_warps = 4 if block < 2048 else 8 if block < 8192 else 16
+    return block, num_warps
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself when its rows are contiguous (kernels take explicit row strides), else one contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_temperature(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_dino_loss_args(student_logits, teacher, center, student_temp, teacher_temp, ncrops) -> tuple[int, int]:
+    """Validate the `dino_loss` inputs (shapes only, no host sync) and return (B, K)."""
+    if isinstance(ncrops, bool) or not isinstance(ncrops, int) or ncrops < 2:
+        raise ValueError(f"ncrops must be an int >= 2 (2 global crops + local crops), got {ncrops!r}")
+    for name, t in (("student_logits", student_logits), ("teacher", teacher)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            desc = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 2-D floating-point tensor, got {desc}")
+    rows, k = student_logits.shape
+    if rows == 0 or rows % ncrops:
+        raise ValueError(f"student_logits has {rows} rows, not a positive multiple of ncrops={ncrops}")
+    batch = rows // ncrops
+    if teacher.shape != (2 * batch, k):
+        raise ValueError(
+            f"teacher must have shape (2*B, K) = ({2 * batch}, {k}) for student_logits {tuple(student_logits.shape)} "
+            f"and ncrops={ncrops}, got {tuple(teacher.shape)}"
+        )
+    if center is not None and (center.numel() != k or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1)):
+        raise ValueError(f"center must have shape (K,) or (1, K) with K={k}, got {tuple(center.shape)}")
+    devices = {t.device for t in (student_logits, teacher, center) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"student_logits, teacher and center must be on one device, got {sorted(map(str, devices))}")
+    _check_temperature("student_temp", student_temp)
+    _check_temperature("teacher_temp", teacher_temp)
+    return batch, k
