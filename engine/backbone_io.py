@@ -6,6 +6,9 @@ ViT weights, and the official DINO checkpoints (github.com/facebookresearch/dino
 (`teacher` / `student` dicts with `backbone.` / `module.backbone.` prefixes; the teacher is preferred, heads are
 ignored) or a bare backbone state dict (`dino_deitsmall16_pretrain.pth`). DINO's ViT already uses timm's key
 names. Where metadata is missing, the architecture and patch size are inferred from tensor shapes.
+
+Resized models (a run's `model.embed_dim` / `depth` / `num_heads` overrides) load too: width and depth are read
+off the shapes, the number of heads from `extra["num_heads"]` or the run's config.json.
 """
 import argparse
 import json
@@ -50,25 +53,34 @@ def save_backbone(backbone_state_dict, path, *, arch: str, patch_size: int, img_
 
 
 def read_backbone(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """`(state_dict, info)` of a run dir, .safetensors file or official DINO .pth; info has arch, patch_size,
-    img_size (header metadata, else inferred from shapes) and `extra` (dict)."""
-    path = Path(path)
+    """`(state_dict, info)` of a run dir, .safetensors file or official DINO .pth.
+
+    info: arch, patch_size, img_size, embed_dim, depth, num_heads, extra (dict). embed_dim and depth come from
+    the tensor shapes; arch, patch_size and img_size from fastdino's header, else from the shapes too. The
+    number of heads (which no shape shows) comes from `extra["num_heads"]`, else from a run dir's
+    config.json, else from the arch when embed_dim and depth are the arch's own.
+    """
+    path, run_dir = Path(path), None
     if path.is_dir():
         if not (path / RUN_FILE).is_file():
             raise FileNotFoundError(f"{path} has no {RUN_FILE}: not a finished fastdino run directory")
-        path = path / RUN_FILE
+        path, run_dir = path / RUN_FILE, path
     elif not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         state_dict, metadata = _read_safetensors(path)
     else:
         state_dict, metadata = _backbone_state_dict(_torch_load(path), path), {}
-    info = infer_architecture(state_dict, path)
     if metadata.get("format") == FORMAT:
         info = {"arch": metadata["arch"], "patch_size": int(metadata["patch_size"]),
-                "img_size": int(metadata["img_size"]), "extra": json.loads(metadata["extra"])}
+                "img_size": int(metadata["img_size"]), **_shape_info(state_dict, path)}
+        info["extra"] = json.loads(metadata["extra"])
     else:
-        info["extra"] = {}
+        info = {**infer_architecture(state_dict, path), "extra": {}}
+    run_model = _run_model_config(run_dir) if run_dir else {}
+    if run_model.get("arch", info["arch"]) != info["arch"]:
+        raise ValueError(f"{run_dir / 'config.json'} trains a {run_model['arch']} but {path} holds a {info['arch']}")
+    info["num_heads"] = info["extra"].get("num_heads") or run_model.get("num_heads") or _default_heads(info, path)
     return state_dict, info
 
 
@@ -77,44 +89,84 @@ def load_backbone(path, *, device="cpu", arch: str | None = None, patch_size: in
 
     `arch` / `patch_size`, when given, are what the caller expects: a checkpoint of anything else is a ValueError.
     """
-    from fastdino.engine.vit import build_backbone
+    from fastdino.engine.vit import create_model
 
     state_dict, info = read_backbone(path)
     for key, expected in (("arch", arch), ("patch_size", patch_size)):
         if expected is not None and info[key] != expected:
             raise ValueError(f"{path} holds a {info['arch']}/{info['patch_size']} backbone, "
                              f"but {key}={expected} was asked for")
-    model = build_backbone(info["arch"], info["patch_size"], img_size=info["img_size"])
+    name = _model_name(info["arch"], info["patch_size"], path)
+    model = create_model(name, img_size=info["img_size"], embed_dim=info["embed_dim"], depth=info["depth"],
+                         num_heads=info["num_heads"])
     missing, unexpected = _key_mismatch(model.state_dict(), state_dict)
     if missing or unexpected:
         raise ValueError(f"{path} does not match {info['arch']}/{info['patch_size']}: "
                          f"missing {_few(missing)}, unexpected {_few(unexpected)}")
     model.load_state_dict(state_dict)
-    logger.info("loaded %s/%d backbone (img_size %d) from %s", info["arch"], info["patch_size"], info["img_size"],
-                path)
+    logger.info("loaded %s/%d backbone (D=%d, depth %d, %d heads, img_size %d) from %s", info["arch"],
+                info["patch_size"], info["embed_dim"], info["depth"], info["num_heads"], info["img_size"], path)
     return model.to(device).eval()
 
 
 def infer_architecture(state_dict, path="checkpoint") -> dict:
-    """arch, patch_size and img_size of a timm-named ViT state dict, from its tensor shapes."""
+    """arch, patch_size, img_size, embed_dim and depth of a timm-named ViT state dict, from its tensor shapes;
+    the (embed_dim, depth, patch_size) triple must be one of a registered arch's."""
     from fastdino.engine.vit import MODELS
 
+    info = _shape_info(state_dict, path)
+    shape = {k: info[k] for k in ("embed_dim", "depth", "patch_size")}
+    found = [name for name, args in MODELS.items() if all(args[k] == v for k, v in shape.items())]
+    if not found:
+        raise ValueError(f"{path}: no known ViT has embed dim {shape['embed_dim']}, depth {shape['depth']} and "
+                         f"patch size {shape['patch_size']}; known: {', '.join(sorted(MODELS))}")
+    return {"arch": found[0].rsplit("_patch", 1)[0], **info}  # MODELS names are f"{arch}_patch{p}"
+
+
+def _shape_info(state_dict, path) -> dict:
+    """patch_size, img_size, embed_dim and depth read off the tensor shapes."""
     if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
         raise ValueError(f"{path} is not a ViT backbone: no patch_embed.proj.weight / pos_embed "
                          f"(keys: {_few(sorted(state_dict))})")
     embed_dim, _, patch_size, _ = state_dict["patch_embed.proj.weight"].shape  # (D, 3, p, p)
     depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
-    shape = {"embed_dim": embed_dim, "depth": depth, "patch_size": patch_size}
-    found = [name for name, args in MODELS.items() if all(args[k] == v for k, v in shape.items())]
-    if not found:
-        raise ValueError(f"{path}: no known ViT has embed dim {embed_dim}, depth {depth} and patch size "
-                         f"{patch_size}; known: {', '.join(sorted(MODELS))}")
     positions = state_dict["pos_embed"].shape[1]  # pos_embed (1, 1 + g*g, D): a CLS slot, then the g x g grid
     grid = math.isqrt(positions - 1)
     if grid < 1 or grid * grid != positions - 1:
         raise ValueError(f"{path}: pos_embed has {positions} positions, not 1 CLS + a square grid")
-    arch = found[0].rsplit("_patch", 1)[0]  # MODELS names are f"{arch}_patch{p}", as build_backbone builds them
-    return {"arch": arch, "patch_size": int(patch_size), "img_size": int(grid * patch_size)}
+    return {"patch_size": int(patch_size), "img_size": int(grid * patch_size), "embed_dim": int(embed_dim),
+            "depth": depth}
+
+
+def _model_name(arch: str, patch_size: int, path) -> str:
+    from fastdino.engine.vit import MODELS
+
+    name = f"{arch}_patch{patch_size}"
+    if name not in MODELS:
+        raise ValueError(f"{path}: unknown backbone {arch}/{patch_size}; known: {', '.join(sorted(MODELS))}")
+    return name
+
+
+def _default_heads(info: dict, path) -> int:
+    """The arch's number of heads, when the checkpoint has the arch's own width and depth."""
+    from fastdino.engine.vit import MODELS
+
+    args = MODELS[_model_name(info["arch"], info["patch_size"], path)]
+    if (args["embed_dim"], args["depth"]) != (info["embed_dim"], info["depth"]):
+        raise ValueError(f"{path}: a {info['arch']} resized to D={info['embed_dim']}, depth {info['depth']}, "
+                         f"and no record of its number of heads (save it with extra={{'num_heads': H}})")
+    return args["num_heads"]
+
+
+def _run_model_config(run_dir: Path) -> dict:
+    """The `model` section of a run dir's config.json ({} when the run dir has none)."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text()).get("model", {})
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON: {err}") from err
 
 
 def _read_safetensors(path: Path):

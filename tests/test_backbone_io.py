@@ -1,5 +1,6 @@
 """Backbone files: fastdino safetensors round trip, official DINO .pth layouts, timm weights, and bad files."""
 import argparse
+import json
 
 import pytest
 import timm
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastdino.engine.backbone_io import RUN_FILE, atomic_write, load_backbone, read_backbone, save_backbone
-from fastdino.engine.vit import build_backbone
+from fastdino.engine.vit import build_backbone, create_model
 
 
 def _tiny(patch_size=16, img_size=32):
@@ -31,7 +32,8 @@ def test_save_load_round_trip_through_a_run_dir(tmp_path):
     assert not loaded.training
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
-    assert read_backbone(tmp_path)[1] == {"arch": "vit_tiny", "patch_size": 16, "img_size": 32, "extra": {"step": 7}}
+    assert read_backbone(tmp_path)[1] == {"arch": "vit_tiny", "patch_size": 16, "img_size": 32, "embed_dim": 192,
+                                          "depth": 12, "num_heads": 3, "extra": {"step": 7}}
 
 
 def test_official_full_checkpoint_loads_the_teacher_backbone(tmp_path):
@@ -55,8 +57,35 @@ def test_bare_state_dict_architecture_is_inferred_from_shapes(tmp_path, patch_si
     state = _tiny(patch_size, img_size).state_dict()
     torch.save(state, tmp_path / "dino_vittiny_pretrain.pth")
     state_dict, info = read_backbone(tmp_path / "dino_vittiny_pretrain.pth")
-    assert info == {"arch": "vit_tiny", "patch_size": patch_size, "img_size": img_size, "extra": {}}
+    assert info == {"arch": "vit_tiny", "patch_size": patch_size, "img_size": img_size, "embed_dim": 192, "depth": 12,
+                    "num_heads": 3, "extra": {}}
     _assert_same_weights(load_backbone(tmp_path / "dino_vittiny_pretrain.pth"), state)
+
+
+def _resized():
+    """The demo preset's model: a vit_tiny/8 narrowed to D=96, depth 4, 3 heads (head count not in any shape)."""
+    return create_model("vit_tiny_patch8", img_size=48, embed_dim=96, depth=4, num_heads=3).eval()
+
+
+def test_resized_model_takes_its_heads_from_extra_or_the_run_config(tmp_path):
+    model = _resized()
+    save = dict(arch="vit_tiny", patch_size=8, img_size=48)
+    save_backbone(model.state_dict(), tmp_path / "a.safetensors", extra={"num_heads": 3}, **save)
+    loaded = load_backbone(tmp_path / "a.safetensors")
+    assert (loaded.embed_dim, len(loaded.blocks), loaded.num_heads) == (96, 4, 3)
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(loaded(x), model(x))
+
+    save_backbone(model.state_dict(), tmp_path / "run" / RUN_FILE, **save)
+    with pytest.raises(ValueError, match=r"resized to D=96, depth 4, and no record of its number of heads"):
+        load_backbone(tmp_path / "run")
+    config = {"model": {"arch": "vit_tiny", "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert load_backbone(tmp_path / "run").num_heads == 3
+    config["model"]["arch"] = "vit_small"
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json trains a vit_small but .* holds a vit_tiny"):
+        load_backbone(tmp_path / "run")
 
 
 def test_timm_safetensors_weights_load_without_their_classifier(tmp_path):
