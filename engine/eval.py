@@ -5,11 +5,17 @@ k nearest training features vote for their class with weight exp(cos_sim / T), T
 are read off the summed votes. Several k's share one similarity pass: the top max(k) neighbours are found once
 and each k uses a prefix of them.
 """
+import json
 import logging
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fastdino.engine.backbone_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -178,11 +184,37 @@ def knn_evaluate(backbone, data_path, *, image_size: int = 224, ks=(20,), temper
                         num_classes=len(classes))
 
 
+def export_features(backbone, data_path, output, *, splits=("train", "val"), pooling: str = "cls",
+                    image_size: int = 224, batch_size: int = 256, device="cpu", num_workers: int = 2) -> Path:
+    """Write each split's raw (not L2-normalised) features and labels to a .safetensors or .npz file.
+
+    Arrays: `{split}_features` (N, F) float32 and `{split}_labels` (N,) int64, labels indexing the first split's
+    classes; the class names are the `classes` metadata entry (JSON list) of a .safetensors file and the
+    `classes` array of a .npz. Under torch.distributed the rows are in rank-major order and rank 0 writes.
+    """
+    output = Path(output)
+    if output.suffix not in (".safetensors", ".npz"):
+        raise ValueError(f"export file must end in .safetensors or .npz, got {output.name}")
+    features, classes = split_features(backbone, data_path, tuple(splits), image_size=image_size,
+                                       batch_size=batch_size, device=device, num_workers=num_workers,
+                                       pooling=pooling, normalize=False)
+    if distributed_rank_world()[0] != 0:
+        return output
+    tensors = {}
+    for split, (feats, labels) in features.items():
+        tensors[f"{split}_features"], tensors[f"{split}_labels"] = feats.cpu().contiguous(), labels.cpu()
+    if output.suffix == ".safetensors":
+        metadata = {"classes": json.dumps(classes), "pooling": pooling}
+        return atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def write_npz(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a temp file name
+            np.savez(f, classes=np.array(classes), **{k: v.numpy() for k, v in tensors.items()})
+
+    return atomic_write(output, write_npz)
+
+
 def _check_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     return pooling
-
-
-__all__ = ["POOLINGS", "embed", "extract_features", "feature_dim", "knn_classify", "knn_evaluate",
-           "split_features", "distributed_rank_world"]
