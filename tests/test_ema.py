@@ -1,0 +1,133 @@
+"""EMA teacher update (one Triton launch, interpreter on CPU) against the `torch._foreach_lerp_` reference."""
+import math
+
+import pytest
+import torch
+from _helpers import assert_close
+
+from fastdino.kernels import ema_update_
+from fastdino.kernels.reference import ema_update_ref
+
+# Keyed by the student dtype. The math is fp32 either way (a bf16 student converts to fp32 exactly), and both sides
+# round teacher + (1 - m) * (student - teacher) once to fp32: a few fp32 ulps at most.
+TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.bfloat16: dict(atol=1e-6, rtol=1e-6)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# ViT-like mix: a bias, a 0-d scalar, an empty tensor, one full 4096-element block, one block + 1, matrices.
+SHAPES = [(384,), (), (0,), (4096,), (4097,), (3, 1000), (65, 65), (2, 3, 7)]
+
+
+GAP = 1234.5  # fills the memory between packed tensors; any write there changes it
+
+
+def packed(shapes, dtype, offset):
+    """Tensors as views into one buffer, `offset` (+1 gap) elements apart, and the buffer to check the gaps."""
+    numels = [math.prod(s) for s in shapes]
+    buf = torch.full((sum(numels) + (offset + 1) * len(shapes),), GAP, dtype=dtype, device=DEVICE)
+    views, start = [], 0
+    for shape, n in zip(shapes, numels):
+        start += offset
+        views.append(buf[start:start + n].view(shape))
+        views[-1].copy_(torch.randn(shape))
+        start += n + 1
+    return views, buf
+
+
+def gaps_untouched(buf, views):
+    written = torch.zeros_like(buf, dtype=torch.bool)
+    for v in views:
+        if v.numel():
+            start = (v.data_ptr() - buf.data_ptr()) // buf.element_size()
+            written[start:start + v.numel()] = True
+    return bool((buf[~written] == GAP).all())
+
+
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_matches_reference_mixed_sizes(offset, student_dtype):
+    """Two updates in a row (the second reuses the cached launch table), float then 0-d tensor momentum; nothing
+    outside the tensors is written (gaps keep GAP), every element inside is (compared with the reference)."""
+    teachers, buf = packed(SHAPES, torch.float32, offset)
+    students = [torch.randn(s, device=DEVICE).to(student_dtype) for s in SHAPES]
+    expected = [t.clone() for t in teachers]
+    for momentum in (0.996, torch.tensor(0.9, device=DEVICE)):
+        assert ema_update_(teachers, students, momentum, impl="triton") == "triton"
+        ema_update_ref(expected, students, momentum)
+        for i, (a, e) in enumerate(zip(teachers, expected)):
+            assert_close(a, e, **TOL[student_dtype], name=f"teacher[{i}] {tuple(a.shape)}")
+    assert gaps_untouched(buf, teachers), "the kernel wrote outside the teacher tensors"
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.0])
+def test_momentum_bounds_exact(momentum):
+    teachers = [torch.randn(s, device=DEVICE) for s in SHAPES]
+    students = [torch.randn(s, device=DEVICE) for s in SHAPES]
+    expected = [(s if momentum == 0.0 else t).clone() for t, s in zip(teachers, students)]
+    ema_update_(teachers, students, momentum, impl="triton")
+    for i, (a, e) in enumerate(zip(teachers, expected)):
+        assert_close(a, e, atol=0.0, rtol=0.0, name=f"teacher[{i}]")
+
+
+def test_reference_is_the_official_update():
+    """The reference equals DINO's per-parameter `param_k.mul_(m).add_((1 - m) * param_q)` loop."""
+    teachers = [torch.randn(s) for s in SHAPES]
+    students = [torch.randn(s) for s in SHAPES]
+    official = [t.clone() for t in teachers]
+    momentum = 0.996
+    ema_update_ref(teachers, students, momentum)
+    for param_k, param_q in zip(official, students):
+        param_k.mul_(momentum).add_((1 - momentum) * param_q)
+    for i, (a, e) in enumerate(zip(teachers, official)):
+        assert_close(a, e, **TOL[torch.float32], name=f"teacher[{i}]")
+
+
+def test_dtensor_local_shards(tmp_path):
+    """FSDP2 parameters are DTensors: the update goes through their local shards."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shapes = [(384,), (65, 65), (4097,)]
+        teachers = [torch.nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)]), requires_grad=False)
+                    for s in shapes]
+        students = [torch.nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)])) for s in shapes]
+        expected = [t.to_local().clone() for t in teachers]
+        assert ema_update_(teachers, students, 0.99, impl="triton") == "triton"
+        ema_update_ref(expected, [s.to_local() for s in students], 0.99)
+        for i, (a, e) in enumerate(zip(teachers, expected)):
+            assert_close(a.to_local(), e, **TOL[torch.float32], name=f"teacher[{i}]")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_paths(monkeypatch):
+    teachers = [torch.randn(5, device=DEVICE)]
+    students = [torch.randn(5, device=DEVICE)]
+    assert ema_update_(teachers, students, 0.9, impl="foreach") == "foreach"
+    expected_auto = "triton" if DEVICE == "cuda" else "foreach"
+    assert ema_update_(teachers, students, 0.9) == expected_auto
+    with pytest.raises(ValueError, match='impl="foreach"'):  # float64 has no Triton path here
+        ema_update_([t.double() for t in teachers], [s.double() for s in students], 0.9, impl="triton")
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match='impl="foreach"'):
+            ema_update_(teachers, students, 0.9, impl="triton")
+
+
+@pytest.mark.parametrize(
+    "teachers, students, momentum, message",
+    [
+        ([torch.zeros(3)], [], 0.9, "1 teacher tensors but 0 student"),
+        ([torch.zeros(3)], [torch.zeros(4)], 0.9, r"teacher shape \(3,\) != student \(4,\)"),
+        ([torch.zeros(3)], [torch.zeros(3)], 1.5, "momentum must be a number in"),
+        ([torch.zeros(3)], [torch.zeros(3)], torch.zeros(2), "momentum tensor must be 0-d"),
+    ],
+    ids=["length", "shape", "momentum_range", "momentum_shape"],
+)
+def test_bad_arguments(teachers, students, momentum, message):
+    with pytest.raises(ValueError, match=message):
+        ema_update_(teachers, students, momentum)
