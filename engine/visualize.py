@@ -15,12 +15,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from fastdino.engine.backbone_io import atomic_write
+from fastdino.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
-# torchvision / DINO normalisation of RGB in [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PLOTTED_METRICS = ("loss", "teacher_entropy", "knn_top1")
 # Anchors of matplotlib's viridis colormap at 0, 1/4, 1/2, 3/4, 1, linearly interpolated between.
 _LINE_COLOR = (31, 119, 180)
@@ -42,6 +40,13 @@ def load_image(image) -> torch.Tensor:
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+
+
+def normalize_image(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) RGB in [0, 1] -> the network's input normalisation (the pipelines' ImageNet statistics)."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None] / 255.0  # the pipelines keep them in 0..255 units
+    std = torch.tensor(IMAGENET_STD)[:, None, None] / 255.0
+    return (image - mean) / std
 
 
 def threshold_masks(attn: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
@@ -69,8 +74,7 @@ def cls_attention(backbone, image: torch.Tensor, threshold: float = 0.6) -> tupl
         raise ValueError(f"image size {width}x{height} is not a multiple of the patch size {p}: crop or resize it, "
                          f"e.g. to {width // p * p}x{height // p * p}")
     device = next(backbone.parameters()).device
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    x = ((image - mean) / std)[None].to(device)  # (1, 3, H, W)
+    x = normalize_image(image)[None].to(device)  # (1, 3, H, W)
     backbone.eval()
     attn = backbone.get_last_self_attention(x)[0, :, 0, 1:].float().cpu()  # (heads, n): CLS row, patch columns
     masks = threshold_masks(attn, threshold)

@@ -1,12 +1,16 @@
-"""k-NN: hand-computed cases, a brute-force per-image reference, chunking, and argument checks."""
+"""k-NN: hand-computed cases, a brute-force per-image reference, chunking, argument checks; feature extraction
+on 2 gloo ranks with uneven shards."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import assert_close
 from fastdino.engine import eval as fd_eval
 from fastdino.engine.eval import knn_classify
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4)}
 
 
 def _toy():
@@ -77,3 +81,47 @@ def test_knn_rejects_bad_arguments(kwargs, match):
     train, labels, test, test_labels = _toy()
     with pytest.raises(ValueError, match=match):
         knn_classify(train, labels, test, test_labels, **kwargs)
+
+
+class _FlattenBackbone(torch.nn.Module):
+    """Stands in for a ViT: features = a fixed linear map of the flattened image."""
+
+    embed_dim = 5
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(12, self.embed_dim)
+
+    def forward(self, images):
+        return self.proj(images.flatten(1))
+
+
+def _shards(world_size):
+    """11 images, labels 0..10, split unevenly: rank r gets images r, r + world, ... in batches of 2."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(11, 3, 2, 2, generator=g), torch.arange(11)
+    return [[(images[i:i + 2], labels[i:i + 2]) for i in range(0, 11, 2)][r::world_size] for r in range(world_size)]
+
+
+def _extract_on_rank(rank, world_size, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        feats, labels = fd_eval.extract_features(_FlattenBackbone(), _shards(world_size)[rank], "cpu")
+        torch.save((feats, labels), f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_extract_features_all_gathers_uneven_shards(tmp_path):
+    torch.multiprocessing.spawn(_extract_on_rank, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    torch.manual_seed(0)
+    single = fd_eval.extract_features(_FlattenBackbone(), _shards(1)[0], "cpu")
+    for rank in range(2):
+        feats, labels = torch.load(tmp_path / f"rank{rank}.pt")
+        # Rank-major order: rank 0's batches 0, 2, 4 (6 images), then rank 1's batches 1, 3, 5 (5 images).
+        assert labels.tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10], labels
+        assert_close(feats, single[0][labels], name=f"rank {rank} features", **TOL[torch.float32])
+        assert_close(feats.norm(dim=1), torch.ones(11), name="feature norms", **TOL[torch.float32])

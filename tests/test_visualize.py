@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdino.engine.visualize import cls_attention, plot_run, save_attention_png, threshold_masks
+from fastdino.engine.visualize import (cls_attention, normalize_image, plot_run, save_attention_png,
+                                       threshold_masks)
 from fastdino.engine.vit import build_backbone
 
 
@@ -53,10 +54,8 @@ def test_attention_png_has_the_grid_size_and_heads_differ(backbone, tmp_path):
 
 def _cls_self_attention(backbone, image):
     """What the CLS query gives to itself: the rest of its row is the patch attention."""
-    from fastdino.engine.visualize import IMAGENET_MEAN, IMAGENET_STD
-    x = (image - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
     with torch.no_grad():
-        return backbone.get_last_self_attention(x[None])[0, :, 0, 0]
+        return backbone.get_last_self_attention(normalize_image(image)[None])[0, :, 0, 0]
 
 
 def test_attention_from_an_image_file_and_bad_sizes(backbone, tmp_path):
