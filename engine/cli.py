@@ -1,0 +1,222 @@
+"""`fastdino` on the command line: `train` runs here, knn / linear / attention / export / plot go to eval_cli.
+
+    fastdino train --output DIR [--max-steps N] [--data PATH] [--preset P] [--config FILE.yaml] [key=value ...]
+    torchrun --nproc_per_node=N -m fastdino.engine.train ...   (the same arguments)
+
+The config is the preset, then the YAML file, then `--data` / `--max-steps`, then the `section.key=value`
+overrides (config.py). A bad value or unknown key is one line on stderr and exit code 2. Running the same command
+again with a larger --max-steps resumes from DIR's latest checkpoint. Without --data, the built-in shapes dataset
+is generated once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained
+teacher next to the untrained network's and an attention-map PNG.
+
+This module is the only place that starts and stops torch.distributed (from torchrun's environment: gloo on the
+CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from fastdino.engine import config as C
+
+logger = logging.getLogger(__name__)
+
+EVAL_COMMANDS = ("knn", "linear", "attention", "export", "plot")
+EXIT_USAGE = 2
+EXIT_DIVERGED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastdino", description="Fast DINO pretraining for vision transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="pretrain a ViT with DINO (resumes from --output)")
+    train.add_argument("--output", required=True, help="run directory (checkpoints, metrics.jsonl, weights)")
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="stop after this many steps; the schedules still span the config's epochs")
+    train.add_argument("--data", default=None,
+                       help="ImageFolder / tar-shard dataset (with train/ and val/ for the final k-NN); default: "
+                            "the built-in shapes dataset")
+    train.add_argument("--preset", default="demo", help=f"named config: {', '.join(sorted(C.PRESETS))}")
+    train.add_argument("--config", default=None, help="YAML file with sections of the config tree")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.base_lr=1e-3")
+    for name in EVAL_COMMANDS:
+        sub.add_parser(name, help="evaluation (see fastdino %s --help)" % name, add_help=False)
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> C.TrainConfig:
+    """Preset, YAML file, --data / --max-steps, then overrides; ValueError on anything invalid."""
+    file_values = C.load_yaml(args.config) if args.config else None
+    flags = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
+    flags += [f"max_steps={args.max_steps}"] if args.max_steps is not None else []
+    return C.apply_overrides(C.preset(args.preset), file_values=file_values, overrides=flags + list(args.overrides))
+
+
+def init_logging(rank: int) -> None:
+    """Rank 0 logs info, the others warnings only (torchtitan tools/logging.py)."""
+    prefix = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr, force=True,
+                        format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
+
+
+def init_distributed() -> tuple[torch.device, DeviceMesh | None]:
+    """Device and 1-D mesh from torchrun's environment; one process (no process group) without it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size == 1:
+        return torch.device("cuda" if cuda else "cpu"), None
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return device, init_device_mesh(device.type, (world_size,))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EVAL_COMMANDS:
+        from fastdino.engine.eval_cli import main as eval_main
+
+        return eval_main(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = build_config(args)
+    except ValueError as error:
+        sys.stderr.write(f"fastdino: error: {error}\n")
+        return EXIT_USAGE
+    device, mesh = init_distributed()
+    try:
+        init_logging(mesh.get_rank() if mesh is not None else 0)
+        return run_train(cfg, Path(args.output), device=device, mesh=mesh)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: DeviceMesh | None) -> int:
+    """Dataset, loader, trainer, resume, train, and the evaluation at the end; returns the exit code."""
+    from fastdino.engine.train import NonFiniteLossError, Trainer
+    from fastdino.pipelines import MultiCropConfig, build_loader, resolve_split
+
+    rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
+    try:
+        cfg = with_dataset(cfg, rank)
+        train_split = resolve_split(cfg.data.path, "train")
+        d = cfg.data
+        crops = MultiCropConfig(d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
+                                d.local_crops_scale)
+        loader = build_loader(train_split, crops, d.batch_size // world_size, rank=rank, world_size=world_size,
+                              seed=cfg.seed, backend=d.backend, device=str(device), num_workers=d.num_workers)
+        trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
+    except ValueError as error:
+        sys.stderr.write(f"fastdino: error: {error}\n")
+        return EXIT_USAGE
+    if rank == 0:
+        write_config(cfg, output)
+    resumed = trainer.resume(loader)
+    logger.info("%s at step %d of %d (stopping at %d); %d images, %s loader", "resuming" if resumed else "starting",
+                trainer.step, trainer.schedules.total_steps, trainer.stop_step, loader.num_images, loader.backend)
+    try:
+        rows = trainer.train(loader)
+    except NonFiniteLossError as error:
+        sys.stderr.write(f"fastdino: training stopped: {error}\n")
+        return EXIT_DIVERGED
+    finally:
+        loader.close()
+    if rows and rank == 0:
+        last = rows[-1]
+        print(f"trained to step {last['step']}: loss {last['loss']:.4f}, teacher entropy "
+              f"{last['teacher_entropy']:.3f}, {last['img_per_s']:.0f} img/s; weights in "
+              f"{output / 'teacher_backbone.safetensors'}")
+    if cfg.eval.at_end and trainer.step == trainer.schedules.total_steps:
+        evaluate_at_end(trainer, output)
+    return 0
+
+
+def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:
+    """`cfg` with data.path set: the built-in shapes dataset (generated once, by rank 0) when it is null."""
+    if cfg.data.path is not None:
+        return cfg
+    from fastdino.pipelines import default_dataset_dir, make_shapes_dataset
+
+    d = cfg.data
+    root = default_dataset_dir() / f"shapes_{d.shapes_train_images}_{d.shapes_val_images}_{d.shapes_image_size}px"
+    if rank == 0:
+        make_shapes_dataset(root, num_train=d.shapes_train_images, num_val=d.shapes_val_images,
+                            image_size=d.shapes_image_size, seed=0)
+    if dist.is_initialized():
+        dist.barrier()
+    return replace(cfg, data=replace(d, path=str(root)))
+
+
+def write_config(cfg: C.TrainConfig, output: Path) -> None:
+    """DIR/config.json; a resumed run with other settings than the stored ones says which."""
+    path = output / "config.json"
+    new = C.to_dict(cfg)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(_flat_diff(old, new))
+        if changed:
+            logger.warning("config differs from the stored %s in: %s", path, ", ".join(changed))
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps(new, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _flat_diff(old, new, prefix: str = "") -> set[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return set().union(*(_flat_diff(old.get(k), new.get(k), f"{prefix}{k}.") for k in set(old) | set(new)))
+    return set() if old == new else {prefix.rstrip(".")}
+
+
+def evaluate_at_end(trainer, output: Path) -> dict:
+    """k-NN of the trained teacher and of the untrained network (same seed), an attention-map PNG, a metrics row.
+    Collective under torch.distributed (every rank extracts the features of its shard)."""
+    from fastdino.engine.checkpoint import full_backbone_state_dict
+    from fastdino.engine.eval import knn_evaluate
+    from fastdino.engine.train import build_model, initial_state
+    from fastdino.engine.visualize import save_attention_png
+    from fastdino.pipelines import resolve_split
+
+    cfg, device = trainer.cfg, trainer.device
+    untrained = build_model(cfg, student=False)
+    untrained.load_state_dict(initial_state(cfg))
+    trained = build_model(cfg, student=False).backbone
+    trained.load_state_dict(full_backbone_state_dict(trainer.teacher, rank=trainer.rank, everywhere=True))
+    knn = dict(image_size=cfg.model.img_size, ks=(cfg.eval.knn_k,), temperature=cfg.eval.knn_temperature,
+               batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
+    results = {name: knn_evaluate(net.to(device).eval(), cfg.data.path, **knn)[cfg.eval.knn_k]
+               for name, net in (("untrained", untrained.backbone), ("trained", trained))}
+    if trainer.rank != 0:
+        return results
+    val = Path(resolve_split(cfg.data.path, "val"))
+    images = sorted(p for p in val.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if val.is_dir() else []
+    png = save_attention_png(trained, images[0], output / "attention.png") if images else None
+    row = {"step": trainer.step, "epoch": trainer.epoch, "knn_top1": results["trained"]["top1"],
+           "knn_top5": results["trained"]["top5"], "knn_top1_untrained": results["untrained"]["top1"]}
+    with (output / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "
+          f"{results['untrained']['top1']:.1f}% -> trained {results['trained']['top1']:.1f}% "
+          f"(top-5 {results['untrained']['top5']:.1f}% -> {results['trained']['top5']:.1f}%)")
+    if png is not None:
+        print(f"attention maps of {images[0].name}: {png}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""What a run reports: on-device step accumulators, throughput and ETA, peak memory, the progress line,
+DIR/metrics.jsonl, and the teacher-collapse watch.
+
+The step never reads a tensor on the host. `StepStats` adds each step's loss, teacher entropy and skip flag into
+one small device tensor; `read` (the only host sync, once every `log_every` steps) sums it over ranks and resets
+it. Keys of a metrics row are the flat names of the run-directory contract (step, epoch, loss, lr, wd,
+teacher_momentum, teacher_temp, teacher_entropy, img_per_s, max_memory_gib, ...), one JSON object per line.
+"""
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+class StepStats:
+    """Device-side sums since the last log step, and the length of the current run of non-finite steps.
+
+    A step is *skipped* when its gradient norm is non-finite, and *non-finite* when its loss is (or, without fp16
+    loss scaling, when it was skipped): an fp16 overflow with a finite loss is the loss scale backing off.
+    """
+
+    FIELDS = ("loss_sum", "entropy_sum", "finite_steps", "skipped_steps", "nonfinite_in_a_row",
+              "max_nonfinite_in_a_row", "grad_norm")
+
+    def __init__(self, device: torch.device):
+        self.values = torch.zeros(len(self.FIELDS), device=device)
+
+    def update(self, loss: torch.Tensor, entropy: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor,
+               nonfinite: torch.Tensor) -> None:
+        """Add one step (0-d device tensors; `skipped` and `nonfinite` are bool). No host sync."""
+        v = dict(zip(self.FIELDS, self.values.unbind()))
+        in_a_row = (v["nonfinite_in_a_row"] + 1) * nonfinite
+        self.values = torch.stack([
+            v["loss_sum"] + torch.where(nonfinite, 0.0, loss.float()),
+            v["entropy_sum"] + torch.where(nonfinite, 0.0, entropy.float()),
+            v["finite_steps"] + ~nonfinite,
+            v["skipped_steps"] + skipped,
+            in_a_row,
+            torch.maximum(v["max_nonfinite_in_a_row"], in_a_row),
+            grad_norm.float(),
+        ])
+
+    def read(self, process_group=None) -> dict[str, float]:
+        """Means since the last read and the counters, reduced over ranks (collective when torch.distributed is
+        initialised); resets everything but the current run of non-finite steps."""
+        values = self.values.clone()
+        if dist.is_available() and dist.is_initialized():
+            sums, longest = values[:2].clone(), values[5:6].clone()  # loss_sum, entropy_sum; max_nonfinite_in_a_row
+            dist.all_reduce(sums, group=process_group)
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=process_group)  # losses are per rank
+            values[:2], values[5:6] = sums / dist.get_world_size(process_group), longest
+        raw = dict(zip(self.FIELDS, values.tolist()))  # host sync: once per log step
+        self.values = self.values * torch.tensor([0, 0, 0, 0, 1, 0, 1], device=self.values.device)
+        finite = raw["finite_steps"]
+        return {
+            "loss": raw["loss_sum"] / finite if finite else math.nan,
+            "teacher_entropy": raw["entropy_sum"] / finite if finite else math.nan,
+            "grad_norm": raw["grad_norm"],
+            "skipped_steps": int(raw["skipped_steps"]),
+            "max_nonfinite_in_a_row": int(raw["max_nonfinite_in_a_row"]),
+        }
+
+    def state_dict(self) -> dict:
+        return {"values": self.values}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = state["values"].to(self.values.device)
+
+
+def max_memory_gib(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on the GPU, peak resident set size of this process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class Throughput:
+    """Images per second and ETA from the wall time between two log steps."""
+
+    def __init__(self, start_step: int):
+        self.last_time, self.last_step = time.perf_counter(), start_step
+
+    def tick(self, step: int, images_per_step: int, total_steps: int) -> tuple[float, float]:
+        now = time.perf_counter()
+        seconds_per_step = (now - self.last_time) / max(step - self.last_step, 1)
+        self.last_time, self.last_step = now, step
+        return images_per_step / seconds_per_step, (total_steps - step) * seconds_per_step
+
+
+class CollapseWatch:
+    """Warn when the teacher's output entropy stays near 0 (one prototype wins) or near ln K (uniform outputs,
+    centering won over sharpening) for `patience_steps`: the two collapse modes of DINO Sec. 5.3."""
+
+    LOW, HIGH = 0.05, 0.95  # fractions of ln K
+
+    def __init__(self, out_dim: int, patience_steps: int):
+        self.log_k = math.log(out_dim)
+        self.patience_steps = patience_steps
+        self.since: dict[str, int] = {}
+        self.warned: set[str] = set()
+
+    def check(self, step: int, entropy: float) -> str | None:
+        """A warning the first time a collapse mode has lasted `patience_steps`, else None."""
+        modes = {
+            "one prototype": entropy < self.LOW * self.log_k,
+            "uniform": entropy > self.HIGH * self.log_k,
+        }
+        for mode, on in modes.items():
+            if not on:
+                self.since.pop(mode, None)
+                continue
+            start = self.since.setdefault(mode, step)
+            if step - start >= self.patience_steps and mode not in self.warned:
+                self.warned.add(mode)
+                return (f"teacher output entropy {entropy:.3f} has been near "
+                        f"{'0' if mode == 'one prototype' else f'ln K = {self.log_k:.2f}'} since step {start}: "
+                        f"the teacher looks collapsed ({mode}); try a lower teacher temperature, a higher "
+                        f"teacher momentum or a smaller head.out_dim")
+        return None
+
+
+class MetricsWriter:
+    """Progress lines on the log and rows in DIR/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path: Path | None, total_steps: int):
+        self.path = path
+        self.total_steps = total_steps
+
+    def drop_after(self, step: int) -> None:
+        """Remove rows logged after `step` (a resumed run logs them again)."""
+        if self.path is None or not self.path.is_file():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(row + "\n" for row in rows))
+
+    def write(self, row: dict) -> None:
+        if self.path is None:
+            return
+        logger.info(format_row(row, self.total_steps))
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def format_row(row: dict, total_steps: int) -> str:
+    """One progress line, e.g. `step 120/1000 | epoch 3 | 512 img/s | loss 6.91 | lr 1.2e-04 | ...`."""
+    eta = int(row["eta_s"])
+    return (f"step {row['step']}/{total_steps} | epoch {row['epoch']} | {row['img_per_s']:.0f} img/s | "
+            f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | wd {row['wd']:.3f} | "
+            f"momentum {row['teacher_momentum']:.4f} | teacher temp {row['teacher_temp']:.4f} | "
+            f"teacher entropy {row['teacher_entropy']:.3f} | grad norm {row['grad_norm']:.3f} | "
+            f"skipped {row['skipped_steps']} | mem {row['max_memory_gib']:.2f} GiB | "
+            f"ETA {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")

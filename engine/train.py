@@ -1,0 +1,352 @@
+"""The DINO training loop: `Trainer` builds student, teacher, loss and optimizer; `train_step` is the algorithm;
+`train` runs steps, logs, checkpoints and resumes. Launch with `fastdino train ...` or
+`torchrun --nproc_per_node=N -m fastdino.engine.train ...` (same arguments; see cli.py).
+
+Build order (torchtitan): student and teacher on the meta device -> parallelize (parallelize.py) -> `to_empty` ->
+the student takes the initial weights -> the teacher copies the student -> optimizer. The initial weights come
+from one unsharded CPU model seeded with `cfg.seed` (`initial_state`), so they do not depend on the number of
+ranks (DTensor random init on the CPU draws the same values on every shard) and the untrained baseline of the
+k-NN evaluation is exactly the network training started from.
+
+No host-device sync inside a step. Loss, gradient norm and counters stay on the device (`StepStats`); a step
+with a non-finite gradient norm is skipped by the fused AdamW's `found_inf` flag, with the teacher momentum set to 1
+and the loss center restored, so it changes nothing but the counters. The host reads them every `log_every`
+steps and stops the run after `max_nonfinite_in_a_row` skipped steps in a row.
+"""
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+
+from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
+from fastdino.engine.config import TrainConfig
+from fastdino.engine.head import DINOHead, DINOModel
+from fastdino.engine.loss import DINOLoss
+from fastdino.engine.metrics import CollapseWatch, MetricsWriter, StepStats, Throughput, max_memory_gib
+from fastdino.engine.parallelize import (
+    DynamicLossScale,
+    apply_ddp,
+    apply_fsdp,
+    resolve_mode,
+    resolve_precision,
+)
+from fastdino.engine.schedules import Schedules
+from fastdino.engine.vit import create_model
+from fastdino.kernels import ema_update_
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel:
+    """Backbone + head from the config (parameters created, not initialised: build under `torch.device("meta")`
+    or call `init_weights()`). The teacher has no stochastic depth."""
+    overrides = {k: getattr(cfg.model, k) for k in ("embed_dim", "depth", "num_heads") if getattr(cfg.model, k)}
+    # The registry's patch-8 and patch-16 entries differ only in patch_size, which is passed explicitly.
+    backbone = create_model(f"{cfg.model.arch}_patch16", patch_size=cfg.model.patch_size, img_size=cfg.model.img_size,
+                            drop_path_rate=cfg.model.drop_path_rate if student else 0.0,
+                            attention=cfg.model.attention, **overrides)
+    h = cfg.head
+    head = DINOHead(backbone.embed_dim, h.out_dim, use_bn=h.use_bn, norm_last_layer=h.norm_last_layer,
+                    nlayers=h.nlayers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim)
+    return DINOModel(backbone, head)
+
+
+def initial_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The run's initial weights: a full CPU DINOModel initialised from `cfg.seed`, the same on every rank."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, student=True)
+        model.init_weights()
+    return model.state_dict()
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """AdamW groups: decayed weights first (the weight-decay schedule sets group 0), then biases, norms, tokens
+    and position embeddings without decay."""
+    no_decay_names = {f"backbone.{name}" for name in model.backbone.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        exempt = name.endswith(".bias") or param.ndim <= 1 or name in no_decay_names
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Student, teacher, loss, optimizer and the step; `mesh` is None for one process."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, *, device: torch.device, mesh: DeviceMesh | None = None,
+                 output_dir: Path | None = None):
+        self.cfg, self.device, self.mesh = cfg, device, mesh
+        self.rank = mesh.get_rank() if mesh is not None else 0
+        self.world_size = mesh.size() if mesh is not None else 1
+        self.mode = resolve_mode(cfg.parallel.mode, self.world_size)
+        self.precision = resolve_precision(cfg.parallel.precision, device)
+        if cfg.data.batch_size % self.world_size:
+            raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
+                             f"processes ({self.world_size})")
+        torch.manual_seed(cfg.seed + self.rank)  # stochastic depth differs between ranks, as in DINO
+        self.steps_per_epoch = steps_per_epoch
+        self.schedules = Schedules.from_config(cfg, steps_per_epoch)
+        self.stop_step = min(self.schedules.total_steps, cfg.max_steps or self.schedules.total_steps)
+
+        self.student, self.teacher = self._build_models()
+        self.model = self.student.module if self.mode == "ddp" else self.student  # the DINOModel itself
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.teacher_params = list(self.teacher.parameters())
+        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=self.schedules.peak_lr, fused=True)
+        ncrops = 2 + cfg.data.local_crops_number
+        self.loss_fn = DINOLoss(cfg.head.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
+                                cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
+                                cfg.loss.center_momentum, impl=cfg.loss.impl, teacher_norm=cfg.loss.teacher_norm,
+                                process_group=mesh.get_group() if mesh is not None else None).to(device)
+        self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
+        self.stats = StepStats(device)
+        self.step = 0
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        logger.info("mode %s, precision %s, %d process(es), %.1fM parameters, %d steps (%d per epoch)",
+                    self.mode, self.precision.name, self.world_size,
+                    sum(p.numel() for p in self.model.parameters()) / 1e6, self.schedules.total_steps,
+                    steps_per_epoch)
+
+    def _build_models(self):
+        with torch.device("meta"):
+            student, teacher = build_model(self.cfg, student=True), build_model(self.cfg, student=False)
+        teacher.requires_grad_(False)
+        if self.mode == "fsdp":
+            apply_fsdp(student, self.mesh, self.precision.mp_policy, trains=True)
+            apply_fsdp(teacher, self.mesh, self.precision.mp_policy, trains=False)
+        student.to_empty(device=self.device)
+        teacher.to_empty(device=self.device)
+        set_model_state_dict(student, initial_state(self.cfg), options=StateDictOptions(full_state_dict=True))
+        teacher.load_state_dict(student.state_dict())
+        if self.mode == "ddp":
+            student = apply_ddp(student, self.mesh, self.device)
+        return student, teacher
+
+    def _autocast(self):
+        """Autocast in the single and ddp modes; FSDP2 casts through its MixedPrecisionPolicy instead."""
+        if self.mode == "fsdp" or self.precision.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.autocast_dtype)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def train_step(self, crops: list[torch.Tensor]) -> None:
+        """One DINO step on this rank's crops (2 global first, then the local ones, each (B, 3, H, W))."""
+        values = self.schedules.at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = values.lr
+        self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
+        center = self.loss_fn.center.clone()
+
+        with self._autocast():
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:2])  # (2*B, K)
+            student_out = self.student(crops)  # (V*B, K)
+            loss = self.loss_fn(student_out, teacher_out, self.epoch, teacher_temp=values.teacher_temp)
+        (loss * self.loss_scale.scale if self.loss_scale else loss).backward()
+
+        if values.freeze_last_layer:
+            self.model.head.cancel_last_layer_gradients()
+        if self.loss_scale:
+            self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
+        # Global norm over all shards; a non-finite norm turns every gradient non-finite on every rank.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad or float("inf"),
+                                                   foreach=True)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        skipped = ~torch.isfinite(grad_norm)  # the same on every rank: the norm is global
+
+        self.optimizer.found_inf = skipped.float()  # fused AdamW skips the update (and its step count) when 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update_(self.teacher_params, self.params, torch.where(skipped, 1.0, values.teacher_momentum))
+        self.loss_fn.center.copy_(torch.where(skipped, center, self.loss_fn.center))
+        if self.loss_scale:
+            self.loss_scale.update(skipped)
+        nonfinite = ~torch.isfinite(loss.detach())  # per rank; StepStats.read takes the max over ranks
+        if self.loss_scale is None:  # with fp16 loss scaling, a skip with a finite loss is an overflow
+            nonfinite |= skipped
+        self.stats.update(loss.detach(), self.loss_fn.last_teacher_entropy, grad_norm, skipped, nonfinite)
+        self.step += 1
+
+    def train(self, loader) -> list[dict]:
+        """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
+        every `log_every` steps, checkpoint every `checkpoint.every_steps`, at epoch ends and at the end.
+        Returns the logged rows (rank 0; empty elsewhere)."""
+        cfg = self.cfg
+        writer = MetricsWriter(self.output_dir / "metrics.jsonl" if self._writes() else None,
+                               self.schedules.total_steps)
+        writer.drop_after(self.step)
+        collapse = CollapseWatch(cfg.head.out_dim, patience_steps=max(self.steps_per_epoch, 5 * cfg.log_every))
+        throughput = Throughput(self.step)
+        rows = []
+        self.student.train()
+        self.teacher.train()
+        while self.step < self.stop_step:
+            if self.step % self.steps_per_epoch == 0:  # else a resumed loader already stands mid-epoch
+                loader.set_epoch(self.epoch)
+            start = self.step
+            for crops in loader:
+                self.train_step(crops)
+                if self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps:
+                    rows.append(self._log(writer, collapse, throughput))
+                if self._checkpoint_due():
+                    self.save_checkpoint(loader)
+                if self.step >= self.stop_step or self.step % self.steps_per_epoch == 0:
+                    break
+            if self.step == start:
+                raise RuntimeError(f"the data loader yielded no batch at step {self.step} (epoch {self.epoch})")
+        return [row for row in rows if row]
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return (self.step == self.stop_step or self.step % self.steps_per_epoch == 0
+                or (every > 0 and self.step % every == 0))
+
+    def _writes(self) -> bool:
+        return self.rank == 0 and self.output_dir is not None
+
+    def _log(self, writer: MetricsWriter, collapse: CollapseWatch, throughput: Throughput) -> dict:
+        """Read the step accumulators (host sync, all ranks), write a metrics row (rank 0) and stop the run when
+        too many steps in a row were skipped."""
+        stats = self.stats.read(self.mesh.get_group() if self.mesh is not None else None)
+        values = self.schedules.at(self.step - 1)
+        img_per_s, eta_s = throughput.tick(self.step, self.cfg.data.batch_size, self.stop_step)
+        row = {
+            "step": self.step, "epoch": self.epoch, "loss": stats["loss"], "lr": values.lr,
+            "wd": values.weight_decay, "teacher_momentum": values.teacher_momentum,
+            "teacher_temp": values.teacher_temp, "teacher_entropy": stats["teacher_entropy"],
+            "grad_norm": stats["grad_norm"], "skipped_steps": stats["skipped_steps"],
+            "images_seen": self.step * self.cfg.data.batch_size, "img_per_s": img_per_s,
+            "max_memory_gib": max_memory_gib(self.device), "eta_s": eta_s,
+        }
+        if stats["max_nonfinite_in_a_row"] >= self.cfg.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(
+                f"{stats['max_nonfinite_in_a_row']} steps in a row up to step {self.step} had a non-finite loss or "
+                f"gradient norm and were skipped. Likely causes: fp16 with small patches overflowing "
+                f"(parallel.precision={self.precision.name}; try bf16 or fp32), a learning rate too high "
+                f"(optim.base_lr={self.cfg.optim.base_lr}), a teacher temperature too low "
+                f"(loss.teacher_temp={self.cfg.loss.teacher_temp}, "
+                f"loss.warmup_teacher_temp={self.cfg.loss.warmup_teacher_temp}), or non-finite input images.")
+        if stats["skipped_steps"]:
+            logger.warning("step %d: %d step(s) skipped since the last log (non-finite loss or gradient norm)",
+                           self.step, stats["skipped_steps"])
+        warning = collapse.check(self.step, row["teacher_entropy"])
+        if warning and self.rank == 0:
+            logger.warning(warning)
+        if self.rank != 0:
+            return {}
+        writer.write(row)
+        return row
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def checkpointer(self) -> Checkpointer:
+        return Checkpointer(self.output_dir / "checkpoints", keep_last=self.cfg.checkpoint.keep_last, rank=self.rank,
+                            process_group=self.mesh.get_group() if self.mesh is not None else None)
+
+    def checkpoint_state(self, loader) -> dict:
+        """Everything a resumed run needs, under the fixed keys of the run-directory contract."""
+        return {
+            "student": ModelState(self.student),
+            "teacher": ModelState(self.teacher),
+            "optimizer": OptimizerState(self.student, self.optimizer),
+            "loss": {"center": self.loss_fn.center},
+            "train_state": _TrainState(self),
+            "dataloader": _PerRank(loader, self.rank),
+        }
+
+    def save_checkpoint(self, loader) -> Path:
+        """Checkpoint (collective) and export the teacher backbone as DIR/teacher_backbone.safetensors."""
+        path = self.checkpointer().save(self.step, self.checkpoint_state(loader))
+        self.export_teacher_backbone()
+        return path
+
+    def resume(self, loader) -> bool:
+        """Load the latest checkpoint of the output folder, if any (collective); True when resumed."""
+        checkpointer = self.checkpointer()
+        latest = checkpointer.latest()
+        if latest is None:
+            return False
+        checkpointer.load(latest, self.checkpoint_state(loader))
+        return True
+
+    def export_teacher_backbone(self) -> Path | None:
+        """Gather the teacher backbone (collective) and write it with EVAL's save_backbone on rank 0."""
+        from fastdino.engine.backbone_io import save_backbone
+        from fastdino.engine.config import to_dict
+
+        state = full_backbone_state_dict(self.teacher, rank=self.rank)
+        if state is None or self.output_dir is None:
+            return None
+        m = self.cfg.model
+        return save_backbone(state, self.output_dir / "teacher_backbone.safetensors", arch=m.arch,
+                             patch_size=m.patch_size, img_size=m.img_size,
+                             extra={"step": self.step, "model": to_dict(m)})
+
+
+class _TrainState:
+    """DCP Stateful of the loop's own state: step, images seen, and per-rank RNG states and accumulators."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        t = self.trainer
+        per_rank = {"rng_cpu": torch.get_rng_state(), "stats": t.stats.values}
+        if t.device.type == "cuda":
+            per_rank["rng_cuda"] = torch.cuda.get_rng_state(t.device)
+        if t.loss_scale:
+            per_rank["loss_scale"] = t.loss_scale.state_dict()
+        return {"step": t.step, "epoch": t.epoch, "images_seen": t.step * t.cfg.data.batch_size,
+                "world_size": t.world_size, f"rank{t.rank}": per_rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.trainer
+        t.step = state["step"]
+        if state["world_size"] != t.world_size:
+            logger.warning("checkpoint was written by %d processes, resuming on %d: RNG states start afresh",
+                           state["world_size"], t.world_size)
+            return
+        per_rank = state[f"rank{t.rank}"]
+        torch.set_rng_state(per_rank["rng_cpu"])
+        if "rng_cuda" in per_rank:
+            torch.cuda.set_rng_state(per_rank["rng_cuda"], t.device)
+        t.stats.load_state_dict({"values": per_rank["stats"]})
+        if t.loss_scale:
+            t.loss_scale.load_state_dict(per_rank["loss_scale"])
+
+
+class _PerRank:
+    """DCP Stateful storing an object's state under a per-rank key (each rank's loader has its own position)."""
+
+    def __init__(self, obj, rank: int):
+        self.obj, self.rank = obj, rank
+
+    def state_dict(self) -> dict:
+        return {f"rank{self.rank}": self.obj.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if f"rank{self.rank}" in state:
+            self.obj.load_state_dict(state[f"rank{self.rank}"])
+
+
+def main(argv=None) -> int:
+    """`torchrun ... -m fastdino.engine.train ARGS` = `fastdino train ARGS`."""
+    from fastdino.engine.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
