@@ -89,21 +89,22 @@ def load_backbone(path, *, device="cpu", arch: str | None = None, patch_size: in
 
     `arch` / `patch_size`, when given, are what the caller expects: a checkpoint of anything else is a ValueError.
     """
-    from fastdino.engine.vit import create_model
+    from fastdino.engine.vit import MODELS, VisionTransformer
 
     state_dict, info = read_backbone(path)
     for key, expected in (("arch", arch), ("patch_size", patch_size)):
         if expected is not None and info[key] != expected:
             raise ValueError(f"{path} holds a {info['arch']}/{info['patch_size']} backbone, "
                              f"but {key}={expected} was asked for")
-    name = _model_name(info["arch"], info["patch_size"], path)
-    model = create_model(name, img_size=info["img_size"], embed_dim=info["embed_dim"], depth=info["depth"],
-                         num_heads=info["num_heads"])
+    args = {**MODELS[_model_name(info["arch"], info["patch_size"], path)], "img_size": info["img_size"],
+            **{k: info[k] for k in ("embed_dim", "depth", "num_heads")}}
+    with torch.device("meta"):  # no memory and no init for weights about to be replaced
+        model = VisionTransformer(**args)
     missing, unexpected = _key_mismatch(model.state_dict(), state_dict)
     if missing or unexpected:
         raise ValueError(f"{path} does not match {info['arch']}/{info['patch_size']}: "
                          f"missing {_few(missing)}, unexpected {_few(unexpected)}")
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, assign=True)
     logger.info("loaded %s/%d backbone (D=%d, depth %d, %d heads, img_size %d) from %s", info["arch"],
                 info["patch_size"], info["embed_dim"], info["depth"], info["num_heads"], info["img_size"], path)
     return model.to(device).eval()
