@@ -8,7 +8,8 @@ ignored) or a bare backbone state dict (`dino_deitsmall16_pretrain.pth`). DINO's
 names. Where metadata is missing, the architecture and patch size are inferred from tensor shapes.
 
 Resized models (a run's `model.embed_dim` / `depth` / `num_heads` overrides) load too: width and depth are read
-off the shapes, the number of heads from `extra["num_heads"]` or the run's config.json.
+off the shapes, the number of heads from `extra["model"]["num_heads"]` (the trainer stores its ModelConfig
+there) or the run's config.json.
 """
 import argparse
 import json
@@ -57,7 +58,7 @@ def read_backbone(path) -> tuple[dict[str, torch.Tensor], dict]:
 
     info: arch, patch_size, img_size, embed_dim, depth, num_heads, extra (dict). embed_dim and depth come from
     the tensor shapes; arch, patch_size and img_size from fastdino's header, else from the shapes too. The
-    number of heads (which no shape shows) comes from `extra["num_heads"]`, else from a run dir's
+    number of heads (which no shape shows) comes from `extra["model"]["num_heads"]`, else from a run dir's
     config.json, else from the arch when embed_dim and depth are the arch's own.
     """
     path, run_dir = Path(path), None
@@ -80,7 +81,8 @@ def read_backbone(path) -> tuple[dict[str, torch.Tensor], dict]:
     run_model = _run_model_config(run_dir) if run_dir else {}
     if run_model.get("arch", info["arch"]) != info["arch"]:
         raise ValueError(f"{run_dir / 'config.json'} trains a {run_model['arch']} but {path} holds a {info['arch']}")
-    info["num_heads"] = info["extra"].get("num_heads") or run_model.get("num_heads") or _default_heads(info, path)
+    info["num_heads"] = (info["extra"].get("model", {}).get("num_heads") or run_model.get("num_heads")
+                         or _default_heads(info, path))
     return state_dict, info
 
 
@@ -155,7 +157,7 @@ def _default_heads(info: dict, path) -> int:
     args = MODELS[_model_name(info["arch"], info["patch_size"], path)]
     if (args["embed_dim"], args["depth"]) != (info["embed_dim"], info["depth"]):
         raise ValueError(f"{path}: a {info['arch']} resized to D={info['embed_dim']}, depth {info['depth']}, "
-                         f"and no record of its number of heads (save it with extra={{'num_heads': H}})")
+                         f"and no record of its number of heads (save it with extra={{'model': {{'num_heads': H}}}})")
     return args["num_heads"]
 
 

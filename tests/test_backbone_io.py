@@ -70,7 +70,7 @@ def _resized():
 def test_resized_model_takes_its_heads_from_extra_or_the_run_config(tmp_path):
     model = _resized()
     save = dict(arch="vit_tiny", patch_size=8, img_size=48)
-    save_backbone(model.state_dict(), tmp_path / "a.safetensors", extra={"num_heads": 3}, **save)
+    save_backbone(model.state_dict(), tmp_path / "a.safetensors", extra={"model": {"num_heads": 3}}, **save)
     loaded = load_backbone(tmp_path / "a.safetensors")
     assert (loaded.embed_dim, len(loaded.blocks), loaded.num_heads) == (96, 4, 3)
     x = torch.randn(2, 3, 48, 48)
