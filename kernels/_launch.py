@@ -71,7 +71,8 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_temperature(name: str, value) -> None:
+def check_positive(name: str, value) -> None:
+    """ValueError unless `value` is a positive real number (temperatures)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
@@ -98,6 +99,6 @@ def check_dino_loss_args(student_logits, teacher, center, student_temp, teacher_
     devices = {t.device for t in (student_logits, teacher, center) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"student_logits, teacher and center must be on one device, got {sorted(map(str, devices))}")
-    _check_temperature("student_temp", student_temp)
-    _check_temperature("teacher_temp", teacher_temp)
+    check_positive("student_temp", student_temp)
+    check_positive("teacher_temp", teacher_temp)
     return batch, k
