@@ -1,5 +1,6 @@
 """Backbone files: fastdino safetensors round trip, official DINO .pth layouts, timm weights, and bad files."""
 import argparse
+import functools
 import json
 
 import pytest
@@ -11,7 +12,9 @@ from fastdino.engine.backbone_io import RUN_FILE, atomic_write, load_backbone, r
 from fastdino.engine.vit import build_backbone, create_model
 
 
+@functools.cache
 def _tiny(patch_size=16, img_size=32):
+    """One initialised vit_tiny per shape for the whole file (initialisation dominates these tests' time)."""
     return build_backbone("vit_tiny", patch_size, img_size=img_size).eval()
 
 
@@ -37,7 +40,8 @@ def test_save_load_round_trip_through_a_run_dir(tmp_path):
 
 
 def test_official_full_checkpoint_loads_the_teacher_backbone(tmp_path):
-    teacher, student = _tiny().state_dict(), _tiny().state_dict()
+    teacher = _tiny().state_dict()
+    student = {k: v + 1 for k, v in teacher.items()}
     head = {"head.mlp.0.weight": torch.randn(8, 192), "head.last_layer.weight_g": torch.ones(16, 1)}
     ckpt = {
         "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()}, **head},
@@ -115,7 +119,7 @@ def test_bad_files_are_value_or_not_found_errors(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         load_backbone(tmp_path / "garbage.pth")
-    state = _tiny().state_dict()
+    state = dict(_tiny().state_dict())
     del state["blocks.3.mlp.fc1.weight"]
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match=r"does not match vit_tiny/16: missing \[blocks.3.mlp.fc1.weight\]"):
