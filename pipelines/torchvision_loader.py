@@ -19,11 +19,14 @@ logger = logging.getLogger(__name__)
 
 
 def resized_crops(img: Image.Image, params: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-    """Cut every view's box out of `img` and resize it (bicubic, antialiased) to its side: (S, S, 3) uint8 each."""
+    """Cut every view's box out of `img` and resize it (bicubic, antialiased) to its side: (S, S, 3) uint8 each.
+
+    Boxes are whole pixels (the sampler draws them so); rounding undoes the float32 storage of their corners.
+    """
     width, height = img.size
     out = []
     for row, size in zip(params, sizes):
-        box = (row[X0] * width, row[Y0] * height, row[X1] * width, row[Y1] * height)
+        box = tuple(round(float(c)) for c in (row[X0] * width, row[Y0] * height, row[X1] * width, row[Y1] * height))
         out.append(np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=box)))
     return out
 
