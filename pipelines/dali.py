@@ -140,7 +140,7 @@ class DaliEngine:
         while batch < self.feeder.num_batches:
             try:
                 outputs = self.pipe.run()
-            except RuntimeError as err:
+            except (RuntimeError, OSError) as err:  # OSError: a file read by the feeder in this process
                 self._recover(epoch, batch, err)
                 continue
             views = [self._to_torch(out) for out in outputs]
@@ -167,7 +167,7 @@ class DaliEngine:
             return
         raise AssertionError("the DALI pipeline produced more batches than the epoch has")
 
-    def _recover(self, epoch: int, batch: int, err: RuntimeError) -> None:
+    def _recover(self, epoch: int, batch: int, err: Exception) -> None:
         self.close()  # a pipeline that raised is no longer usable
         stop = min(self.feeder.num_batches, batch + PREFETCH_DEPTH + 1)
         suspects = np.unique(np.concatenate([self.feeder.indices(epoch, b) for b in range(batch, stop)]))
