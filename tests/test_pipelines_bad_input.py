@@ -12,7 +12,7 @@ from PIL import Image
 from fastdino.pipelines import MultiCropConfig, build_loader, open_source
 from fastdino.pipelines import dali as dali_backend
 from fastdino.pipelines.sources import decode_rgb
-from test_sources import encode, image_array, jpeg_bytes, make_image_folder
+from test_sources import encode, image_array, jpeg_bytes, make_image_folder, without_quant_tables
 
 CROPS = MultiCropConfig(global_crops_size=32, local_crops_number=2, local_crops_size=16)
 BACKENDS = ["torchvision", "dali"]
@@ -24,13 +24,6 @@ def _png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def _without_quant_tables(jpeg: bytes) -> bytes:
-    """A JPEG whose DQT segment is gone: the header and end marker look fine, decoding fails."""
-    i = jpeg.find(b"\xff\xdb")
-    length = int.from_bytes(jpeg[i + 2:i + 4], "big")
-    return jpeg[:i] + jpeg[i + 2 + length:]
 
 
 def _image(mode: str, height=20, width=24, seed=0) -> Image.Image:
@@ -68,7 +61,7 @@ DECODED = {  # decodable oddities: kept, decoded alike by PIL (the fallback) and
     "progressive.jpg": encode(_image("RGB"), "JPEG", progressive=True),
     "webp.webp": encode(_image("RGBA"), "WEBP"),
 }
-UNDECODABLE = _without_quant_tables(jpeg_bytes(24, 32, 6))  # passes validation, fails when decoded
+UNDECODABLE = without_quant_tables(jpeg_bytes(24, 32, 6))  # passes validation, fails when decoded
 
 
 def dali_decode(data: bytes) -> np.ndarray:

@@ -35,6 +35,13 @@ def jpeg_bytes(height: int, width: int, seed: int, **options) -> bytes:
     return encode(Image.fromarray(image_array(height, width, seed)), "JPEG", quality=90, **options)
 
 
+def without_quant_tables(jpeg: bytes) -> bytes:
+    """A JPEG whose DQT segment is gone: the header and end marker look fine, decoding fails."""
+    i = jpeg.find(b"\xff\xdb")
+    length = int.from_bytes(jpeg[i + 2:i + 4], "big")
+    return jpeg[:i] + jpeg[i + 2 + length:]
+
+
 def make_image_folder(root, classes=("a", "b", "c"), per_class: int = 8, seed: int = 0):
     """ImageFolder with JPEGs of 16..64 px (one PNG per class); returns root."""
     rng = np.random.default_rng(seed)
