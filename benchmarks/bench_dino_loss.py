@@ -1,0 +1,120 @@
+"""DINO loss forward / backward / full (fwd+bwd) time, bandwidth and peak memory per provider.
+
+Providers: `torch` (the official formulation, `fastdino.kernels.reference.dino_loss_ref`), `compile`
+(`torch.compile` of it, the fair baseline) and `triton` (`fastdino.kernels.dino_loss`, impl="triton").
+GB/s counts the bytes any implementation must move, so providers compare on one scale:
+fwd reads S (V*B, K) and T (2*B, K); bwd writes dS (V*B, K); full does both. The `copy` row is a measured
+device copy of an S-sized buffer (read + write), the practical bandwidth ceiling of this device.
+
+    python benchmarks/bench_dino_loss.py                                    # GPU: B in {64, 128, 256}, K=65536
+    python benchmarks/bench_dino_loss.py --batch 2 --K 1000 --device cpu    # smoke test (Triton interpreter)
+"""
+import os
+import time
+
+import torch
+
+from common import Table, base_parser, measure_ms, peak_memory_gib, print_header
+
+STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
+PROVIDERS = ("torch", "compile", "triton")
+MODES = ("fwd", "bwd", "full")
+
+
+def parse_args():
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256], help="images per GPU (B)")
+    parser.add_argument("--K", type=int, default=65536, help="prototypes (head output dim)")
+    parser.add_argument("--ncrops", type=int, default=12, help="crops per image (2 global + local)")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--reps", type=int, default=10, help="timed runs off the GPU and of bwd (do_bench decides "
+                                                             "for fwd/full on the GPU)")
+    return parser.parse_args()
+
+
+def backward_ms(make_loss, device, reps, warmup=3):
+    """(p50, p20, p80) ms of `loss.backward()` alone: each rep builds a fresh graph outside the timed window,
+    because the fused kernel's backward scales its saved gradient in place and runs once per forward."""
+    cuda = str(device).startswith("cuda")
+    times = []
+    for i in range(warmup + reps):
+        loss = make_loss()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            loss.backward()
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            loss.backward()
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+    return tuple(q)
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (on import)
+    from fastdino.kernels import dino_loss
+    from fastdino.kernels.reference import dino_loss_ref
+
+    dtype = getattr(torch, args.dtype)
+    print_header(str(device), dtype)
+    compiled_ref = torch.compile(dino_loss_ref)
+    loss_fns = {
+        "torch": dino_loss_ref,
+        "compile": compiled_ref,
+        "triton": lambda *a: dino_loss(*a, impl="triton"),
+    }
+    table = Table(["B", "provider", "mode", "p50_ms", "p20_ms", "p80_ms", "GB/s", "speedup", "peak_GiB"])
+    for batch in args.batch:
+        rows_s, rows_t = args.ncrops * batch, 2 * batch
+        student = torch.randn(rows_s, args.K, device=device, dtype=dtype, requires_grad=True)
+        teacher = torch.randn(rows_t, args.K, device=device, dtype=dtype)
+        center = torch.randn(1, args.K, device=device) * 0.1
+        elem = student.element_size()
+        bytes_per_mode = {"fwd": (rows_s + rows_t) * args.K * elem, "bwd": rows_s * args.K * elem}
+        bytes_per_mode["full"] = bytes_per_mode["fwd"] + bytes_per_mode["bwd"]
+
+        copy_dst = torch.empty_like(student)
+        p50, p20, p80 = measure_ms(lambda: copy_dst.copy_(student), str(device), reps=args.reps)
+        table.add(B=batch, provider="copy", mode="copy", p50_ms=p50, p20_ms=p20, p80_ms=p80,
+                  **{"GB/s": 2 * student.numel() * elem / p50 / 1e6}, speedup="", peak_GiB="")
+        del copy_dst
+
+        baseline = {}
+        for provider in args.providers:
+            loss_fn = loss_fns[provider]
+
+            def forward():
+                return loss_fn(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
+
+            def full():
+                forward().backward()
+
+            for mode in args.modes:
+                if mode == "bwd":
+                    p50, p20, p80 = backward_ms(forward, device, args.reps)
+                else:
+                    p50, p20, p80 = measure_ms(forward if mode == "fwd" else full, str(device),
+                                               grad_to_none=[student], reps=args.reps)
+                if provider == "torch":
+                    baseline[mode] = p50
+                peak = peak_memory_gib(full, str(device)) if mode == "full" else ""
+                student.grad = None
+                table.add(B=batch, provider=provider, mode=mode, p50_ms=p50, p20_ms=p20, p80_ms=p80,
+                          **{"GB/s": bytes_per_mode[mode] / p50 / 1e6},
+                          speedup=baseline[mode] / p50 if mode in baseline else "", peak_GiB=peak)
+    table.write_csv(args.csv)
+
+
+if __name__ == "__main__":
+    main()

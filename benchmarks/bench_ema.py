@@ -1,0 +1,97 @@
+"""EMA teacher update time and bandwidth per provider, over the parameter shapes of a ViT + DINO head.
+
+Providers: `loop` (the official per-parameter `param_k.mul_(m).add_((1 - m) * param_q)`), `compile`
+(`torch.compile` of that loop), `foreach` (`fastdino.kernels.reference.ema_update_ref`, one `torch._foreach_lerp_`)
+and `triton` (`fastdino.kernels.ema_update_`, one launch). The teacher is fp32, the student `--dtype`.
+GB/s counts numel * (2 * 4 + student bytes): read teacher and student, write teacher. The `copy` row is a measured
+device copy of the teacher's bytes (read + write), the practical bandwidth ceiling of this device.
+
+    python benchmarks/bench_ema.py                                              # GPU: ViT-S/16 + K=65536 head, 44M
+    python benchmarks/bench_ema.py --arch vit_tiny --out-dim 1000 --hidden-dim 256 --reps 2 --device cpu  # smoke
+"""
+import os
+
+import torch
+
+from common import Table, base_parser, measure_ms, print_header
+
+PROVIDERS = ("loop", "compile", "foreach", "triton")
+
+
+def parse_args():
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="vit_small", help="backbone whose parameter shapes are updated")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes (K)")
+    parser.add_argument("--hidden-dim", type=int, default=2048, help="DINO head MLP width")
+    parser.add_argument("--bottleneck-dim", type=int, default=256, help="DINO head bottleneck width")
+    parser.add_argument("--momentum", type=float, default=0.996)
+    parser.add_argument("--tensor-momentum", action="store_true",
+                        help="pass momentum as a 0-d device tensor (as the trainer does) instead of a float")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--reps", type=int, default=10, help="timed runs off the GPU (do_bench decides on it)")
+    return parser.parse_args()
+
+
+def parameter_shapes(args) -> list[torch.Size]:
+    """Shapes of the backbone + head parameters, from models built on the meta device (nothing allocated)."""
+    from fastdino.engine.head import DINOHead
+    from fastdino.engine.vit import build_backbone
+
+    with torch.device("meta"):
+        backbone = build_backbone(args.arch, args.patch_size)
+        head = DINOHead(backbone.embed_dim, args.out_dim, hidden_dim=args.hidden_dim,
+                        bottleneck_dim=args.bottleneck_dim)
+    return [p.shape for module in (backbone, head) for p in module.parameters()]
+
+
+def official_loop(teacher, student, momentum):
+    """DINO main_dino.py: `param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)` per parameter."""
+    for param_k, param_q in zip(teacher, student):
+        param_k.mul_(momentum).add_((1 - momentum) * param_q)
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (on import)
+    from fastdino.kernels import ema_update_
+    from fastdino.kernels.reference import ema_update_ref
+
+    dtype = getattr(torch, args.dtype)
+    print_header(str(device), dtype)
+    shapes = parameter_shapes(args)
+    teacher = [torch.randn(s, device=device) for s in shapes]
+    student = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    numel = sum(t.numel() for t in teacher)
+    momentum = torch.tensor(args.momentum, device=device) if args.tensor_momentum else args.momentum
+    print(f"# {args.arch}/{args.patch_size} + head K={args.out_dim}: {len(shapes)} tensors, {numel / 1e6:.1f}M "
+          f"parameters, momentum {'0-d tensor' if args.tensor_momentum else 'float'}")
+
+    updates = {
+        "loop": lambda: official_loop(teacher, student, momentum),
+        "compile": torch.compile(lambda: official_loop(teacher, student, momentum)),
+        "foreach": lambda: ema_update_ref(teacher, student, momentum),
+        "triton": lambda: ema_update_(teacher, student, momentum, impl="triton"),
+    }
+    table = Table(["params_M", "provider", "p50_ms", "p20_ms", "p80_ms", "GB/s", "speedup"])
+    flat, flat_dst = torch.empty(numel, device=device), torch.empty(numel, device=device)
+    p50, p20, p80 = measure_ms(lambda: flat_dst.copy_(flat), str(device), reps=args.reps)
+    table.add(params_M=numel / 1e6, provider="copy", p50_ms=p50, p20_ms=p20, p80_ms=p80,
+              **{"GB/s": 2 * numel * 4 / p50 / 1e6}, speedup="")
+    del flat, flat_dst
+
+    bytes_moved = numel * (2 * 4 + student[0].element_size())
+    baseline = None
+    for provider in args.providers:
+        p50, p20, p80 = measure_ms(updates[provider], str(device), warmup=1, reps=args.reps)
+        if provider == "loop":
+            baseline = p50
+        table.add(params_M=numel / 1e6, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80,
+                  **{"GB/s": bytes_moved / p50 / 1e6}, speedup=baseline / p50 if baseline else "")
+    table.write_csv(args.csv)
+
+
+if __name__ == "__main__":
+    main()
