@@ -9,8 +9,8 @@ Multi-crop forward. `forward([crops...])` groups consecutive crops of the same r
 end as one (T, D) tensor, T = sum over groups of B·N. LayerNorm, qkv, projection and MLP run once on that
 tensor. Attention runs per group: each group's rows of the qkv output are a contiguous slice, viewed as
 (B, N, 3, H, hd) without a copy and given to SDPA (or xformers) as one dense call. Nothing is padded, and
-every shape depends only on the crop shapes, so a per-block `torch.compile(dynamic=False)` sees static
-shapes (one graph per layout) and CUDA graphs apply. A block-diagonal packed attention over all groups
+every shape depends only on the crop shapes and the drop-path rate (never on data), so per-block
+`torch.compile` and CUDA graphs apply. A block-diagonal packed attention over all groups
 (xformers BlockDiagonalMask, nested jagged SDPA, flex attention) would save one attention launch per block
 but needs a variable-length kernel that does not run on the CPU, and the dense per-group call keeps
 cuDNN/flash SDPA, the fastest kernels measured on the H100 (shared/gpu/README.md).
@@ -24,7 +24,12 @@ stale when the parameter changes (it depends only on the grid sizes).
 Stochastic depth skips the dropped images' compute as in DINOv2 (facebookresearch/dinov2:
 dinov2/layers/block.py, drop_add_residual_stochastic_depth): each residual branch runs on a random subset
 of each group's images, and its output is added back scaled by B / kept, so the expectation is the
-un-dropped block. The subset size is fixed by B and the rate, so shapes stay static.
+un-dropped block. The subset size is fixed by B and the rate, so shapes never depend on data. The rate
+grows with depth, so each student block keeps a different number of images; the counts reach each block
+as integer arguments (`Block.kept_images`), which torch.compile's default automatic dynamic shapes turn
+into symbols: `block.compile()` on every block gives one graph for the student's blocks 1.. (block 0 has
+rate 0) and one for the teacher. `dynamic=False` compiles one graph per block instead and needs
+`torch._dynamo.config.recompile_limit` above the depth.
 """
 import itertools
 import logging
@@ -56,26 +61,27 @@ MODELS = {
 
 
 def drop_add_residual(
-    x: torch.Tensor, layout: Layout, branch: Callable[[torch.Tensor, Layout], torch.Tensor], drop_rate: float
+    x: torch.Tensor,
+    layout: Layout,
+    keep: tuple[int, ...],
+    branch: Callable[[torch.Tensor, Layout], torch.Tensor],
 ) -> torch.Tensor:
     """x + branch(x) with stochastic depth that skips the dropped images' compute.
 
-    For each group of `layout`, a random subset of max(int(B * (1 - drop_rate)), 1) images goes through
-    `branch` (a function of packed tokens and their layout); their output is added back scaled by
-    B / kept, so the result equals x + branch(x) in expectation. Other images' tokens pass through unchanged.
+    For each group of `layout`, a random subset of keep[g] of its B images goes through `branch` (a function of
+    packed tokens and their layout); their output is added back scaled by B / keep[g], so the result equals
+    x + branch(x) in expectation. The other images' tokens pass through unchanged.
     """
-    rows, kept_layout, scales, offset = [], [], [], 0
-    for b, n in layout:
-        keep = max(int(b * (1.0 - drop_rate)), 1)
-        images = torch.randperm(b, device=x.device)[:keep]  # (kept,)
+    rows, kept_layout, offset = [], [], 0
+    for (b, n), k in zip(layout, keep):
+        images = torch.randperm(b, device=x.device)[:k]  # (kept,)
         tokens = torch.arange(n, device=x.device)
         rows.append((offset + images[:, None] * n + tokens).flatten())  # (kept*N,) row indices into x
-        kept_layout.append((keep, n))
-        scales.append(b / keep)
+        kept_layout.append((k, n))
         offset += b * n
     out = branch(x.index_select(0, torch.cat(rows)), tuple(kept_layout))  # (sum kept*N, D)
-    for group_rows, group_out, scale in zip(rows, out.split([k * n for k, n in kept_layout]), scales):
-        x = x.index_add(0, group_rows, group_out.to(x.dtype), alpha=scale)
+    for group_rows, group_out, (b, _), k in zip(rows, out.split([k * n for k, n in kept_layout]), layout, keep):
+        x = x.index_add(0, group_rows, group_out.to(x.dtype), alpha=b / k)
     return x
 
 
@@ -132,10 +138,22 @@ class Block(nn.Module):
     def _mlp_branch(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         return self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa") -> torch.Tensor:
-        if self.training and self.drop_path > 0:
-            x = drop_add_residual(x, layout, partial(self._attn_branch, backend=backend), self.drop_path)
-            return drop_add_residual(x, layout, self._mlp_branch, self.drop_path)
+    def kept_images(self, layout: Layout) -> tuple[int, ...] | None:
+        """Per group, how many images go through the residual branches: int(B * (1 - drop_path)), at least 1,
+        in training with stochastic depth; None (all of them) otherwise."""
+        if not (self.training and self.drop_path > 0):
+            return None
+        return tuple(max(int(b * (1.0 - self.drop_path)), 1) for b, _ in layout)
+
+    def forward(
+        self, x: torch.Tensor, layout: Layout, backend: str = "sdpa", keep: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """Packed tokens (T, D) -> (T, D). `keep` is `kept_images(layout)`, computed by the caller: as integer
+        arguments the counts become dynamic under torch.compile, so blocks with different drop-path rates
+        share one graph (float and int module attributes are specialised: one graph per block)."""
+        if keep is not None:
+            x = drop_add_residual(x, layout, keep, partial(self._attn_branch, backend=backend))
+            return drop_add_residual(x, layout, keep, self._mlp_branch)
         x = x + self._attn_branch(x, layout, backend)
         return x + self._mlp_branch(x, layout)
 
@@ -252,7 +270,7 @@ class VisionTransformer(nn.Module):
         """Final-norm CLS features (sum of the crops' batch sizes, D), in crop order."""
         tokens, layout, backend = self._tokens([x] if isinstance(x, torch.Tensor) else list(x))
         for block in self.blocks:
-            tokens = block(tokens, layout, backend)
+            tokens = block(tokens, layout, backend, block.kept_images(layout))
         groups = tokens.split([b * n for b, n in layout])
         cls = torch.cat([g.view(b, n, -1)[:, 0] for (b, n), g in zip(layout, groups)])  # (sum B, D)
         return self.norm(cls)  # LayerNorm is per token: norming only the CLS rows gives the same and is cheaper
@@ -262,7 +280,7 @@ class VisionTransformer(nn.Module):
         tokens, layout, backend = self._tokens([x])
         outputs = []
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, layout, backend)
+            tokens = block(tokens, layout, backend, block.kept_images(layout))
             if i >= len(self.blocks) - n:
                 outputs.append(self.norm(tokens).view(*layout[0], -1))  # (B, N, D)
         return outputs
@@ -273,7 +291,7 @@ class VisionTransformer(nn.Module):
             raise RuntimeError("get_last_self_attention needs eval mode (drop path is random): call .eval() first")
         tokens, layout, backend = self._tokens([x])
         for block in self.blocks[:-1]:
-            tokens = block(tokens, layout, backend)
+            tokens = block(tokens, layout, backend, block.kept_images(layout))
         last = self.blocks[-1]
         return last.attn.attention_weights(last.norm1(tokens), layout)[0]
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer as TimmViT
+from torch._dynamo.utils import counters
 
 from _helpers import assert_close
 from fastdino.engine import vit as vit_module
@@ -101,8 +102,8 @@ def test_drop_add_residual_skips_dropped_images_and_is_unbiased():
         return tokens @ weight
 
     dense = x + x @ weight  # the un-dropped residual
-    out = drop_add_residual(x, layout, branch, drop_rate=0.4)
-    assert seen == [((3, 3), (2, 2))]  # only int(B * 0.6) images per group are computed
+    out = drop_add_residual(x, layout, (3, 2), branch)
+    assert seen == [((3, 3), (2, 2))]  # only the kept images are computed
     offset = 0
     for (b, n), keep in zip(layout, (3, 2)):
         per_image = out[offset : offset + b * n].view(b, n, -1)
@@ -113,8 +114,15 @@ def test_drop_add_residual_skips_dropped_images_and_is_unbiased():
         assert_close(per_image[added], scaled[added], **TOL[torch.float32], name="kept images")
         offset += b * n
     # In expectation the result is the un-dropped residual: 4000 draws, ~5 standard errors of tolerance.
-    mean = torch.stack([drop_add_residual(x, layout, lambda t, _: t @ weight, 0.4) for _ in range(4000)]).mean(0)
+    mean = torch.stack([drop_add_residual(x, layout, (3, 2), lambda t, _: t @ weight) for _ in range(4000)]).mean(0)
     assert_close(mean, dense, atol=0.1 * (x @ weight).abs().max().item(), rtol=0, name="expectation")
+
+
+def test_kept_images_follow_the_drop_path_rate():
+    block = Block(32, 2, drop_path=0.4)
+    assert block.kept_images(((5, 3), (1, 2))) == (3, 1)  # int(B * 0.6), at least one
+    assert block.eval().kept_images(((5, 3),)) is None
+    assert Block(32, 2).kept_images(((5, 3),)) is None  # rate 0 in training: every image, no index ops
 
 
 def test_training_with_drop_path_runs_only_kept_images_through_blocks():
@@ -226,7 +234,7 @@ def test_block_compiles_with_static_shapes_and_matches_eager():
     assert_close(actual, expected, **TOL[torch.float32], name="compiled block")
     assert_close(grad_actual, grad_expected, **TOL[torch.float32], name="compiled block grad")
     block.train()  # stochastic depth (randperm, index_add) traces into one graph too
-    assert compiled(x, layout).shape == x.shape
+    assert compiled(x, layout, "sdpa", block.kept_images(layout)).shape == x.shape
 
 
 def test_block_parameter_names_match_timm():
@@ -234,3 +242,23 @@ def test_block_parameter_names_match_timm():
     theirs = TimmViT(**TINY, num_classes=0).blocks[0]
     assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in theirs.named_parameters()}
     assert all(m.eps == 1e-6 for m in ours.modules() if isinstance(m, nn.LayerNorm))
+
+
+def test_per_block_compile_of_a_drop_path_student_needs_few_graphs():
+    """Blocks differ in drop-path rate, hence in kept images; passed as integer arguments, the counts become
+    dynamic, so the graph count does not grow with depth (dynamic=False: one graph per block). aot_eager, because AOT tracing is what
+    specialises a float rate read inside the block (Inductor does too; plain dynamo tracing does not)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = _tiny(depth=8, drop_path_rate=0.1)
+    for block in model.blocks:
+        block.compile(backend="aot_eager")
+    crops = _crops(batch=8)
+    for _ in range(2):
+        model.train()(crops).sum().backward()
+    # block 0 (rate 0), block 1 (counts first seen as constants), then at most one recompile per resolution
+    # group as its count changes and becomes a symbol: 4 graphs for 8 blocks
+    train_graphs = counters["stats"]["unique_graphs"]
+    assert train_graphs <= 2 + 2
+    model.eval()(crops)
+    assert counters["stats"]["unique_graphs"] == train_graphs + 1  # the teacher's path
