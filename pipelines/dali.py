@@ -28,14 +28,18 @@ logger = logging.getLogger(__name__)
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the one being consumed
 
 
-def multicrop_graph(feeder: BatchFeeder, crops: MultiCropConfig, *, gpu: bool, parallel: bool, half: bool):
-    """The pipeline body (called inside `pipeline_def`): returns V outputs (B, 3, S, S)."""
+def multicrop_graph(feeder: BatchFeeder, crops: MultiCropConfig, *, gpu: bool, py_workers: int, half: bool):
+    """The pipeline body (called inside `pipeline_def`): returns V outputs (B, 3, S, S).
+
+    py_workers > 0 runs the feeder in that many worker processes, each with up to two batches in flight.
+    """
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
 
+    parallel = dict(parallel=True, prefetch_queue_depth=2 * py_workers) if py_workers > 0 else {}
     encoded, params = fn.external_source(source=feeder, num_outputs=2, batch=True, batch_info=True,
-                                         parallel=parallel, dtype=[types.UINT8, types.FLOAT], ndim=[1, 2])
+                                         dtype=[types.UINT8, types.FLOAT], ndim=[1, 2], **parallel)
     # jpeg_fancy_upsampling: the chroma upsampling of libjpeg-turbo (and PIL), so that both devices and the
     # fallback decode the same pixels.
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
@@ -70,7 +74,7 @@ def build_pipeline(feeder: BatchFeeder, crops: MultiCropConfig, *, device: torch
     pipe = pipeline_def(multicrop_graph, batch_size=feeder.batch_size, num_threads=num_threads,
                         device_id=_device_id(device),
                         prefetch_queue_depth=PREFETCH_DEPTH, py_num_workers=max(1, py_workers),
-                        py_start_method="spawn")(feeder, crops, gpu=gpu, parallel=py_workers > 0, half=half)
+                        py_start_method="spawn")(feeder, crops, gpu=gpu, py_workers=py_workers, half=half)
     pipe.build()
     return pipe
 
