@@ -138,6 +138,8 @@ class DaliEngine:
         self.next = (epoch, batch)
 
     def iterate(self, epoch: int, start: int):
+        if start >= self.feeder.num_batches:
+            return
         if self.pipe is None or self.next != (epoch, start):
             self._build(epoch, start)
         batch = start

@@ -7,11 +7,14 @@ killing a DALI pipeline mid-epoch. What it cannot see (a JPEG whose entropy-code
 that changes after listing) is caught at decode time: the fallback replaces the image, the DALI loader finds the
 file, drops it and rebuilds its pipeline (see `loader.py`).
 
+Validating ImageNet (1.28M files) takes about a minute; large datasets keep the result in an index cache.
 Tar shards are indexed once (member offsets) and read with `os.pread`, so any rank can read any image and the
 order is chosen per image, exactly as for a folder: sharding and resuming work the same for every layout.
 """
 import glob
+import hashlib
 import io
+import json
 import logging
 import os
 import struct
@@ -23,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from fastdino.pipelines.synthetic import default_dataset_dir
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
@@ -33,6 +38,9 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
 _TAIL_BYTES = 1024
 _EXIF_ORIENTATION = 0x0112
+# From this many images on, validation results are kept in default_dataset_dir()/index, keyed by the path, size
+# and modification time of every file, so that later runs (and the other ranks) skip the header pass.
+INDEX_CACHE_MIN_IMAGES = 20_000
 
 
 class ImageSource:
@@ -279,8 +287,11 @@ def _open_folder(root: str, classes: list[str], num_threads: int) -> ImageSource
             skips.add("empty class folder", name)
         candidates += found
     files = [os.path.join(root, name) for name, _ in candidates]
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        results = list(pool.map(_inspect_file, files, chunksize=256))
+
+    def identity():
+        return [f"{path}\t{st.st_size}\t{st.st_mtime_ns}" for path in files for st in (os.stat(path),)]
+
+    results = _inspect_all(files, _inspect_file, num_threads, identity)
     entries = []
     for path, (name, label), result in zip(files, candidates, results):
         if isinstance(result, str):
@@ -312,8 +323,10 @@ def _open_tars(root: str, shards: list[str], num_threads: int) -> ImageSource:
         def inspect(c):
             return inspect_image(_Window(fds[c[1]], c[2], c[3]), c[3])
 
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            results = list(pool.map(inspect, candidates, chunksize=256))
+        def identity():
+            return [f"{shard}\t{st.st_size}\t{st.st_mtime_ns}" for shard in shards for st in (os.stat(shard),)]
+
+        results = _inspect_all(candidates, inspect, num_threads, identity)
     finally:
         for fd in fds:
             os.close(fd)
@@ -324,6 +337,33 @@ def _open_tars(root: str, shards: list[str], num_threads: int) -> ImageSource:
         else:
             entries.append((name, shard, offset, size, label, *result))
     return _finish(root, layout, shards, classes, entries, skips)
+
+
+def _inspect_all(items: list, inspect, num_threads: int, identity) -> list:
+    """inspect(item) for every item on a thread pool; cached on disk for large datasets (see
+    INDEX_CACHE_MIN_IMAGES), where identity() lists what the results depend on."""
+    cache = None
+    if len(items) >= INDEX_CACHE_MIN_IMAGES:
+        key = hashlib.sha1("\n".join(identity()).encode()).hexdigest()
+        cache = default_dataset_dir() / "index" / f"{key}.json"
+        try:
+            results = json.loads(cache.read_text())
+            if len(results) == len(items):
+                logger.info("validation results of %d images read from %s", len(items), cache)
+                return [r if isinstance(r, str) else tuple(r) for r in results]
+        except (OSError, ValueError):
+            pass  # no cache yet, or a damaged one: validate again
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        results = list(pool.map(inspect, items, chunksize=256))
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(results))
+            os.replace(tmp, cache)
+        except OSError as err:
+            logger.warning("could not write the validation cache %s: %s", cache, err)
+    return results
 
 
 def _tar_folder_samples(members):

@@ -229,3 +229,24 @@ def test_epoch_order_is_seeded_and_changes_every_epoch():
 def test_dataset_smaller_than_a_global_batch_is_an_error():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         epoch_batches(7, 4, seed=0, epoch=0, world_size=2)
+
+
+def test_validation_of_large_datasets_is_cached(tmp_path, monkeypatch):
+    from fastdino.pipelines import sources
+
+    monkeypatch.setattr(sources, "INDEX_CACHE_MIN_IMAGES", 1)  # every dataset is "large"
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    (root / "a" / "bad.jpg").write_bytes(b"nope")
+    first = open_source(str(root))
+    assert len(list((tmp_path / "cache" / "index").glob("*.json"))) == 1
+
+    def no_inspection(f, size):
+        raise AssertionError("validated again despite the cache")
+
+    monkeypatch.setattr(sources, "inspect_image", no_inspection)
+    cached = open_source(str(root))
+    assert np.array_equal(cached.sizes, first.sizes) and cached.skipped == first.skipped
+    (root / "b" / "1.jpg").write_bytes(jpeg_bytes(17, 19, 3))  # a changed file invalidates the cache
+    with pytest.raises(AssertionError, match="validated again"):
+        open_source(str(root))
