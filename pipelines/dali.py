@@ -6,9 +6,9 @@ Graph (per batch; V = 2 + N views):
   -> per view: resize of the crop box (bicubic, antialiased) -> color_twist -> gaussian_blur
      -> [solarize: second global view] -> crop_mirror_normalize (flip, ImageNet mean/std, CHW, fp16/fp32)
 Every random value comes from the feeder's parameter rows (see `augment.py`), so no DALI random operator is used
-and this graph computes exactly what `augment.finish_views` computes on the fallback path. Decoding once and
-cutting 2 + N crops from the decoded image beats ROI-decoding each crop when N = 10: the crops cover most of the
-image, so ROI decoding would decode most of it 12 times.
+and this graph computes exactly what `augment.finish_views` computes on the fallback path. Each image is decoded
+once and its 2 + N crops are cut from the decoded pixels. ROI decoding (decoders.image_crop per view) would decode
+the overlapping crops of one image up to 12 times; that trade-off has not been measured on a GPU yet.
 
 Off the GPU the same graph runs with device_id=None and the CPU decoder, which is how the tests exercise it.
 """

@@ -1,5 +1,4 @@
 """Bad input: every case is decoded correctly or skipped with a counted warning, and no epoch crashes midway."""
-import io
 import logging
 import struct
 import zlib

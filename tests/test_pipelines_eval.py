@@ -14,7 +14,8 @@ from test_sources import make_image_folder, without_quant_tables
 
 def _reference(path, size):
     """DINO's eval_knn transform, built from torchvision."""
-    t = transforms.Compose([transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+    bicubic = transforms.InterpolationMode.BICUBIC
+    t = transforms.Compose([transforms.Resize(round(size * 256 / 224), interpolation=bicubic),
                             transforms.CenterCrop(size), transforms.PILToTensor()])
     x = t(Image.open(path).convert("RGB")).float()
     return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
