@@ -8,11 +8,14 @@ torch.compile see ordinary tensors. The parameter names are the official ones (`
 `last_layer.weight_v`, `last_layer.weight_g`); with `norm_last_layer=True` the gain is fixed at 1 and is
 no parameter at all, which is all `convert_official_head` has to account for.
 """
+import logging
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 class WeightNormLinear(nn.Module):
