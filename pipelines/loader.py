@@ -1,8 +1,10 @@
 """`build_loader`: the multi-crop training loader, on DALI or on the torchvision fallback, sharded and resumable."""
+import io
 import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from fastdino.pipelines.config import MultiCropConfig
 from fastdino.pipelines.feeder import BatchFeeder
@@ -14,8 +16,9 @@ BACKENDS = ("auto", "dali", "torchvision")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def select_backend(requested: str) -> tuple[str, str]:
-    """(backend, reason): "auto" takes DALI whenever it imports; an explicit choice is honoured or is an error."""
+def select_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """(backend, reason). "auto" takes DALI when it imports and decodes a probe image on `device` (it beats the
+    fallback on the CPU as well); an explicit "dali" that cannot is a ValueError."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "torchvision":
@@ -23,11 +26,26 @@ def select_backend(requested: str) -> tuple[str, str]:
     try:
         import nvidia.dali
     except ImportError as err:
-        if requested == "dali":
-            raise ValueError(f"backend='dali' but nvidia.dali does not import ({err}); install it with "
-                             f"`pip install nvidia-dali-cuda130` or use backend='torchvision'") from err
-        return "torchvision", f"nvidia.dali does not import ({err})"
-    return "dali", "requested" if requested == "dali" else f"nvidia-dali {nvidia.dali.__version__} imports"
+        return _without_dali(requested, f"nvidia.dali does not import ({err})")
+    from fastdino.pipelines.dali import dali_decode_error
+
+    problem = dali_decode_error(_probe_jpeg(), device=device)
+    if problem is not None:
+        return _without_dali(requested, f"DALI cannot decode on {device} ({problem})")
+    return "dali", "requested" if requested == "dali" else f"nvidia-dali {nvidia.dali.__version__} decodes here"
+
+
+def _without_dali(requested: str, reason: str) -> tuple[str, str]:
+    if requested == "dali":
+        raise ValueError(f"backend='dali' but {reason}; install it with `pip install nvidia-dali-cuda130` or use "
+                         f"backend='torchvision'")
+    return "torchvision", reason
+
+
+def _probe_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 120, 150)).save(buffer, "JPEG")
+    return buffer.getvalue()
 
 
 class MultiCropLoader:
@@ -131,7 +149,7 @@ def build_loader(source: str | Path | ImageSource, crops: MultiCropConfig, batch
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    name, reason = select_backend(backend)
+    name, reason = select_backend(backend, device)
     if not isinstance(source, ImageSource):
         source = open_source(str(source), num_threads=max(4, num_workers))
     feeder = BatchFeeder(source, crops, batch_size, seed=seed, rank=rank, world_size=world_size)

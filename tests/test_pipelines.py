@@ -12,6 +12,7 @@ from torchvision.transforms import InterpolationMode
 from _helpers import assert_close
 from fastdino.pipelines import MultiCropConfig, build_loader, open_source, select_backend
 from fastdino.pipelines import augment as A
+from fastdino.pipelines import dali as dali_backend
 from fastdino.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.pipelines.torchvision_loader import resized_crops
 from test_sources import image_array, make_image_folder
@@ -267,21 +268,26 @@ def test_torchvision_workers_make_the_same_batches(source):
 
 
 def test_backend_selection(monkeypatch):
-    assert select_backend("auto")[0] == "dali"
-    assert select_backend("torchvision") == ("torchvision", "requested")
+    cpu = torch.device("cpu")
+    assert select_backend("auto", cpu)[0] == "dali"
+    assert select_backend("torchvision", cpu) == ("torchvision", "requested")
     with pytest.raises(ValueError, match="backend must be one of"):
-        select_backend("pil")
+        select_backend("pil", cpu)
+    monkeypatch.setattr(dali_backend, "dali_decode_error", lambda data, device: "no decoder for you")
+    assert select_backend("auto", cpu) == ("torchvision", "DALI cannot decode on cpu (no decoder for you)")
+    with pytest.raises(ValueError, match="no decoder for you.*backend='torchvision'"):
+        select_backend("dali", cpu)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # what a machine without DALI sees
-    name, reason = select_backend("auto")
+    name, reason = select_backend("auto", cpu)
     assert name == "torchvision" and "nvidia.dali does not import" in reason
     with pytest.raises(ValueError, match="backend='torchvision'"):
-        select_backend("dali")
+        select_backend("dali", cpu)
 
 
 def test_backend_choice_is_logged(source, caplog):
     with caplog.at_level("INFO", logger="fastdino.pipelines.loader"):
         make_loader(source, "auto")
-    assert any("backend dali" in r.getMessage() and "imports" in r.getMessage() for r in caplog.records)
+    assert any("backend dali" in r.getMessage() and "decodes here" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(dtype=torch.int8), "dtype"), (dict(device="meta"), "device"),
