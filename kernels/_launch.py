@@ -6,29 +6,27 @@ Device facts are computed per call from the tensors, never probed at import.
 import functools
 import logging
 import numbers
-import os
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "triton", "torch")
+def triton_runs_on(device: torch.device, kernel) -> tuple[bool, str]:
+    """Whether the Triton `kernel` can run on tensors of `device`, and why (or why not).
 
-
-def triton_runs_on(device: torch.device) -> tuple[bool, str]:
-    """Whether Triton kernels can run on tensors of `device`, and why (or why not)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
+    On the CPU that takes the interpreter, which Triton picks when the kernel is defined (TRITON_INTERPRET=1 at
+    import of fastdino.kernels), so the kernel object itself is the evidence, not the current environment.
+    """
     if device.type == "cuda":
         return True, "CUDA tensors"
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return True, "CPU tensors with TRITON_INTERPRET=1 (interpreter)"
-    return False, f"{device.type} tensors need CUDA or TRITON_INTERPRET=1"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if device.type == "cpu" and isinstance(kernel, InterpretedFunction):
+        return True, "CPU tensors, kernels in the Triton interpreter"
+    return False, f"{device.type} tensors need CUDA, or TRITON_INTERPRET=1 set before fastdino.kernels is imported"
 
 
-def select_impl(op: str, impl: str, device: torch.device, fallback: str) -> str:
+def select_impl(op: str, impl: str, device: torch.device, fallback: str, kernel) -> str:
     """Resolve `impl` ("auto" | "triton" | fallback) for `op` on `device`; returns "triton" or `fallback`.
 
     "auto" takes Triton on CUDA tensors and `fallback` elsewhere (the interpreter is for tests, not for speed), and
@@ -37,19 +35,20 @@ def select_impl(op: str, impl: str, device: torch.device, fallback: str) -> str:
     if impl not in ("auto", "triton", fallback):
         raise ValueError(f'{op}: impl must be "auto", "triton" or "{fallback}", got {impl!r}')
     if impl == "auto":
-        chosen = "triton" if device.type == "cuda" and triton_runs_on(device)[0] else fallback
-        _log_choice_once(op, chosen, device.type)
+        chosen = "triton" if device.type == "cuda" else fallback
+        log_choice_once(op, chosen, f"{device.type} tensors")
         return chosen
     if impl == "triton":
-        ok, reason = triton_runs_on(device)
+        ok, reason = triton_runs_on(device, kernel)
         if not ok:
             raise ValueError(f'{op}: impl="triton" cannot run here ({reason}); use impl="{fallback}"')
     return impl
 
 
 @functools.lru_cache(maxsize=None)
-def _log_choice_once(op: str, chosen: str, device_type: str) -> None:
-    logger.info("%s: impl=auto chose %s for %s tensors", op, chosen, device_type)
+def log_choice_once(op: str, chosen: str, reason: str) -> None:
+    """Log, once per distinct message, which implementation impl="auto" took and why."""
+    logger.info("%s: impl=auto chose %s (%s)", op, chosen, reason)
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -57,7 +56,7 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def row_settings(n_cols: int, device: torch.device, max_block: int) -> tuple[int, int]:
+def row_settings(n_cols: int, max_block: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a kernel that walks rows of `n_cols` elements in blocks (Liger `calculate_settings`)."""
     import triton
 

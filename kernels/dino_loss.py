@@ -205,8 +205,7 @@ def _dino_loss_fwd(student_logits, teacher, center, student_temp, teacher_temp, 
     has_center = center is not None and not teacher_is_probs
     center = center.reshape(-1).contiguous() if has_center else teacher  # a placeholder pointer when unused
 
-    max_k = MAX_BLOCK_K["cuda" if device.type == "cuda" else "cpu"]
-    block_k, num_warps = _launch.row_settings(n_cols, device, max_k)
+    block_k, num_warps = _launch.row_settings(n_cols, MAX_BLOCK_K["cuda" if device.type == "cuda" else "cpu"])
     block_t = min(triton.next_power_of_2(n_cols), MAX_BLOCK_T)
     n_blocks = triton.cdiv(n_cols, block_t)
 
@@ -221,7 +220,7 @@ def _dino_loss_fwd(student_logits, teacher, center, student_temp, teacher_temp, 
     grad = _launch.empty(student_logits.shape, student_logits.dtype, device) if compute_grad else None
     row_loss = _launch.empty((ncrops * batch,), torch.float32, device)
     entropy = _launch.empty((n_rows_t,), torch.float32, device)
-    _dino_loss_kernel[(ncrops * batch,)](
+    _dino_loss_kernel[(ncrops * batch,)](  # without a gradient, student_logits stands in for the unused grad_ptr
         student_logits, teacher, center, grad if compute_grad else student_logits, row_loss, entropy, *parts,
         batch, ncrops, n_cols, n_blocks, student_logits.stride(0), teacher.stride(0),
         grad.stride(0) if compute_grad else 0,
@@ -280,7 +279,7 @@ def dino_loss(
     the teacher input over its 2*B rows (for the center update); with `return_entropy` also the 0-d fp32 mean entropy
     of the teacher probability rows.
     """
-    chosen = _launch.select_impl("dino_loss", impl, student_logits.device, fallback="torch")
+    chosen = _launch.select_impl("dino_loss", impl, student_logits.device, "torch", _dino_loss_kernel)
     if chosen == "torch":
         return dino_loss_ref(student_logits, teacher, center, student_temp, teacher_temp, ncrops,
                              teacher_is_probs=teacher_is_probs, return_entropy=return_entropy)

@@ -126,10 +126,12 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
     if not teachers:
         return ema_update_ref(teachers, students, momentum)
     device = teachers[0].device
-    chosen = _launch.select_impl("ema_update_", impl, device, fallback="foreach")
+    chosen = _launch.select_impl("ema_update_", impl, device, "foreach", _ema_update_kernel)
     blocker = _triton_blocker(teachers, students, momentum) if chosen == "triton" else None
-    if blocker is not None and impl == "triton":
-        raise ValueError(f'ema_update_: impl="triton" cannot take these tensors ({blocker}); use impl="foreach"')
+    if blocker is not None:
+        if impl == "triton":
+            raise ValueError(f'ema_update_: impl="triton" cannot take these tensors ({blocker}); use impl="foreach"')
+        _launch.log_choice_once("ema_update_", "foreach", blocker)
     if chosen == "foreach" or blocker is not None:
         return ema_update_ref(teachers, students, momentum)
 

@@ -1,5 +1,8 @@
 """Fused DINO loss (Triton, interpreter on CPU) against the plain-PyTorch reference `dino_loss_ref`."""
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,7 +37,8 @@ def poisoned_outputs(monkeypatch):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 256 student / 128 teacher columns: K=1000 spans several blocks and ends in a partial one."""
-    monkeypatch.setitem(dino_loss_module.MAX_BLOCK_K, "cpu", 256)
+    for device_type in dino_loss_module.MAX_BLOCK_K:
+        monkeypatch.setitem(dino_loss_module.MAX_BLOCK_K, device_type, 256)
     monkeypatch.setattr(dino_loss_module, "MAX_BLOCK_T", 128)
 
 
@@ -121,19 +125,20 @@ def test_backward_twice_is_an_error():
         loss.backward()
 
 
-def test_impl_selection(monkeypatch):
+def test_impl_selection():
     student, teacher, c = make_inputs(2, 1, 300, torch.float32)
     student.requires_grad_(True)
     fused = dino_loss(student, teacher, c, STUDENT_TEMP, TEACHER_TEMP, 2, impl="triton")[0]
     assert type(fused.grad_fn).__name__ == "DINOLossFunctionBackward"
-    if DEVICE == "cpu":  # auto takes the reference on CPU tensors, Triton on CUDA tensors
-        auto = dino_loss(student, teacher, c, STUDENT_TEMP, TEACHER_TEMP, 2)[0]
-        assert type(auto.grad_fn).__name__ != "DINOLossFunctionBackward"
-        monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(ValueError, match='impl="torch"'):
-            dino_loss(student, teacher, c, STUDENT_TEMP, TEACHER_TEMP, 2, impl="triton")
+    auto = dino_loss(student, teacher, c, STUDENT_TEMP, TEACHER_TEMP, 2)[0]
+    auto_is_fused = type(auto.grad_fn).__name__ == "DINOLossFunctionBackward"
+    assert auto_is_fused == (DEVICE == "cuda"), "auto: Triton on CUDA tensors, the reference on CPU tensors"
     with pytest.raises(ValueError, match="impl must be"):
         dino_loss(student, teacher, c, STUDENT_TEMP, TEACHER_TEMP, 2, impl="cuda")
+    # A kernel compiled for the GPU (not in the interpreter) cannot take CPU tensors: the error names the fallback.
+    not_interpreted = object()
+    with pytest.raises(ValueError, match='impl="torch"'):
+        _launch.select_impl("dino_loss", "triton", torch.device("cpu"), "torch", not_interpreted)
 
 
 K = 64
@@ -159,3 +164,54 @@ def test_bad_arguments(case, impl):
     with pytest.raises(ValueError, match=message):
         dino_loss(args["student"].to(DEVICE), args["teacher"].to(DEVICE), args["center"].to(DEVICE),
                   args["student_temp"], args["teacher_temp"], args["ncrops"], impl=impl)
+
+
+# Compiles in a fresh process, where TRITON_INTERPRET is unset, so the kernels are real JIT functions. Pointers and
+# row strides are marked 16-divisible, as Triton specialises them at launch for K = 65536.
+COMPILE_FOR_H100 = r"""
+import importlib, itertools
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+dl = importlib.import_module("fastdino.kernels.dino_loss")
+ema = importlib.import_module("fastdino.kernels.ema")
+
+def ptx(kernel, sig, consts, num_warps):
+    aligned = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride") or n == "n_cols"]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+
+f32, ptrs = "fp32", lambda names, t: {n: t for n in names}
+teacher_sig = {"t_ptr": "*bf16", **ptrs(["c_ptr", "colsum_ptr", "part_a_ptr", "part_b_ptr", "part_c_ptr"], "*fp32"),
+               "n_rows": "i32", "n_cols": "i32", "stride_t_row": "i32", "inv_teacher_temp": f32, "n_blocks": "i32"}
+student_sig = {**ptrs(["s_ptr", "t_ptr"], "*bf16"), "c_ptr": "*fp32", "grad_ptr": "*bf16",
+               **ptrs(["row_loss_ptr", "entropy_ptr", "part_a_ptr", "part_b_ptr", "part_c_ptr"], "*fp32"),
+               **ptrs(["n_batch", "n_crops", "n_cols", "n_blocks", "stride_s_row", "stride_t_row", "stride_grad_row"],
+                      "i32"),
+               **ptrs(["inv_student_temp", "inv_teacher_temp", "grad_scale"], f32)}
+for has_center, is_probs, grad in [(True, False, True), (False, True, True), (True, False, False)]:
+    ptx(dl._teacher_stats_kernel, teacher_sig, dict(HAS_CENTER=has_center, IS_PROBS=is_probs, BLOCK_R=8, BLOCK_T=512), 4)
+    ptx(dl._dino_loss_kernel, student_sig,
+        dict(HAS_CENTER=has_center, IS_PROBS=is_probs, COMPUTE_GRAD=grad, BLOCK_K=4096, BLOCK_P=128), 8)
+
+ema_sig = {"table_ptr": "*i32", "addr_ptr": "*i64", "numel_ptr": "*i64", "weight": f32, "momentum_ptr": "*fp32"}
+for aligned, student in [(True, tl.float32), (False, tl.bfloat16)]:
+    code = ptx(ema._ema_update_kernel, ema_sig, dict(T_DTYPE=tl.float32, S_DTYPE=student, MOMENTUM_FROM_PTR=True,
+                                                      ALIGNED=aligned, BLOCK=4096), 4)
+    # The alignment hints on the table's pointers are what let full blocks use 128-bit accesses: with an fp32
+    # teacher and student, each 128-bit teacher store comes with one 128-bit load of each.
+    loads, stores = code.count("ld.global.v4"), code.count("st.global.v4")
+    assert (stores > 0 and loads == 2 * stores) if aligned else loads == stores == 0, (aligned, loads, stores)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_h100():
+    """All Triton kernels of fastdino.kernels (loss and EMA) compile to sm_90 code, without a GPU, which the
+    interpreter alone does not prove."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from _helpers import assert_close
 
-from fastdino.kernels import ema_update_
+from fastdino.kernels import _launch, ema_update_
 from fastdino.kernels.reference import ema_update_ref
 
 # Keyed by the student dtype. The math is fp32 either way (a bf16 student converts to fp32 exactly), and both sides
@@ -104,18 +104,18 @@ def test_dtensor_local_shards(tmp_path):
         dist.destroy_process_group()
 
 
-def test_paths(monkeypatch):
+def test_paths():
     teachers = [torch.randn(5, device=DEVICE)]
     students = [torch.randn(5, device=DEVICE)]
     assert ema_update_(teachers, students, 0.9, impl="foreach") == "foreach"
     expected_auto = "triton" if DEVICE == "cuda" else "foreach"
     assert ema_update_(teachers, students, 0.9) == expected_auto
-    with pytest.raises(ValueError, match='impl="foreach"'):  # float64 has no Triton path here
-        ema_update_([t.double() for t in teachers], [s.double() for s in students], 0.9, impl="triton")
-    if DEVICE == "cpu":
-        monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(ValueError, match='impl="foreach"'):
-            ema_update_(teachers, students, 0.9, impl="triton")
+    doubles = [t.double() for t in teachers], [s.double() for s in students]
+    with pytest.raises(ValueError, match='impl="foreach"'):  # float64 has no Triton path
+        ema_update_(*doubles, 0.9, impl="triton")
+    assert ema_update_(*doubles, 0.9) == "foreach"  # auto takes the fallback (and logs why)
+    with pytest.raises(ValueError, match='impl="foreach"'):  # a GPU-compiled kernel cannot take CPU tensors
+        _launch.select_impl("ema_update_", "triton", torch.device("cpu"), "foreach", object())
 
 
 @pytest.mark.parametrize(
