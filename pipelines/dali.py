@@ -55,10 +55,9 @@ def multicrop_graph(feeder: BatchFeeder, crops: MultiCropConfig, *, gpu: bool, p
         blur = sigma > 0.0
         window = fn.cast(blur * (2.0 * dmath.ceil(3.0 * sigma) + 1.0) + (1.0 - blur), dtype=types.INT32)
         x = fn.gaussian_blur(x, sigma=sigma + (1.0 - blur), window_size=window)
-        if v == 1:  # only the second global view is ever solarised
-            flag = params[v, SOLARIZE].gpu() if gpu else params[v, SOLARIZE]
+        if v == 1:  # only the second global view is ever solarised (DALI moves the CPU flag to the image's device)
             x = fn.cast(x, dtype=types.FLOAT)
-            x = x + flag * (x >= float(SOLARIZE_THRESHOLD)) * (255.0 - 2.0 * x)
+            x = x + params[v, SOLARIZE] * (x >= float(SOLARIZE_THRESHOLD)) * (255.0 - 2.0 * x)
         views.append(fn.crop_mirror_normalize(x, mirror=fn.cast(params[v, FLIP], dtype=types.INT32),
                                               mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                                               dtype=types.FLOAT16 if half else types.FLOAT, output_layout="CHW"))
