@@ -63,8 +63,8 @@ class EvalLoader:
 
     @property
     def num_images(self) -> int:
-        """Images of this rank."""
-        return len(self.dataset.indices)
+        """Images of the split (all ranks) after validation."""
+        return len(self.source)
 
     def __len__(self) -> int:
         return len(self.dataset)

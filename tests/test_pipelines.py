@@ -1,6 +1,7 @@
 """The multi-crop loaders: views, DALI (CPU pipeline) against the torch reference, resuming, sharding, selection."""
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from fastdino.pipelines import augment as A
 from fastdino.pipelines import dali as dali_backend
 from fastdino.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.pipelines.torchvision_loader import resized_crops
-from test_sources import image_array, make_image_folder
+from test_sources import image_array, make_image_folder, write_tar
 
 CROPS = MultiCropConfig(global_crops_size=32, local_crops_number=2, local_crops_size=16)
 BACKENDS = ["torchvision", "dali"]
@@ -79,6 +80,17 @@ def _compare_backends(ref_batches, dali_batches):
 
 def test_dali_agrees_with_the_reference(source):
     _compare_backends(epoch(make_loader(source, "torchvision")), epoch(make_loader(source, "dali")))
+
+
+def test_tar_shards_feed_both_backends(source, tmp_path):
+    """ImageFolder-in-tar shards of the same images: same number of batches, and the backends still agree."""
+    root = source.root
+    for k in range(2):
+        write_tar(tmp_path / f"train-{k}.tar", {f"train/{n.decode()}": (Path(root) / n.decode()).read_bytes()
+                                                 for n in source.names[k::2]})
+    shards = open_source(str(tmp_path / "train-*.tar"))
+    assert shards.layout == "tar-folder" and len(shards) == len(source)
+    _compare_backends(epoch(make_loader(shards, "torchvision")), epoch(make_loader(shards, "dali")))
 
 
 def _forced_params(feeder):
