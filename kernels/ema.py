@@ -29,7 +29,7 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 @triton.jit
 def _lerp(t, s, weight):
-    """t + weight * (s - t) as torch.lerp computes it: from the nearer end, so weight 0 gives t and 1 gives s exactly."""
+    """t + weight * (s - t) as torch.lerp computes it, from the nearer end: weight 0 gives t, 1 gives s exactly."""
     diff = s - t
     return tl.where(weight < 0.5, t + weight * diff, s - diff * (1.0 - weight))
 

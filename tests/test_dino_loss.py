@@ -192,7 +192,8 @@ student_sig = {**ptrs(["s_ptr", "t_ptr"], "*bf16"), "c_ptr": "*fp32", "grad_ptr"
                       "i32"),
                **ptrs(["inv_student_temp", "inv_teacher_temp", "grad_scale"], f32)}
 for has_center, is_probs, grad in [(True, False, True), (False, True, True), (True, False, False)]:
-    ptx(dl._teacher_stats_kernel, teacher_sig, dict(HAS_CENTER=has_center, IS_PROBS=is_probs, BLOCK_R=8, BLOCK_T=512), 4)
+    ptx(dl._teacher_stats_kernel, teacher_sig,
+        dict(HAS_CENTER=has_center, IS_PROBS=is_probs, BLOCK_R=8, BLOCK_T=512), 4)
     ptx(dl._dino_loss_kernel, student_sig,
         dict(HAS_CENTER=has_center, IS_PROBS=is_probs, COMPUTE_GRAD=grad, BLOCK_K=4096, BLOCK_P=128), 8)
 
