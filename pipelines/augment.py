@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fastdino.pipelines.config import (BLUR_PROB, BLUR_SIGMA, CROP_ATTEMPTS, CROP_RATIO, GRAYSCALE_PROB,
                                        IMAGENET_MEAN, IMAGENET_STD, JITTER_PROB, JITTER_STRENGTH, SOLARIZE_PROB,
@@ -145,25 +146,30 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     x: (B, 3, H, W) float; sigma: (B,). Each image's kernel has radius ceil(3 sigma) and is zero beyond it, so one
     padded pass serves the whole batch; reflect-101 borders hold for any radius, as in DALI's gaussian_blur.
     """
-    radius = max((blur_radius(float(s)) for s in sigma), default=0)
-    if radius == 0:
-        return x
+    active = sigma > 0
+    if not active.all():  # blur only the images that need it
+        out = x.clone()
+        if active.any():
+            out[active] = gaussian_blur(x[active], sigma[active])
+        return out
+    radius = max(blur_radius(float(s)) for s in sigma)
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    safe = sigma.double().clamp_min(1e-6)[:, None]
-    kernel = torch.exp(-taps**2 / (2 * safe**2))  # (B, 2R+1)
-    kernel = kernel * (taps.abs() <= torch.ceil(3 * safe))
-    kernel = torch.where(sigma[:, None] > 0, kernel, (taps == 0).double())
-    kernel = (kernel / kernel.sum(1, keepdim=True)).float()
-    height, width = x.shape[-2:]
-    rows = x[:, :, _reflect101(height, radius)]  # (B, 3, H+2R, W)
-    out = sum(kernel[:, t, None, None, None] * rows[:, :, t:t + height] for t in range(2 * radius + 1))
-    cols = out[..., _reflect101(width, radius)]  # (B, 3, H, W+2R)
-    out = sum(kernel[:, t, None, None, None] * cols[..., t:t + width] for t in range(2 * radius + 1))
-    return out.round().clamp(0, 255)
+    sigma = sigma.double()[:, None]
+    kernel = torch.exp(-taps**2 / (2 * sigma**2))  # (B, 2R+1)
+    kernel = kernel * (taps.abs() <= torch.ceil(3 * sigma))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).float().repeat_interleave(3, 0)  # (3B, 2R+1): per channel
+    batch, channels, height, width = x.shape
+    rows = x[:, :, _reflect101(height, radius)].reshape(1, batch * channels, height + 2 * radius, width)
+    out = F.conv2d(rows, kernel[:, None, :, None], groups=batch * channels)  # (1, 3B, H, W)
+    cols = out[..., _reflect101(width, radius)]  # (1, 3B, H, W+2R)
+    out = F.conv2d(cols, kernel[:, None, None, :], groups=batch * channels)
+    return out.reshape(batch, channels, height, width).round().clamp(0, 255)
 
 
 def solarize(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     """Invert the pixels >= 128 of the images whose flag is set (PIL ImageOps.solarize)."""
+    if not (flags > 0).any():
+        return x
     hit = (flags[:, None, None, None] > 0) & (x >= SOLARIZE_THRESHOLD)
     return torch.where(hit, 255 - x, x)
 
