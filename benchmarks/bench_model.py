@@ -52,9 +52,12 @@ def parse_args():
                         choices=["sdpa", "xformers", *SDPA_KERNELS])
     parser.add_argument("--layouts", nargs="+", default=["per-resolution", "packed"],
                         choices=["per-resolution", "packed"])
-    parser.add_argument("--compile", nargs="+", default=["eager", "compiled"],
-                        choices=["eager", "compiled", "compiled-static"])
-    return parser.parse_args()
+    parser.add_argument("--compile", nargs="+", choices=["eager", "compiled", "compiled-static"],
+                        help="default: eager and compiled on the GPU, eager on the CPU (Inductor's CPU build is slow)")
+    args = parser.parse_args()
+    if args.compile is None:
+        args.compile = ["eager", "compiled"] if args.device.startswith("cuda") else ["eager"]
+    return args
 
 
 def per_resolution(model: DINOModel, crops: list[torch.Tensor]) -> torch.Tensor:
