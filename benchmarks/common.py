@@ -42,7 +42,7 @@ def measure_ms(fn: Callable[[], object], device: str, grad_to_none=None, warmup:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=10)
+    q = statistics.quantiles(times, n=10, method="inclusive")  # no extrapolation past the samples
     return statistics.median(times), q[1], q[7]
 
 
