@@ -55,6 +55,7 @@ class ImageSource:
 
     def __init__(self, root: str, layout: str, files: list[str], classes: list[str], entries: list[tuple],
                  skipped: dict[str, list]):
+        self._fds: dict[int, int] = {}  # shard descriptors, opened on first read in each process
         self.root, self.layout, self.files, self.classes = root, layout, files, classes
         self.skipped = dict(skipped)
         # entries: (name, file_index, offset, nbytes, label, height, width)
@@ -64,7 +65,6 @@ class ImageSource:
         self.nbytes = np.array([e[3] for e in entries], dtype=np.int64)
         self.labels = np.array([e[4] for e in entries], dtype=np.int64)
         self.sizes = np.array([(e[5], e[6]) for e in entries], dtype=np.int32).reshape(-1, 2)
-        self._fds: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.names)
