@@ -102,6 +102,7 @@ class Trainer:
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.teacher_params = list(self.teacher.parameters())
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=self.schedules.peak_lr, fused=True)
+        self._init_optimizer_state()
         ncrops = 2 + cfg.data.local_crops_number
         self.loss_fn = DINOLoss(cfg.head.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
@@ -110,6 +111,7 @@ class Trainer:
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
         self.step = 0
+        self._resumed_rng = None  # (cpu, cuda) RNG states of a checkpoint, applied before the next step
         self.output_dir = Path(output_dir) if output_dir is not None else None
         logger.info("mode %s, precision %s, %d process(es), %.1fM parameters, %d steps (%d per epoch)",
                     self.mode, self.precision.name, self.world_size,
@@ -130,6 +132,16 @@ class Trainer:
         if self.mode == "ddp":
             student = apply_ddp(student, self.mesh, self.device)
         return student, teacher
+
+    def _init_optimizer_state(self) -> None:
+        """Create AdamW's state for every parameter now, as its first real step would (zero moments, step 0), by a
+        skipped step on zero gradients. Otherwise a parameter without state yet (the frozen last layer) gets a fake
+        step from DCP's get_optimizer_state_dict when a run resumes, and the resumed run drifts."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        self.optimizer.found_inf = torch.ones((), device=self.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _autocast(self):
         """Autocast in the single and ddp modes; FSDP2 casts through its MixedPrecisionPolicy instead."""
@@ -197,6 +209,7 @@ class Trainer:
                 loader.set_epoch(self.epoch)
             start = self.step
             for crops in loader:
+                self._restore_rng()
                 self.train_step(crops)
                 if self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps:
                     rows.append(self._log(writer, collapse, throughput))
@@ -207,6 +220,17 @@ class Trainer:
             if self.step == start:
                 raise RuntimeError(f"the data loader yielded no batch at step {self.step} (epoch {self.epoch})")
         return [row for row in rows if row]
+
+    def _restore_rng(self) -> None:
+        """Set the RNG states loaded from a checkpoint, once, right before the first step after resuming: creating
+        the loader's iterator may draw from the global RNG (torch's DataLoader does), which an uninterrupted run
+        does not do at this point."""
+        if self._resumed_rng is not None:
+            cpu, cuda = self._resumed_rng
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+            self._resumed_rng = None
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every_steps
@@ -319,9 +343,7 @@ class _TrainState:
                            state["world_size"], t.world_size)
             return
         per_rank = state[f"rank{t.rank}"]
-        torch.set_rng_state(per_rank["rng_cpu"])
-        if "rng_cuda" in per_rank:
-            torch.cuda.set_rng_state(per_rank["rng_cuda"], t.device)
+        t._resumed_rng = (per_rank["rng_cpu"], per_rank.get("rng_cuda"))
         t.stats.load_state_dict({"values": per_rank["stats"]})
         if t.loss_scale:
             t.loss_scale.load_state_dict(per_rank["loss_scale"])

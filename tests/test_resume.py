@@ -11,6 +11,7 @@ import torch
 from fastdino.engine.checkpoint import Checkpointer
 
 from _helpers import assert_close
+from test_cli import tiny_dataset  # noqa: F401  (pytest fixture)
 
 
 def _state(value: float, step: int) -> dict:
@@ -57,3 +58,50 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert state["train_state"]["step"] == 1 and state["student"]["w"][0].item() == 1.0
     ckpt.save(2, _state(2.0, 2))  # the next save clears the leftover
     assert not leftover.exists() and ckpt.latest().name == "step_00000002"
+
+
+TIME_KEYS = {"img_per_s", "eta_s", "max_memory_gib"}  # wall-clock and process facts: they differ run to run
+
+
+def _run_state(run):
+    """Rows of metrics.jsonl without time-dependent keys, and every tensor of the last checkpoint."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    rows = [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = Checkpointer(run / "checkpoints", keep_last=1).latest()
+    dcp_to_torch_save(last, run / "last.pt")
+    return rows, last.name, torch.load(run / "last.pt", weights_only=False)
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
+    return {prefix.rstrip("/"): tree}
+
+
+@pytest.mark.slow
+def test_stop_and_resume_with_a_larger_max_steps_equals_an_uninterrupted_run(tmp_path, tiny_dataset):
+    from test_cli import TINY_CLI, fastdino
+
+    args = ["--data", tiny_dataset, *TINY_CLI, "eval.at_end=false", "model.drop_path_rate=0.2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert fastdino("train", "--output", whole, *args, "--max-steps", "11").returncode == 0
+    first = fastdino("train", "--output", split, *args, "--max-steps", "5")  # mid-epoch, between two log steps
+    assert first.returncode == 0, first.stderr
+    second = fastdino("train", "--output", split, *args, "--max-steps", "11")
+    assert second.returncode == 0 and "resuming at step 5" in second.stderr, second.stderr
+
+    rows, name, state = _run_state(whole)
+    split_rows, split_name, split_state = _run_state(split)
+    assert split_rows == rows and [r["step"] for r in rows] == [2, 4, 6, 8, 10]
+    assert split_name == name == "step_00000011"
+    expected, actual = _flat(state), _flat(split_state)
+    assert actual.keys() == expected.keys()
+    assert {k.split("/")[0] for k in expected} >= {"student", "teacher", "optimizer", "loss", "train_state",
+                                                   "dataloader"}
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(actual[key], value), f"{key} differs after resuming"
+        else:
+            assert actual[key] == value, f"{key}: {actual[key]} != {value}"

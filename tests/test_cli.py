@@ -1,0 +1,81 @@
+"""`fastdino train`: config errors are one line with exit code 2, the option list is frozen, a tiny run goes end to
+end (training, checkpoint, export, k-NN against the untrained network, attention PNG), and torchrun launches it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastdino.engine.cli import EVAL_COMMANDS, build_parser
+
+# The tiny model of test_train.py, as command-line overrides, on a tiny dataset read in the main process.
+TINY_CLI = ["model.patch_size=4", "model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+            "model.drop_path_rate=0.1", "head.out_dim=256", "head.hidden_dim=64", "head.bottleneck_dim=32",
+            "loss.impl=torch", "data.batch_size=4", "data.global_crops_size=16", "data.local_crops_number=2",
+            "data.local_crops_size=8", "data.backend=torchvision", "data.num_workers=0", "epochs=2",
+            "optim.warmup_epochs=1", "log_every=2", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
+            "eval.batch_size=16"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    from fastdino.pipelines import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=32, num_val=20, image_size=32)
+
+
+def fastdino(*args, env=None, launcher=("-m", "fastdino.engine.cli")):
+    return subprocess.run([sys.executable, *launcher, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+def test_the_train_options_are_frozen():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {opt for action in train._actions for opt in action.option_strings}
+    assert options == {"-h", "--help", "--output", "--max-steps", "--data", "--preset", "--config"}
+    assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", *EVAL_COMMANDS}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optim.lr=1"], "fastdino: error: unknown config key 'optim.lr'"),
+    (["optim.base_lr=-1"], "fastdino: error: optim.base_lr must be > 0, got -1.0"),
+    (["--preset", "huge"], "fastdino: error: unknown preset 'huge'"),
+    (["--max-steps", "0"], "fastdino: error: max_steps must be > 0 or null, got 0"),
+    (["--max-steps", "ten"], "fastdino train: error: argument --max-steps: invalid int value: 'ten'"),
+    (["--data", "/nonexistent/data"], "/nonexistent/data"),
+])
+def test_config_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
+    proc = fastdino("train", "--output", tmp_path / "run", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    proc = fastdino("train", "--output", run, "--data", tiny_dataset, *TINY_CLI, "epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "step 8/8 | epoch 1 |" in proc.stderr  # progress lines (32 images / batch 4 = 8 steps)
+    assert "k-NN top-1" in proc.stdout and "untrained" in proc.stdout and "attention maps" in proc.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 8] and "knn_top1" in rows[-1] and "knn_top1_untrained" in rows[-1]
+    for key in ("epoch", "loss", "lr", "wd", "teacher_momentum", "teacher_temp", "teacher_entropy", "img_per_s",
+                "max_memory_gib"):
+        assert key in rows[0]
+    assert json.loads((run / "config.json").read_text())["data"]["path"] == str(tiny_dataset)
+    assert (run / "attention.png").stat().st_size > 0 and (run / "teacher_backbone.safetensors").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+
+
+@pytest.mark.slow
+def test_torchrun_launches_two_processes(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    proc = fastdino("--standalone", "--nproc_per_node=2", "-m", "fastdino.engine.train", "--output", run, "--data",
+                    tiny_dataset, *TINY_CLI, "--max-steps", "2", launcher=("-m", "torch.distributed.run"))
+    assert proc.returncode == 0, proc.stderr
+    assert "mode fsdp, precision fp32, 2 process(es)" in proc.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert (run / "checkpoints" / "step_00000002" / ".metadata").is_file()
