@@ -1,0 +1,102 @@
+"""Images/s and peak memory of the full DINO train step (teacher + student forward, loss, backward, clip, AdamW,
+EMA) on synthetic crops already on the device.
+
+Defaults are the paper's ViT-S/16 setting: K=65536, 2x224² + 10x96² crops, batch 128 per GPU. Warm-up steps
+(allocator, autotune, backend selection) run first; the timed window synchronises only at its edges. One row per
+loss implementation. `--smoke` shrinks everything so that the script runs on the CPU in seconds.
+
+    python benchmarks/bench_train_step.py                        # GPU, paper shapes
+    python benchmarks/bench_train_step.py --smoke --dtype float32  # CPU check
+    torchrun --nproc_per_node=8 benchmarks/bench_train_step.py     # FSDP2 over 8 GPUs (rank 0 prints)
+"""
+import time
+
+import torch
+
+from common import Table, base_parser, peak_memory_gib, print_header
+from fastdino.engine import config as C
+from fastdino.engine.cli import init_distributed
+from fastdino.engine.train import Trainer
+
+PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+SMOKE = dict(arch="vit_tiny", patch_size=8, embed_dim=64, depth=2, num_heads=2, out_dim=256, batch_size=8,
+             global_size=32, local_size=16, local_crops=2, warmup=1, steps=2)
+
+
+def parse_args():
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--embed-dim", type=int, default=None, help="override of the arch's width")
+    parser.add_argument("--depth", type=int, default=None, help="override of the arch's depth")
+    parser.add_argument("--num-heads", type=int, default=None, help="override of the arch's heads")
+    parser.add_argument("--out-dim", type=int, default=65536, help="K prototypes")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per process")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--local-crops", type=int, default=10)
+    parser.add_argument("--loss-impl", default="auto", help="comma-separated: auto, torch, triton")
+    parser.add_argument("--mode", default="auto", choices=C.PARALLEL_MODES)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes for a CPU run")
+    args = parser.parse_args()
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+    return args
+
+
+def config(args, world_size: int, loss_impl: str) -> C.TrainConfig:
+    overrides = [f"model.arch={args.arch}", f"model.patch_size={args.patch_size}",
+                 f"model.img_size={args.global_size}", f"head.out_dim={args.out_dim}", f"loss.impl={loss_impl}",
+                 f"data.batch_size={args.batch_size * world_size}", f"data.global_crops_size={args.global_size}",
+                 f"data.local_crops_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
+                 f"parallel.mode={args.mode}", f"parallel.precision={PRECISION[args.dtype]}"]
+    overrides += [f"model.{name}={getattr(args, name)}" for name in ("embed_dim", "depth", "num_heads")
+                  if getattr(args, name) is not None]
+    return C.apply_overrides(C.vit_small16_imagenet(), overrides=overrides)
+
+
+def main():
+    args = parse_args()
+    device, mesh = init_distributed()
+    rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
+    if rank == 0:
+        print_header(str(device), getattr(torch, args.dtype))
+        print(f"# {args.arch}/{args.patch_size}, K={args.out_dim}, {world_size} x {args.batch_size} images of "
+              f"2x{args.global_size}² + {args.local_crops}x{args.local_size}², {args.warmup} warm-up + "
+              f"{args.steps} timed steps")
+    sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
+    crops = [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes]
+    table = Table(["loss_impl", "mode", "ms/step", "img/s/proc", "img/s", "peak GiB"]) if rank == 0 else None
+    for impl in args.loss_impl.split(","):
+        cfg = config(args, world_size, impl)
+        trainer = Trainer(cfg, steps_per_epoch=1000, device=device, mesh=mesh)
+        for _ in range(args.warmup):
+            trainer.train_step(crops)
+        trainer.stats.read()  # host sync: the warm-up is done
+
+        elapsed = []
+
+        def timed_window():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step(crops)
+            trainer.stats.read()  # host sync: the window ends when the last step has
+            elapsed.append(time.perf_counter() - start)
+
+        peak = peak_memory_gib(timed_window, str(device))
+        ms = elapsed[0] / args.steps * 1e3
+        if table is not None:
+            table.add(**{"loss_impl": impl, "mode": trainer.mode, "ms/step": ms,
+                         "img/s/proc": args.batch_size / ms * 1e3, "img/s": world_size * args.batch_size / ms * 1e3,
+                         "peak GiB": peak})
+    if table is not None:
+        table.write_csv(args.csv)
+    if mesh is not None:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
