@@ -1,0 +1,165 @@
+"""The benchmarks' baseline (benchmarks/official_dino.py, the official DINO step restated) computes what fastdino
+computes, so that bench_e2e.py and quality_run.py compare speed and accuracy on the same math:
+its DINOLoss gives fastdino's DINOLoss(impl="torch") loss, gradient and center; its ViT with the same weights gives
+fastdino's CLS features; a whole official step and a fastdino Trainer step take the same weights to the same place;
+bench_e2e.py's FLOP count is exactly the matmul work of the baseline step.
+
+Two documented differences of fastdino from the official recipe are pinned here too: position embeddings of
+non-native crops are resampled by timm's antialiased bicubic (the official code interpolates bicubic without
+antialiasing, at scale (n + 0.1) / n0), and pos_embed / cls_token get no weight decay (the official code decays them).
+"""
+import importlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers import assert_close
+from timm.layers import resample_abs_pos_embed
+
+from fastdino.engine import config as C
+from fastdino.engine.loss import DINOLoss
+from fastdino.engine.train import Trainer, param_groups
+from fastdino.engine.vit import create_model
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4)}
+TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def benchmarks():
+    """The benchmark scripts' modules (benchmarks/ is a folder of scripts, not a package)."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield {name: importlib.import_module(name) for name in ("official_dino", "bench_e2e")}
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def timm_resampling(backbone) -> None:
+    """Replace the official `interpolate_pos_encoding` of `backbone` by timm's resampling, as fastdino does."""
+    grid = int(math.sqrt(backbone.pos_embed.shape[1] - 1))
+    p = backbone.patch_embed.patch_size
+
+    def interpolate(x, w, h):
+        return resample_abs_pos_embed(backbone.pos_embed, new_size=[w // p, h // p], old_size=[grid, grid],
+                                      num_prefix_tokens=1)
+
+    backbone.interpolate_pos_encoding = interpolate
+
+
+@pytest.mark.parametrize("batch, ncrops, out_dim", [(3, 4, 257), (1, 2, 64)])
+def test_loss_gradient_and_center_match_fastdino(benchmarks, batch, ncrops, out_dim):
+    od = benchmarks["official_dino"]
+    official = od.DINOLoss(out_dim, ncrops, 0.04, 0.07, 3, 10)
+    ours = DINOLoss(out_dim, ncrops, 0.04, 0.07, 3, 10, impl="torch")
+    center = torch.randn(1, out_dim)
+    official.center.copy_(center)
+    ours.center.copy_(center)
+    student = torch.randn(ncrops * batch, out_dim) * 3
+    teacher = torch.randn(2 * batch, out_dim) * 3
+    s_official, s_ours = student.clone().requires_grad_(), student.clone().requires_grad_()
+    loss_official, loss_ours = official(s_official, teacher, epoch=1), ours(s_ours, teacher, epoch=1)
+    loss_official.backward()
+    loss_ours.backward()
+    assert_close(loss_ours, loss_official, **TOL[torch.float32], name="loss")
+    assert_close(s_ours.grad, s_official.grad, **TOL[torch.float32], name="student gradient")
+    assert_close(ours.center, official.center, **TOL[torch.float32], name="center")
+
+
+def test_vit_gives_fastdino_cls_features(benchmarks):
+    od = benchmarks["official_dino"]
+    official = od.vit("vit_tiny", 8, img_size=32, **TINY_VIT).eval()
+    ours = create_model("vit_tiny_patch16", patch_size=8, img_size=32, attention="sdpa", **TINY_VIT).eval()
+    ours.load_state_dict(official.state_dict())  # strict: the same parameter names
+    glob, local = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(ours(glob), official(glob), **TOL[torch.float32], name="CLS features at the native size")
+        timm_resampling(official)
+        # fastdino's packed multi-crop forward against the official per-resolution one, crop order kept
+        assert_close(ours([glob[:2], glob[2:], local[:3], local[3:]]),
+                     torch.cat([official(glob), official(local)]), **TOL[torch.float32],
+                     name="multi-crop CLS features")
+
+
+def tiny_config() -> C.TrainConfig:
+    """A TrainConfig whose whole step the official code can reproduce: no stochastic depth (random masks), no
+    clipping (the official clips per tensor, fastdino the global norm), no weight decay (the official also decays
+    pos_embed and cls_token), fp32."""
+    return C.TrainConfig(
+        model=C.ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, attention="sdpa",
+                            **TINY_VIT),
+        head=C.HeadConfig(out_dim=64, hidden_dim=48, bottleneck_dim=16),
+        loss=C.LossConfig(teacher_temp=0.05, warmup_teacher_temp=0.05, warmup_teacher_temp_epochs=0, impl="torch"),
+        optim=C.OptimConfig(base_lr=5e-3, warmup_epochs=0, weight_decay=0.0, weight_decay_end=0.0, clip_grad=0.0,
+                            freeze_last_layer_epochs=1, teacher_momentum=0.9),
+        data=C.DataConfig(batch_size=4, global_crops_size=32, local_crops_number=2, local_crops_size=16),
+        parallel=C.ParallelConfig(mode="single", precision="fp32"),
+        epochs=2,
+    )
+
+
+def test_whole_step_matches_fastdino_trainer(benchmarks):
+    """Three steps (two with the last layer frozen, one without) from the same weights on the same crops."""
+    od = benchmarks["official_dino"]
+    cfg = tiny_config()
+    steps_per_epoch = 2
+    trainer = Trainer(cfg, steps_per_epoch, device=torch.device("cpu"))
+    run = od.build(benchmarks["bench_e2e"].official_args(cfg, use_fp16=False), steps_per_epoch, "cpu")
+    missing, unexpected = run.student.load_state_dict(trainer.model.state_dict(), strict=False)
+    assert missing == ["head.last_layer.weight_g"] and not unexpected  # the official fixed gain, 1
+    run.teacher.load_state_dict(run.student.state_dict())
+    timm_resampling(run.student.backbone)
+    timm_resampling(run.teacher.backbone)
+
+    d = cfg.data
+    sizes = [d.global_crops_size] * 2 + [d.local_crops_size] * d.local_crops_number
+    for it in range(3):
+        crops = [torch.randn(d.batch_size, 3, s, s) for s in sizes]
+        loss_official = od.train_step(run, crops, it, epoch=it // steps_per_epoch)
+        trainer.train_step(crops)
+        loss_ours = trainer.stats.read()["loss"]
+        assert loss_ours == pytest.approx(loss_official, rel=1e-5), f"loss of step {it}"
+
+    ours = {k: v for k, v in trainer.model.state_dict().items()}
+    for name, value in run.student.state_dict().items():
+        if name != "head.last_layer.weight_g":
+            assert_close(ours[name], value, **TOL[torch.float32], name=f"student {name}")
+    ours = trainer.teacher.state_dict()
+    for name, value in run.teacher.state_dict().items():
+        if name != "head.last_layer.weight_g":
+            assert_close(ours[name], value, **TOL[torch.float32], name=f"teacher {name}")
+    assert_close(trainer.loss_fn.center, run.dino_loss.center, **TOL[torch.float32], name="center")
+
+
+def test_weight_decay_groups_differ_only_in_pos_embed_and_cls_token(benchmarks):
+    od = benchmarks["official_dino"]
+    cfg = tiny_config()
+    trainer = Trainer(cfg, 2, device=torch.device("cpu"))
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    ours = {names[id(p)] for p in param_groups(trainer.model)[0]["params"]}
+    official = od.build(benchmarks["bench_e2e"].official_args(cfg, use_fp16=False), 2, "cpu").student
+    names = {id(p): n for n, p in official.named_parameters()}
+    theirs = {names[id(p)] for p in od.get_params_groups(official)[0]["params"]}
+    assert theirs - ours == {"backbone.pos_embed", "backbone.cls_token"} and ours <= theirs
+
+
+def test_flop_count_is_the_matmul_work_of_the_baseline_step(benchmarks):
+    """bench_e2e's model FLOPs per image = what torch's FlopCounterMode counts in the official step's student
+    forward + backward and teacher forward (the loss, norms and the EMA have no matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    od, bench = benchmarks["official_dino"], benchmarks["bench_e2e"]
+    cfg = tiny_config()
+    run = od.build(benchmarks["bench_e2e"].official_args(cfg, use_fp16=False), 2, "cpu")
+    sizes = [32, 32, 16, 16]
+    batch = 3
+    crops = [torch.randn(batch, 3, s, s) for s in sizes]
+    with FlopCounterMode(display=False) as counter:
+        run.student(crops).sum().backward()
+        with torch.no_grad():
+            run.teacher(crops[:2])
+    assert counter.get_total_flops() == batch * bench.step_flops_per_image(run.student, sizes, teacher_crops=2)
