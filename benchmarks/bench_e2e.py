@@ -22,6 +22,8 @@ last layer is not frozen, so every step does the full update). Data sources:
   epoch outlasts the timed window). Warm-up is one batch per worker and the timed window two, so that the
   DataLoader's first burst of prefetched batches does not count as throughput.
 
+Warm-up steps run first (and more until the official fp16 GradScaler stops skipping overflowing steps while it
+lowers its scale); the timed window synchronises at its edges only (the official step itself syncs every step).
 MFU = model FLOPs per image (`step_flops_per_image`, counted from the model's shapes: student forward + backward
 over all crops, teacher forward over the 2 global crops, no savings from stochastic depth) x images/s, over the
 bf16 matrix-product rate measured at start (or --peak-tflops). Peak memory is the CUDA allocator's peak over the
@@ -62,6 +64,7 @@ from fastdino.engine.train import Trainer, build_model
 PROVIDERS = ("official", "fastdino", "fastdino-compile")
 SOURCES = ("device", "jpeg")
 STEPS_PER_EPOCH = 1000  # schedule length only: every row stays far inside the recipe's first epochs
+MAX_SETTLE_STEPS = 30  # fp16 loss scaling from 2**16 needs one skipped step per halving
 COLUMNS = ["model", "batch", "data", "provider", "img_per_s", "ms_step", "tflops", "mfu_pct", "peak_gib", "speedup",
            "notes"]
 
@@ -171,6 +174,8 @@ class Provider:
     """One training step on a list of crops (on the device, or in host memory for the official loader)."""
     sync: Callable[[], float]
     """Waits for every queued step; returns their mean loss (the official step syncs anyway, fastdino only here)."""
+    skipped: Callable[[], int]
+    """Steps so far whose update was skipped (fp16 overflow or non-finite gradient), as of the last sync."""
     teacher_backbone: nn.Module
     """The teacher's ViT (for evaluation)."""
     notes: str
@@ -183,11 +188,14 @@ def build_provider(provider: str, cfg: C.TrainConfig, args, device: torch.device
     `steps_per_epoch` steps."""
     if provider == "official":
         run = official_dino.build(official_args(cfg, use_fp16=args.official_fp16 == "on"), steps_per_epoch, device)
-        counter, losses = itertools.count(), []
+        counter, losses, skipped = itertools.count(), [], [0]
 
         def step(crops):
             it = next(counter)
+            scale = run.fp16_scaler.get_scale() if run.fp16_scaler is not None else None
             losses.append(official_dino.train_step(run, crops, it, epoch=it // steps_per_epoch))
+            if scale is not None and run.fp16_scaler.get_scale() < scale:  # GradScaler skipped the update
+                skipped[0] += 1
 
         def sync():
             mean = sum(losses) / len(losses) if losses else float("nan")
@@ -195,13 +203,19 @@ def build_provider(provider: str, cfg: C.TrainConfig, args, device: torch.device
             return mean
 
         precision = "fp16+GradScaler" if run.fp16_scaler is not None else "fp32"
-        return Provider(step, sync, run.teacher.backbone, precision)
+        return Provider(step, sync, lambda: skipped[0], run.teacher.backbone, precision)
     trainer = Trainer(cfg, steps_per_epoch=steps_per_epoch, device=device)
     if provider == "fastdino-compile":
         for block in [*trainer.model.backbone.blocks, *trainer.teacher.backbone.blocks]:
             block.compile()
-    return Provider(trainer.train_step, lambda: trainer.stats.read()["loss"], trainer.teacher.backbone,
-                    trainer.precision.name)
+    skipped = [0]
+
+    def sync():
+        stats = trainer.stats.read()  # the one host sync of fastdino's loop
+        skipped[0] += stats["skipped_steps"]
+        return stats["loss"]
+
+    return Provider(trainer.train_step, sync, lambda: skipped[0], trainer.teacher.backbone, trainer.precision.name)
 
 
 def jpeg_folder(args, tmp: Path) -> Path:
@@ -251,23 +265,34 @@ def warmup_and_steps(source: str, warmup: int, steps: int, workers: int) -> tupl
     return max(warmup, workers), max(steps, 2 * workers)
 
 
-def time_steps(step, sync, stream, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """(seconds for `steps` steps after `warmup` untimed ones, peak GiB allocated during them)."""
+def time_steps(built: Provider, stream, warmup: int, steps: int, device: torch.device) -> tuple[float, float, int]:
+    """(seconds for `steps` steps, peak GiB allocated during them, steps among them whose update was skipped).
+
+    First `warmup` untimed steps, then more until one is not skipped: fp16 loss scaling starts high and skips the
+    (cheaper) update of every overflowing step while it halves its scale, which must not count as speed."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
-        step(next(stream))
-    sync()
+        built.step(next(stream))
+    built.sync()
+    for _ in range(MAX_SETTLE_STEPS):
+        before = built.skipped()
+        built.step(next(stream))
+        built.sync()
+        if built.skipped() == before:
+            break
+    skipped = built.skipped()
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step(next(stream))
-    sync()
+        built.step(next(stream))
+    built.sync()
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return seconds, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    return seconds, peak, built.skipped() - skipped
 
 
 def run_row(provider: str, source: str, cfg: C.TrainConfig, args, device: torch.device, folder: Path | None):
@@ -278,8 +303,9 @@ def run_row(provider: str, source: str, cfg: C.TrainConfig, args, device: torch.
         kind = "official" if provider == "official" else "fastdino"
         stream, loader, data_notes = batch_stream(source, kind, cfg, args, device, folder)
         warmup, steps = warmup_and_steps(source, args.warmup, args.steps, args.workers)
-        seconds, peak = time_steps(built.step, built.sync, stream, warmup, steps, device)
-        return seconds / steps, peak, ", ".join(n for n in (built.notes, data_notes) if n)
+        seconds, peak, skipped = time_steps(built, stream, warmup, steps, device)
+        skips = f"{skipped}/{steps} updates skipped" if skipped else ""
+        return seconds / steps, peak, ", ".join(n for n in (built.notes, data_notes, skips) if n)
     finally:
         if loader is not None:
             loader.close()

@@ -205,7 +205,7 @@ def probe(provider: str, cfg: C.TrainConfig, args, device: torch.device, source)
         built = build_provider(provider, cfg, args, device)
         stream, loader, _ = batch_stream("jpeg", kind, cfg, args, device, folder)
         warmup, steps = warmup_and_steps("jpeg", 3, args.probe_steps, args.workers)
-        seconds, _ = time_steps(built.step, built.sync, stream, warmup, steps, device)
+        seconds, _, _ = time_steps(built, stream, warmup, steps, device)
         return steps * cfg.data.batch_size / seconds
     finally:
         if loader is not None:
