@@ -31,7 +31,8 @@ timed window (weights and optimizer state included). Rows print as they finish; 
 command, device and date follows, ready for benchmarks/RESULTS.md. Rows that would start after --time-limit
 minutes are skipped, so that the table always prints.
 
-GPU (≈6 min):  python benchmarks/bench_e2e.py --markdown $OUT/e2e.md --csv $OUT/e2e.csv
+GPU (about 5 min, an estimate; --time-limit guards it):
+               python benchmarks/bench_e2e.py --markdown $OUT/e2e.md --csv $OUT/e2e.csv
 CPU smoke:     python benchmarks/bench_e2e.py --device cpu --dtype float32 --archs vit_tiny/8 --batch 2 \
                    --out-dim 256 --local-crops 2 --global-size 32 --local-size 16 --steps 2 --warmup 1 \
                    --jpeg-archs vit_tiny/8 --jpeg-images 16 --jpeg-unique 4 --workers 0
@@ -218,10 +219,11 @@ def build_provider(provider: str, cfg: C.TrainConfig, args, device: torch.device
     return Provider(trainer.train_step, sync, lambda: skipped[0], trainer.teacher.backbone, trainer.precision.name)
 
 
-def jpeg_folder(args, tmp: Path) -> Path:
-    """--jpeg, or a folder of --jpeg-images synthetic JPEG files (--jpeg-unique distinct ones, hard-linked)."""
+def jpeg_folder(args, tmp: Path) -> tuple[Path, str]:
+    """(--jpeg, or a folder of --jpeg-images synthetic JPEG files (--jpeg-unique distinct ones, hard-linked), what
+    it holds)."""
     if args.jpeg:
-        return Path(args.jpeg)
+        return Path(args.jpeg), f"the JPEG files of {args.jpeg}"
     unique, root = tmp / "unique", tmp / "train"
     kb = write_jpegs(unique, args.jpeg_unique, 300, 500)
     files = sorted(unique.rglob("*.jpg"))
@@ -230,8 +232,9 @@ def jpeg_folder(args, tmp: Path) -> Path:
         target = root / source.parent.name / f"{i:07d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, target)
-    print(f"# {args.jpeg_images} JPEG files ({len(files)} distinct, 300-500 px, mean {kb:.0f} KB) in {root}")
-    return root
+    what = f"{args.jpeg_images} synthetic JPEG files ({len(files)} distinct, 300-500 px, mean {kb:.0f} KB)"
+    print(f"# {what} in {root}")
+    return root, what
 
 
 def batch_stream(source: str, loader_kind: str, cfg: C.TrainConfig, args, device: torch.device,
@@ -331,7 +334,7 @@ def main():
     table, rows_md, flops_md = Table(COLUMNS), [], []
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_")) if "jpeg" in args.sources else None
     try:
-        folder = jpeg_folder(args, tmp) if tmp is not None else None
+        folder, jpeg_notes = jpeg_folder(args, tmp) if tmp is not None else (None, "")
         for model_name, batch in itertools.product(args.archs, args.batch):
             arch, patch = model_name.split("/")
             label = f"{model_name}@{batch}"
@@ -372,13 +375,13 @@ def main():
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     table.write_csv(args.csv)
-    markdown = to_markdown(rows_md, args, peak_tflops, flops_md)
+    markdown = to_markdown(rows_md, args, peak_tflops, flops_md, jpeg_notes)
     print("\n" + markdown)
     if args.markdown:
         Path(args.markdown).write_text(markdown)
 
 
-def to_markdown(rows: list[dict], args, peak_tflops: float | None, flops: list[str]) -> str:
+def to_markdown(rows: list[dict], args, peak_tflops: float | None, flops: list[str], jpeg_notes: str) -> str:
     import triton
 
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
@@ -393,8 +396,10 @@ def to_markdown(rows: list[dict], args, peak_tflops: float | None, flops: list[s
         "",
         f"- command: `{command}`",
         f"- device: {device}; torch {torch.__version__}, triton {triton.__version__}; {date}",
-        f"- K={args.out_dim}, 2×{args.global_size}² + {args.local_crops}×{args.local_size}² crops, drop path 0.1; "
-        f"official: fp16 {args.official_fp16}; fastdino: {args.dtype}",
+        f"- vit_small16_imagenet recipe per model, K={args.out_dim}, 2×{args.global_size}² + "
+        f"{args.local_crops}×{args.local_size}² crops; official: fp16 {args.official_fp16}; fastdino: {args.dtype}",
+        "- data: device = random crops already on the GPU (the step alone); jpeg = "
+        + (f"{jpeg_notes} decoded every step, {args.workers} workers" if jpeg_notes else "not run"),
         f"- model GFLOP per image (student fwd+bwd, teacher fwd): {', '.join(flops)}; MFU against "
         + (f"{peak_tflops:.0f} TFLOP/s (bf16 matrix products measured in this run)" if peak_tflops else "no peak"),
         "",
