@@ -168,7 +168,7 @@ def write_config(cfg: C.TrainConfig, output: Path) -> None:
     new = C.to_dict(cfg)
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = sorted(_flat_diff(old, new))
+        changed = sorted(_flat_diff(old, new) - {"max_steps"})  # a larger max_steps is how a run is resumed
         if changed:
             logger.warning("config differs from the stored %s in: %s", path, ", ".join(changed))
     output.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def evaluate_at_end(trainer, output: Path) -> dict:
     val = Path(resolve_split(cfg.data.path, "val"))
     images = sorted(p for p in val.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if val.is_dir() else []
     png = save_attention_png(trained, images[0], output / "attention.png") if images else None
-    row = {"step": trainer.step, "epoch": trainer.epoch, "knn_top1": results["trained"]["top1"],
+    row = {"step": trainer.step, "epoch": trainer.step / trainer.steps_per_epoch, "knn_top1": results["trained"]["top1"],
            "knn_top5": results["trained"]["top5"], "knn_top1_untrained": results["untrained"]["top1"]}
     with (output / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")

@@ -151,9 +151,9 @@ class MetricsWriter:
 
 
 def format_row(row: dict, total_steps: int) -> str:
-    """One progress line, e.g. `step 120/1000 | epoch 3 | 512 img/s | loss 6.91 | lr 1.2e-04 | ...`."""
+    """One progress line, e.g. `step 120/1000 | epoch 3.87 | 512 img/s | loss 6.91 | lr 1.2e-04 | ...`."""
     eta = int(row["eta_s"])
-    return (f"step {row['step']}/{total_steps} | epoch {row['epoch']} | {row['img_per_s']:.0f} img/s | "
+    return (f"step {row['step']}/{total_steps} | epoch {row['epoch']:.2f} | {row['img_per_s']:.0f} img/s | "
             f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | wd {row['wd']:.3f} | "
             f"momentum {row['teacher_momentum']:.4f} | teacher temp {row['teacher_temp']:.4f} | "
             f"teacher entropy {row['teacher_entropy']:.3f} | grad norm {row['grad_norm']:.3f} | "

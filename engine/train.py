@@ -247,8 +247,8 @@ class Trainer:
         values = self.schedules.at(self.step - 1)
         img_per_s, eta_s = throughput.tick(self.step, self.cfg.data.batch_size, self.stop_step)
         row = {
-            "step": self.step, "epoch": self.epoch, "loss": stats["loss"], "lr": values.lr,
-            "wd": values.weight_decay, "teacher_momentum": values.teacher_momentum,
+            "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "loss": stats["loss"],
+            "lr": values.lr, "wd": values.weight_decay, "teacher_momentum": values.teacher_momentum,
             "teacher_temp": values.teacher_temp, "teacher_entropy": stats["teacher_entropy"],
             "grad_norm": stats["grad_norm"], "skipped_steps": stats["skipped_steps"],
             "images_seen": self.step * self.cfg.data.batch_size, "img_per_s": img_per_s,

@@ -58,7 +58,7 @@ def test_tiny_run_end_to_end(tmp_path, tiny_dataset):
     run = tmp_path / "run"
     proc = fastdino("train", "--output", run, "--data", tiny_dataset, *TINY_CLI, "epochs=1")
     assert proc.returncode == 0, proc.stderr
-    assert "step 8/8 | epoch 1 |" in proc.stderr  # progress lines (32 images / batch 4 = 8 steps)
+    assert "step 8/8 | epoch 1.00 |" in proc.stderr  # progress lines (32 images / batch 4 = 8 steps)
     assert "k-NN top-1" in proc.stdout and "untrained" in proc.stdout and "attention maps" in proc.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 8] and "knn_top1" in rows[-1] and "knn_top1_untrained" in rows[-1]

@@ -202,5 +202,5 @@ def test_metrics_writer_rows_and_resume_truncation(tmp_path):
         writer.write({**row, "step": step})
     writer.drop_after(20)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
-    line = format_row({**row, "step": 10}, 100)
-    assert line.startswith("step 10/100 | epoch 0 | 10 img/s | loss 1.0000") and line.endswith("ETA 1h02m05s")
+    line = format_row({**row, "step": 10, "epoch": 0.25}, 100)
+    assert line.startswith("step 10/100 | epoch 0.25 | 10 img/s | loss 1.0000") and line.endswith("ETA 1h02m05s")
