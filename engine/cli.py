@@ -115,6 +115,8 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     try:
         cfg = with_dataset(cfg, rank)
         train_split = resolve_split(cfg.data.path, "train")
+        if cfg.eval.at_end:
+            _check_val_split(cfg.data.path)
         d = cfg.data
         crops = MultiCropConfig(d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
                                 d.local_crops_scale)
@@ -162,6 +164,16 @@ def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:
     return replace(cfg, data=replace(d, path=str(root)))
 
 
+def _check_val_split(path: str) -> None:
+    from fastdino.pipelines import resolve_split
+
+    try:
+        resolve_split(path, "val")
+    except ValueError as error:
+        raise ValueError(f"eval.at_end needs a val split next to train ({error}); pass eval.at_end=false to train "
+                         f"without the final evaluation") from None
+
+
 def write_config(cfg: C.TrainConfig, output: Path) -> None:
     """DIR/config.json; a resumed run with other settings than the stored ones says which."""
     path = output / "config.json"
@@ -206,8 +218,9 @@ def evaluate_at_end(trainer, output: Path) -> dict:
     val = Path(resolve_split(cfg.data.path, "val"))
     images = sorted(p for p in val.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if val.is_dir() else []
     png = save_attention_png(trained, images[0], output / "attention.png") if images else None
-    row = {"step": trainer.step, "epoch": trainer.step / trainer.steps_per_epoch, "knn_top1": results["trained"]["top1"],
-           "knn_top5": results["trained"]["top5"], "knn_top1_untrained": results["untrained"]["top1"]}
+    row = {"step": trainer.step, "epoch": trainer.step / trainer.steps_per_epoch,
+           "knn_top1": results["trained"]["top1"], "knn_top5": results["trained"]["top5"],
+           "knn_top1_untrained": results["untrained"]["top1"]}
     with (output / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "

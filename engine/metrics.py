@@ -136,11 +136,17 @@ class MetricsWriter:
         self.total_steps = total_steps
 
     def drop_after(self, step: int) -> None:
-        """Remove rows logged after `step` (a resumed run logs them again)."""
+        """Remove rows logged after `step` (a resumed run logs them again) and a line cut short by a kill."""
         if self.path is None or not self.path.is_file():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(row + "\n" for row in rows))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                logger.warning("dropping a truncated line of %s", self.path)
+        self.path.write_text("".join(row + "\n" for row in kept))
 
     def write(self, row: dict) -> None:
         if self.path is None:

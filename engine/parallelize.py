@@ -46,11 +46,14 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
 
 
 def resolve_mode(mode: str, world_size: int) -> str:
-    """"auto" -> fsdp with several ranks, single with one; an explicit multi-rank mode needs several ranks."""
+    """"auto" -> fsdp with several ranks, single with one; fsdp and ddp need several ranks, single one."""
     if mode == "auto":
         return "fsdp" if world_size > 1 else "single"
     if mode == "single" and world_size > 1:
         raise ValueError(f"parallel.mode=single cannot run on {world_size} processes; use fsdp or ddp")
+    if mode != "single" and world_size == 1:
+        raise ValueError(f"parallel.mode={mode} needs several processes (torchrun --nproc_per_node=N); "
+                         f"one process runs parallel.mode=single")
     return mode
 
 

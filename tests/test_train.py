@@ -164,6 +164,8 @@ def test_precision_and_mode_resolution():
     assert resolve_mode("auto", 1) == "single" and resolve_mode("auto", 4) == "fsdp" and resolve_mode("ddp", 2) == "ddp"
     with pytest.raises(ValueError, match="parallel.mode=single cannot run on 2 processes"):
         resolve_mode("single", 2)
+    with pytest.raises(ValueError, match="parallel.mode=fsdp needs several processes"):
+        resolve_mode("fsdp", 1)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -200,6 +202,8 @@ def test_metrics_writer_rows_and_resume_truncation(tmp_path):
                teacher_entropy=3.0, grad_norm=1.0, skipped_steps=0, img_per_s=10.0, max_memory_gib=0.1, eta_s=3725)
     for step in (10, 20, 30):
         writer.write({**row, "step": step})
+    with path.open("a") as f:
+        f.write('{"step": 40, "lo')  # a run killed while writing
     writer.drop_after(20)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
     line = format_row({**row, "step": 10, "epoch": 0.25}, 100)
