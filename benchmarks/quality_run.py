@@ -64,18 +64,21 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from bench_e2e import batch_stream, build_provider, release_memory, time_steps, warmup_and_steps
+from bench_train_step import config as train_step_config
 from common import base_parser, print_header
 from fastdino.engine import config as C
 from fastdino.engine.eval import extract_features, knn_classify
 from fastdino.engine.vit import build_backbone
 from fastdino.pipelines import build_eval_loader, make_shapes_dataset, resolve_split
 
-PROVIDERS = ("fastdino", "official", "official-fastdata")
-PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# provider -> (training step for bench_e2e.build_provider, data loader for bench_e2e.batch_stream)
+PROVIDERS = {"fastdino": ("fastdino", "fastdino"), "official": ("official", "official"),
+             "official-fastdata": ("official", "fastdino")}
 
 
 def parse_args():
@@ -113,14 +116,12 @@ def parse_args():
 
 
 def recipe(args) -> C.TrainConfig:
-    """The vit_small16_imagenet preset with this run's model, batch and crops."""
-    overrides = [f"model.arch={args.arch}", f"model.patch_size={args.patch_size}",
-                 f"model.img_size={args.global_size}", f"head.out_dim={args.out_dim}",
-                 f"data.batch_size={args.batch}", f"data.global_crops_size={args.global_size}",
-                 f"data.local_crops_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
-                 f"data.num_workers={args.workers}", f"data.backend={args.data_backend}", f"seed={args.seed}",
-                 "parallel.mode=single", f"parallel.precision={PRECISION[args.dtype]}"]
-    return C.apply_overrides(C.vit_small16_imagenet(), overrides=overrides)
+    """The vit_small16_imagenet preset with this run's model, batch, crops and seed (bench_train_step's config)."""
+    shape = SimpleNamespace(arch=args.arch, patch_size=args.patch_size, global_size=args.global_size,
+                            out_dim=args.out_dim, batch_size=args.batch, local_size=args.local_size,
+                            local_crops=args.local_crops, mode="single", dtype=args.dtype, embed_dim=None, depth=None,
+                            num_heads=None)
+    return C.apply_overrides(train_step_config(shape, 1, "auto"), overrides=[f"seed={args.seed}"])
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -192,9 +193,8 @@ class Clock:
 
 def data_source(provider: str, train_split: str, tmp: Path) -> tuple[str, Path | str]:
     """(loader kind for bench_e2e.batch_stream, what it reads) of a provider."""
-    if provider == "official":
-        return "official", image_folder(train_split, tmp)
-    return "fastdino", train_split
+    kind = PROVIDERS[provider][1]
+    return kind, image_folder(train_split, tmp) if kind == "official" else train_split
 
 
 def probe(provider: str, cfg: C.TrainConfig, args, device: torch.device, source) -> float:
@@ -202,7 +202,7 @@ def probe(provider: str, cfg: C.TrainConfig, args, device: torch.device, source)
     kind, folder = source
     loader = None
     try:
-        built = build_provider(provider, cfg, args, device)
+        built = build_provider(PROVIDERS[provider][0], cfg, args, device)
         stream, loader, _ = batch_stream("jpeg", kind, cfg, args, device, folder)
         warmup, steps = warmup_and_steps("jpeg", 3, args.probe_steps, args.workers)
         seconds, _, _ = time_steps(built, stream, warmup, steps, device)
@@ -230,7 +230,7 @@ def train(provider: str, cfg: C.TrainConfig, args, device: torch.device, source,
           f"({cfg.epochs} recipe epochs of {steps_per_epoch}), budget {budget / 60:.1f} min", flush=True)
 
     torch.manual_seed(cfg.seed)
-    built = build_provider(provider, cfg, args, device, steps_per_epoch=steps_per_epoch)
+    built = build_provider(PROVIDERS[provider][0], cfg, args, device, steps_per_epoch=steps_per_epoch)
     kind, folder = source
     clock = Clock()
     stream, loader, notes = batch_stream("jpeg", kind, cfg, args, device, folder)
