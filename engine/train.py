@@ -69,12 +69,11 @@ def initial_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
-    """AdamW groups: decayed weights first (the weight-decay schedule sets group 0), then biases, norms, tokens
-    and position embeddings without decay."""
-    no_decay_names = {f"backbone.{name}" for name in model.backbone.no_weight_decay()}
+    """AdamW groups: decayed weights first (the weight-decay schedule sets group 0), then biases and norms without
+    decay. As in the official get_params_groups, the CLS token and position embeddings are decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        exempt = name.endswith(".bias") or param.ndim <= 1 or name in no_decay_names
+        exempt = name.endswith(".bias") or param.ndim <= 1
         (no_decay if exempt else decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
