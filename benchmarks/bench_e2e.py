@@ -145,11 +145,11 @@ def matmul_tflops(device: str, n: int = 8192) -> float:
 # ------------------------------------------------------------------------------------------------- providers
 
 def row_config(args, arch: str, patch: int, batch: int) -> C.TrainConfig:
-    """The recipe of one row (bench_train_step's config), with the head's last layer trained from step 0."""
+    """The recipe of one row: bench_train_step's config (the head's last layer trained from step 0)."""
     shape = SimpleNamespace(arch=arch, patch_size=patch, global_size=args.global_size, out_dim=args.out_dim,
                             batch_size=batch, local_size=args.local_size, local_crops=args.local_crops,
                             mode="single", dtype=args.dtype, embed_dim=None, depth=None, num_heads=None)
-    return C.apply_overrides(train_step_config(shape, 1, "auto"), overrides=["optim.freeze_last_layer_epochs=0"])
+    return train_step_config(shape, 1, "auto")
 
 
 def official_args(cfg: C.TrainConfig, *, use_fp16: bool) -> official_dino.Args:

@@ -52,7 +52,8 @@ def config(args, world_size: int, loss_impl: str) -> C.TrainConfig:
                  f"model.img_size={args.global_size}", f"head.out_dim={args.out_dim}", f"loss.impl={loss_impl}",
                  f"data.batch_size={args.batch_size * world_size}", f"data.global_crops_size={args.global_size}",
                  f"data.local_crops_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
-                 f"parallel.mode={args.mode}", f"parallel.precision={PRECISION[args.dtype]}"]
+                 f"parallel.mode={args.mode}", f"parallel.precision={PRECISION[args.dtype]}",
+                 "optim.freeze_last_layer_epochs=0"]  # time the full update: the last layer is frozen for 1 epoch
     overrides += [f"model.{name}={getattr(args, name)}" for name in ("embed_dim", "depth", "num_heads")
                   if getattr(args, name) is not None]
     return C.apply_overrides(C.vit_small16_imagenet(), overrides=overrides)
