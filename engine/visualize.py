@@ -85,7 +85,7 @@ def cls_attention(backbone, image: torch.Tensor, threshold: float = 0.6) -> tupl
 def attention_grid(image: torch.Tensor, attn: torch.Tensor, masks: torch.Tensor) -> Image.Image:
     """PNG-ready grid: row 1 = image, then each head's attention (viridis, scaled to the head's max);
     row 2 = image, then each head's mask over the image. Size ((heads + 1) * W, 2 * H)."""
-    heads, height, width = attn.shape[0], *image.shape[-2:]
+    heads, height = attn.shape[0], image.shape[-2]
     scale = height // attn.shape[1]
     heat = attn / attn.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     heat_rgb = _colormap(_upsample(heat, scale))  # (heads, 3, H, W)

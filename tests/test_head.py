@@ -1,47 +1,15 @@
 """DINO head against the official implementation, last-layer freezing, and the full student model."""
-import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 from _helpers import assert_close
 from fastdino.engine.head import DINOHead, DINOModel, convert_official_head
 from fastdino.engine.vit import VisionTransformer
+from official_dino import DINOHead as OfficialDINOHead
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4)}
 SMALL = dict(out_dim=37, hidden_dim=24, bottleneck_dim=16)  # odd K on purpose
-
-
-class OfficialDINOHead(nn.Module):
-    """The reference: facebookresearch/dino vision_transformer.py DINOHead, with torch's weight_norm hook."""
-
-    def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256):
-        super().__init__()
-        if nlayers == 1:
-            self.mlp = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            layers = [nn.Linear(in_dim, hidden_dim)]
-            if use_bn:
-                layers.append(nn.BatchNorm1d(hidden_dim))
-            layers.append(nn.GELU())
-            for _ in range(nlayers - 2):
-                layers.append(nn.Linear(hidden_dim, hidden_dim))
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(hidden_dim))
-                layers.append(nn.GELU())
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated; the official code uses it
-            self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        self.last_layer.weight_g.data.fill_(1)
-        if norm_last_layer:
-            self.last_layer.weight_g.requires_grad = False
-
-    def forward(self, x):
-        return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1, p=2))
 
 
 def _head(**options) -> DINOHead:

@@ -4,61 +4,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from _helpers import assert_close
-from torch import nn
 
 from fastdino.engine.loss import TEACHER_NORMS, DINOLoss, sinkhorn_knopp_teacher
 from fastdino.kernels.reference import dino_loss_ref
+from official_dino import DINOLoss as OfficialDINOLoss
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4)}
 IMPLS = ["torch", "triton"]
-
-
-class OfficialDINOLoss(nn.Module):
-    """facebookresearch/dino main_dino.py `DINOLoss`, line by line; its two collectives are written for one process."""
-
-    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
-                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
-                 center_momentum=0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp,
-                        teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
-        ))
-
-    def forward(self, student_output, teacher_output, epoch):
-        student_out = student_output / self.student_temp
-        student_out = student_out.chunk(self.ncrops)
-
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1)
-        teacher_out = teacher_out.detach().chunk(2)
-
-        total_loss = 0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss += loss.mean()
-                n_loss_terms += 1
-        total_loss /= n_loss_terms
-        self.update_center(teacher_output)
-        return total_loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output):
-        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        world_size = 1  # official: dist.all_reduce(batch_center); dist.get_world_size()
-        batch_center = batch_center / (len(teacher_output) * world_size)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
 
 
 def dinov2_sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=3):

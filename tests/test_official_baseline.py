@@ -10,8 +10,6 @@ antialiasing, at scale (n + 0.1) / n0). The weight-decay groups are the official
 """
 import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,19 +21,14 @@ from fastdino.engine.loss import DINOLoss
 from fastdino.engine.train import Trainer, param_groups
 from fastdino.engine.vit import create_model
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4)}
 TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
 
 
 @pytest.fixture(scope="module")
 def benchmarks():
-    """The benchmark scripts' modules (benchmarks/ is a folder of scripts, not a package)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield {name: importlib.import_module(name) for name in ("official_dino", "bench_e2e")}
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    """The benchmark scripts' modules (benchmarks/ is on sys.path, see conftest.py)."""
+    return {name: importlib.import_module(name) for name in ("official_dino", "bench_e2e")}
 
 
 def timm_resampling(backbone) -> None:

@@ -6,17 +6,7 @@ import pytest
 
 from fastdino.engine import config as C
 from fastdino.engine.schedules import Schedules, cosine, linear_warmup
-
-
-def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
-    """facebookresearch/dino utils.cosine_scheduler, the spec the schedules follow step for step."""
-    warmup_schedule = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_epochs > 0:
-        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    return np.concatenate((warmup_schedule, schedule))
+from official_dino import cosine_scheduler as official_cosine_scheduler
 
 
 def _cfg(**optim):
