@@ -283,21 +283,27 @@ def vit_small16_imagenet() -> TrainConfig:
 
 
 def demo() -> TrainConfig:
-    """A few minutes on 2 CPU cores: a tiny ViT with 8-px patches on the built-in 64-px shapes dataset, then
-    k-NN of the trained and the untrained network and an attention map."""
+    """A few minutes on 2 CPU cores: a 4-block ViT (D=96) with 8-px patches on 32-px global and 16-px local crops
+    of the built-in 64-px shapes dataset, then k-NN of the trained and the untrained network and an attention map.
+
+    Measured on 2 shared CPU cores (see the training report): about 2 minutes of training when the cores are
+    free; k-NN top-1 moves from chance (~11 %) to ~12-14 % only. No recipe tried (teacher temperature 0.02-0.04,
+    Sinkhorn-Knopp, K 256-4096, lr, momentum 0.95, 6-10 local crops, 64/32-px crops, patch 4, 10k images) did
+    better within minutes; a supervised CNN reaches only ~15 % in 30 epochs of this dataset, so the data, not the
+    loop, sets the limit (issue 8)."""
     return TrainConfig(
-        model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=48, drop_path_rate=0.0, depth=4, embed_dim=96,
+        model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, depth=4, embed_dim=96,
                           num_heads=3),
-        head=HeadConfig(out_dim=1024, hidden_dim=512, bottleneck_dim=128, norm_last_layer=True),
-        loss=LossConfig(teacher_temp=0.06, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=2, impl="auto"),
-        optim=OptimConfig(base_lr=1e-3, min_lr=1e-5, warmup_epochs=1, teacher_momentum=0.99,
+        head=HeadConfig(out_dim=512, hidden_dim=512, bottleneck_dim=128),
+        loss=LossConfig(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0),
+        optim=OptimConfig(base_lr=2e-3, min_lr=1e-5, warmup_epochs=1, teacher_momentum=0.99,
                           freeze_last_layer_epochs=0),
-        data=DataConfig(batch_size=64, global_crops_size=48, global_crops_scale=(0.3, 1.0), local_crops_number=4,
-                        local_crops_size=24, local_crops_scale=(0.05, 0.3), num_workers=2),
+        data=DataConfig(batch_size=64, global_crops_size=32, global_crops_scale=(0.4, 1.0), local_crops_number=6,
+                        local_crops_size=16, local_crops_scale=(0.05, 0.4), num_workers=2),
         checkpoint=CheckpointConfig(every_steps=200, keep_last=1),
-        eval=EvalConfig(at_end=True, batch_size=128),
-        epochs=10,
-        log_every=10,
+        eval=EvalConfig(at_end=True, batch_size=250),
+        epochs=20,
+        log_every=20,
     )
 
 

@@ -43,7 +43,8 @@ def test_values_at_known_steps():
 
 
 def test_teacher_temperature_rises_linearly_then_stays():
-    cfg = C.apply_overrides(C.demo(), overrides=["loss.warmup_teacher_temp_epochs=1", "epochs=5"])
+    cfg = C.apply_overrides(C.demo(), overrides=["loss.warmup_teacher_temp_epochs=1", "loss.teacher_temp=0.07",
+                                                 "epochs=5"])
     sched = Schedules.from_config(cfg, steps_per_epoch=11)
     temps = [sched.at(s).teacher_temp for s in range(30)]
     np.testing.assert_allclose(temps[:11], np.linspace(0.04, cfg.loss.teacher_temp, 11), rtol=1e-12)
