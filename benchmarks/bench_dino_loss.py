@@ -9,12 +9,11 @@ device copy of an S-sized buffer (read + write), the practical bandwidth ceiling
     python benchmarks/bench_dino_loss.py                                    # GPU: B in {64, 128, 256}, K=65536
     python benchmarks/bench_dino_loss.py --batch 2 --K 1000 --device cpu    # smoke test (Triton interpreter)
 """
-import os
 import time
 
 import torch
 
-from common import Table, base_parser, measure_ms, peak_memory_gib, print_header
+from common import Table, base_parser, measure_ms, peak_memory_gib, start
 
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 PROVIDERS = ("torch", "compile", "triton")
@@ -60,14 +59,10 @@ def backward_ms(make_loss, device, reps, warmup=3):
 
 def main():
     args = parse_args()
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (on import)
+    device, dtype = start(args)
     from fastdino.kernels import dino_loss
     from fastdino.kernels.reference import dino_loss_ref
 
-    dtype = getattr(torch, args.dtype)
-    print_header(str(device), dtype)
     compiled_ref = torch.compile(dino_loss_ref)
     loss_fns = {
         "torch": dino_loss_ref,

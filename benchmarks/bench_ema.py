@@ -9,11 +9,10 @@ device copy of the teacher's bytes (read + write), the practical bandwidth ceili
     python benchmarks/bench_ema.py                                              # GPU: ViT-S/16 + K=65536 head, 44M
     python benchmarks/bench_ema.py --arch vit_tiny --out-dim 1000 --hidden-dim 256 --reps 2 --device cpu  # smoke
 """
-import os
 
 import torch
 
-from common import Table, base_parser, measure_ms, print_header
+from common import Table, base_parser, measure_ms, start
 
 PROVIDERS = ("loop", "compile", "foreach", "triton")
 
@@ -53,14 +52,10 @@ def official_loop(teacher, student, momentum):
 
 def main():
     args = parse_args()
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (on import)
+    device, dtype = start(args)
     from fastdino.kernels import ema_update_
     from fastdino.kernels.reference import ema_update_ref
 
-    dtype = getattr(torch, args.dtype)
-    print_header(str(device), dtype)
     shapes = parameter_shapes(args)
     teacher = [torch.randn(s, device=device) for s in shapes]
     student = [torch.randn(s, device=device).to(dtype) for s in shapes]

@@ -6,6 +6,7 @@ wall-clock loop stands in so that the scripts can be smoke-tested anywhere.
 """
 import argparse
 import csv
+import os
 import platform
 import statistics
 import time
@@ -20,6 +21,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     return parser
+
+
+def start(args) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype from the arguments, after printing the header. On the CPU the Triton kernels must run in the
+    interpreter, which is chosen when they are defined: import fastdino.kernels after this call."""
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype = getattr(torch, args.dtype)
+    print_header(str(device), dtype)
+    return device, dtype
 
 
 def print_header(device: str, dtype: torch.dtype) -> None:
