@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastdino.pipelines.config import (BLUR_PROB, BLUR_SIGMA, CROP_ATTEMPTS, CROP_RATIO, GRAYSCALE_PROB,
-                                       IMAGENET_MEAN, IMAGENET_STD, JITTER_PROB, JITTER_STRENGTH, SOLARIZE_PROB,
-                                       SOLARIZE_THRESHOLD, MultiCropConfig)
+from fastdino.pipelines.config import (BLUR_PROB, BLUR_REFERENCE_SIZES, BLUR_SIGMA, CROP_ATTEMPTS, CROP_RATIO,
+                                       GRAYSCALE_PROB, IMAGENET_MEAN, IMAGENET_STD, JITTER_PROB, JITTER_STRENGTH,
+                                       SOLARIZE_PROB, SOLARIZE_THRESHOLD, MultiCropConfig)
 
 # Columns of one view's parameter row. The crop box is relative to the image (0..1), in DALI's (y, x) order.
 Y0, X0, Y1, X1 = 0, 1, 2, 3
@@ -94,7 +94,8 @@ def view_params(seed: int, epoch: int, index: int, height: int, width: int, crop
     params[:, JITTER] = jitter
     params[:, GRAY] = u[:, 2] < GRAYSCALE_PROB
     blur_prob = np.array([BLUR_PROB[0], BLUR_PROB[1]] + [BLUR_PROB[2]] * crops.local_crops_number)
-    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 3]
+    reference = np.array(BLUR_REFERENCE_SIZES[:1] * 2 + BLUR_REFERENCE_SIZES[1:] * crops.local_crops_number)
+    sigma = (BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 3]) * np.array(crops.view_sizes()) / reference
     params[:, BLUR_SIGMA_COL] = np.where(u[:, 4] < blur_prob, sigma, 0.0)
     params[1, SOLARIZE] = u[1, 5] < SOLARIZE_PROB
     return params.astype(np.float32)

@@ -18,7 +18,10 @@ JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)
 JITTER_PROB = 0.8
 GRAYSCALE_PROB = 0.2
 # Gaussian blur: sigma range, and probability for the first global, the second global and every local view.
+# The sigmas are pixels of the paper's 224-px global and 96-px local views; other view sizes scale them, so that
+# a 32-px view is blurred as much as a 224-px one rather than 7 times more.
 BLUR_SIGMA = (0.1, 2.0)
+BLUR_REFERENCE_SIZES = (224, 96)
 BLUR_PROB = (1.0, 0.1, 0.5)
 # Solarisation (threshold 128) of the second global view only.
 SOLARIZE_PROB = 0.2

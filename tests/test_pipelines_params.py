@@ -62,8 +62,11 @@ def test_jitter_factors_and_blur_sigma_ranges(params):
         assert abs(values.mean() - (low + high) / 2) < 0.02 * (high - low) + 1e-3, col  # uniform: centred
         neutral = 0.0 if col == A.HUE else 1.0
         assert (rows[..., col][~jit] == neutral).all(), col
-    sigma = rows[..., A.BLUR_SIGMA_COL]
-    assert 0.1 <= sigma[sigma > 0].min() < 0.12 and 1.98 < sigma.max() <= 2.0
+    # the paper's sigma range, in pixels of 224-px global and 96-px local views, scaled to these view sizes
+    for views, scale in ((slice(0, 2), CROPS.global_crops_size / 224), (slice(2, None), CROPS.local_crops_size / 96)):
+        sigma = rows[:, views, A.BLUR_SIGMA_COL]
+        low, high = sigma[sigma > 0].min() / scale, sigma.max() / scale
+        assert 0.1 <= low + 1e-6 and low < 0.12 and 1.98 < high <= 2.0 + 1e-6, (views, low, high)
 
 
 def test_crop_area_and_aspect_ranges(params):
