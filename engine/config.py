@@ -5,9 +5,10 @@ values and raises `ValueError` naming the bad one. Named runs are functions retu
 (`PRESETS`). A YAML file and `section.field=value` overrides are applied on top of a preset by
 `apply_overrides`, which rebuilds the tree so every value is validated again.
 
-Lengths are in epochs and the schedules are built from `epochs * steps_per_epoch` steps (see schedules.py), so a
-time budget only has to turn minutes into a number of steps. `max_steps` stops a run early without changing the
-schedules: a run stopped at step k and resumed with a larger `max_steps` is the same run.
+Lengths are in epochs and the schedules are built from `epochs * steps_per_epoch` steps (see schedules.py), or,
+with a time budget (`minutes`), from the number of steps that fit in it, measured once when the run starts.
+`max_steps` stops a run early without changing the schedules: a run stopped at step k and resumed with a larger
+`max_steps` is the same run.
 """
 import dataclasses
 import math
@@ -220,9 +221,12 @@ class EvalConfig:
     """Temperature of the k-NN vote weights exp(sim / T)."""
     batch_size: int = 256
     """Images per batch in feature extraction."""
+    knn_every_epochs: float = 0
+    """k-NN of the teacher on the val split every this many epochs and at the last step; 0 = off."""
 
     def __post_init__(self):
         _check(self.knn_k > 0, f"eval.knn_k must be > 0, got {self.knn_k}")
+        _check(self.knn_every_epochs >= 0, f"eval.knn_every_epochs must be >= 0, got {self.knn_every_epochs}")
         _check(self.knn_temperature > 0, f"eval.knn_temperature must be > 0, got {self.knn_temperature}")
         _check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
 
@@ -244,9 +248,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """When to save and how many to keep."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Evaluation after training."""
+    """Evaluation during and after training."""
     epochs: int = 100
-    """Length of the run; all schedules span it."""
+    """Length of the run; all schedules span it (unless `minutes` is set)."""
+    minutes: float | None = None
+    """Wall-time budget replacing `epochs`: the schedules span the steps that fit, measured at the start."""
     max_steps: int | None = None
     """Stop after this many steps without changing the schedules (resume later with a larger value)."""
     seed: int = 0
@@ -258,6 +264,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0 or null, got {self.minutes}")
         _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0 or null, got {self.max_steps}")
         _check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         _check(self.max_nonfinite_in_a_row > 0,

@@ -7,12 +7,17 @@ temperature rises linearly over its warmup and then stays (DINO Sec. 3.1 and App
 the official code steps it once per epoch, here it moves every step).
 
 Nothing here holds state: a resumed run asks for step k and gets what the uninterrupted run got. The schedules
-span `total_steps`; `epochs * steps_per_epoch` by default, or any other count (e.g. from a time budget).
+span `total_steps`; `epochs * steps_per_epoch` by default, or any other count (e.g. from a time budget,
+`steps_in_budget`). Warmups keep their length in epochs of the dataset; one longer than the whole run is scaled
+down to the share of the run it has in the configured epochs, with a warning.
 """
+import logging
 import math
 from dataclasses import dataclass
 
 from fastdino.engine.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def linear_warmup(start: float, end: float, step: int, warmup_steps: int) -> float:
@@ -77,17 +82,27 @@ class Schedules:
         if steps_per_epoch <= 0:
             raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch} (dataset smaller than one batch?)")
         total_steps = total_steps or cfg.epochs * steps_per_epoch
-        in_steps = lambda epochs: min(round(epochs * steps_per_epoch), total_steps)  # noqa: E731
+
+        def in_steps(name: str, epochs: float) -> int:
+            steps = round(epochs * steps_per_epoch)
+            if steps <= total_steps:
+                return steps
+            scaled = min(round(epochs / cfg.epochs * total_steps), total_steps)
+            logger.warning("%s=%g (%d steps) is longer than the whole run of %d steps: scaled down to %d steps, "
+                           "its share of the configured %d epochs", name, epochs, steps, total_steps, scaled,
+                           cfg.epochs)
+            return scaled
+
         return cls(
             total_steps=total_steps,
-            warmup_steps=in_steps(cfg.optim.warmup_epochs),
+            warmup_steps=in_steps("optim.warmup_epochs", cfg.optim.warmup_epochs),
             peak_lr=cfg.optim.base_lr * cfg.data.batch_size / 256,
             min_lr=cfg.optim.min_lr,
             weight_decay=(cfg.optim.weight_decay, cfg.optim.weight_decay_end),
             teacher_momentum=(cfg.optim.teacher_momentum, cfg.optim.teacher_momentum_end),
             teacher_temp=(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp),
-            teacher_temp_warmup_steps=in_steps(cfg.loss.warmup_teacher_temp_epochs),
-            freeze_last_layer_steps=in_steps(cfg.optim.freeze_last_layer_epochs),
+            teacher_temp_warmup_steps=in_steps("loss.warmup_teacher_temp_epochs", cfg.loss.warmup_teacher_temp_epochs),
+            freeze_last_layer_steps=in_steps("optim.freeze_last_layer_epochs", cfg.optim.freeze_last_layer_epochs),
         )
 
     def at(self, step: int) -> ScheduleValues:
@@ -99,3 +114,12 @@ class Schedules:
             teacher_temp=linear_warmup(*self.teacher_temp, step, self.teacher_temp_warmup_steps),
             freeze_last_layer=step < self.freeze_last_layer_steps,
         )
+
+
+def steps_in_budget(seconds: float, step_seconds: float, *, knn_seconds: float = 0.0, knn_every_steps: int = 0,
+                    end_knn_passes: int = 0) -> int:
+    """How many training steps fit in `seconds` when a step takes `step_seconds` and a k-NN pass `knn_seconds`,
+    with a pass every `knn_every_steps` steps (0: none) and `end_knn_passes` passes after the last step.
+    Counting a pass per `knn_every_steps` steps errs on the short side by at most one pass."""
+    seconds_per_step = step_seconds + (knn_seconds / knn_every_steps if knn_every_steps else 0.0)
+    return max(math.floor((seconds - end_knn_passes * knn_seconds) / seconds_per_step), 0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastdino.engine import config as C
-from fastdino.engine.schedules import Schedules, cosine, linear_warmup
+from fastdino.engine.schedules import Schedules, cosine, linear_warmup, steps_in_budget
 from official_dino import cosine_scheduler as official_cosine_scheduler
 
 
@@ -56,6 +56,22 @@ def test_explicit_total_steps_stretches_the_schedules():
     sched = Schedules.from_config(cfg, steps_per_epoch=10, total_steps=1000)  # e.g. from a time budget
     assert sched.total_steps == 1000 and sched.warmup_steps == 10
     assert sched.at(505).lr == pytest.approx((sched.peak_lr + sched.min_lr) / 2)
+
+
+def test_a_warmup_longer_than_the_whole_run_keeps_its_share_of_the_epochs_with_a_warning(caplog):
+    cfg = _cfg(warmup_epochs=3, freeze_last_layer_epochs=1)  # 12 epochs: lr warmup 1/4, teacher temp 30/12 of them
+    sched = Schedules.from_config(cfg, steps_per_epoch=10, total_steps=20)  # a budget of 2 epochs
+    assert sched.warmup_steps == 5 and sched.teacher_temp_warmup_steps == 20 and sched.freeze_last_layer_steps == 10
+    assert ("optim.warmup_epochs=3 (30 steps) is longer than the whole run of 20 steps: scaled down to 5 steps, its "
+            "share of the configured 12 epochs") in caplog.text
+    assert "loss.warmup_teacher_temp_epochs=30" in caplog.text and "freeze_last_layer" not in caplog.text
+
+
+def test_steps_in_budget_leaves_time_for_the_knn_passes():
+    assert steps_in_budget(60.0, 0.5) == 120
+    # 2 passes of 3 s at the end; one every 10 steps adds 0.3 s per step: (60 - 6) / 0.8 = 67.5
+    assert steps_in_budget(60.0, 0.5, knn_seconds=3.0, knn_every_steps=10, end_knn_passes=2) == 67
+    assert steps_in_budget(5.0, 0.5, knn_seconds=3.0, end_knn_passes=2) == 0
 
 
 def test_helpers_edge_cases():
