@@ -1,5 +1,5 @@
 """What a run reports: on-device step accumulators, throughput and ETA, peak memory, the progress line,
-DIR/metrics.jsonl, and the teacher-collapse watch.
+DIR/metrics.jsonl, the teacher-collapse watch, and the plain statement at the end of a run.
 
 The step never reads a tensor on the host. `StepStats` adds each step's loss, teacher entropy and skip flag into
 one small device tensor; `read` (the only host sync, once every `log_every` steps) sums it over ranks and resets
@@ -12,6 +12,7 @@ import math
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,16 +85,32 @@ def max_memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Images per second and ETA from the wall time between two log steps."""
+    """Images per second and ETA from the wall time between two log steps, and the training time so far
+    (`trained_seconds`, counted on from `seconds_before`). Time spent inside `paused()` counts in neither."""
 
-    def __init__(self, start_step: int):
+    def __init__(self, start_step: int, seconds_before: float = 0.0):
         self.last_time, self.last_step = time.perf_counter(), start_step
+        self.started, self.seconds_before, self.paused_seconds = self.last_time, seconds_before, 0.0
 
     def tick(self, step: int, images_per_step: int, total_steps: int) -> tuple[float, float]:
         now = time.perf_counter()
         seconds_per_step = (now - self.last_time) / max(step - self.last_step, 1)
         self.last_time, self.last_step = now, step
         return images_per_step / seconds_per_step, (total_steps - step) * seconds_per_step
+
+    @contextmanager
+    def paused(self):
+        """Leave the time spent in the `with` block (an evaluation) out of the throughput and the training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.last_time += seconds
+            self.paused_seconds += seconds
+
+    def trained_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started - self.paused_seconds
 
 
 class CollapseWatch:
@@ -108,14 +125,20 @@ class CollapseWatch:
         self.since: dict[str, int] = {}
         self.warned: set[str] = set()
 
+    @classmethod
+    def mode(cls, entropy: float, log_k: float) -> str | None:
+        """The collapse mode a teacher entropy points to: "one prototype", "uniform", or None (healthy)."""
+        if entropy < cls.LOW * log_k:
+            return "one prototype"
+        if entropy > cls.HIGH * log_k:
+            return "uniform"
+        return None
+
     def check(self, step: int, entropy: float) -> str | None:
         """A warning the first time a collapse mode has lasted `patience_steps`, else None."""
-        modes = {
-            "one prototype": entropy < self.LOW * self.log_k,
-            "uniform": entropy > self.HIGH * self.log_k,
-        }
-        for mode, on in modes.items():
-            if not on:
+        current = self.mode(entropy, self.log_k)
+        for mode in ("one prototype", "uniform"):
+            if mode != current:
                 self.since.pop(mode, None)
                 continue
             start = self.since.setdefault(mode, step)
@@ -149,9 +172,16 @@ class MetricsWriter:
         self.path.write_text("".join(row + "\n" for row in kept))
 
     def write(self, row: dict) -> None:
+        """Log a training row's progress line and append the row."""
         if self.path is None:
             return
         logger.info(format_row(row, self.total_steps))
+        self.append(row)
+
+    def append(self, row: dict) -> None:
+        """Append any row (e.g. a k-NN result) without a progress line."""
+        if self.path is None:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -165,3 +195,47 @@ def format_row(row: dict, total_steps: int) -> str:
             f"teacher entropy {row['teacher_entropy']:.3f} | grad norm {row['grad_norm']:.3f} | "
             f"skipped {row['skipped_steps']} | mem {row['max_memory_gib']:.2f} GiB | "
             f"ETA {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
+
+
+def format_knn_row(row: dict, k: int) -> str:
+    """One k-NN progress line, e.g. `step 600 (epoch 19.35): k-NN top-1 12.2% (k=20)`."""
+    return f"step {row['step']} (epoch {row['epoch']:.2f}): k-NN top-1 {row['knn_top1']:.1f}% (k={k})"
+
+
+# A change of the loss between the first and the last logged step smaller than this fraction of ln K is a stall.
+LOSS_STALL_FRACTION = 0.02
+
+
+def end_of_run_statement(rows: list[dict], out_dim: int) -> list[str]:
+    """Plain sentences on a run from its metrics rows (training rows and k-NN rows, in any order): the teacher
+    entropy at the end against ln K (CollapseWatch's thresholds), the loss at the end against its start and ln K,
+    and the k-NN curve (first -> best -> last) when k-NN ran."""
+    log_k = math.log(out_dim)
+    lines = []
+    trained = sorted((r for r in rows if math.isfinite(r.get("loss", math.nan))), key=lambda r: r["step"])
+    if trained:
+        first, last = trained[0], trained[-1]
+        entropy = last["teacher_entropy"]
+        verdict = {
+            None: "healthy",
+            "uniform": "near ln K: teacher outputs uniform — collapsed or not learning yet",
+            "one prototype": "near 0: one prototype dominates — collapsed",
+        }[CollapseWatch.mode(entropy, log_k)]
+        lines.append(f"teacher output entropy {entropy:.2f} of ln K = {log_k:.2f} at step {last['step']}: {verdict}")
+        if first is last:
+            lines.append(f"loss {last['loss']:.3f} at step {last['step']} (ln K = {log_k:.2f}): one logged step, "
+                         f"no trend yet")
+        elif abs(first["loss"] - last["loss"]) > LOSS_STALL_FRACTION * log_k:
+            trend = "fell" if last["loss"] < first["loss"] else "rose"
+            lines.append(f"loss {trend} from {first['loss']:.3f} to {last['loss']:.3f} (ln K = {log_k:.2f})")
+        else:
+            lines.append(f"loss stalled: {first['loss']:.3f} at step {first['step']}, {last['loss']:.3f} at step "
+                         f"{last['step']} (ln K = {log_k:.2f})")
+    knn = sorted((r for r in rows if "knn_top1" in r), key=lambda r: r["step"])
+    if knn:
+        best = max(knn, key=lambda r: r["knn_top1"])
+        points = [("first", knn[0]), ("best", best), ("last", knn[-1])] if len(knn) > 1 else [("", knn[0])]
+        curve = " -> ".join(f"{name} {r['knn_top1']:.1f}% at step {r['step']}".lstrip() for name, r in points)
+        untrained = [r["knn_top1_untrained"] for r in knn if "knn_top1_untrained" in r]
+        lines.append(f"k-NN top-1: {curve}" + (f" (untrained network {untrained[0]:.1f}%)" if untrained else ""))
+    return lines

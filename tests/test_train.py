@@ -1,13 +1,22 @@
 """The training step on a tiny ViT: finite losses, a non-finite step skipped without a host sync and counted,
-the run stopped after too many; parameter groups, fp16 loss scaling, and the metrics pieces."""
+the run stopped after too many; parameter groups, fp16 loss scaling, the metrics pieces and the end-of-run
+statement."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fastdino.engine import config as C
-from fastdino.engine.metrics import CollapseWatch, MetricsWriter, StepStats, format_row
+from fastdino.engine.metrics import (
+    CollapseWatch,
+    MetricsWriter,
+    StepStats,
+    Throughput,
+    end_of_run_statement,
+    format_row,
+)
 from fastdino.engine.parallelize import DynamicLossScale, resolve_mode, resolve_precision
 
 from _helpers import assert_close
@@ -207,3 +216,51 @@ def test_metrics_writer_rows_and_resume_truncation(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
     line = format_row({**row, "step": 10, "epoch": 0.25}, 100)
     assert line.startswith("step 10/100 | epoch 0.25 | 10 img/s | loss 1.0000") and line.endswith("ETA 1h02m05s")
+
+
+def test_throughput_and_training_time_leave_out_paused_time(monkeypatch):
+    from fastdino.engine import metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    throughput = Throughput(start_step=0, seconds_before=30.0)  # 30 s trained by an earlier run of the folder
+    now[0] = 101.0
+    with throughput.paused():  # e.g. a k-NN pass
+        now[0] = 105.0
+    now[0] = 106.0
+    img_per_s, eta_s = throughput.tick(10, images_per_step=4, total_steps=20)
+    assert (img_per_s, eta_s) == (20.0, 2.0)  # 10 steps in 2 s of training, not in 6 s
+    assert throughput.trained_seconds() == 32.0
+
+
+# --------------------------------------------------------------------------------------- end of the run
+
+def _rows(losses, entropies, step=10):
+    return [{"step": step * (i + 1), "loss": loss, "teacher_entropy": entropy}
+            for i, (loss, entropy) in enumerate(zip(losses, entropies))]
+
+
+def test_end_statement_healthy_run_with_a_knn_curve():
+    knn = [{"step": 10, "knn_top1": 10.0}, {"step": 20, "knn_top1": 14.0}, {"step": 30, "knn_top1": 12.0}]
+    lines = end_of_run_statement(_rows([6.2, float("nan"), 4.1], [6.0, 5.5, 5.2]) + knn, out_dim=512)
+    assert lines == ["teacher output entropy 5.20 of ln K = 6.24 at step 30: healthy",
+                     "loss fell from 6.200 to 4.100 (ln K = 6.24)",
+                     "k-NN top-1: first 10.0% at step 10 -> best 14.0% at step 20 -> last 12.0% at step 30"]
+
+
+def test_end_statement_names_the_collapse_modes_and_a_stalled_loss():
+    uniform = end_of_run_statement(_rows([6.24, 6.22], [6.1, 6.2]), out_dim=512)
+    assert uniform == [("teacher output entropy 6.20 of ln K = 6.24 at step 20: near ln K: teacher outputs uniform "
+                        "— collapsed or not learning yet"),
+                       "loss stalled: 6.240 at step 10, 6.220 at step 20 (ln K = 6.24)"]
+    one_prototype = end_of_run_statement(_rows([3.0, 6.0], [2.0, 0.1]), out_dim=512)
+    assert one_prototype == ["teacher output entropy 0.10 of ln K = 6.24 at step 20: near 0: one prototype "
+                             "dominates — collapsed", "loss rose from 3.000 to 6.000 (ln K = 6.24)"]
+
+
+def test_end_statement_with_one_logged_step_and_the_final_evaluation_only():
+    rows = _rows([5.0], [4.0]) + [{"step": 10, "knn_top1": 12.0, "knn_top1_untrained": 10.5}]
+    assert end_of_run_statement(rows, out_dim=512)[1:] == [
+        "loss 5.000 at step 10 (ln K = 6.24): one logged step, no trend yet",
+        "k-NN top-1: 12.0% at step 10 (untrained network 10.5%)"]
+    assert end_of_run_statement([], out_dim=512) == []
