@@ -1,13 +1,16 @@
 """`fastdino` on the command line: `train` runs here, knn / linear / attention / export / plot go to eval_cli.
 
-    fastdino train --output DIR [--max-steps N] [--data PATH] [--preset P] [--config FILE.yaml] [key=value ...]
+    fastdino train --output DIR [--max-steps N] [--minutes M] [--data PATH] [--preset P] [--config FILE.yaml]
+                   [key=value ...]
     torchrun --nproc_per_node=N -m fastdino.engine.train ...   (the same arguments)
 
-The config is the preset, then the YAML file, then `--data` / `--max-steps`, then the `section.key=value`
-overrides (config.py). A bad value or unknown key is one line on stderr and exit code 2. Running the same command
-again with a larger --max-steps resumes from DIR's latest checkpoint. Without --data, the built-in shapes dataset
-is generated once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained
-teacher next to the untrained network's and an attention-map PNG.
+The config is the preset, then the YAML file, then `--data` / `--max-steps` / `--minutes`, then the
+`section.key=value` overrides (config.py). A bad value or unknown key is one line on stderr and exit code 2.
+Running the same command again with a larger --max-steps resumes from DIR's latest checkpoint; a --minutes run
+resumes with the step count it measured when it started. Without --data, the built-in shapes dataset is generated
+once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained teacher next
+to the untrained network's and an attention-map PNG. Every run ends with a few plain sentences on how training
+went (collapse, loss trend, k-NN curve).
 
 This module is the only place that starts and stops torch.distributed (from torchrun's environment: gloo on the
 CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="run directory (checkpoints, metrics.jsonl, weights)")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many steps; the schedules still span the config's epochs")
+    train.add_argument("--minutes", type=float, default=None,
+                       help="time budget instead of the config's epochs: the schedules span the steps that fit "
+                            "(measured at the start)")
     train.add_argument("--data", default=None,
                        help="ImageFolder / tar-shard dataset (with train/ and val/ for the final k-NN); default: "
                             "the built-in shapes dataset")
@@ -57,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> C.TrainConfig:
-    """Preset, YAML file, --data / --max-steps, then overrides; ValueError on anything invalid."""
+    """Preset, YAML file, --data / --max-steps / --minutes, then overrides; ValueError on anything invalid."""
     file_values = C.load_yaml(args.config) if args.config else None
     flags = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
     flags += [f"max_steps={args.max_steps}"] if args.max_steps is not None else []
+    flags += [f"minutes={args.minutes}"] if args.minutes is not None else []
     return C.apply_overrides(C.preset(args.preset), file_values=file_values, overrides=flags + list(args.overrides))
 
 
@@ -107,28 +115,28 @@ def main(argv=None) -> int:
 
 
 def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: DeviceMesh | None) -> int:
-    """Dataset, loader, trainer, resume, train, and the evaluation at the end; returns the exit code."""
+    """Dataset, loader, trainer, resume (or fit a time budget), train, the evaluation and the statement at the end;
+    returns the exit code."""
     from fastdino.engine.train import NonFiniteLossError, Trainer
-    from fastdino.pipelines import MultiCropConfig, build_loader, resolve_split
+    from fastdino.pipelines import resolve_split
 
+    started = time.perf_counter()
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
     try:
         cfg = with_dataset(cfg, rank)
         train_split = resolve_split(cfg.data.path, "train")
         if cfg.eval.at_end:
             _check_val_split(cfg.data.path)
-        d = cfg.data
-        crops = MultiCropConfig(d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
-                                d.local_crops_scale)
-        loader = build_loader(train_split, crops, d.batch_size // world_size, rank=rank, world_size=world_size,
-                              seed=cfg.seed, backend=d.backend, device=str(device), num_workers=d.num_workers)
+        loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
         trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
+        if rank == 0:
+            write_config(cfg, output)
+        resumed = trainer.resume(loader)  # a time-budgeted run resumes with the step count it measured
+        if cfg.minutes is not None and not resumed:
+            trainer.fit_to_budget(loader, deadline=started + 60 * cfg.minutes)
     except ValueError as error:
         sys.stderr.write(f"fastdino: error: {error}\n")
         return EXIT_USAGE
-    if rank == 0:
-        write_config(cfg, output)
-    resumed = trainer.resume(loader)
     logger.info("%s at step %d of %d (stopping at %d); %d images, %s loader", "resuming" if resumed else "starting",
                 trainer.step, trainer.schedules.total_steps, trainer.stop_step, loader.num_images, loader.backend)
     try:
@@ -145,7 +153,21 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
               f"{output / 'teacher_backbone.safetensors'}")
     if cfg.eval.at_end and trainer.step == trainer.schedules.total_steps:
         evaluate_at_end(trainer, output)
+    if rank == 0:
+        state_the_run(trainer, output)
     return 0
+
+
+def build_train_loader(cfg: C.TrainConfig, train_split: str, device: torch.device, *, rank: int = 0,
+                       world_size: int = 1):
+    """The multi-crop loader of this rank's share of each global batch of `train_split`."""
+    from fastdino.pipelines import MultiCropConfig, build_loader
+
+    d = cfg.data
+    crops = MultiCropConfig(d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
+                            d.local_crops_scale)
+    return build_loader(train_split, crops, d.batch_size // world_size, rank=rank, world_size=world_size,
+                        seed=cfg.seed, backend=d.backend, device=str(device), num_workers=d.num_workers)
 
 
 def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:
@@ -198,37 +220,41 @@ def _flat_diff(old, new, prefix: str = "") -> set[str]:
 def evaluate_at_end(trainer, output: Path) -> dict:
     """k-NN of the trained teacher and of the untrained network (same seed), an attention-map PNG, a metrics row.
     Collective under torch.distributed (every rank extracts the features of its shard)."""
-    from fastdino.engine.checkpoint import full_backbone_state_dict
-    from fastdino.engine.eval import knn_evaluate
-    from fastdino.engine.train import build_model, initial_state
+    from fastdino.engine.train import build_model, initial_state, knn_accuracy
     from fastdino.engine.visualize import save_attention_png
     from fastdino.pipelines import resolve_split
 
-    cfg, device = trainer.cfg, trainer.device
+    cfg = trainer.cfg
     untrained = build_model(cfg, student=False)
     untrained.load_state_dict(initial_state(cfg))
-    trained = build_model(cfg, student=False).backbone
-    trained.load_state_dict(full_backbone_state_dict(trainer.teacher, rank=trainer.rank, everywhere=True))
-    knn = dict(image_size=cfg.model.img_size, ks=(cfg.eval.knn_k,), temperature=cfg.eval.knn_temperature,
-               batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
-    results = {name: knn_evaluate(net.to(device).eval(), cfg.data.path, **knn)[cfg.eval.knn_k]
-               for name, net in (("untrained", untrained.backbone), ("trained", trained))}
+    trained = trainer.teacher_backbone()
+    row = trainer.evaluate_knn(trained)
+    results = {"untrained": knn_accuracy(untrained.backbone, cfg, trainer.device),
+               "trained": {"top1": row["knn_top1"], "top5": row["knn_top5"]}}
     if trainer.rank != 0:
         return results
     val = Path(resolve_split(cfg.data.path, "val"))
     images = sorted(p for p in val.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if val.is_dir() else []
     png = save_attention_png(trained, images[0], output / "attention.png") if images else None
-    row = {"step": trainer.step, "epoch": trainer.step / trainer.steps_per_epoch,
-           "knn_top1": results["trained"]["top1"], "knn_top5": results["trained"]["top5"],
-           "knn_top1_untrained": results["untrained"]["top1"]}
-    with (output / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    trainer.metrics_writer().append({**row, "knn_top1_untrained": results["untrained"]["top1"]})
     print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "
           f"{results['untrained']['top1']:.1f}% -> trained {results['trained']['top1']:.1f}% "
           f"(top-5 {results['untrained']['top5']:.1f}% -> {results['trained']['top5']:.1f}%)")
     if png is not None:
         print(f"attention maps of {images[0].name}: {png}")
     return results
+
+
+def state_the_run(trainer, output: Path) -> None:
+    """Print the plain end-of-run statement from the whole run's metrics rows (every resumed part of it)."""
+    from fastdino.engine.metrics import end_of_run_statement
+    from fastdino.engine.visualize import read_metrics
+
+    path = output / "metrics.jsonl"
+    lines = end_of_run_statement(read_metrics(path), trainer.cfg.head.out_dim) if path.is_file() else []
+    if lines:
+        print(f"end of run at step {trainer.step} of {trainer.schedules.total_steps}:")
+        print("\n".join(f"  {line}" for line in lines))
 
 
 if __name__ == "__main__":

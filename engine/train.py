@@ -12,13 +12,21 @@ No host-device sync inside a step. Loss, gradient norm and counters stay on the 
 with a non-finite gradient norm is skipped by the fused AdamW's `found_inf` flag, with the teacher momentum set to 1
 and the loss center restored, so it changes nothing but the counters. The host reads them every `log_every`
 steps and stops the run after `max_nonfinite_in_a_row` skipped steps in a row.
+
+With a time budget (`minutes`), `fit_to_budget` times a few real steps (and a k-NN pass when k-NN runs), undoes
+them, and makes the schedules span the steps that fit; the count is stored in every checkpoint, so a resumed run
+keeps it. With `eval.knn_every_epochs`, the loop runs a k-NN of the teacher on the val split every that many
+epochs and at the last step; its time counts neither as training time nor in the throughput.
 """
 import contextlib
+import itertools
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -26,7 +34,14 @@ from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState,
 from fastdino.engine.config import TrainConfig
 from fastdino.engine.head import DINOHead, DINOModel
 from fastdino.engine.loss import DINOLoss
-from fastdino.engine.metrics import CollapseWatch, MetricsWriter, StepStats, Throughput, max_memory_gib
+from fastdino.engine.metrics import (
+    CollapseWatch,
+    MetricsWriter,
+    StepStats,
+    Throughput,
+    format_knn_row,
+    max_memory_gib,
+)
 from fastdino.engine.parallelize import (
     DynamicLossScale,
     apply_ddp,
@@ -34,11 +49,16 @@ from fastdino.engine.parallelize import (
     resolve_mode,
     resolve_precision,
 )
-from fastdino.engine.schedules import Schedules
+from fastdino.engine.schedules import Schedules, steps_in_budget
 from fastdino.engine.vit import create_model
 from fastdino.kernels import ema_update_
 
 logger = logging.getLogger(__name__)
+
+# A time budget is resolved from steps timed after a few untimed ones: allocations, autotuning and the loader's
+# start make the first steps slow.
+CALIBRATION_WARMUP_STEPS = 2
+CALIBRATION_STEPS = 5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,6 +98,19 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def knn_accuracy(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """k-NN top-1 / top-5 (%) of a frozen backbone on the dataset's val split with the eval section's k,
+    temperature and batch size. Collective under torch.distributed (each rank embeds its shard). Leaves the global
+    RNG as it was: the eval loaders draw from it, and an evaluation during training must not change the training."""
+    from fastdino.engine.eval import knn_evaluate
+
+    e = cfg.eval
+    with torch.random.fork_rng(devices=[]):
+        return knn_evaluate(backbone.to(device).eval(), cfg.data.path, image_size=cfg.model.img_size,
+                            ks=(e.knn_k,), temperature=e.knn_temperature, batch_size=e.batch_size, device=device,
+                            num_workers=cfg.data.num_workers)[e.knn_k]
+
+
 class Trainer:
     """Student, teacher, loss, optimizer and the step; `mesh` is None for one process."""
 
@@ -93,8 +126,8 @@ class Trainer:
                              f"processes ({self.world_size})")
         torch.manual_seed(cfg.seed + self.rank)  # stochastic depth differs between ranks, as in DINO
         self.steps_per_epoch = steps_per_epoch
-        self.schedules = Schedules.from_config(cfg, steps_per_epoch)
-        self.stop_step = min(self.schedules.total_steps, cfg.max_steps or self.schedules.total_steps)
+        self.set_total_steps(cfg.epochs * steps_per_epoch)  # a time budget replaces it in fit_to_budget
+        self.knn_every_steps = self._knn_every_steps()
 
         self.student, self.teacher = self._build_models()
         self.model = self.student.module if self.mode == "ddp" else self.student  # the DINOModel itself
@@ -110,12 +143,37 @@ class Trainer:
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
         self.step = 0
-        self._resumed_rng = None  # (cpu, cuda) RNG states of a checkpoint, applied before the next step
+        self._resumed_rng = None  # (cpu, cuda) RNG states applied before the next step (resume, fit_to_budget)
+        self.trained_seconds = 0.0  # training wall time of the earlier runs of this output folder
+        self.throughput: Throughput | None = None  # the clock of the running `train`
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        logger.info("mode %s, precision %s, %d process(es), %.1fM parameters, %d steps (%d per epoch)",
+        length = (f"steps from a {cfg.minutes:g}-min time budget" if cfg.minutes is not None
+                  else f"{self.schedules.total_steps} steps")
+        logger.info("mode %s, precision %s, %d process(es), %.1fM parameters, %s (%d per epoch)",
                     self.mode, self.precision.name, self.world_size,
-                    sum(p.numel() for p in self.model.parameters()) / 1e6, self.schedules.total_steps,
-                    steps_per_epoch)
+                    sum(p.numel() for p in self.model.parameters()) / 1e6, length, steps_per_epoch)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Make every schedule span `total_steps`; `max_steps` may still stop the run earlier."""
+        self.schedules = Schedules.from_config(self.cfg, self.steps_per_epoch, total_steps)
+        self.stop_step = min(total_steps, self.cfg.max_steps or total_steps)
+
+    def _knn_every_steps(self) -> int:
+        """Steps between two k-NN passes during training; 0 when off or when the dataset has no val split."""
+        from fastdino.pipelines import resolve_split
+
+        every, path = self.cfg.eval.knn_every_epochs, self.cfg.data.path
+        if not every:
+            return 0
+        try:
+            has_val = path is not None and bool(resolve_split(path, "val"))
+        except ValueError:
+            has_val = False
+        if not has_val:
+            logger.info("periodic k-NN (eval.knn_every_epochs=%g) is off: dataset %s has no held-out val split",
+                        every, path)
+            return 0
+        return max(1, round(every * self.steps_per_epoch))
 
     def _build_models(self):
         with torch.device("meta"):
@@ -192,14 +250,13 @@ class Trainer:
 
     def train(self, loader) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
-        every `log_every` steps, checkpoint every `checkpoint.every_steps`, at epoch ends and at the end.
-        Returns the logged rows (rank 0; empty elsewhere)."""
+        every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps`, at epoch ends
+        and at the end. Returns the logged training rows (rank 0; empty elsewhere)."""
         cfg = self.cfg
-        writer = MetricsWriter(self.output_dir / "metrics.jsonl" if self._writes() else None,
-                               self.schedules.total_steps)
+        writer = self.metrics_writer()
         writer.drop_after(self.step)
         collapse = CollapseWatch(cfg.head.out_dim, patience_steps=max(self.steps_per_epoch, 5 * cfg.log_every))
-        throughput = Throughput(self.step)
+        self.throughput = Throughput(self.step, self.trained_seconds)
         rows = []
         self.student.train()
         self.teacher.train()
@@ -211,24 +268,127 @@ class Trainer:
                 self._restore_rng()
                 self.train_step(crops)
                 if self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps:
-                    rows.append(self._log(writer, collapse, throughput))
+                    rows.append(self._log(writer, collapse, self.throughput))
+                if self._knn_due():  # before the checkpoint: a run resumed from it must not miss this pass
+                    self._periodic_knn(writer)
                 if self._checkpoint_due():
                     self.save_checkpoint(loader)
                 if self.step >= self.stop_step or self.step % self.steps_per_epoch == 0:
                     break
             if self.step == start:
                 raise RuntimeError(f"the data loader yielded no batch at step {self.step} (epoch {self.epoch})")
+        self.trained_seconds, self.throughput = self.throughput.trained_seconds(), None
         return [row for row in rows if row]
 
+    def metrics_writer(self) -> MetricsWriter:
+        """The writer of DIR/metrics.jsonl (a no-op on ranks other than 0 and without an output folder)."""
+        return MetricsWriter(self.output_dir / "metrics.jsonl" if self._writes() else None,
+                             self.schedules.total_steps)
+
+    def training_seconds(self) -> float:
+        """Wall time spent training in this output folder so far, over every resumed run, evaluations left out."""
+        return self.throughput.trained_seconds() if self.throughput is not None else self.trained_seconds
+
+    # ---------------------------------------------------------------------------------------------- k-NN
+
+    def _knn_due(self) -> bool:
+        if not self.knn_every_steps:
+            return False
+        if self.step == self.schedules.total_steps:
+            return not self.cfg.eval.at_end  # the evaluation at the end takes the last pass
+        return self.step % self.knn_every_steps == 0
+
+    def _periodic_knn(self, writer: MetricsWriter) -> None:
+        with self.throughput.paused():
+            row = self.evaluate_knn(self.teacher_backbone())
+        if self.rank == 0:
+            logger.info(format_knn_row(row, self.cfg.eval.knn_k))
+            writer.append(row)
+
+    def evaluate_knn(self, teacher_backbone: torch.nn.Module) -> dict:
+        """k-NN of `teacher_backbone` (see `teacher_backbone()`) on the val split, collective: a metrics row with
+        the step, the epoch, top-1 / top-5 and the training minutes so far."""
+        minutes = self.training_seconds() / 60  # read before the evaluation, which is not training time
+        result = knn_accuracy(teacher_backbone, self.cfg, self.device)
+        return {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "knn_top1": result["top1"],
+                "knn_top5": result["top5"], "minutes": round(minutes, 3)}
+
+    def teacher_backbone(self) -> torch.nn.Module:
+        """A plain (unsharded) backbone holding the teacher's weights, on every rank (collective under FSDP2)."""
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights from the training's CPU RNG
+            backbone = build_model(self.cfg, student=False).backbone
+        backbone.load_state_dict(full_backbone_state_dict(self.teacher, rank=self.rank, everywhere=True))
+        return backbone
+
+    # ------------------------------------------------------------------------------------------ time budget
+
+    def fit_to_budget(self, loader, deadline: float) -> None:
+        """Make the schedules span the steps that fit before `deadline` (a `time.perf_counter()` value): time
+        real steps on `loader`'s batches and undo them (the run is then the very run given that many steps), time
+        a k-NN pass when k-NN runs during or after training, and take the smallest count over the ranks."""
+        snapshot = _Snapshot(self, loader)
+        batches = _endless(loader)
+        first_batch = next(batches)
+        # Creating the loader's iterator may draw from the global RNG (torch's DataLoader does, once per iterator,
+        # or once in all with persistent workers): the run's first step starts from the state it has here.
+        first_step_rng = _rng_states(self.device)
+        step_seconds = self._time_steps(itertools.chain([first_batch], batches))
+        batches.close()
+        snapshot.restore()
+        self._resumed_rng = first_step_rng
+        # The evaluation at the end is estimated, not a fixed fraction: two k-NN passes (trained and untrained
+        # network) as long as the timed one, since every pass embeds the same images; its attention map is cheap.
+        end_knn_passes = 2 if self.cfg.eval.at_end else int(self.knn_every_steps > 0)
+        knn_seconds = self._time_knn_pass() if end_knn_passes else 0.0
+        seconds_left = deadline - time.perf_counter()
+        total_steps = self._min_over_ranks(steps_in_budget(seconds_left, step_seconds, knn_seconds=knn_seconds,
+                                                           knn_every_steps=self.knn_every_steps,
+                                                           end_knn_passes=end_knn_passes))
+        if total_steps < 1:
+            raise ValueError(f"a time budget of {self.cfg.minutes:g} min leaves no time to train: "
+                             f"{seconds_left:.1f} s are left after the start, a step takes {step_seconds:.3f} s and "
+                             f"a k-NN pass {knn_seconds:.1f} s; raise --minutes")
+        self.set_total_steps(total_steps)
+        logger.info("time budget %g min: step %.3f s measured over %d steps -> %d steps (%.2f epochs)",
+                    self.cfg.minutes, step_seconds, CALIBRATION_STEPS, total_steps,
+                    total_steps / self.steps_per_epoch)
+
+    def _time_steps(self, batches) -> float:
+        """Seconds per training step over the iterator `batches`, after CALIBRATION_WARMUP_STEPS untimed ones."""
+        for _ in range(CALIBRATION_WARMUP_STEPS):
+            self.train_step(next(batches))
+        self._synchronize()
+        start = time.perf_counter()
+        for _ in range(CALIBRATION_STEPS):
+            self.train_step(next(batches))
+        self._synchronize()
+        return (time.perf_counter() - start) / CALIBRATION_STEPS
+
+    def _time_knn_pass(self) -> float:
+        start = time.perf_counter()
+        row = self.evaluate_knn(self.teacher_backbone())
+        seconds = time.perf_counter() - start
+        logger.info("one k-NN pass takes %.1f s (untrained network: top-1 %.1f%%)", seconds, row["knn_top1"])
+        return seconds
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _min_over_ranks(self, value: int) -> int:
+        """The smallest `value` over the ranks, so that every rank runs the same schedules."""
+        if self.mesh is None:
+            return value
+        smallest = torch.tensor(value, device=self.device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=self.mesh.get_group())
+        return int(smallest)
+
     def _restore_rng(self) -> None:
-        """Set the RNG states loaded from a checkpoint, once, right before the first step after resuming: creating
-        the loader's iterator may draw from the global RNG (torch's DataLoader does), which an uninterrupted run
-        does not do at this point."""
+        """Set the RNG states loaded from a checkpoint (or taken by fit_to_budget), once, right before the next
+        step: creating the loader's iterator may draw from the global RNG (torch's DataLoader does), which an
+        uninterrupted run does not do at this point."""
         if self._resumed_rng is not None:
-            cpu, cuda = self._resumed_rng
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state(cuda, self.device)
+            _set_rng_states(self._resumed_rng, self.device)
             self._resumed_rng = None
 
     def _checkpoint_due(self) -> bool:
@@ -326,17 +486,24 @@ class _TrainState:
 
     def state_dict(self) -> dict:
         t = self.trainer
-        per_rank = {"rng_cpu": torch.get_rng_state(), "stats": t.stats.values}
-        if t.device.type == "cuda":
-            per_rank["rng_cuda"] = torch.cuda.get_rng_state(t.device)
+        rng_cpu, rng_cuda = _rng_states(t.device)
+        per_rank = {"rng_cpu": rng_cpu, "stats": t.stats.values}
+        if rng_cuda is not None:
+            per_rank["rng_cuda"] = rng_cuda
         if t.loss_scale:
             per_rank["loss_scale"] = t.loss_scale.state_dict()
         return {"step": t.step, "epoch": t.epoch, "images_seen": t.step * t.cfg.data.batch_size,
+                "total_steps": t.schedules.total_steps, "trained_seconds": t.training_seconds(),
                 "world_size": t.world_size, f"rank{t.rank}": per_rank}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
         t.step = state["step"]
+        t.trained_seconds = state["trained_seconds"]
+        if t.cfg.minutes is not None:
+            t.set_total_steps(state["total_steps"])
+            logger.info("time budget %g min: the schedules keep the %d steps measured when the run started",
+                        t.cfg.minutes, state["total_steps"])
         if state["world_size"] != t.world_size:
             logger.warning("checkpoint was written by %d processes, resuming on %d: RNG states start afresh",
                            state["world_size"], t.world_size)
@@ -346,6 +513,57 @@ class _TrainState:
         t.stats.load_state_dict({"values": per_rank["stats"]})
         if t.loss_scale:
             t.loss_scale.load_state_dict(per_rank["loss_scale"])
+
+
+class _Snapshot:
+    """What training steps change in a Trainer and its loader, put back by `restore`. Tensors changed in place
+    are copied, and copied back into the same tensors (the optimizer and the parallel wrappers hold them);
+    values that a step replaces are kept by reference."""
+
+    def __init__(self, trainer: Trainer, loader):
+        t = self.trainer = trainer
+        self.loader, self.loader_state = loader, loader.state_dict()
+        optimizer_tensors = [v for state in t.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        in_place = [*t.student.parameters(), *t.student.buffers(), *t.teacher.parameters(), *t.teacher.buffers(),
+                    t.loss_fn.center, *optimizer_tensors]
+        self.copies = [(tensor, tensor.detach().clone()) for tensor in in_place]
+        self.groups = [{k: v for k, v in group.items() if k != "params"} for group in t.optimizer.param_groups]
+        self.step, self.stats, self.found_inf = t.step, t.stats.values, t.optimizer.found_inf
+        self.entropy = t.loss_fn.last_teacher_entropy
+        self.loss_scale = t.loss_scale.state_dict() if t.loss_scale else None
+        self.rng = _rng_states(t.device)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        t = self.trainer
+        for tensor, copy in self.copies:
+            tensor.copy_(copy)
+        for group, saved in zip(t.optimizer.param_groups, self.groups):
+            group.update(saved)
+        t.step, t.stats.values, t.optimizer.found_inf = self.step, self.stats, self.found_inf
+        t.loss_fn.last_teacher_entropy = self.entropy
+        if t.loss_scale:
+            t.loss_scale.load_state_dict(self.loss_scale)
+        _set_rng_states(self.rng, t.device)
+        self.loader.load_state_dict(self.loader_state)
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The global CPU RNG state, and `device`'s when it is a GPU."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _endless(loader):
+    """`loader`'s batches from its current position on, across epochs."""
+    while True:
+        yield from loader
 
 
 class _PerRank:

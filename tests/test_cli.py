@@ -33,7 +33,7 @@ def fastdino(*args, env=None, launcher=("-m", "fastdino.engine.cli")):
 def test_the_train_options_are_frozen():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     options = {opt for action in train._actions for opt in action.option_strings}
-    assert options == {"-h", "--help", "--output", "--max-steps", "--data", "--preset", "--config"}
+    assert options == {"-h", "--help", "--output", "--max-steps", "--minutes", "--data", "--preset", "--config"}
     assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", *EVAL_COMMANDS}
 
 
@@ -43,6 +43,7 @@ def test_the_train_options_are_frozen():
     (["--preset", "huge"], "fastdino: error: unknown preset 'huge'"),
     (["--max-steps", "0"], "fastdino: error: max_steps must be > 0 or null, got 0"),
     (["--max-steps", "ten"], "fastdino train: error: argument --max-steps: invalid int value: 'ten'"),
+    (["--minutes", "0"], "fastdino: error: minutes must be > 0 or null, got 0.0"),
     (["--data", "/nonexistent/data"], "/nonexistent/data"),
 ])
 def test_config_errors_are_one_line_with_exit_code_2(tmp_path, args, message):

@@ -1,0 +1,127 @@
+"""`minutes`: the step count comes from timed real steps (faked here: no assertion depends on the machine's speed),
+the timing leaves no trace in the run, warmups longer than the budget shrink with a warning, and a resumed run
+keeps the count it measured."""
+import logging
+import re
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastdino.engine import train
+from fastdino.engine.cli import build_train_loader, run_train
+from fastdino.engine.train import Trainer
+
+from test_cli import tiny_dataset  # noqa: F401  (pytest fixture)
+from test_train import make_trainer, tiny_config
+
+CPU = torch.device("cpu")
+
+
+def data_config(data, *overrides):
+    """The tiny model of test_train.py on the tiny dataset of test_cli.py (32 images: 8 steps per epoch)."""
+    return tiny_config(f"data.path={data}", "data.backend=torchvision", "data.num_workers=0", "eval.batch_size=16",
+                       "eval.at_end=false", *overrides)
+
+
+def trainer_and_loader(cfg, output_dir=None):
+    loader = build_train_loader(cfg, f"{cfg.data.path}/train", CPU)
+    if output_dir is not None:
+        output_dir.mkdir()
+    return make_trainer(cfg, steps_per_epoch=len(loader), output_dir=output_dir), loader
+
+
+def fake_costs(monkeypatch, *, step_seconds, knn_seconds=0.0):
+    """A step and a k-NN pass take these many seconds, and no time passes otherwise."""
+    monkeypatch.setattr(Trainer, "_time_steps", lambda self, batches: step_seconds)
+    monkeypatch.setattr(Trainer, "_time_knn_pass", lambda self: knn_seconds)
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: 0.0))
+
+
+def test_the_budget_sets_the_step_count_of_every_schedule(monkeypatch, caplog, tiny_dataset):
+    cfg = data_config(tiny_dataset, "minutes=1", "eval.at_end=true", "eval.knn_every_epochs=1", "max_steps=50")
+    trainer, loader = trainer_and_loader(cfg)
+    fake_costs(monkeypatch, step_seconds=0.05, knn_seconds=2.0)
+    caplog.set_level(logging.INFO)
+    trainer.fit_to_budget(loader, deadline=60.0)
+    # 60 s less 2 passes at the end (trained and untrained network), then 0.05 s a step + a 2-s pass every 8 steps
+    assert trainer.schedules.total_steps == int((60 - 2 * 2.0) / (0.05 + 2.0 / 8)) == 186
+    assert trainer.stop_step == 50  # max_steps still stops early without changing the schedules
+    assert trainer.schedules.warmup_steps == 8  # one epoch, as configured
+    assert "time budget 1 min: step 0.050 s measured over 5 steps -> 186 steps (23.25 epochs)" in caplog.text
+
+
+def test_a_warmup_longer_than_the_budget_is_scaled_down_with_a_warning(monkeypatch, caplog, tiny_dataset):
+    cfg = data_config(tiny_dataset, "minutes=0.1")  # epochs=2; lr and teacher temperature warm up over 1 epoch
+    trainer, loader = trainer_and_loader(cfg)
+    fake_costs(monkeypatch, step_seconds=1.0)
+    trainer.fit_to_budget(loader, deadline=6.0)
+    assert trainer.schedules.total_steps == 6 and trainer.schedules.warmup_steps == 3
+    assert trainer.schedules.teacher_temp_warmup_steps == 3 and trainer.schedules.freeze_last_layer_steps == 4
+    assert ("optim.warmup_epochs=1 (8 steps) is longer than the whole run of 6 steps: scaled down to 3 steps, its "
+            "share of the configured 2 epochs") in caplog.text
+
+
+def test_a_budget_too_short_for_one_step_is_an_error(monkeypatch, tiny_dataset):
+    cfg = data_config(tiny_dataset, "minutes=0.01")
+    trainer, loader = trainer_and_loader(cfg)
+    fake_costs(monkeypatch, step_seconds=1.0)
+    with pytest.raises(ValueError, match=r"a time budget of 0.01 min leaves no time to train: 0.6 s are left .* "
+                                         r"a step takes 1.000 s .* raise --minutes"):
+        trainer.fit_to_budget(loader, deadline=0.6)
+
+
+def _state(trainer, loader) -> dict:
+    """Everything a step reads or changes, as plain values and tensors."""
+    optimizer = trainer.optimizer.state_dict()
+    return {**{f"student.{k}": v for k, v in trainer.student.state_dict().items()},
+            **{f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()},
+            **{f"adam.{i}.{k}": v for i, state in optimizer["state"].items() for k, v in state.items()},
+            "adam.groups": optimizer["param_groups"], "center": trainer.loss_fn.center, "step": trainer.step,
+            "stats": trainer.stats.values, "entropy": trainer.loss_fn.last_teacher_entropy,
+            "found_inf": trainer.optimizer.found_inf, "loader": loader.state_dict(), "rng": torch.get_rng_state()}
+
+
+def _assert_same(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        same = torch.equal(actual[key], value) if isinstance(value, torch.Tensor) else actual[key] == value
+        assert same, f"{key} differs"
+
+
+@pytest.mark.slow
+def test_the_timed_steps_leave_the_run_exactly_as_a_fresh_one(tmp_path, tiny_dataset):
+    cfg = data_config(tiny_dataset, "minutes=60", "max_steps=3")  # drop_path_rate=0.1: steps draw from the RNG
+    timed, timed_loader = trainer_and_loader(cfg, output_dir=tmp_path / "timed")
+    rng_at_start = torch.get_rng_state()
+    timed.fit_to_budget(timed_loader, deadline=time.perf_counter() + 3600)  # really timed...
+    assert timed.schedules.total_steps > 3
+    fresh, fresh_loader = trainer_and_loader(cfg, output_dir=tmp_path / "fresh")
+    fresh.set_total_steps(timed.schedules.total_steps)  # ...and this is the run of that many steps without timing
+    _assert_same(_state(timed, timed_loader), _state(fresh, fresh_loader))
+    assert torch.equal(torch.get_rng_state(), rng_at_start)
+
+    for trainer, loader in ((fresh, fresh_loader), (timed, timed_loader)):
+        torch.set_rng_state(rng_at_start)
+        trainer.train(loader)
+    _assert_same(_state(timed, timed_loader), _state(fresh, fresh_loader))
+
+
+def test_a_minutes_run_resumed_with_the_same_command_keeps_its_step_count(monkeypatch, caplog, tmp_path,
+                                                                          tiny_dataset):
+    cfg = data_config(tiny_dataset, "minutes=0.5")
+    monkeypatch.setattr(Trainer, "_time_steps", lambda self, batches: 0.01)
+    caplog.set_level(logging.INFO)
+    assert run_train(replace(cfg, max_steps=3), tmp_path / "run", device=CPU, mesh=None) == 0
+    total_steps = int(re.search(r"-> (\d+) steps", caplog.text).group(1))
+    caplog.clear()
+
+    def measure_again(*args, **kwargs):
+        raise AssertionError("a resumed run measured its steps again")
+
+    monkeypatch.setattr(Trainer, "fit_to_budget", measure_again)
+    assert run_train(replace(cfg, max_steps=6), tmp_path / "run", device=CPU, mesh=None) == 0
+    assert f"the schedules keep the {total_steps} steps measured when the run started" in caplog.text
+    assert f"resuming at step 3 of {total_steps} (stopping at 6)" in caplog.text
