@@ -99,7 +99,12 @@ def main(argv=None) -> int:
 
         return eval_main(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options too (`... --minutes 4 optim.base_lr=1e-3`): argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         cfg = build_config(args)
     except ValueError as error:

@@ -45,6 +45,8 @@ def test_the_train_options_are_frozen():
     (["--max-steps", "ten"], "fastdino train: error: argument --max-steps: invalid int value: 'ten'"),
     (["--minutes", "0"], "fastdino: error: minutes must be > 0 or null, got 0.0"),
     (["--data", "/nonexistent/data"], "/nonexistent/data"),
+    (["--max-steps", "1", "optim.lr=1"], "fastdino: error: unknown config key 'optim.lr'"),  # override after option
+    (["optim.base_lr=1", "--max-steps", "1", "stray"], "fastdino: error: unrecognized arguments: stray"),
 ])
 def test_config_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     proc = fastdino("train", "--output", tmp_path / "run", *args)
