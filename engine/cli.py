@@ -180,9 +180,11 @@ def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:
     if cfg.data.path is not None:
         return cfg
     from fastdino.pipelines import default_dataset_dir, make_shapes_dataset
+    from fastdino.pipelines.synthetic import FORMAT_VERSION
 
     d = cfg.data
-    root = default_dataset_dir() / f"shapes_{d.shapes_train_images}_{d.shapes_val_images}_{d.shapes_image_size}px"
+    root = default_dataset_dir() / (f"shapes_v{FORMAT_VERSION}_{d.shapes_train_images}_{d.shapes_val_images}_"
+                                    f"{d.shapes_image_size}px")
     if rank == 0:
         make_shapes_dataset(root, num_train=d.shapes_train_images, num_val=d.shapes_val_images,
                             image_size=d.shapes_image_size, seed=0)

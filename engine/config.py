@@ -289,15 +289,38 @@ def vit_small16_imagenet() -> TrainConfig:
     )
 
 
+def small() -> TrainConfig:
+    """Datasets of 5k-100k images (issue 8): the paper's ViT-S/16 and augmentations with the parts that stall on
+    small sets changed, for `--minutes M` or `epochs=E`; k-NN on the val split every 10 epochs shows progress.
+
+    Changes from vit_small16_imagenet, and why (GPU runs of this preset have not been made yet; RESULTS.md):
+    - K = 4096, not 65536: with a few thousand images per epoch most of 65536 prototypes never win a sample, and
+      users report that out_dim 65536 stalls on custom data.
+    - teacher momentum 0.99 -> 1, not 0.996: a short run has a few thousand steps, and at 0.996 the teacher
+      averages over ~250 of them, a large share of the run.
+    - global batch 128 (the benchmark batch of one GPU), lr 5e-4 x 128/256 with a 10-epoch warmup, 8 local crops.
+    Everything else is the paper's. Scaled down to a 4-block ViT on 32-px crops, 10 minutes on 2 CPU cores of
+    CIFAR-10 stay in DINO's near-uniform teacher phase (k-NN 30.0 % -> 31.2 %), as do the variants tried on the
+    shapes set (benchmarks/RESULTS.md)."""
+    cfg = vit_small16_imagenet()
+    return dataclasses.replace(
+        cfg,
+        head=HeadConfig(out_dim=4096),
+        optim=dataclasses.replace(cfg.optim, teacher_momentum=0.99),
+        data=DataConfig(batch_size=128, local_crops_number=8),
+        eval=EvalConfig(at_end=True, knn_every_epochs=10),
+        checkpoint=CheckpointConfig(every_steps=1000),
+    )
+
+
 def demo() -> TrainConfig:
     """A few minutes on 2 CPU cores: a 4-block ViT (D=96) with 8-px patches on 32-px global and 16-px local crops
     of the built-in 64-px shapes dataset, then k-NN of the trained and the untrained network and an attention map.
 
     Measured on 2 CPU cores: 2 min 9 s end to end (620 steps at 310-370 img/s, then both k-NN runs), k-NN top-1
-    10.8 % untrained -> 12.2 % trained (chance 10 %). No recipe tried in a few minutes did clearly better (teacher
-    temperature 0.02-0.04, Sinkhorn-Knopp, K 256-4096, lr x4, momentum 0.95, 6-10 local crops, 64/32-px crops,
-    patch 4, 10k images, flat backgrounds); a supervised CNN reaches only ~15 % after 30 epochs of this dataset,
-    so the data and the budget, not the loop, set the limit (issue 8)."""
+    10.8 % untrained -> 12.2 % trained (chance 10 %): the run works but does not get past DINO's near-uniform
+    teacher phase in this budget, nor in 10 minutes, nor with the variants listed in benchmarks/RESULTS.md
+    (issues 5 and 8)."""
     return TrainConfig(
         model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, depth=4, embed_dim=96,
                           num_heads=3),
@@ -314,7 +337,7 @@ def demo() -> TrainConfig:
     )
 
 
-PRESETS = {"demo": demo, "vit_small16_imagenet": vit_small16_imagenet}
+PRESETS = {"demo": demo, "small": small, "vit_small16_imagenet": vit_small16_imagenet}
 
 
 def preset(name: str) -> TrainConfig:

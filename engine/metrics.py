@@ -91,6 +91,7 @@ class Throughput:
     def __init__(self, start_step: int, seconds_before: float = 0.0):
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.started, self.seconds_before, self.paused_seconds = self.last_time, seconds_before, 0.0
+        self.pause_started: float | None = None
 
     def tick(self, step: int, images_per_step: int, total_steps: int) -> tuple[float, float]:
         now = time.perf_counter()
@@ -101,16 +102,19 @@ class Throughput:
     @contextmanager
     def paused(self):
         """Leave the time spent in the `with` block (an evaluation) out of the throughput and the training time."""
-        start = time.perf_counter()
+        self.pause_started = time.perf_counter()
         try:
             yield
         finally:
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - self.pause_started
+            self.pause_started = None
             self.last_time += seconds
             self.paused_seconds += seconds
 
     def trained_seconds(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.started - self.paused_seconds
+        """Training time so far; read inside `paused()`, it is the time at which the pause began."""
+        now = time.perf_counter() if self.pause_started is None else self.pause_started
+        return self.seconds_before + now - self.started - self.paused_seconds
 
 
 class CollapseWatch:
@@ -127,7 +131,7 @@ class CollapseWatch:
 
     @classmethod
     def mode(cls, entropy: float, log_k: float) -> str | None:
-        """The collapse mode a teacher entropy points to: "one prototype", "uniform", or None (healthy)."""
+        """The collapse mode a teacher entropy points to: "one prototype", "uniform", or None (neither)."""
         if entropy < cls.LOW * log_k:
             return "one prototype"
         if entropy > cls.HIGH * log_k:
@@ -217,7 +221,7 @@ def end_of_run_statement(rows: list[dict], out_dim: int) -> list[str]:
         first, last = trained[0], trained[-1]
         entropy = last["teacher_entropy"]
         verdict = {
-            None: "healthy",
+            None: "clear of both collapse modes",
             "uniform": "near ln K: teacher outputs uniform — collapsed or not learning yet",
             "one prototype": "near 0: one prototype dominates — collapsed",
         }[CollapseWatch.mode(entropy, log_k)]

@@ -1,9 +1,9 @@
 """The built-in dataset: labelled images of 10 shapes, made so that raw pixels are poor features.
 
-Each image shows one shape (the label) with a random colour, size, position and rotation, over a random
-background (flat, gradient or blotchy) with a few distractor strokes and pixel noise. Colour and position carry no
-label information, so a classifier must see shape; DINO's crops, colour jitter and blur teach exactly those
-invariances. Images are drawn at twice the size and downsampled (antialiased edges), then saved as JPEG.
+Each image shows 2 to 5 copies of one shape (the label), each with a random colour, size, position and
+rotation, over a random background (gradient or blotchy) with a few distractor strokes and pixel noise. Colour
+and position carry no label information, so a classifier must see shape; DINO's crops, colour jitter and blur
+teach exactly those invariances. Images are drawn at twice the size and downsampled (antialiased edges), then saved as JPEG.
 
 The dataset is a pure function of its parameters and seed; it is written once into a temporary folder that is
 renamed into place, so a reader never sees half a dataset and concurrent writers do not clash.
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ("arrow", "circle", "crescent", "cross", "ellipse", "pentagon", "ring", "square", "star", "triangle")
-_FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SUPERSAMPLE = 2
 
 
@@ -64,21 +64,20 @@ def _outlines(name: str) -> list[tuple[np.ndarray, int]]:
 
 
 def _background(rng: np.random.Generator, side: int) -> Image.Image:
-    kind = rng.integers(3)
-    if kind == 0:  # flat
-        arr = np.broadcast_to(rng.integers(0, 256, 3), (2, 2, 3))
-    elif kind == 1:  # gradient between two colours
+    """A gradient between two colours or blotches of 3x3 to 6x6 random colours, so that crops of one image do
+    not share one background colour (which would be an easier cue than the shapes for telling images apart)."""
+    if rng.random() < 0.3:
         t = np.linspace(0, 1, 8)[:, None, None]
         arr = (1 - t) * rng.integers(0, 256, 3) + t * rng.integers(0, 256, 3)
-        arr = np.broadcast_to(arr, (8, 8, 3))
-        arr = np.rot90(arr, rng.integers(4))
-    else:  # blotches: a few random colours upsampled
-        arr = rng.integers(0, 256, (3, 3, 3))
+        arr = np.rot90(np.broadcast_to(arr, (8, 8, 3)), rng.integers(4))
+    else:
+        cells = rng.integers(3, 7)
+        arr = rng.integers(0, 256, (cells, cells, 3))
     return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
 
 
 def _far_colour(rng: np.random.Generator, background: np.ndarray) -> tuple:
-    """A random colour at least ~100 away (RGB distance) from the background's mean colour."""
+    """A random colour at least ~100 away (RGB distance) from `background`."""
     for _ in range(20):
         colour = rng.integers(0, 256, 3)
         if np.linalg.norm(colour - background) > 100:
@@ -87,24 +86,29 @@ def _far_colour(rng: np.random.Generator, background: np.ndarray) -> tuple:
 
 
 def render_shape(rng: np.random.Generator, label: int, image_size: int) -> Image.Image:
-    """One RGB image of shape CLASSES[label]."""
+    """One RGB image showing 2 to 5 copies of shape CLASSES[label], each with its own colour, size, position and
+    rotation: a crop of any size is likely to hold one, so small and large crops of an image agree on the shape
+    and on little else."""
     side = image_size * _SUPERSAMPLE
     img = _background(rng, side)
+    background = np.asarray(img, dtype=np.float64)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(0, 4)):  # distractor strokes
         points = [tuple(p) for p in rng.uniform(0, side, (2, 2))]
         draw.line(points, fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
-    radius = rng.uniform(0.18, 0.4) * side
-    centre = rng.uniform(radius * 0.8, side - radius * 0.8, 2)
-    angle = rng.uniform(0, 2 * np.pi)
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    mask = Image.new("L", (side, side), 0)
-    mask_draw = ImageDraw.Draw(mask)
-    for polygon, value in _outlines(CLASSES[label]):
-        points = polygon @ rotation.T * radius + centre
-        mask_draw.polygon([tuple(p) for p in points], fill=value)
-    colour = _far_colour(rng, np.asarray(img, dtype=np.float64).mean(axis=(0, 1)))
-    img = Image.composite(Image.new("RGB", (side, side), colour), img, mask)
+    for _ in range(rng.integers(2, 6)):
+        radius = rng.uniform(0.12, 0.25) * side
+        centre = rng.uniform(radius * 0.7, side - radius * 0.7, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        mask = Image.new("L", (side, side), 0)
+        mask_draw = ImageDraw.Draw(mask)
+        for polygon, value in _outlines(CLASSES[label]):
+            points = polygon @ rotation.T * radius + centre
+            mask_draw.polygon([tuple(p) for p in points], fill=value)
+        under = background[np.asarray(mask) > 0]
+        colour = _far_colour(rng, under.mean(axis=0) if len(under) else background.mean(axis=(0, 1)))
+        img = Image.composite(Image.new("RGB", (side, side), colour), img, mask)
     img = img.resize((image_size, image_size), Image.Resampling.BOX)
     noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, rng.uniform(0, 12), (image_size, image_size, 3))
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
@@ -120,7 +124,7 @@ def make_shapes_dataset(root: str | Path, *, num_train: int, num_val: int, image
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     root = Path(root)
-    spec = {"kind": "shapes", "version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val,
+    spec = {"kind": "shapes", "version": FORMAT_VERSION, "num_train": num_train, "num_val": num_val,
             "image_size": image_size, "seed": seed, "classes": list(CLASSES)}
     if root.exists():
         _check_existing(root, spec)

@@ -23,6 +23,19 @@ def test_paper_preset_is_the_papers_recipe():
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.4, 3.0)
 
 
+def test_small_preset_changes_only_what_its_docstring_lists():
+    small, paper = C.to_dict(C.small()), C.to_dict(C.vit_small16_imagenet())
+    changed = {(section, key) for section, values in small.items() if isinstance(values, dict)
+               for key, value in values.items() if paper[section][key] != value}
+    assert changed == {("head", "out_dim"), ("optim", "teacher_momentum"), ("data", "batch_size"),
+                       ("data", "local_crops_number"), ("eval", "at_end"), ("eval", "knn_every_epochs"),
+                       ("checkpoint", "every_steps")}
+    assert (small["head"]["out_dim"], small["optim"]["teacher_momentum"], small["data"]["batch_size"]) == \
+        (4096, 0.99, 128)
+    assert {k: v for k, v in small.items() if not isinstance(v, dict)} == \
+        {k: v for k, v in paper.items() if not isinstance(v, dict)}
+
+
 def test_overrides_and_file_values_apply_in_order(tmp_path):
     file_values = {"optim": {"base_lr": 1e-3}, "epochs": 7}
     cfg = C.apply_overrides(C.demo(), file_values=file_values,

@@ -28,7 +28,8 @@ def test_knn_rows_every_interval_and_at_the_end_without_changing_the_training(tm
     knn = [row for row in rows if "knn_top1" in row]
     assert [row["step"] for row in knn] == [3, 6, 8] and knn[0]["epoch"] == 0.375
     assert all(set(row) == {"step", "epoch", "knn_top1", "knn_top5", "minutes"} for row in knn)
-    assert 0 < knn[0]["minutes"] < knn[1]["minutes"] < knn[2]["minutes"]
+    # training minutes (3 decimals) never go back, also across the evaluation pauses
+    assert 0 <= knn[0]["minutes"] <= knn[1]["minutes"] <= knn[2]["minutes"] and knn[2]["minutes"] > 0
     assert f"step 3 (epoch 0.38): k-NN top-1 {knn[0]['knn_top1']:.1f}% (k=20)" in caplog.text
     out = capsys.readouterr().out
     assert "end of run at step 8 of 8:" in out and "teacher output entropy" in out and "ln K = 5.55" in out

@@ -227,6 +227,7 @@ def test_throughput_and_training_time_leave_out_paused_time(monkeypatch):
     now[0] = 101.0
     with throughput.paused():  # e.g. a k-NN pass
         now[0] = 105.0
+        assert throughput.trained_seconds() == 31.0  # the clock stands still while paused
     now[0] = 106.0
     img_per_s, eta_s = throughput.tick(10, images_per_step=4, total_steps=20)
     assert (img_per_s, eta_s) == (20.0, 2.0)  # 10 steps in 2 s of training, not in 6 s
@@ -243,7 +244,7 @@ def _rows(losses, entropies, step=10):
 def test_end_statement_healthy_run_with_a_knn_curve():
     knn = [{"step": 10, "knn_top1": 10.0}, {"step": 20, "knn_top1": 14.0}, {"step": 30, "knn_top1": 12.0}]
     lines = end_of_run_statement(_rows([6.2, float("nan"), 4.1], [6.0, 5.5, 5.2]) + knn, out_dim=512)
-    assert lines == ["teacher output entropy 5.20 of ln K = 6.24 at step 30: healthy",
+    assert lines == ["teacher output entropy 5.20 of ln K = 6.24 at step 30: clear of both collapse modes",
                      "loss fell from 6.200 to 4.100 (ln K = 6.24)",
                      "k-NN top-1: first 10.0% at step 10 -> best 14.0% at step 20 -> last 12.0% at step 30"]
 
