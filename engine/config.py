@@ -50,6 +50,8 @@ class ModelConfig:
     """Stochastic depth rate of the student (the teacher shares the value; it only matters in training mode)."""
     attention: str = "auto"
     """Attention backend: auto, xformers or sdpa (see engine/attention.py)."""
+    pos_embed_resample: str = "timm"
+    """Position embeddings of other crop sizes: timm (bicubic, antialiased) or dino (the official code's)."""
     embed_dim: int | None = None
     """Override of the arch's embedding width (tiny test models); None keeps the arch's."""
     depth: int | None = None
@@ -64,6 +66,7 @@ class ModelConfig:
                f"model.img_size ({self.img_size}) must be a multiple of model.patch_size ({self.patch_size})")
         _check(0 <= self.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         _check_choice("model.attention", self.attention, ("auto", "xformers", "sdpa"))
+        _check_choice("model.pos_embed_resample", self.pos_embed_resample, ("timm", "dino"))
         for name in ("embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"model.{name} must be > 0 or null, got {value}")
@@ -276,10 +279,12 @@ class TrainConfig:
 def vit_small16_imagenet() -> TrainConfig:
     """The DINO paper's ViT-S/16 recipe for 100 epochs: K=65536, global batch 1024, lr 5e-4 * 1024/256 with 10
     warmup epochs, 2x224 + 10x96 crops, teacher temp 0.04 -> 0.07 over 30 epochs; everything else is
-    facebookresearch/dino main_dino.py's default (momentum 0.996 -> 1, weight decay 0.04 -> 0.4, clip 3.0, last
+    facebookresearch/dino main_dino.py's default (local crops' position embeddings resampled as its
+    interpolate_pos_encoding does, momentum 0.996 -> 1, weight decay 0.04 -> 0.4, clip 3.0, last
     layer frozen for 1 epoch, drop path 0.1, min lr 1e-6)."""
     return TrainConfig(
-        model=ModelConfig(arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1),
+        model=ModelConfig(arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1,
+                          pos_embed_resample="dino"),
         head=HeadConfig(out_dim=65536),
         loss=LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30),
         optim=OptimConfig(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10, teacher_momentum=0.996),

@@ -72,7 +72,8 @@ def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel:
     # The registry's patch-8 and patch-16 entries differ only in patch_size, which is passed explicitly.
     backbone = create_model(f"{cfg.model.arch}_patch16", patch_size=cfg.model.patch_size, img_size=cfg.model.img_size,
                             drop_path_rate=cfg.model.drop_path_rate if student else 0.0,
-                            attention=cfg.model.attention, **overrides)
+                            attention=cfg.model.attention, pos_embed_resample=cfg.model.pos_embed_resample,
+                            **overrides)
     h = cfg.head
     head = DINOHead(backbone.embed_dim, h.out_dim, use_bn=h.use_bn, norm_last_layer=h.norm_last_layer,
                     nlayers=h.nlayers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim)

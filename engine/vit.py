@@ -15,11 +15,14 @@ every shape depends only on the crop shapes and the drop-path rate (never on dat
 but needs a variable-length kernel that does not run on the CPU, and the dense per-group call keeps
 cuDNN/flash SDPA, the fastest kernels measured on the H100 (shared/gpu/README.md).
 
-Position embeddings for a grid other than the native one are resampled like timm's `dynamic_img_size`
-(`resample_abs_pos_embed`: bicubic, antialiased). Resampling is linear in `pos_embed`, so what is cached per
-grid is the interpolation matrix (h·w, h0·w0) obtained by resampling an identity, not resampled values:
-the per-step cost is one small matmul, gradients reach `pos_embed` as usual, and the cache never goes
-stale when the parameter changes (it depends only on the grid sizes).
+Position embeddings for a grid other than the native one are resampled in one of two ways
+(`pos_embed_resample`): "timm" like timm's `dynamic_img_size` (`resample_abs_pos_embed`: bicubic, antialiased,
+to the exact grid), or "dino" like the official DINO code (`interpolate_pos_encoding`: bicubic without
+antialiasing, at the scale factor (n + 0.1) / n0 of its issue #8), which the paper preset uses to reproduce the
+official step. Both are linear in `pos_embed`, so what is cached per grid is the interpolation matrix
+(h·w, h0·w0) obtained by resampling an identity, not resampled values: the per-step cost is one small matmul,
+gradients reach `pos_embed` as usual, and the cache never goes stale when the parameter changes (it depends only
+on the grid sizes).
 
 Stochastic depth skips the dropped images' compute as in DINOv2 (facebookresearch/dinov2:
 dinov2/layers/block.py, drop_add_residual_stochastic_depth): each residual branch runs on a random subset
@@ -38,6 +41,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
 
 from fastdino.engine.attention import BACKENDS, attention, attention_probs, select_attention_backend
@@ -158,6 +162,21 @@ class Block(nn.Module):
         return x + self._mlp_branch(x, layout)
 
 
+POS_EMBED_RESAMPLERS = ("timm", "dino")
+
+
+@torch.no_grad()
+def pos_embed_weights(h0: int, w0: int, h: int, w: int, method: str, device=None) -> torch.Tensor:
+    """(h*w, h0*w0) matrix taking an h0 x w0 grid of position embeddings to an h x w one: an identity with one
+    channel per source position, resampled by `method` (see the module docstring); row j holds target j's weights."""
+    eye = torch.eye(h0 * w0, device=device)  # (h0*w0 channels, h0*w0 positions)
+    if method == "timm":
+        return resample_abs_pos_embed(eye[None], new_size=[h, w], old_size=[h0, w0], num_prefix_tokens=0)[0]
+    grid = eye.reshape(1, h0 * w0, h0, w0)
+    resampled = F.interpolate(grid, scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic")
+    return resampled.reshape(h0 * w0, h * w).T
+
+
 class VisionTransformer(nn.Module):
     """ViT with a CLS token and learned position embeddings; `forward` returns final-norm CLS features.
 
@@ -178,12 +197,16 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         attention: str = "auto",
+        pos_embed_resample: str = "timm",
         device=None,
         dtype=None,
     ):
         super().__init__()
         if attention not in BACKENDS:
             raise ValueError(f"attention must be one of {BACKENDS}, got {attention!r}")
+        if pos_embed_resample not in POS_EMBED_RESAMPLERS:
+            raise ValueError(f"pos_embed_resample must be one of {POS_EMBED_RESAMPLERS}, "
+                             f"got {pos_embed_resample!r}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if img_size % patch_size:
@@ -193,6 +216,7 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.patch_size = patch_size
         self.attention = attention
+        self.pos_embed_resample = pos_embed_resample
         self.patch_embed = PatchEmbed(
             img_size, patch_size, in_chans, embed_dim, strict_img_size=False, output_fmt="NHWC", **dd
         )
@@ -232,11 +256,7 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         key = (h, w, self.pos_embed.device)
         if key not in self._pos_interp:
-            with torch.no_grad():
-                # Resample an identity, one channel per source position: row j holds target j's weights.
-                eye = torch.eye(h0 * w0, device=self.pos_embed.device)[None]  # (1, h0*w0, h0*w0)
-                weights = resample_abs_pos_embed(eye, new_size=[h, w], old_size=[h0, w0], num_prefix_tokens=0)
-            self._pos_interp[key] = weights[0]  # (h*w, h0*w0)
+            self._pos_interp[key] = pos_embed_weights(h0, w0, h, w, self.pos_embed_resample, self.pos_embed.device)
         patch_pos = self._pos_interp[key] @ self.pos_embed[0, 1:].float()  # (h*w, D)
         return torch.cat([self.pos_embed[:, :1], patch_pos[None].to(self.pos_embed.dtype)], dim=1)
 

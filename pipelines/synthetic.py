@@ -3,7 +3,8 @@
 Each image shows 2 to 5 copies of one shape (the label), each with a random colour, size, position and
 rotation, over a random background (gradient or blotchy) with a few distractor strokes and pixel noise. Colour
 and position carry no label information, so a classifier must see shape; DINO's crops, colour jitter and blur
-teach exactly those invariances. Images are drawn at twice the size and downsampled (antialiased edges), then saved as JPEG.
+teach exactly those invariances. Images are drawn at twice the size and downsampled (antialiased edges), then
+saved as JPEG.
 
 The dataset is a pure function of its parameters and seed; it is written once into a temporary folder that is
 renamed into place, so a reader never sees half a dataset and concurrent writers do not clash.

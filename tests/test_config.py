@@ -64,6 +64,7 @@ def test_yaml_file_is_read(tmp_path):
     ("model.arch=vit_huge", "model.arch must be one of"),
     ("data.local_crops_scale=[0.5, 0.1]", "data.local_crops_scale must be (min, max)"),
     ("parallel.precision=fp8", "parallel.precision must be one of"),
+    ("model.pos_embed_resample=bilinear", "model.pos_embed_resample must be one of"),
     ("minutes=-2", "minutes must be > 0 or null, got -2.0"),
     ("eval.knn_every_epochs=-1", "eval.knn_every_epochs must be >= 0, got -1.0"),
     ("optim=3", "optim must be a mapping"),

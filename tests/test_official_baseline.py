@@ -4,9 +4,9 @@ its DINOLoss gives fastdino's DINOLoss(impl="torch") loss, gradient and center; 
 fastdino's CLS features; a whole official step and a fastdino Trainer step take the same weights to the same place;
 bench_e2e.py's FLOP count is exactly the matmul work of the baseline step.
 
-Two documented differences of fastdino from the official recipe are pinned here too: position embeddings of
-non-native crops are resampled by timm's antialiased bicubic (the official code interpolates bicubic without
-antialiasing, at scale (n + 0.1) / n0). The weight-decay groups are the official ones.
+Position embeddings of non-native crops are resampled by timm's antialiased bicubic by default, and exactly as the
+official code does (bicubic without antialiasing, at scale (n + 0.1) / n0) with model.pos_embed_resample="dino",
+which the paper preset sets; both are pinned here. The weight-decay groups are the official ones.
 """
 import importlib
 import math
@@ -62,17 +62,20 @@ def test_loss_gradient_and_center_match_fastdino(benchmarks, batch, ncrops, out_
     assert_close(ours.center, official.center, **TOL[torch.float32], name="center")
 
 
-def test_vit_gives_fastdino_cls_features(benchmarks):
+@pytest.mark.parametrize("resample", ["dino", "timm"])
+def test_vit_gives_fastdino_cls_features(benchmarks, resample):
     od = benchmarks["official_dino"]
     official = od.vit("vit_tiny", 8, img_size=32, **TINY_VIT).eval()
-    ours = create_model("vit_tiny_patch16", patch_size=8, img_size=32, attention="sdpa", **TINY_VIT).eval()
+    ours = create_model("vit_tiny_patch16", patch_size=8, img_size=32, attention="sdpa", pos_embed_resample=resample,
+                        **TINY_VIT).eval()
     ours.load_state_dict(official.state_dict())  # strict: the same parameter names
     glob, local = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
     with torch.no_grad():
         assert_close(ours(glob), official(glob), **TOL[torch.float32], name="CLS features at the native size")
-        # At another size the position embeddings are resampled differently (the documented difference) ...
-        assert not torch.allclose(ours(local), official(local), atol=1e-3)
-        timm_resampling(official)  # ... and that is the only difference
+        if resample == "timm":
+            # At another size timm resamples the position embeddings differently from the official code ...
+            assert not torch.allclose(ours(local), official(local), atol=1e-3)
+            timm_resampling(official)  # ... and that is the only difference
         # fastdino's packed multi-crop forward against the official per-resolution one, crop order kept
         assert_close(ours([glob[:2], glob[2:], local[:3], local[3:]]),
                      torch.cat([official(glob), official(local)]), **TOL[torch.float32],
@@ -84,7 +87,7 @@ def tiny_config() -> C.TrainConfig:
     clipping (the official clips per tensor, fastdino the global norm), fp32."""
     return C.TrainConfig(
         model=C.ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, attention="sdpa",
-                            **TINY_VIT),
+                            pos_embed_resample="dino", **TINY_VIT),
         head=C.HeadConfig(out_dim=64, hidden_dim=48, bottleneck_dim=16),
         loss=C.LossConfig(teacher_temp=0.05, warmup_teacher_temp=0.05, warmup_teacher_temp_epochs=0, impl="torch"),
         optim=C.OptimConfig(base_lr=5e-3, warmup_epochs=0, weight_decay=0.04, weight_decay_end=0.4, clip_grad=0.0,
@@ -105,8 +108,6 @@ def test_whole_step_matches_fastdino_trainer(benchmarks):
     missing, unexpected = run.student.load_state_dict(trainer.model.state_dict(), strict=False)
     assert missing == ["head.last_layer.weight_g"] and not unexpected  # the official fixed gain, 1
     run.teacher.load_state_dict(run.student.state_dict())
-    timm_resampling(run.student.backbone)
-    timm_resampling(run.teacher.backbone)
 
     d = cfg.data
     sizes = [d.global_crops_size] * 2 + [d.local_crops_size] * d.local_crops_number
@@ -156,3 +157,17 @@ def test_flop_count_is_the_matmul_work_of_the_baseline_step(benchmarks):
         with torch.no_grad():
             run.teacher(crops[:2])
     assert counter.get_total_flops() == batch * bench.step_flops_per_image(run.student, sizes, teacher_crops=2)
+
+
+@pytest.mark.parametrize("patch, native, crop", [(16, 224, 96), (8, 224, 96), (16, 224, 160), (8, 32, 24)])
+def test_dino_resampling_is_the_official_interpolate_pos_encoding(benchmarks, patch, native, crop):
+    """The paper's grids (14 -> 6, 28 -> 12) and others: fastdino's cached matrix times pos_embed equals the
+    official interpolate_pos_encoding."""
+    official = benchmarks["official_dino"].vit("vit_tiny", patch, img_size=native, **TINY_VIT)
+    ours = create_model("vit_tiny_patch16", patch_size=patch, img_size=native, pos_embed_resample="dino", **TINY_VIT)
+    ours.load_state_dict(official.state_dict())
+    n = crop // patch
+    tokens = torch.zeros(1, 1 + n * n, TINY_VIT["embed_dim"])
+    with torch.no_grad():
+        assert_close(ours._pos_embed(n, n), official.interpolate_pos_encoding(tokens, crop, crop),
+                     **TOL[torch.float32], name=f"position embeddings {native // patch} -> {n}")
