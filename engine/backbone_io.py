@@ -56,10 +56,11 @@ def save_backbone(backbone_state_dict, path, *, arch: str, patch_size: int, img_
 def read_backbone(path) -> tuple[dict[str, torch.Tensor], dict]:
     """`(state_dict, info)` of a run dir, .safetensors file or official DINO .pth.
 
-    info: arch, patch_size, img_size, embed_dim, depth, num_heads, extra (dict). embed_dim and depth come from
-    the tensor shapes; arch, patch_size and img_size from fastdino's header, else from the shapes too. The
-    number of heads (which no shape shows) comes from `extra["model"]["num_heads"]`, else from a run dir's
-    config.json, else from the arch when embed_dim and depth are the arch's own.
+    info: arch, patch_size, img_size, embed_dim, depth, num_heads, pos_embed_resample, extra (dict). embed_dim
+    and depth come from the tensor shapes; arch, patch_size and img_size from fastdino's header, else from the
+    shapes too. The number of heads (which no shape shows) comes from `extra["model"]["num_heads"]`, else from a
+    run dir's config.json, else from the arch when embed_dim and depth are the arch's own; pos_embed_resample
+    likewise, else "timm" for .safetensors and "dino" for official .pth files.
     """
     path, run_dir = Path(path), None
     if path.is_dir():
@@ -83,6 +84,10 @@ def read_backbone(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{run_dir / 'config.json'} trains a {run_model['arch']} but {path} holds a {info['arch']}")
     info["num_heads"] = (info["extra"].get("model", {}).get("num_heads") or run_model.get("num_heads")
                          or _default_heads(info, path))
+    # How other input sizes resample the position embeddings: as trained; official DINO .pth files the official way.
+    info["pos_embed_resample"] = (info["extra"].get("model", {}).get("pos_embed_resample")
+                                  or run_model.get("pos_embed_resample")
+                                  or ("timm" if path.suffix == ".safetensors" else "dino"))
     return state_dict, info
 
 
@@ -99,7 +104,7 @@ def load_backbone(path, *, device="cpu", arch: str | None = None, patch_size: in
             raise ValueError(f"{path} holds a {info['arch']}/{info['patch_size']} backbone, "
                              f"but {key}={expected} was asked for")
     args = {**MODELS[_model_name(info["arch"], info["patch_size"], path)], "img_size": info["img_size"],
-            **{k: info[k] for k in ("embed_dim", "depth", "num_heads")}}
+            **{k: info[k] for k in ("embed_dim", "depth", "num_heads", "pos_embed_resample")}}
     with torch.device("meta"):  # no memory and no init for weights about to be replaced
         model = VisionTransformer(**args)
     missing, unexpected = _key_mismatch(model.state_dict(), state_dict)

@@ -36,7 +36,8 @@ def test_save_load_round_trip_through_a_run_dir(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
     assert read_backbone(tmp_path)[1] == {"arch": "vit_tiny", "patch_size": 16, "img_size": 32, "embed_dim": 192,
-                                          "depth": 12, "num_heads": 3, "extra": {"step": 7}}
+                                          "depth": 12, "num_heads": 3, "pos_embed_resample": "timm",
+                                          "extra": {"step": 7}}
 
 
 def test_official_full_checkpoint_loads_the_teacher_backbone(tmp_path):
@@ -53,7 +54,9 @@ def test_official_full_checkpoint_loads_the_teacher_backbone(tmp_path):
         "dino_loss": {"center": torch.zeros(1, 16)},
     }
     torch.save(ckpt, tmp_path / "checkpoint.pth")
-    _assert_same_weights(load_backbone(tmp_path / "checkpoint.pth"), teacher)
+    loaded = load_backbone(tmp_path / "checkpoint.pth")
+    _assert_same_weights(loaded, teacher)
+    assert loaded.pos_embed_resample == "dino"
 
 
 @pytest.mark.parametrize("patch_size, img_size", [(16, 32), (8, 24)])
@@ -62,7 +65,7 @@ def test_bare_state_dict_architecture_is_inferred_from_shapes(tmp_path, patch_si
     torch.save(state, tmp_path / "dino_vittiny_pretrain.pth")
     state_dict, info = read_backbone(tmp_path / "dino_vittiny_pretrain.pth")
     assert info == {"arch": "vit_tiny", "patch_size": patch_size, "img_size": img_size, "embed_dim": 192, "depth": 12,
-                    "num_heads": 3, "extra": {}}
+                    "num_heads": 3, "pos_embed_resample": "dino", "extra": {}}  # official weights: official resampling
     _assert_same_weights(load_backbone(tmp_path / "dino_vittiny_pretrain.pth"), state)
 
 
@@ -74,9 +77,10 @@ def _resized():
 def test_resized_model_takes_its_heads_from_extra_or_the_run_config(tmp_path):
     model = _resized()
     save = dict(arch="vit_tiny", patch_size=8, img_size=48)
-    save_backbone(model.state_dict(), tmp_path / "a.safetensors", extra={"model": {"num_heads": 3}}, **save)
+    save_backbone(model.state_dict(), tmp_path / "a.safetensors",
+                  extra={"model": {"num_heads": 3, "pos_embed_resample": "dino"}}, **save)
     loaded = load_backbone(tmp_path / "a.safetensors")
-    assert (loaded.embed_dim, len(loaded.blocks), loaded.num_heads) == (96, 4, 3)
+    assert (loaded.embed_dim, len(loaded.blocks), loaded.num_heads, loaded.pos_embed_resample) == (96, 4, 3, "dino")
     x = torch.randn(2, 3, 48, 48)
     assert torch.equal(loaded(x), model(x))
 
