@@ -46,11 +46,12 @@ def test_the_budget_sets_the_step_count_of_every_schedule(monkeypatch, caplog, t
     fake_costs(monkeypatch, step_seconds=0.05, knn_seconds=2.0)
     caplog.set_level(logging.INFO)
     trainer.fit_to_budget(loader, deadline=60.0)
-    # 60 s less 2 passes at the end (trained and untrained network), then 0.05 s a step + a 2-s pass every 8 steps
-    assert trainer.schedules.total_steps == int((60 - 2 * 2.0) / (0.05 + 2.0 / 8)) == 186
+    # 60 s less 1 pass at the end (the trained network; the timed pass was the untrained one's), then 0.05 s a
+    # step + a 2-s pass every 8 steps
+    assert trainer.schedules.total_steps == int((60 - 2.0) / (0.05 + 2.0 / 8)) == 193
     assert trainer.stop_step == 50  # max_steps still stops early without changing the schedules
     assert trainer.schedules.warmup_steps == 8  # one epoch, as configured
-    assert "time budget 1 min: step 0.050 s measured over 5 steps -> 186 steps (23.25 epochs)" in caplog.text
+    assert "time budget 1 min: step 0.050 s measured over 5 steps -> 193 steps (24.12 epochs)" in caplog.text
 
 
 def test_a_warmup_longer_than_the_budget_is_scaled_down_with_a_warning(monkeypatch, caplog, tiny_dataset):
@@ -125,3 +126,21 @@ def test_a_minutes_run_resumed_with_the_same_command_keeps_its_step_count(monkey
     assert run_train(replace(cfg, max_steps=6), tmp_path / "run", device=CPU, mesh=None) == 0
     assert f"the schedules keep the {total_steps} steps measured when the run started" in caplog.text
     assert f"resuming at step 3 of {total_steps} (stopping at 6)" in caplog.text
+
+
+def test_the_timed_knn_pass_is_the_untrained_result_at_the_end(monkeypatch, tmp_path, tiny_dataset):
+    from fastdino.engine.cli import evaluate_at_end
+
+    cfg = data_config(tiny_dataset, "minutes=1", "eval.at_end=true")
+    trainer, loader = trainer_and_loader(cfg, tmp_path / "run")
+    monkeypatch.setattr(Trainer, "_time_steps", lambda self, batches: 0.05)
+    trainer.fit_to_budget(loader, deadline=time.perf_counter() + 60)
+    untrained = train.build_model(cfg, student=False)
+    untrained.load_state_dict(train.initial_state(cfg))
+    assert trainer.untrained_knn == train.knn_accuracy(untrained.backbone, cfg, CPU)
+
+    passes = []
+    monkeypatch.setattr(train, "knn_accuracy", lambda *args: passes.append(args) or {"top1": 50.0, "top5": 90.0})
+    results = evaluate_at_end(trainer, tmp_path / "run")
+    assert len(passes) == 1  # the trained teacher only
+    assert results == {"untrained": trainer.untrained_knn, "trained": {"top1": 50.0, "top5": 90.0}}
