@@ -113,7 +113,13 @@ def main(argv=None) -> int:
     device, mesh = init_distributed()
     try:
         init_logging(mesh.get_rank() if mesh is not None else 0)
-        return run_train(cfg, Path(args.output), device=device, mesh=mesh)
+        code = run_train(cfg, Path(args.output), device=device, mesh=mesh)
+        if code == 0 and dist.is_initialized():
+            # Leave together: a rank that tears gloo down while its peer still writes (rank 0 prints and writes
+            # files after the last collective) can be aborted by gloo ("terminate called without an active
+            # exception").
+            dist.barrier()
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
