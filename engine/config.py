@@ -330,7 +330,7 @@ def demo() -> TrainConfig:
         model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, depth=4, embed_dim=96,
                           num_heads=3),
         head=HeadConfig(out_dim=512, hidden_dim=512, bottleneck_dim=128),
-        loss=LossConfig(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0),
+        loss=LossConfig(teacher_temp=0.02, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=0),
         optim=OptimConfig(base_lr=2e-3, min_lr=1e-5, warmup_epochs=1, teacher_momentum=0.99,
                           freeze_last_layer_epochs=0),
         data=DataConfig(batch_size=64, global_crops_size=32, global_crops_scale=(0.4, 1.0), local_crops_number=6,

@@ -1,10 +1,15 @@
 """The built-in dataset: labelled images of 10 shapes, made so that raw pixels are poor features.
 
-Each image shows 2 to 5 copies of one shape (the label), each with a random colour, size, position and
-rotation, over a random background (gradient or blotchy) with a few distractor strokes and pixel noise. Colour
-and position carry no label information, so a classifier must see shape; DINO's crops, colour jitter and blur
+Each image shows two copies of one shape (the label), each with a random grey level, size, position and rotation,
+light on a random dark ground (a gradient or blotches), with 0-2 distractor strokes and pixel noise. Level and
+position carry no label information, so a classifier must see shape; DINO's crops and brightness/contrast jitter
 teach exactly those invariances. Images are drawn at twice the size and downsampled (antialiased edges), then
-saved as JPEG.
+saved as RGB JPEG.
+
+Why grey, light on dark (measured, benchmarks/RESULTS.md): with random colours, even pale tints, the demo's few
+CPU minutes of DINO learn to tell images apart by colour, which the paper's colour jitter (hue +-0.1) leaves
+intact, and k-NN on shape got worse than the untrained network; with random polarity (dark on light as well) the
+tiny ViT did not learn the shapes in that budget even with labels.
 
 The dataset is a pure function of its parameters and seed; it is written once into a temporary folder that is
 renamed into place, so a reader never sees half a dataset and concurrent writers do not clash.
@@ -19,8 +24,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ("arrow", "circle", "crescent", "cross", "ellipse", "pentagon", "ring", "square", "star", "triangle")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _SUPERSAMPLE = 2
+_COPIES = 2
+_RADIUS = (0.15, 0.28)  # of the image side
+_GROUND_MAX = 90  # the ground's grey levels are 0..90
+_SHAPE_LEVELS = (150, 256)  # a shape's grey level is drawn from [150, 256)
 
 
 def default_dataset_dir() -> Path:
@@ -64,42 +73,31 @@ def _outlines(name: str) -> list[tuple[np.ndarray, int]]:
     raise ValueError(f"unknown shape {name!r}")
 
 
-def _background(rng: np.random.Generator, side: int) -> Image.Image:
-    """A gradient between two colours or blotches of 3x3 to 6x6 random colours, so that crops of one image do
-    not share one background colour (which would be an easier cue than the shapes for telling images apart)."""
+def _background(rng: np.random.Generator, side: int) -> np.ndarray:
+    """Dark grey ground (levels 0-90): a gradient between two levels or blotches of 3x3 to 6x6 random levels, so
+    that crops of one image do not share one background level."""
     if rng.random() < 0.3:
-        t = np.linspace(0, 1, 8)[:, None, None]
-        arr = (1 - t) * rng.integers(0, 256, 3) + t * rng.integers(0, 256, 3)
-        arr = np.rot90(np.broadcast_to(arr, (8, 8, 3)), rng.integers(4))
+        t = np.linspace(0, 1, 8)[:, None]
+        arr = np.rot90(np.broadcast_to((1 - t) * rng.uniform(0, 1) + t * rng.uniform(0, 1), (8, 8)), rng.integers(4))
     else:
         cells = rng.integers(3, 7)
-        arr = rng.integers(0, 256, (cells, cells, 3))
-    return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
-
-
-def _far_colour(rng: np.random.Generator, background: np.ndarray) -> tuple:
-    """A random colour at least ~100 away (RGB distance) from `background`."""
-    for _ in range(20):
-        colour = rng.integers(0, 256, 3)
-        if np.linalg.norm(colour - background) > 100:
-            break
-    return tuple(int(c) for c in colour)
+        arr = rng.uniform(0, 1, (cells, cells))
+    img = Image.fromarray(np.ascontiguousarray(arr * 255).astype(np.uint8))
+    return np.asarray(img.resize((side, side), Image.Resampling.BICUBIC), np.float64) * _GROUND_MAX / 255
 
 
 def render_shape(rng: np.random.Generator, label: int, image_size: int) -> Image.Image:
-    """One RGB image showing 2 to 5 copies of shape CLASSES[label], each with its own colour, size, position and
-    rotation: a crop of any size is likely to hold one, so small and large crops of an image agree on the shape
-    and on little else."""
+    """One image (grey, stored as RGB) showing two light copies of shape CLASSES[label] on a dark ground, each
+    with its own grey level, size, position and rotation, plus 0-2 distractor strokes and pixel noise."""
     side = image_size * _SUPERSAMPLE
-    img = _background(rng, side)
-    background = np.asarray(img, dtype=np.float64)
+    img = Image.fromarray(_background(rng, side).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(0, 4)):  # distractor strokes
+    for _ in range(rng.integers(0, 3)):
         points = [tuple(p) for p in rng.uniform(0, side, (2, 2))]
-        draw.line(points, fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
-    for _ in range(rng.integers(2, 6)):
-        radius = rng.uniform(0.12, 0.25) * side
-        centre = rng.uniform(radius * 0.7, side - radius * 0.7, 2)
+        draw.line(points, fill=int(rng.integers(0, 256)), width=int(rng.integers(1, 4)))
+    for _ in range(_COPIES):
+        radius = rng.uniform(*_RADIUS) * side
+        centre = rng.uniform(radius * 0.8, side - radius * 0.8, 2)
         angle = rng.uniform(0, 2 * np.pi)
         rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         mask = Image.new("L", (side, side), 0)
@@ -107,12 +105,10 @@ def render_shape(rng: np.random.Generator, label: int, image_size: int) -> Image
         for polygon, value in _outlines(CLASSES[label]):
             points = polygon @ rotation.T * radius + centre
             mask_draw.polygon([tuple(p) for p in points], fill=value)
-        under = background[np.asarray(mask) > 0]
-        colour = _far_colour(rng, under.mean(axis=0) if len(under) else background.mean(axis=(0, 1)))
-        img = Image.composite(Image.new("RGB", (side, side), colour), img, mask)
+        img = Image.composite(Image.new("L", (side, side), int(rng.integers(*_SHAPE_LEVELS))), img, mask)
     img = img.resize((image_size, image_size), Image.Resampling.BOX)
-    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, rng.uniform(0, 12), (image_size, image_size, 3))
-    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, rng.uniform(0, 8), (image_size, image_size))
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).convert("RGB")
 
 
 def make_shapes_dataset(root: str | Path, *, num_train: int, num_val: int, image_size: int, seed: int = 0) -> Path:

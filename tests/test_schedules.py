@@ -47,7 +47,8 @@ def test_teacher_temperature_rises_linearly_then_stays():
                                                  "epochs=5"])
     sched = Schedules.from_config(cfg, steps_per_epoch=11)
     temps = [sched.at(s).teacher_temp for s in range(30)]
-    np.testing.assert_allclose(temps[:11], np.linspace(0.04, cfg.loss.teacher_temp, 11), rtol=1e-12)
+    np.testing.assert_allclose(temps[:11], np.linspace(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, 11),
+                               rtol=1e-12)
     assert set(temps[11:]) == {cfg.loss.teacher_temp}
 
 

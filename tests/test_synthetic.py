@@ -24,6 +24,7 @@ def test_layout_classes_and_images(shapes):
     assert (train.sizes == 32).all()
     img = Image.open(shapes / "train" / "star" / "000008.jpg")
     assert img.size == (32, 32) and img.mode == "RGB" and img.format == "JPEG"
+    assert (np.ptp(np.asarray(img), axis=2) == 0).all()  # grey: colour tells nothing apart
 
 
 def test_deterministic_from_the_seed(shapes, tmp_path):
@@ -57,7 +58,7 @@ def _pixels(source):
 
 
 def test_raw_pixels_are_poor_features(shapes):
-    """Nearest neighbour on raw pixels stays near chance (10 %): colour and position carry no label."""
+    """Nearest neighbour on raw pixels stays near chance (10 %): grey level and position carry no label."""
     train, val = open_source(str(shapes / "train")), open_source(str(shapes / "val"))
     a, b = _pixels(train), _pixels(val)
     dist = (b**2).sum(1)[:, None] - 2 * b @ a.T + (a**2).sum(1)[None]
