@@ -324,7 +324,9 @@ def demo() -> TrainConfig:
 
     Tuned on that budget (benchmarks/RESULTS.md): teacher temperature 0.02, as at 0.04 the teacher sat at ln K
     (uniform) from step ~40 on; batch 32, as it gives twice the updates of batch 64 at the same img/s (peak lr
-    5e-4 either way: base_lr * 32 / 256); teacher momentum 0.99, as 0.98 did not learn."""
+    5e-4 either way: base_lr * 32 / 256); teacher momentum 0.99, as 0.98 did not learn. Measured on 2 CPU cores:
+    2 min 27 s end to end (1,240 steps at ~300 img/s, then both k-NN runs), k-NN top-1 25.4 % untrained ->
+    44.6 % trained (chance 10 %)."""
     return TrainConfig(
         model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, depth=4, embed_dim=96,
                           num_heads=3),
