@@ -15,6 +15,8 @@ from _helpers import assert_close
 from test_train import make_trainer, synthetic_batches, tiny_config
 
 STEPS = 4
+FP16_STEPS = 8
+FP16_INIT_SCALE = 2.0**10  # x the first gradients (norm ~1.5e3) overflows fp16 (max 65504); a few halvings fit
 WORLD = 2
 # 2 ranks reduce gradients and the loss center in another order than 1 process: fp32 rounding, amplified a little
 # by Adam's normalisation over a few steps.
@@ -76,6 +78,18 @@ def _worker(rank: int, store_path: str, out_dir: str):
         bf16 = make_trainer(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision="bf16")),
                             mesh=mesh)
         results["fsdp_bf16"] = {"losses": run_steps(bf16, batches, rank, WORLD), **full_states(bf16)}
+        fp16 = make_trainer(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision="fp16"),
+                                                max_nonfinite_in_a_row=1), mesh=mesh)
+        fp16.loss_scale.scale.fill_(FP16_INIT_SCALE)
+        skips = []
+        for crops in synthetic_batches(cfg, FP16_STEPS):
+            per_rank = crops[0].shape[0] // WORLD
+            fp16.train_step([c[rank * per_rank:(rank + 1) * per_rank] for c in crops])
+            skips.append(fp16.stats.read()["skipped_steps"])  # this rank's skip flag of the step
+        mine = torch.tensor(skips + [fp16.loss_scale.scale.item()])
+        gathered = [torch.zeros_like(mine) for _ in range(WORLD)]
+        dist.all_gather(gathered, mine)
+        results["fsdp_fp16"] = {"skips_then_scale": gathered, "student": full_states(fp16)["student"]}
         resumed = make_trainer(cfg, mesh=mesh, output_dir=out_dir)  # mode auto = fsdp
         assert resumed.resume(_Position()) and resumed.step == 2
         results["resumed"] = {"losses": run_steps(resumed, batches[2:], rank, WORLD), **full_states(resumed)}
@@ -125,6 +139,20 @@ def test_bf16_mixed_precision_under_fsdp2(distributed_results, single_results):
     assert_close(actual, expected, rtol=3e-2, atol=0, name="bf16 losses")
     for model in ("student", "teacher"):
         assert {v.dtype for v in bf16[model].values()} == {torch.float32}, model
+
+
+@pytest.mark.slow
+def test_fp16_loss_scaling_under_fsdp2(distributed_results):
+    """precision=fp16 on 2 ranks, from a loss scale that overflows: every rank skips the same steps and halves the
+    same scale (the skip comes from the global gradient norm, not from each rank's shard) until steps go through;
+    the weights stay finite fp32."""
+    fp16 = distributed_results[0]["fsdp_fp16"]
+    rank0, rank1 = (t.tolist() for t in fp16["skips_then_scale"])
+    assert rank0 == rank1
+    *skips, scale = rank0
+    assert 0 < sum(skips) < FP16_STEPS and scale == FP16_INIT_SCALE / 2 ** sum(skips)
+    for value in fp16["student"].values():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all()
 
 
 @pytest.mark.slow
