@@ -252,11 +252,9 @@ def batch_stream(source: str, loader_kind: str, cfg: C.TrainConfig, args, device
                                 local_crops=d.local_crops_number, batch=d.batch_size, workers=args.workers,
                                 device=str(device))
         return batches_forever(official_loader(folder, shape), labelled=True), None, "PIL DataLoader"
-    from fastdino.pipelines import MultiCropConfig, build_loader
+    from fastdino.pipelines import build_loader
 
-    crops = MultiCropConfig(d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
-                            d.local_crops_scale)
-    loader = build_loader(str(folder), crops, d.batch_size, seed=cfg.seed, backend=args.data_backend, device=device,
+    loader = build_loader(str(folder), d, d.batch_size, seed=cfg.seed, backend=args.data_backend, device=device,
                           num_workers=args.workers)
     return batches_forever(loader, labelled=False), loader, f"{loader.backend} loader"
 

@@ -15,7 +15,7 @@ import torch
 
 from common import Table, base_parser, peak_memory_gib, print_header
 from fastdino.engine import config as C
-from fastdino.engine.cli import init_distributed
+from fastdino.engine.command_line import init_distributed, process_device
 from fastdino.engine.train import Trainer
 
 PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -61,7 +61,8 @@ def config(args, world_size: int, loss_impl: str) -> C.TrainConfig:
 
 def main():
     args = parse_args()
-    device, mesh = init_distributed()
+    device = process_device()
+    mesh = init_distributed(device)
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
     if rank == 0:
         print_header(str(device), getattr(torch, args.dtype))

@@ -15,13 +15,14 @@ import argparse
 import json
 import logging
 import math
-import os
 import pickle
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from fastdino.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +31,6 @@ RUN_FILE = "teacher_backbone.safetensors"
 # Official DINO checkpoints: which dict holds the backbone, in order of preference.
 _CHECKPOINT_KEYS = ("teacher", "student")
 _WRAPPER_PREFIXES = ("module.", "backbone.")
-
-
-def atomic_write(path, write) -> Path:
-    """Call `write(tmp_path)`, then rename tmp_path onto `path`: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_backbone(backbone_state_dict, path, *, arch: str, patch_size: int, img_size: int, extra=None) -> Path:

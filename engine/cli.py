@@ -12,13 +12,12 @@ once into the cache folder, and (the demo preset) the run ends with the k-NN acc
 to the untrained network's and an attention-map PNG. Every run ends with a few plain sentences on how training
 went (collapse, loss trend, k-NN curve).
 
-This module is the only place that starts and stops torch.distributed (from torchrun's environment: gloo on the
+This module starts and stops torch.distributed for a run (command_line.py: from torchrun's environment, gloo on the
 CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.
 """
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
@@ -26,25 +25,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from fastdino.engine import config as C
+from fastdino.engine.command_line import EXIT_USAGE, Parser, init_distributed, process_device
+from fastdino.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
 EVAL_COMMANDS = ("knn", "linear", "attention", "export", "plot")
-EXIT_USAGE = 2
 EXIT_DIVERGED = 1
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastdino", description="Fast DINO pretraining for vision transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="fastdino", description="Fast DINO pretraining for vision transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = sub.add_parser("train", help="pretrain a ViT with DINO (resumes from --output)")
     train.add_argument("--output", required=True, help="run directory (checkpoints, metrics.jsonl, weights)")
     train.add_argument("--max-steps", type=int, default=None,
@@ -79,19 +74,6 @@ def init_logging(rank: int) -> None:
                         format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
 
 
-def init_distributed() -> tuple[torch.device, DeviceMesh | None]:
-    """Device and 1-D mesh from torchrun's environment; one process (no process group) without it."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world_size == 1:
-        return torch.device("cuda" if cuda else "cpu"), None
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return device, init_device_mesh(device.type, (world_size,))
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EVAL_COMMANDS:
@@ -110,7 +92,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         sys.stderr.write(f"fastdino: error: {error}\n")
         return EXIT_USAGE
-    device, mesh = init_distributed()
+    device = process_device()
+    mesh = init_distributed(device)
     try:
         init_logging(mesh.get_rank() if mesh is not None else 0)
         code = run_train(cfg, Path(args.output), device=device, mesh=mesh)
@@ -173,12 +156,10 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
 def build_train_loader(cfg: C.TrainConfig, train_split: str, device: torch.device, *, rank: int = 0,
                        world_size: int = 1):
     """The multi-crop loader of this rank's share of each global batch of `train_split`."""
-    from fastdino.pipelines import MultiCropConfig, build_loader
+    from fastdino.pipelines import build_loader
 
-    d = cfg.data
-    crops = MultiCropConfig(d.global_crops_size, d.global_crops_scale, d.local_crops_number, d.local_crops_size,
-                            d.local_crops_scale)
-    return build_loader(train_split, crops, d.batch_size // world_size, rank=rank, world_size=world_size,
+    d = cfg.data  # a MultiCropConfig with the dataset and loader settings
+    return build_loader(train_split, d, d.batch_size // world_size, rank=rank, world_size=world_size,
                         seed=cfg.seed, backend=d.backend, device=str(device), num_workers=d.num_workers)
 
 
@@ -219,10 +200,7 @@ def write_config(cfg: C.TrainConfig, output: Path) -> None:
         changed = sorted(_flat_diff(old, new) - {"max_steps"})  # a larger max_steps is how a run is resumed
         if changed:
             logger.warning("config differs from the stored %s in: %s", path, ", ".join(changed))
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps(new, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(new, indent=2) + "\n"))
 
 
 def _flat_diff(old, new, prefix: str = "") -> set[str]:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import yaml
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+from fastdino.engine.vit import ARCHS
+from fastdino.pipelines.config import MultiCropConfig
+
 PARALLEL_MODES = ("auto", "fsdp", "ddp", "single")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -31,11 +33,6 @@ def _check(condition: bool, message: str) -> None:
 
 def _check_choice(name: str, value, choices) -> None:
     _check(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_scale(name: str, scale) -> None:
-    _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, f"{name} must be (min, max) with 0 < min <= max <= 1, "
-           f"got {scale}")
 
 
 @dataclass
@@ -128,7 +125,7 @@ class OptimConfig:
     warmup_epochs: float = 10
     """Linear learning-rate warmup from 0, in epochs."""
     weight_decay: float = 0.04
-    """Weight decay at step 0 (biases, norms, tokens and pos_embed never decay)."""
+    """Weight decay at step 0 (biases and norms never decay; the CLS token and pos_embed do, as officially)."""
     weight_decay_end: float = 0.4
     """Weight decay at the last step (cosine schedule)."""
     teacher_momentum: float = 0.996
@@ -149,22 +146,15 @@ class OptimConfig:
             _check(0 <= getattr(self, name) <= 1, f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-@dataclass
-class DataConfig:
+@dataclass(frozen=True)
+class DataConfig(MultiCropConfig):
+    """The multi-crop views (fields declared by the pipelines' MultiCropConfig, which the loader takes as is), then
+    the dataset, batch and loader."""
+
     path: str | None = None
     """ImageFolder root (or with train/ and val/ inside) or tar shards; null = the built-in shapes dataset."""
     batch_size: int = 1024
     """Global batch size in images, summed over all ranks."""
-    global_crops_size: int = 224
-    """Side of the 2 global crops in pixels."""
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    """Area range of the global crops, as fractions of the image."""
-    local_crops_number: int = 10
-    """Number of local crops per image (student only)."""
-    local_crops_size: int = 96
-    """Side of the local crops in pixels."""
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    """Area range of the local crops, as fractions of the image."""
     backend: str = "auto"
     """Decoding and augmentation backend: auto, dali or torchvision."""
     num_workers: int = 8
@@ -177,16 +167,14 @@ class DataConfig:
     """Side of the built-in shapes dataset's images in pixels."""
 
     def __post_init__(self):
-        self.global_crops_scale = tuple(self.global_crops_scale)
-        self.local_crops_scale = tuple(self.local_crops_scale)
+        try:
+            super().__post_init__()
+        except ValueError as error:  # its messages start with the field's name
+            raise ValueError(f"data.{error}") from None
         _check(self.path is None or self.path != "", "data.path must be a folder or null, got ''")
-        for name in ("batch_size", "global_crops_size", "local_crops_size", "shapes_train_images",
-                     "shapes_val_images", "shapes_image_size"):
+        for name in ("batch_size", "shapes_train_images", "shapes_val_images", "shapes_image_size"):
             _check(getattr(self, name) > 0, f"data.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("local_crops_number", "num_workers"):
-            _check(getattr(self, name) >= 0, f"data.{name} must be >= 0, got {getattr(self, name)}")
-        _check_scale("data.global_crops_scale", self.global_crops_scale)
-        _check_scale("data.local_crops_scale", self.local_crops_scale)
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check_choice("data.backend", self.backend, ("auto", "dali", "torchvision"))
 
 
@@ -304,10 +292,8 @@ def small() -> TrainConfig:
     - teacher momentum 0.99 -> 1, not 0.996: a short run has a few thousand steps, and at 0.996 the teacher
       averages over ~250 of them, a large share of the run.
     - global batch 128 (the benchmark batch of one GPU), lr 5e-4 x 128/256 with a 10-epoch warmup, 8 local crops.
-    Everything else is the paper's. Scaled down to a 4-block ViT on 32-px crops, 10 minutes on 2 CPU cores of
-    CIFAR-10 stay in DINO's near-uniform teacher phase (k-NN 30.0 % -> 31.7 %); with the demo's teacher
-    temperature 0.02 and batch 32 the teacher leaves that phase but k-NN still ends at 30.9 %
-    (benchmarks/RESULTS.md)."""
+    Everything else is the paper's. What runs of it scaled down to CPUs gave is in benchmarks/RESULTS.md
+    ("Learning quality on small data")."""
     cfg = vit_small16_imagenet()
     return dataclasses.replace(
         cfg,
@@ -325,9 +311,8 @@ def demo() -> TrainConfig:
 
     Tuned on that budget (benchmarks/RESULTS.md): teacher temperature 0.02, as at 0.04 the teacher sat at ln K
     (uniform) from step ~40 on; batch 32, as it gives twice the updates of batch 64 at the same img/s (peak lr
-    5e-4 either way: base_lr * 32 / 256); teacher momentum 0.99, as 0.98 did not learn. Measured on 2 CPU cores:
-    2 min 27 s end to end (1,240 steps at ~300 img/s, then both k-NN runs), k-NN top-1 25.4 % untrained ->
-    44.6 % trained (chance 10 %)."""
+    5e-4 either way: base_lr * 32 / 256); teacher momentum 0.99, as 0.98 did not learn. Its time and k-NN
+    accuracy on 2 CPU cores are in benchmarks/RESULTS.md ("CPU figures")."""
     return TrainConfig(
         model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, depth=4, embed_dim=96,
                           num_heads=3),

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from fastdino.engine.backbone_io import atomic_write
 from fastdino.engine.config import TrainConfig
+from fastdino.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ command's duration: every rank extracts the features of its shard, and rank 0 pr
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -21,28 +20,18 @@ import torch
 import torch.distributed as dist
 
 from fastdino.engine.backbone_io import load_backbone
+from fastdino.engine.command_line import EXIT_USAGE, Parser, init_distributed, process_device
 from fastdino.engine.eval import POOLINGS, distributed_rank_world, export_features, knn_evaluate
 from fastdino.engine.linear import linear_probe
 from fastdino.engine.visualize import plot_run, save_attention_png
 
 logger = logging.getLogger(__name__)
 
-EXIT_USAGE = 2
-
-
-class _UsageError(Exception):
-    """A one-line error for the user (bad arguments or bad input)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(f"{self.prog}: error: {message}")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastdino", description="Evaluate a DINO backbone: k-NN, linear probe, attention maps, "
-                                                  "feature export, run plots.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="fastdino", description="Evaluate a DINO backbone: k-NN, linear probe, attention maps, "
+                                                 "feature export, run plots.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def backbone_args(p, data=True):
         p.add_argument("--checkpoint", required=True, type=Path,
@@ -90,9 +79,7 @@ def main(argv=None) -> int:
     """Run one evaluation subcommand; returns the exit code (0, or 2 after a one-line error on stderr)."""
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    except _UsageError as err:
-        return _error(str(err))
-    except SystemExit as exit_:  # --help
+    except SystemExit as exit_:  # --help, or a usage error already said
         return int(exit_.code or 0)
     try:
         return _run(args)
@@ -141,22 +128,15 @@ def _print_if(condition: bool, text) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return process_device() if name == "auto" else torch.device(name)
 
 
 @contextlib.contextmanager
 def _distributed(device: torch.device):
     """torch.distributed for the command's duration when launched by torchrun and nobody initialised it yet."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    if dist.is_initialized() or init_distributed(device) is None:
         yield
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
     finally:

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdino.engine.backbone_io import atomic_write
 from fastdino.engine.eval import distributed_rank_world, split_features
+from fastdino.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

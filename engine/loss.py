@@ -14,7 +14,6 @@ import torch.distributed as dist
 from torch import nn
 
 from fastdino.kernels import dino_loss
-from fastdino.kernels._launch import check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +23,11 @@ SINKHORN_ITERATIONS = 3  # as DINOv2
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _check_temperature(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 @torch.no_grad()
@@ -86,9 +90,9 @@ class DINOLoss(nn.Module):
         warmup = warmup_teacher_temp_epochs
         if isinstance(warmup, bool) or not isinstance(warmup, numbers.Real) or not warmup >= 0:
             raise ValueError(f"warmup_teacher_temp_epochs must be a number >= 0, got {warmup!r}")
-        check_positive("warmup_teacher_temp", warmup_teacher_temp)
-        check_positive("teacher_temp", teacher_temp)
-        check_positive("student_temp", student_temp)
+        _check_temperature("warmup_teacher_temp", warmup_teacher_temp)
+        _check_temperature("teacher_temp", teacher_temp)
+        _check_temperature("student_temp", student_temp)
         if not 0 <= center_momentum <= 1:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum!r}")
         if impl not in ("auto", "triton", "torch"):
@@ -126,7 +130,7 @@ class DINOLoss(nn.Module):
                 raise ValueError(f"epoch {epoch} is outside the {len(self.teacher_temp_schedule)}-epoch teacher "
                                  f"temperature schedule; pass teacher_temp=")
             teacher_temp = float(self.teacher_temp_schedule[epoch])
-        check_positive("teacher_temp", teacher_temp)
+        _check_temperature("teacher_temp", teacher_temp)
         for name, t in (("student_output", student_output), ("teacher_output", teacher_output)):
             if t.shape[-1] != self.out_dim:
                 raise ValueError(f"{name} has K={t.shape[-1]} columns but the loss (and its center) has "

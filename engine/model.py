@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from fastdino.engine.config import TrainConfig
 from fastdino.engine.head import DINOHead
-from fastdino.engine.vit import create_model
+from fastdino.engine.vit import build_backbone
 
 
 class DINOModel(nn.Module):
@@ -33,12 +33,11 @@ class DINOModel(nn.Module):
 def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel:
     """Backbone + head from the config; the teacher has no stochastic depth. The head's parameters are created,
     not set: build under `torch.device("meta")` and load `initial_state(cfg)`, or call `init_weights()`."""
-    overrides = {k: getattr(cfg.model, k) for k in ("embed_dim", "depth", "num_heads") if getattr(cfg.model, k)}
-    # The registry's patch-8 and patch-16 entries differ only in patch_size, which is passed explicitly.
-    backbone = create_model(f"{cfg.model.arch}_patch16", patch_size=cfg.model.patch_size, img_size=cfg.model.img_size,
-                            drop_path_rate=cfg.model.drop_path_rate if student else 0.0,
-                            attention=cfg.model.attention, pos_embed_resample=cfg.model.pos_embed_resample,
-                            **overrides)
+    m = cfg.model
+    backbone = build_backbone(m.arch, m.patch_size, img_size=m.img_size,
+                              drop_path_rate=m.drop_path_rate if student else 0.0, attention=m.attention,
+                              pos_embed_resample=m.pos_embed_resample, embed_dim=m.embed_dim, depth=m.depth,
+                              num_heads=m.num_heads)
     h = cfg.head
     head = DINOHead(backbone.embed_dim, h.out_dim, use_bn=h.use_bn, norm_last_layer=h.norm_last_layer,
                     nlayers=h.nlayers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim)

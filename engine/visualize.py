@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from fastdino.engine.backbone_io import atomic_write
+from fastdino.files import atomic_write
 from fastdino.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)

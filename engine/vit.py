@@ -52,16 +52,14 @@ logger = logging.getLogger(__name__)
 # in the order the groups' rows appear in the (T, D) token tensor.
 Layout = tuple[tuple[int, int], ...]
 
-MODELS = {
-    "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "vit_tiny_patch8": dict(patch_size=8, embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_small_patch8": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_base_patch8": dict(patch_size=8, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "vit_large_patch8": dict(patch_size=8, embed_dim=1024, depth=24, num_heads=16),
+# The DINO ViT sizes (`model.arch`), and the timm-style registry of them with DINO's patch sizes 16 and 8.
+ARCHS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
+MODELS = {f"{arch}_patch{patch}": dict(patch_size=patch, **size) for arch, size in ARCHS.items() for patch in (16, 8)}
 
 
 def drop_add_residual(
@@ -332,12 +330,20 @@ def build_backbone(
     img_size: int = 224,
     drop_path_rate: float = 0.0,
     attention: str = "auto",
+    pos_embed_resample: str = "timm",
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
 ) -> VisionTransformer:
-    """DINO backbone `arch` (vit_tiny / vit_small / vit_base / vit_large) with patch 8 or 16, initialised.
+    """DINO backbone `arch` (one of ARCHS: vit_tiny / vit_small / vit_base / vit_large) with any patch size,
+    initialised; `embed_dim`, `depth` and `num_heads` resize it (None keeps the arch's).
 
     Build under `with torch.device("meta"):` to defer allocation, then `to_empty(device=...)` and `init_weights()`.
     """
-    name = f"{arch}_patch{patch_size}"
-    if name not in MODELS:
-        raise ValueError(f"unknown backbone arch={arch!r} patch_size={patch_size}; known: {sorted(MODELS)}")
-    return create_model(name, img_size=img_size, drop_path_rate=drop_path_rate, attention=attention)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown backbone arch={arch!r}; known: {list(ARCHS)}")
+    resized = {k: v for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads).items() if v}
+    model = VisionTransformer(**{**ARCHS[arch], **resized}, patch_size=patch_size, img_size=img_size,
+                              drop_path_rate=drop_path_rate, attention=attention, pos_embed_resample=pos_embed_resample)
+    model.init_weights()
+    return model

@@ -1,4 +1,4 @@
-"""Launch helpers shared by the kernels: implementation choice, block-size heuristics and input checks.
+"""Launch helpers shared by the kernels: implementation choice, block-size heuristics, local shards and input checks.
 
 Nothing here imports Triton at module level, so `reference.py` (which uses the input checks) imports without it.
 Device facts are computed per call from the tensors, never probed at import.
@@ -68,6 +68,11 @@ def row_settings(n_cols: int, max_block: int) -> tuple[int, int]:
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """`x` itself when its rows are contiguous (kernels take explicit row strides), else one contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameter), or the tensor itself: the ops work on one device's data."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def check_positive(name: str, value) -> None:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from .reference import _local, ema_update_ref
+from .reference import ema_update_ref
 
 BLOCK = 4096
 NUM_WARPS = 4
@@ -120,8 +120,8 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
     TRITON_INTERPRET=1; a ValueError when it cannot take the tensors), "foreach". Returns the path taken:
     "triton" or "foreach".
     """
-    teachers = [_local(t) for t in teacher_params]
-    students = [_local(s) for s in student_params]
+    teachers = [_launch.local_shard(t) for t in teacher_params]
+    students = [_launch.local_shard(s) for s in student_params]
     _check_args(teachers, students, momentum)
     if not teachers:
         return ema_update_ref(teachers, students, momentum)

@@ -6,7 +6,7 @@ Written for clarity, not speed. They are also the CPU path of `dino_loss` (impl=
 import torch
 import torch.nn.functional as F
 
-from ._launch import check_dino_loss_args
+from ._launch import check_dino_loss_args, local_shard
 
 
 def dino_loss_ref(
@@ -64,8 +64,8 @@ def ema_update_ref(teacher_params, student_params, momentum) -> str:
     teachers' device. A student of another dtype is converted first. DTensors are updated through their local shards.
     Returns "foreach", the name of the path, as `ema_update_` does.
     """
-    teachers = [_local(t) for t in teacher_params]
-    students = [_local(s).to(t.dtype) for s, t in zip(student_params, teachers, strict=True)]
+    teachers = [local_shard(t) for t in teacher_params]
+    students = [local_shard(s).to(t.dtype) for s, t in zip(student_params, teachers, strict=True)]
     if not teachers:
         return "foreach"
     if isinstance(momentum, torch.Tensor):
@@ -73,8 +73,3 @@ def ema_update_ref(teacher_params, student_params, momentum) -> str:
     else:
         torch._foreach_lerp_(teachers, students, 1.0 - momentum)
     return "foreach"
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameter), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from fastdino.files import atomic_write
 from fastdino.pipelines.synthetic import default_dataset_dir
 
 logger = logging.getLogger(__name__)
@@ -357,10 +358,7 @@ def _inspect_all(items: list, inspect, num_threads: int, identity) -> list:
         results = list(pool.map(inspect, items, chunksize=256))
     if cache is not None:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(results))
-            os.replace(tmp, cache)
+            atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(results)))
         except OSError as err:
             logger.warning("could not write the validation cache %s: %s", cache, err)
     return results

@@ -65,7 +65,7 @@ def test_auto_falls_back_to_sdpa_when_xformers_does_not_import(monkeypatch, capl
     with caplog.at_level(logging.INFO, logger="fastdino.engine.attention"):
         name, reason = select_attention_backend("auto", "cpu", torch.float32)
     assert name == "sdpa" and "does not import" in reason
-    assert [r.getMessage() for r in caplog.records] == [f"attention backend: sdpa ({reason})"]
+    assert len(caplog.records) == 1 and reason in caplog.records[0].getMessage()  # the choice and why, once
     with pytest.raises(ValueError, match="xformers.*does not import"):
         select_attention_backend("xformers", "cpu", torch.float32)
 

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from fastdino.engine.backbone_io import RUN_FILE, atomic_write, load_backbone, read_backbone, save_backbone
+from fastdino.engine.backbone_io import RUN_FILE, load_backbone, read_backbone, save_backbone
 from fastdino.engine.vit import build_backbone, create_model
 
 
@@ -132,13 +132,3 @@ def test_bad_files_are_value_or_not_found_errors(tmp_path):
                tmp_path / "odd.pth")
     with pytest.raises(ValueError, match="no known ViT has embed dim 100, depth 0 and patch size 16"):
         load_backbone(tmp_path / "odd.pth")
-
-
-def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
-    def failing(tmp):
-        tmp.write_bytes(b"half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(tmp_path / "out.bin", failing)
-    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,6 @@ import torch
 from fastdino.engine.checkpoint import Checkpointer
 
 from _helpers import assert_close
-from test_cli import tiny_dataset  # noqa: F401  (pytest fixture)
 
 
 def _state(value: float, step: int) -> dict:

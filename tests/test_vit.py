@@ -163,6 +163,18 @@ def test_every_arch_builds_on_meta_with_the_right_shapes(name):
     assert out.shape == (10, cfg["embed_dim"])
 
 
+def test_build_backbone_is_the_registry_model_with_any_patch_size_and_size_overrides():
+    torch.manual_seed(0)
+    by_name = create_model("vit_tiny_patch8", img_size=32, depth=2)
+    torch.manual_seed(0)
+    by_arch = build_backbone("vit_tiny", 8, img_size=32, depth=2)
+    assert by_name.state_dict().keys() == by_arch.state_dict().keys()
+    assert all(torch.equal(a, by_arch.state_dict()[k]) for k, a in by_name.state_dict().items())
+    with torch.device("meta"):
+        resized = build_backbone("vit_small", 4, img_size=16, embed_dim=32, depth=1, num_heads=2)
+    assert (resized.patch_size, resized.embed_dim, len(resized.blocks), resized.num_heads) == (4, 32, 1, 2)
+
+
 def test_meta_build_then_to_empty_and_init_weights():
     with torch.device("meta"):
         model = VisionTransformer(**{**TINY, "embed_dim": 64})
@@ -208,8 +220,8 @@ def test_attention_backend_is_selected_once_per_device_and_dtype(monkeypatch):
 def test_bad_options_are_value_errors():
     with pytest.raises(ValueError, match="vit_huge_patch16"):
         create_model("vit_huge_patch16")
-    with pytest.raises(ValueError, match="patch_size=14"):
-        build_backbone("vit_small", 14)
+    with pytest.raises(ValueError, match="vit_huge.*vit_tiny"):
+        build_backbone("vit_huge", 16)
     with pytest.raises(ValueError, match="'flash'"):
         _tiny(attention="flash")
     with pytest.raises(ValueError, match="1.0"):
