@@ -10,7 +10,8 @@ step (`loss.teacher_temp_schedule=per_step`), or once per epoch as the official 
 Nothing here holds state: a resumed run asks for step k and gets what the uninterrupted run got. The schedules
 span `total_steps`; `epochs * steps_per_epoch` by default, or any other count (e.g. from a time budget,
 `steps_in_budget`). Warmups keep their length in epochs of the dataset; one longer than the whole run is scaled
-down to the share of the run it has in the configured epochs, with a warning.
+down to the share of the run it has in the configured epochs, with a warning (a per-epoch temperature warmup to
+the nearest whole epoch).
 """
 import logging
 import math
