@@ -5,7 +5,7 @@ import torch
 
 from _helpers import assert_close
 from fastdino.engine.clipping import clip_gradients_
-from official_dino import clip_gradients as official_clip_gradients
+from fastdino.official_dino import clip_gradients as official_clip_gradients
 
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6)}  # same math in the same order: rounding of the norm only
 
