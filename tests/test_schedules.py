@@ -81,6 +81,8 @@ def test_a_warmup_longer_than_the_whole_run_keeps_its_share_of_the_epochs_with_a
     assert ("optim.warmup_epochs=3 (30 steps) is longer than the whole run of 20 steps: scaled down to 5 steps, its "
             "share of the configured 12 epochs") in caplog.text
     assert "loss.warmup_teacher_temp_epochs=30" in caplog.text and "freeze_last_layer" not in caplog.text
+    # The paper preset's per-epoch temperature: its warmup, scaled to the 2 epochs, moves once, at the epoch start.
+    assert [sched.at(s).teacher_temp for s in (0, 9, 10, 19)] == [0.04, 0.04, 0.07, 0.07]
 
 
 def test_helpers_edge_cases():
