@@ -1,6 +1,7 @@
 """2 gloo processes (FSDP2, then DDP) against 1 process on the same global batches: same losses, same student and
 teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close to it, and in fp16
-skipping overflows alike on every rank; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the uninterrupted one."""
+skipping overflows alike on every rank; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the
+uninterrupted one."""
 import dataclasses
 import json
 
