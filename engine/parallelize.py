@@ -76,6 +76,11 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Mo
                                    process_group=mesh.get_group())
 
 
+def local_tensors(params) -> list[torch.Tensor]:
+    """The local shard of each parameter (the parameter itself when it is not a DTensor), for foreach ops."""
+    return [p.to_local() if hasattr(p, "to_local") else p for p in params]
+
+
 class DynamicLossScale:
     """fp16 loss scaling that never syncs the host: skip, back off and grow are device-side `torch.where`s.
 
