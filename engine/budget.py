@@ -13,7 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from fastdino.engine.train import Trainer, rng_states
+from fastdino.engine.checkpoint import rng_states
+from fastdino.engine.train import Trainer
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,10 @@ shards into `.step_XXXXXXXX.tmp/`; once all ranks are done, rank 0 renames it. A
 a `.tmp` folder, which `latest()` ignores and the next save removes, so the previous checkpoint stays usable.
 Old checkpoints beyond `keep_last` are deleted after each save.
 
-Per-rank values (RNG states, on-device metric accumulators) are stored under per-rank keys; DCP would otherwise
-keep one copy of a plain tensor that every rank saves under the same key.
+The keys' DCP Statefuls are here: ModelState (student, teacher), OptimizerState, TrainState (the Trainer's step,
+RNG states and accumulators) and PerRank (the loader's position). Per-rank values (RNG states, on-device metric
+accumulators, loader positions) are stored under per-rank keys; DCP would otherwise keep one copy of a plain
+tensor that every rank saves under the same key.
 """
 import logging
 import os
@@ -58,6 +60,68 @@ class OptimizerState:
 
     def load_state_dict(self, state: dict) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+class TrainState:
+    """DCP Stateful of a Trainer's own state: step, images seen, the step count of a time budget, training time,
+    and per-rank RNG states and accumulators."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        t = self.trainer
+        rng_cpu, rng_cuda = rng_states(t.device)
+        per_rank = {"rng_cpu": rng_cpu, "stats": t.stats.values}
+        if rng_cuda is not None:
+            per_rank["rng_cuda"] = rng_cuda
+        if t.loss_scale:
+            per_rank["loss_scale"] = t.loss_scale.state_dict()
+        return {"step": t.step, "epoch": t.epoch, "images_seen": t.step * t.cfg.data.batch_size,
+                "total_steps": t.schedules.total_steps, "trained_seconds": t.training_seconds(),
+                "world_size": t.world_size, f"rank{t.rank}": per_rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.trainer
+        t.step = state["step"]
+        t.trained_seconds = state["trained_seconds"]
+        if t.cfg.minutes is not None:
+            t.set_total_steps(state["total_steps"])
+        if state["world_size"] != t.world_size:
+            logger.warning("checkpoint was written by %d processes, resuming on %d: RNG states start afresh",
+                           state["world_size"], t.world_size)
+            return
+        per_rank = state[f"rank{t.rank}"]
+        t.next_step_rng = (per_rank["rng_cpu"], per_rank.get("rng_cuda"))
+        t.stats.load_state_dict({"values": per_rank["stats"]})
+        if t.loss_scale:
+            t.loss_scale.load_state_dict(per_rank["loss_scale"])
+
+
+def rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The global CPU RNG state, and `device`'s when it is a GPU."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+class PerRank:
+    """DCP Stateful storing an object's state under a per-rank key (each rank's loader has its own position)."""
+
+    def __init__(self, obj, rank: int):
+        self.obj, self.rank = obj, rank
+
+    def state_dict(self) -> dict:
+        return {f"rank{self.rank}": self.obj.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if f"rank{self.rank}" in state:
+            self.obj.load_state_dict(state[f"rank{self.rank}"])
 
 
 class Checkpointer:

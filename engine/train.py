@@ -24,7 +24,15 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
+from fastdino.engine.checkpoint import (
+    Checkpointer,
+    ModelState,
+    OptimizerState,
+    PerRank,
+    TrainState,
+    full_backbone_state_dict,
+    set_rng_states,
+)
 from fastdino.engine.clipping import clip_gradients_
 from fastdino.engine.config import TrainConfig
 from fastdino.engine.eval import knn_accuracy
@@ -334,8 +342,8 @@ class Trainer:
             "teacher": ModelState(self.teacher),
             "optimizer": OptimizerState(self.student, self.optimizer),
             "loss": {"center": self.loss_fn.center},
-            "train_state": _TrainState(self),
-            "dataloader": _PerRank(loader, self.rank),
+            "train_state": TrainState(self),
+            "dataloader": PerRank(loader, self.rank),
         }
 
     def save_checkpoint(self, loader) -> Path:
@@ -368,67 +376,6 @@ class Trainer:
         return save_backbone(state, self.output_dir / "teacher_backbone.safetensors", arch=m.arch,
                              patch_size=m.patch_size, img_size=m.img_size,
                              extra={"step": self.step, "model": to_dict(m)})
-
-
-class _TrainState:
-    """DCP Stateful of the loop's own state: step, images seen, and per-rank RNG states and accumulators."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def state_dict(self) -> dict:
-        t = self.trainer
-        rng_cpu, rng_cuda = rng_states(t.device)
-        per_rank = {"rng_cpu": rng_cpu, "stats": t.stats.values}
-        if rng_cuda is not None:
-            per_rank["rng_cuda"] = rng_cuda
-        if t.loss_scale:
-            per_rank["loss_scale"] = t.loss_scale.state_dict()
-        return {"step": t.step, "epoch": t.epoch, "images_seen": t.step * t.cfg.data.batch_size,
-                "total_steps": t.schedules.total_steps, "trained_seconds": t.training_seconds(),
-                "world_size": t.world_size, f"rank{t.rank}": per_rank}
-
-    def load_state_dict(self, state: dict) -> None:
-        t = self.trainer
-        t.step = state["step"]
-        t.trained_seconds = state["trained_seconds"]
-        if t.cfg.minutes is not None:
-            t.set_total_steps(state["total_steps"])
-        if state["world_size"] != t.world_size:
-            logger.warning("checkpoint was written by %d processes, resuming on %d: RNG states start afresh",
-                           state["world_size"], t.world_size)
-            return
-        per_rank = state[f"rank{t.rank}"]
-        t.next_step_rng = (per_rank["rng_cpu"], per_rank.get("rng_cuda"))
-        t.stats.load_state_dict({"values": per_rank["stats"]})
-        if t.loss_scale:
-            t.loss_scale.load_state_dict(per_rank["loss_scale"])
-
-
-def rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The global CPU RNG state, and `device`'s when it is a GPU."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    cpu, cuda = states
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
-class _PerRank:
-    """DCP Stateful storing an object's state under a per-rank key (each rank's loader has its own position)."""
-
-    def __init__(self, obj, rank: int):
-        self.obj, self.rank = obj, rank
-
-    def state_dict(self) -> dict:
-        return {f"rank{self.rank}": self.obj.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if f"rank{self.rank}" in state:
-            self.obj.load_state_dict(state[f"rank{self.rank}"])
 
 
 if __name__ == "__main__":
