@@ -136,9 +136,11 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     try:
         cfg = with_dataset(cfg, rank)
         train_split = resolve_split(cfg.data.path, "train")
-        if cfg.eval.at_end:
-            _check_val_split(cfg.data.path)
         loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
+        no_knn = knn_unavailable(cfg, loader.labelled)
+        if no_knn:  # labels only matter to the evaluation: train without it
+            logger.info("k-NN evaluation off: %s", no_knn)
+            cfg = replace(cfg, eval=replace(cfg.eval, at_end=False, knn_every_epochs=0))
         trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
         if rank == 0:
             write_config(cfg, output)
@@ -164,6 +166,8 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
               f"{output / 'teacher_backbone.safetensors'}")
     if cfg.eval.at_end and trainer.step == trainer.schedules.total_steps:
         evaluate_at_end(trainer, output)
+    elif no_knn and rank == 0:
+        print(f"k-NN evaluation skipped: {no_knn}. {KNN_DATA_HINT}")
     if rank == 0:
         state_the_run(trainer, output)
     return 0
@@ -199,14 +203,27 @@ def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:
     return replace(cfg, data=replace(d, path=str(root)))
 
 
-def _check_val_split(path: str) -> None:
-    from fastdino.pipelines import resolve_split
+KNN_DATA_HINT = ("For a k-NN evaluation, give --data a folder with labelled train/ and val/ splits: class folders "
+                 "(DATA/train/CLASS/*.jpg, DATA/val/CLASS/*.jpg), or train.tar / val.tar holding them, or "
+                 "WebDataset shards with .cls members.")
 
+
+def knn_unavailable(cfg: C.TrainConfig, train_labelled: bool) -> str | None:
+    """Why the run's k-NN evaluation (at the end or periodic) cannot run on its dataset, or None when it can
+    or none is asked for. It needs class labels in the train split and a labelled val split."""
+    from fastdino.pipelines import open_source, resolve_split
+
+    if not (cfg.eval.at_end or cfg.eval.knn_every_epochs):
+        return None
     try:
-        resolve_split(path, "val")
-    except ValueError as error:
-        raise ValueError(f"eval.at_end needs a val split next to train ({error}); pass eval.at_end=false to train "
-                         f"without the final evaluation") from None
+        val = resolve_split(cfg.data.path, "val")
+    except ValueError:
+        return f"{cfg.data.path} has no labelled val split"
+    if not open_source(val).labelled:
+        return f"the val split {val} has no class labels"
+    if not train_labelled:
+        return f"the train images of {cfg.data.path} have no class labels"
+    return None
 
 
 def write_config(cfg: C.TrainConfig, output: Path) -> None:

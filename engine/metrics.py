@@ -164,7 +164,11 @@ class MetricsWriter:
 
     def drop_after(self, step: int) -> None:
         """Remove rows logged after `step` (a resumed run logs them again) and a line cut short by a kill."""
-        if self.path is None or not self.path.is_file():
+        if self.path is None:
+            return
+        if not self.path.is_file():  # created now, so that every run leaves one, even one that logs no row
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
             return
         kept = []
         for line in self.path.read_text().splitlines():

@@ -269,7 +269,7 @@ class Trainer:
             for crops in loader:
                 self._restore_rng()
                 self.train_step(crops)
-                if self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps:
+                if self.step % cfg.log_every == 0 or self.step == self.stop_step:
                     rows.append(self._log(writer, collapse, self.throughput))
                 if self._knn_due():  # before the checkpoint: a run resumed from it must not miss this pass
                     self._periodic_knn(writer)

@@ -82,3 +82,22 @@ def test_torchrun_launches_two_processes(tmp_path, tiny_dataset):
     assert "mode fsdp, precision fp32, 2 process(es)" in proc.stderr
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2]
     assert (run / "checkpoints" / "step_00000002" / ".metadata").is_file()
+
+
+@pytest.mark.slow
+def test_unlabeled_flat_folder_trains_logs_the_last_step_and_says_why_knn_is_skipped(tmp_path):
+    from test_sources import jpeg_bytes
+
+    data = tmp_path / "photos"
+    (data / "more").mkdir(parents=True)
+    for i in range(12):
+        (data / ("more" if i % 3 else "") / f"{i}.jpg").write_bytes(jpeg_bytes(32, 40, i))
+    run = tmp_path / "run"
+    # The demo preset evaluates at the end; stopping at step 3 with log_every=10 still logs step 3.
+    proc = fastdino("train", "--output", run, "--data", data, *TINY_CLI, "--max-steps", "3", "log_every=10",
+                    "eval.at_end=true")
+    assert proc.returncode == 0, proc.stderr
+    assert "kept 12 images (no labels)" in proc.stderr and "step 3/6 |" in proc.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [3]
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("k-NN evaluation skipped")]
+    assert len(skipped) == 1 and "has no labelled val split" in skipped[0] and "DATA/val/CLASS" in skipped[0]
