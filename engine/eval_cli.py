@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
         if data:
             p.add_argument("--data", required=True, type=Path, help="dataset folder with train/ and val/")
-            p.add_argument("--image-size", type=int, default=224, help="resize + center-crop side in pixels")
+            p.add_argument("--image-size", type=int, default=None,
+                           help="resize + center-crop side in pixels (default: the size the backbone was trained "
+                                "at, from the checkpoint; 224 for official DINO weights)")
             p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
             p.add_argument("--num-workers", type=int, default=2, help="data loading workers")
 
@@ -94,6 +96,9 @@ def main(argv=None) -> int:
         return _error(str(err))
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
+    # Progress lines on stderr (rank 0), unless the caller configured logging already.
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         return _run(args)
     except (ValueError, OSError) as err:
@@ -115,7 +120,9 @@ def _run(args) -> int:
     if args.command == "attention":
         print(save_attention_png(backbone, args.image, args.output, threshold=args.threshold))
         return 0
-    data = dict(image_size=args.image_size, batch_size=args.batch_size, device=device, num_workers=args.num_workers)
+    image_size = args.image_size or backbone.patch_embed.img_size[0]
+    logger.info("evaluating at %d px (%s)", image_size, "--image-size" if args.image_size else "the checkpoint's size")
+    data = dict(image_size=image_size, batch_size=args.batch_size, device=device, num_workers=args.num_workers)
     with _distributed(device):
         is_main = distributed_rank_world()[0] == 0
         if args.command == "knn":
