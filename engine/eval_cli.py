@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attention", help="PNG of the last block's per-head CLS attention and 60%% masks")
     backbone_args(p, data=False)
-    p.add_argument("--image", required=True, type=Path, help="image whose sides are multiples of the patch size")
+    p.add_argument("--image", required=True, type=Path, help="image file (any size, any format PIL reads)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the shorter side to this many pixels, then center-crop to patch multiples (default: "
+                        "the size the backbone was trained at; 0 = keep the image as it is)")
     p.add_argument("--output", required=True, type=Path, help="PNG file to write")
     p.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by the masks")
 
@@ -118,7 +121,8 @@ def _run(args) -> int:
     device = _device(args.device)
     backbone = load_backbone(args.checkpoint, device=device, arch=args.arch)
     if args.command == "attention":
-        print(save_attention_png(backbone, args.image, args.output, threshold=args.threshold))
+        print(save_attention_png(backbone, args.image, args.output, threshold=args.threshold,
+                                 image_size=args.image_size))
         return 0
     image_size = args.image_size or backbone.patch_embed.img_size[0]
     logger.info("evaluating at %d px (%s)", image_size, "--image-size" if args.image_size else "the checkpoint's size")
