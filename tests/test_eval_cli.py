@@ -105,7 +105,8 @@ def test_attention_writes_the_png(run_dir, tmp_path, capsys):
     code, out, err = _run(capsys, "attention", "--checkpoint", run_dir, "--image", tmp_path / "img.png",
                           "--output", tmp_path / "attn.png", "--device", "cpu")
     assert code == 0, err
-    assert Image.open(tmp_path / "attn.png").size == (4 * 2 * IMAGE, 2 * IMAGE)  # (3 heads + image) x 2 rows
+    # (3 heads + image) x 2 rows of panels enlarged 7 x (32 -> 224 px), plus the title and caption bands
+    assert Image.open(tmp_path / "attn.png").size == (4 * 2 * IMAGE * 7, 2 * IMAGE * 7 + 2 * 28)
 
 
 def test_plot_prints_the_pngs(tmp_path, capsys):
@@ -134,7 +135,7 @@ def test_dataset_with_classes_missing_from_train(run_dir, tmp_path, capsys):
 def test_image_smaller_than_a_patch_or_not_a_multiple(run_dir, tmp_path, capsys, size, message):
     Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8)).save(tmp_path / "img.png")
     code, _, err = _run(capsys, "attention", "--checkpoint", run_dir, "--image", tmp_path / "img.png",
-                        "--output", tmp_path / "attn.png", "--device", "cpu")
+                        "--output", tmp_path / "attn.png", "--device", "cpu", "--image-size", 0)  # as it is
     _assert_one_line_error(code, err, "fastdino attention: error:", message)
     assert not (tmp_path / "attn.png").exists()
 
