@@ -15,6 +15,8 @@ went (collapse, loss trend, k-NN curve).
 This module is the only place that starts and stops torch.distributed (from torchrun's environment: gloo on the
 CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import logging
@@ -23,16 +25,25 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from typing import TYPE_CHECKING
 
 from fastdino.engine import config as C
 
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+
 logger = logging.getLogger(__name__)
 
-EVAL_COMMANDS = ("knn", "linear", "attention", "export", "plot")
+# The evaluation subcommands (eval_cli.py) and their one-line help. torch is imported only once a command runs,
+# so that `fastdino --help` answers at once.
+EVAL_COMMANDS = {
+    "knn": "weighted k-NN top-1 / top-5 of a backbone (DINO eval_knn)",
+    "linear": "linear probe on frozen features (DINO eval_linear; resumes from --output)",
+    "attention": "PNG of the last block's per-head CLS attention and 60%% masks",
+    "export": "write features and labels to .safetensors or .npz",
+    "plot": "PNG curves of loss, teacher entropy and k-NN top-1 from DIR/metrics.jsonl",
+}
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
 
@@ -42,10 +53,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" where an option has a default its help does not already describe."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastdino", description="Fast DINO pretraining for vision transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="pretrain a ViT with DINO (resumes from --output)")
+    parser = _Parser(prog="fastdino", description="Fast DINO pretraining for vision transformers. "
+                     "`fastdino train --output DIR` trains the default preset, demo (a tiny ViT on built-in shapes, a "
+                     "few CPU minutes), and evaluates it.",
+                     epilog="`fastdino COMMAND --help` describes a command's options and their defaults.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    train = sub.add_parser("train", help="pretrain a ViT with DINO (resumes from --output)",
+                           formatter_class=HelpFormatter)
     train.add_argument("--output", required=True, help="run directory (checkpoints, metrics.jsonl, weights)")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many steps; the schedules still span the config's epochs")
@@ -53,13 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time budget instead of the config's epochs: the schedules span the steps that fit "
                             "(measured at the start)")
     train.add_argument("--data", default=None,
-                       help="ImageFolder / tar-shard dataset (with train/ and val/ for the final k-NN); default: "
-                            "the built-in shapes dataset")
+                       help="images, labels not needed: a folder (searched at any depth), tar shards (.tar, "
+                            ".tar.gz, WebDataset) or a file list (.txt); with labelled train/ and val/ splits the "
+                            "run also evaluates k-NN. default: the built-in shapes dataset")
     train.add_argument("--preset", default="demo", help=f"named config: {', '.join(sorted(C.PRESETS))}")
     train.add_argument("--config", default=None, help="YAML file with sections of the config tree")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.base_lr=1e-3")
-    for name in EVAL_COMMANDS:
-        sub.add_parser(name, help="evaluation (see fastdino %s --help)" % name, add_help=False)
+    for name, text in EVAL_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -81,6 +106,10 @@ def init_logging(rank: int) -> None:
 
 def init_distributed() -> tuple[torch.device, DeviceMesh | None]:
     """Device and 1-D mesh from torchrun's environment; one process (no process group) without it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:
@@ -110,6 +139,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         sys.stderr.write(f"fastdino: error: {error}\n")
         return EXIT_USAGE
+    import torch.distributed as dist
+
     device, mesh = init_distributed()
     try:
         init_logging(mesh.get_rank() if mesh is not None else 0)
@@ -189,6 +220,8 @@ def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:
     """`cfg` with data.path set: the built-in shapes dataset (generated once, by rank 0) when it is null."""
     if cfg.data.path is not None:
         return cfg
+    import torch.distributed as dist
+
     from fastdino.pipelines import default_dataset_dir, make_shapes_dataset
     from fastdino.pipelines.synthetic import FORMAT_VERSION
 

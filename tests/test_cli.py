@@ -101,3 +101,16 @@ def test_unlabeled_flat_folder_trains_logs_the_last_step_and_says_why_knn_is_ski
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [3]
     skipped = [line for line in proc.stdout.splitlines() if line.startswith("k-NN evaluation skipped")]
     assert len(skipped) == 1 and "has no labelled val split" in skipped[0] and "DATA/val/CLASS" in skipped[0]
+
+
+def test_help_names_every_command_and_the_default_preset_without_importing_torch():
+    probe = ("import sys; from fastdino.engine.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("torch not imported"), proc.stdout + proc.stderr
+    for name, text in EVAL_COMMANDS.items():
+        assert name in proc.stdout and text.replace("%%", "%")[:30] in " ".join(proc.stdout.split())
+    assert "default preset, demo" in " ".join(proc.stdout.split())
+    train_help = " ".join(fastdino("train", "--help").stdout.split())
+    assert "(default: demo)" in train_help and "labels not needed" in train_help
