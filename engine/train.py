@@ -252,7 +252,7 @@ class Trainer:
 
     def train(self, loader) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
-        every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps`, at epoch ends
+        every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps` (epoch ends when 0)
         and at the end. Returns the logged training rows (rank 0; empty elsewhere)."""
         cfg = self.cfg
         writer = self.metrics_writer()
@@ -396,9 +396,10 @@ class Trainer:
             self._resumed_rng = None
 
     def _checkpoint_due(self) -> bool:
-        every = self.cfg.checkpoint.every_steps
-        return (self.step == self.stop_step or self.step % self.steps_per_epoch == 0
-                or (every > 0 and self.step % every == 0))
+        # A checkpoint holds the loader's position, so a run resumes mid-epoch: with every_steps set, epoch ends
+        # need no checkpoint of their own (on a small dataset they would come every few dozen steps).
+        every = self.cfg.checkpoint.every_steps or self.steps_per_epoch
+        return self.step == self.stop_step or self.step % every == 0
 
     def _writes(self) -> bool:
         return self.rank == 0 and self.output_dir is not None
