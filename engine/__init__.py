@@ -5,7 +5,7 @@ without loading torch, timm and Triton.
 """
 import importlib
 
-_EXPORTS = {"TrainConfig": "config", "DINOHead": "head", "DINOModel": "head", "DINOLoss": "loss",
+_EXPORTS = {"TrainConfig": "config", "DINOHead": "head", "DINOModel": "model", "DINOLoss": "loss",
             "VisionTransformer": "vit", "build_backbone": "vit", "create_model": "vit"}
 
 __all__ = sorted(_EXPORTS)

@@ -57,6 +57,14 @@ def test_config_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("launcher", [("-m", "fastdino"), ("-m", "fastdino.engine.train")])
+def test_the_module_launch_lines_run_the_train_command(tmp_path, launcher):
+    """`python -m fastdino ARGS` and the older `-m fastdino.engine.train ARGS` (train implied) are `fastdino ARGS`."""
+    args = ["--output", tmp_path / "run", "optim.lr=1"]
+    proc = fastdino(*(["train", *args] if launcher == ("-m", "fastdino") else args), launcher=launcher)
+    assert proc.returncode == 2 and "unknown config key 'optim.lr'" in proc.stderr, proc.stderr
+
+
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path, tiny_dataset):
     run = tmp_path / "run"
@@ -124,7 +132,7 @@ def test_two_nodes_rendezvous_through_c10d(tmp_path, tiny_dataset):
     run = tmp_path / "run"
     rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
             "--rdzv-id=test"]
-    command = [sys.executable, "-m", "torch.distributed.run", *rdzv, "-m", "fastdino.engine.train", "--output",
+    command = [sys.executable, "-m", "torch.distributed.run", *rdzv, "-m", "fastdino", "train", "--output",
                str(run), "--data", str(tiny_dataset), *TINY_CLI, "--max-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
