@@ -1,14 +1,29 @@
 """What the two command-line front ends share (cli.py: `fastdino train`; eval_cli.py: the evaluation commands):
-the exit code of a usage error, an argument parser whose errors are one line on stderr, and torch.distributed
-started from torchrun's environment. Only these front ends start and stop torch.distributed."""
+the exit code of a usage error, the evaluation commands' names and help, an argument parser whose errors are one
+line on stderr, a help formatter that shows defaults, and torch.distributed started from torchrun's environment.
+Only these front ends start and stop torch.distributed. torch is imported when a function needs it, so that
+`fastdino --help` answers without it."""
+from __future__ import annotations
+
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
 
 EXIT_USAGE = 2
+
+# The evaluation subcommands (eval_cli.py) and their one-line help. torch is imported only once a command runs,
+# so that `fastdino --help` answers at once.
+EVAL_COMMANDS = {
+    "knn": "weighted k-NN top-1 / top-5 of a backbone (DINO eval_knn)",
+    "linear": "linear probe on frozen features (DINO eval_linear; resumes from --output)",
+    "attention": "PNG of the last block's per-head CLS attention and 60%% masks",
+    "export": "write features and labels to .safetensors or .npz",
+    "plot": "PNG curves of loss, teacher entropy and k-NN top-1 from DIR/metrics.jsonl",
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,8 +33,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" where an option has a default its help does not already describe."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def process_device() -> torch.device:
     """This process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    import torch
+
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -30,6 +56,10 @@ def init_distributed(device: torch.device) -> DeviceMesh | None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return None
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)

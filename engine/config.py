@@ -19,8 +19,15 @@ from pathlib import Path
 
 import yaml
 
-from fastdino.engine.vit import ARCHS
 from fastdino.pipelines.config import MultiCropConfig
+
+# The DINO ViT sizes that `model.arch` names; vit.py builds them (and registers each with patch 16 and 8, MODELS).
+ARCHS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
 
 PARALLEL_MODES = ("auto", "fsdp", "ddp", "single")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -204,7 +211,7 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
-    """Save every this many steps (also at each epoch end and when the run stops); 0 = only those."""
+    """Save every this many steps and when the run stops; 0 = at each epoch end and when the run stops."""
     keep_last: int = 2
     """How many checkpoints to keep; older ones are deleted."""
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
 
 from fastdino.engine.attention import BACKENDS, attention, attention_probs, select_attention_backend
+from fastdino.engine.config import ARCHS
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +53,7 @@ logger = logging.getLogger(__name__)
 # in the order the groups' rows appear in the (T, D) token tensor.
 Layout = tuple[tuple[int, int], ...]
 
-# The DINO ViT sizes (`model.arch`), and the timm-style registry of them with DINO's patch sizes 16 and 8.
-ARCHS = {
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-}
+# The timm-style registry: every DINO ViT size (config.ARCHS) with DINO's patch sizes 16 and 8.
 MODELS = {f"{arch}_patch{patch}": dict(patch_size=patch, **size) for arch, size in ARCHS.items() for patch in (16, 8)}
 
 
