@@ -77,10 +77,11 @@ def test_last_layer_is_frozen_only_during_its_epochs():
     assert not torch.equal(before, last)
 
 
-def test_non_finite_loss_skips_the_update_counts_it_and_stops_the_run(monkeypatch):
+@pytest.mark.parametrize("clip_mode", C.CLIP_GRAD_MODES)
+def test_non_finite_loss_skips_the_update_counts_it_and_stops_the_run(monkeypatch, clip_mode):
     from fastdino.engine.train import NonFiniteLossError
 
-    cfg = tiny_config("max_nonfinite_in_a_row=3")
+    cfg = tiny_config("max_nonfinite_in_a_row=3", f"optim.clip_grad_mode={clip_mode}")
     trainer = make_trainer(cfg)
     batches = synthetic_batches(cfg, 8)
     trainer.train_step(batches[0])
@@ -119,7 +120,8 @@ class _Clock:
 
 
 def test_param_groups_exempt_biases_and_norms_only():
-    from fastdino.engine.train import build_model, param_groups
+    from fastdino.engine.model import build_model
+    from fastdino.engine.train import param_groups
 
     model = build_model(tiny_config(), student=True)
     decay, no_decay = param_groups(model)
@@ -132,7 +134,7 @@ def test_param_groups_exempt_biases_and_norms_only():
 
 
 def test_initial_weights_depend_only_on_the_seed():
-    from fastdino.engine.train import initial_state
+    from fastdino.engine.model import initial_state
 
     a, b, c = initial_state(tiny_config()), initial_state(tiny_config()), initial_state(tiny_config("seed=1"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -151,8 +153,9 @@ def test_fp16_loss_scale_skips_backs_off_and_grows():
     assert scale.scale.item() == 8.0 and scale.good_steps.item() == 0
 
 
-def test_fp16_overflows_back_off_the_loss_scale_without_counting_as_divergence():
-    cfg = tiny_config("parallel.precision=fp16", "max_nonfinite_in_a_row=1")
+@pytest.mark.parametrize("clip_mode", C.CLIP_GRAD_MODES)
+def test_fp16_overflows_back_off_the_loss_scale_without_counting_as_divergence(clip_mode):
+    cfg = tiny_config("parallel.precision=fp16", "max_nonfinite_in_a_row=1", f"optim.clip_grad_mode={clip_mode}")
     trainer = make_trainer(cfg)
     for crops in synthetic_batches(cfg, 12):
         trainer.train_step(crops)
