@@ -73,7 +73,7 @@ from bench_train_step import config as train_step_config
 from common import base_parser, print_header
 from fastdino.engine import config as C
 from fastdino.engine.eval import extract_features, knn_classify
-from fastdino.engine.train import build_model
+from fastdino.engine.model import build_model
 from fastdino.pipelines import build_eval_loader, make_shapes_dataset, resolve_split
 
 # provider -> (training step for bench_e2e.build_provider, data loader for bench_e2e.batch_stream)

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, the prepared GPU check: its smoke mode runs every step on the CPU (so the script cannot
 rot between lent GPUs), a skipped or unnamed GPU test fails the check, a step that hangs is stopped at its limit
 and the next one runs, and the CIFAR-10 subset it carries is drawn per class."""
+import importlib
 import io
 import json
 import subprocess
@@ -10,13 +11,19 @@ from pathlib import Path
 
 import pytest
 
-import gpu_check
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def gpu_check():
+    """The gpu_check.py script as a module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT / "benchmarks"))
+        yield importlib.import_module("gpu_check")
+
+
 @pytest.mark.slow
-def test_smoke_mode_runs_every_step_and_prints_the_table_last(tmp_path):
+def test_smoke_mode_runs_every_step_and_prints_the_table_last(gpu_check, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out",
                              str(tmp_path)], capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -37,7 +44,7 @@ def _junit(path: Path, cases: list[tuple[str, str, str]]) -> None:
     path.write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
 
 
-def _summarize(tmp_path, cases, smoke=False) -> dict:
+def _summarize(gpu_check, tmp_path, cases, smoke=False) -> dict:
     ctx = gpu_check.Context(smoke=smoke, work=tmp_path, env={})
     _junit(tmp_path / "gpu_tests_1.xml", cases)
     record = {"status": "ok", "problems": []}
@@ -45,31 +52,32 @@ def _summarize(tmp_path, cases, smoke=False) -> dict:
     return record
 
 
-def _stage1_cases(outcome="passed"):
+def _stage1_cases(gpu_check, outcome="passed"):
     return [(name.split("::")[0].removesuffix(".py").replace("/", "."), name.split("::")[1] + "[x]", outcome)
             for name, stage in gpu_check.GPU_TESTS.items() if stage == 1]
 
 
-def test_every_named_gpu_test_passing_is_ok(tmp_path):
-    record = _summarize(tmp_path, _stage1_cases())
-    assert record["status"] == "ok" and record["figures"]["passed"] == len(_stage1_cases()), record
+def test_every_named_gpu_test_passing_is_ok(gpu_check, tmp_path):
+    record = _summarize(gpu_check, tmp_path, _stage1_cases(gpu_check))
+    assert record["status"] == "ok" and record["figures"]["passed"] == len(_stage1_cases(gpu_check)), record
 
 
-def test_a_skip_fails_the_check_on_the_gpu_but_not_in_smoke_mode(tmp_path):
-    assert _summarize(tmp_path, _stage1_cases("skipped"))["status"] == "failed"
-    cases = _stage1_cases("skipped") + [("tests.test_pipelines", "test_dali_on_the_gpu_agrees_with_the_reference[a]",
-                                         "skipped")]
-    assert _summarize(tmp_path, cases, smoke=True)["status"] == "ok"
+def test_a_skip_fails_the_check_on_the_gpu_but_not_in_smoke_mode(gpu_check, tmp_path):
+    assert _summarize(gpu_check, tmp_path, _stage1_cases(gpu_check, "skipped"))["status"] == "failed"
+    dali = ("tests.test_pipelines", "test_dali_on_the_gpu_agrees_with_the_reference[a]", "skipped")
+    cases = _stage1_cases(gpu_check, "skipped") + [dali]
+    assert _summarize(gpu_check, tmp_path, cases, smoke=True)["status"] == "ok"
 
 
-def test_an_unnamed_or_missing_gpu_test_fails_the_check(tmp_path):
-    unnamed = _summarize(tmp_path, _stage1_cases() + [("tests.test_new", "test_new_gpu_thing", "passed")])
+def test_an_unnamed_or_missing_gpu_test_fails_the_check(gpu_check, tmp_path):
+    new = ("tests.test_new", "test_new_gpu_thing", "passed")
+    unnamed = _summarize(gpu_check, tmp_path, _stage1_cases(gpu_check) + [new])
     assert unnamed["status"] == "failed" and any("test_new_gpu_thing" in p for p in unnamed["problems"])
-    missing = _summarize(tmp_path, _stage1_cases()[1:])
+    missing = _summarize(gpu_check, tmp_path, _stage1_cases(gpu_check)[1:])
     assert missing["status"] == "failed" and any("no such test" in p for p in missing["problems"])
 
 
-def test_a_hanging_step_is_stopped_and_the_next_one_runs(tmp_path):
+def test_a_hanging_step_is_stopped_and_the_next_one_runs(gpu_check, tmp_path):
     def step(name, seconds, limit_s, min_s):
         command = [sys.executable, "-c", f"import time; print('{name}', flush=True); time.sleep({seconds})"]
         return gpu_check.Step(name, 1, name, lambda ctx, limit: command, limit_s=limit_s, min_s=min_s)
@@ -83,7 +91,7 @@ def test_a_hanging_step_is_stopped_and_the_next_one_runs(tmp_path):
     assert records[0]["seconds"] < 5 and "hangs" in records[0]["output_tail"]
 
 
-def test_cifar_subset_draws_each_class(tmp_path):
+def test_cifar_subset_draws_each_class(gpu_check, tmp_path):
     source = tmp_path / "cifar"
     source.mkdir()
     for split, per_class in (("train", 5), ("val", 3)):
