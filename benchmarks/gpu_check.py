@@ -22,7 +22,6 @@ import argparse
 import csv
 import datetime
 import hashlib
-import io
 import json
 import os
 import random
@@ -378,23 +377,38 @@ def run_step(step: Step, ctx: Context, limit_s: float, log) -> dict:
         return not_run(step, step.skip_reason)
     record = dict(not_run(step, ""), status="ok", limit_s=round(limit_s))
     record["command"] = " ".join(str(a) for a in argv)
-    log.write(f"\n===== {step.name} (limit {limit_s:.0f} s): {record['command']}\n")
-    log.flush()
+    header = f"\n===== {step.name} (limit {limit_s:.0f} s): {record['command']}\n"
+    if not ctx.smoke:
+        log.write(header)
     start = time.perf_counter()
     # A new session, so that a timeout kills the step's whole process tree (DataLoader workers, compile workers).
     proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=ctx.env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    tail = io.StringIO()
+    lines: list[str] = []
+
+    def pump():
+        """On the GPU the output goes to the log and stdout as it comes (a call killed mid-step still shows it);
+        in a smoke run, where two steps run at once, it is written in one piece at the end."""
+        for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace"))
+            if not ctx.smoke:
+                log.write(lines[-1])
+                sys.stdout.write(lines[-1])
+                sys.stdout.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
-        out, _ = proc.communicate(timeout=limit_s)
+        proc.wait(timeout=limit_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.wait()
         record["status"] = "timeout"
-    text = out.decode(errors="replace")
-    log.write(text)
+    reader.join(timeout=10)  # a grandchild that left the session may hold the pipe open: do not wait for it
+    text = "".join(lines)
+    if ctx.smoke:
+        log.write(header + text)
     log.flush()
-    tail.write(text[-3000:])
     record["seconds"] = round(time.perf_counter() - start, 1)
     record["returncode"] = proc.returncode
     if record["status"] == "ok" and proc.returncode != 0:
@@ -407,7 +421,7 @@ def run_step(step: Step, ctx: Context, limit_s: float, log) -> dict:
     if record["problems"] and record["status"] == "ok":
         record["status"] = "failed"
     if record["status"] != "ok":
-        record["output_tail"] = tail.getvalue()
+        record["output_tail"] = text[-3000:]
     return record
 
 
