@@ -376,14 +376,20 @@ def main():
                 row["speedup"] = row["img_per_s"] / baseline.get(source, nan)
                 table.add(**row)
                 rows_md.append(row)
+                save(table, rows_md, args, peak_tflops, flops_md, jpeg_notes)  # every row: a killed run keeps them
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    print("\n" + save(table, rows_md, args, peak_tflops, flops_md, jpeg_notes))
+
+
+def save(table: Table, rows: list[dict], args, peak_tflops: float | None, flops: list[str], jpeg_notes: str) -> str:
+    """Write the rows so far to --csv and --markdown; returns the markdown."""
     table.write_csv(args.csv)
-    markdown = to_markdown(rows_md, args, peak_tflops, flops_md, jpeg_notes)
-    print("\n" + markdown)
+    markdown = to_markdown(rows, args, peak_tflops, flops, jpeg_notes)
     if args.markdown:
         Path(args.markdown).write_text(markdown)
+    return markdown
 
 
 def to_markdown(rows: list[dict], args, peak_tflops: float | None, flops: list[str], jpeg_notes: str) -> str:
