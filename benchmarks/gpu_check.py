@@ -405,12 +405,13 @@ def run_step(step: Step, ctx: Context, limit_s: float, log) -> dict:
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    timed_out = False
     try:
         proc.wait(timeout=limit_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        record["status"] = "timeout"
+        timed_out = True
     reader.join(timeout=10)  # a grandchild that left the session may hold the pipe open: do not wait for it
     text = "".join(lines)
     if ctx.smoke:
@@ -418,7 +419,7 @@ def run_step(step: Step, ctx: Context, limit_s: float, log) -> dict:
     log.flush()
     record["seconds"] = round(time.perf_counter() - start, 1)
     record["returncode"] = proc.returncode
-    if record["status"] == "ok" and proc.returncode != 0:
+    if proc.returncode != 0:
         record["status"] = "failed"
     try:
         step.summarize(ctx, record)
@@ -427,6 +428,8 @@ def run_step(step: Step, ctx: Context, limit_s: float, log) -> dict:
         record["status"] = "failed"
     if record["problems"] and record["status"] == "ok":
         record["status"] = "failed"
+    if timed_out:
+        record["status"] = "timeout"  # what the summary found missing follows from it
     if record["status"] != "ok":
         record["output_tail"] = text[-3000:]
     return record
