@@ -8,12 +8,16 @@ device copy of an S-sized buffer (read + write), the practical bandwidth ceiling
 
     python benchmarks/bench_dino_loss.py                                    # GPU: B in {64, 128, 256}, K=65536
     python benchmarks/bench_dino_loss.py --batch 2 --K 1000 --device cpu    # smoke test (Triton interpreter)
+    python benchmarks/bench_dino_loss.py --batch 64 --device cpu --host     # host us per call, launches mocked
+
+`--host` times only the Python side of the triton provider (checks, allocations, launch calls, the autograd node)
+with the kernel launches mocked, so it runs on the CPU: fwd is `dino_loss(...)`, full adds `loss.backward()`.
 """
 import time
 
 import torch
 
-from common import Table, base_parser, measure_ms, peak_memory_gib, start
+from common import Table, base_parser, host_us, measure_ms, peak_memory_gib, start
 
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 PROVIDERS = ("torch", "compile", "triton")
@@ -29,7 +33,26 @@ def parse_args():
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--reps", type=int, default=10, help="timed runs off the GPU and of bwd (do_bench decides "
                                                              "for fwd/full on the GPU)")
+    parser.add_argument("--host", action="store_true", help="only the host us per call of the triton provider, "
+                                                            "kernel launches mocked")
     return parser.parse_args()
+
+
+def host_table(args, device, dtype, dino_loss):
+    """Host us per call of the triton provider, launches mocked (see the module docstring)."""
+    table = Table(["B", "mode", "host_p50_us", "host_p20_us", "host_p80_us"])
+    for batch in args.batch:
+        student = torch.randn(args.ncrops * batch, args.K, device=device).to(dtype).requires_grad_(True)
+        teacher = torch.randn(2 * batch, args.K, device=device).to(dtype)
+        center = torch.zeros(1, args.K, device=device)
+
+        def forward():
+            return dino_loss(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops, impl="triton")[0]
+
+        for mode, fn in (("fwd", forward), ("full", lambda: forward().backward())):
+            p50, p20, p80 = host_us(fn, reps=args.reps)
+            table.add(B=batch, mode=mode, host_p50_us=p50, host_p20_us=p20, host_p80_us=p80)
+    table.write_csv(args.csv)
 
 
 def backward_ms(make_loss, device, reps, warmup=3):
@@ -63,6 +86,8 @@ def main():
     from fastdino.kernels import dino_loss
     from fastdino.kernels.reference import dino_loss_ref
 
+    if args.host:
+        return host_table(args, device, dtype, dino_loss)
     compiled_ref = torch.compile(dino_loss_ref)
     loss_fns = {
         "torch": dino_loss_ref,
