@@ -29,6 +29,8 @@ def dino_loss_ref(
 
     Returns (loss, teacher_colsum) and, with `return_entropy`, also the mean entropy of the teacher rows q; all fp32.
     loss is differentiable w.r.t. student_logits; teacher_colsum (K,) is the sum over the 2*B teacher input rows.
+    The gradient is the official order of operations: autograd multiplies by grad_output (a loss scale, say) in fp32
+    and casts to the student dtype last, so small entries survive fp16; the fused kernel must do the same.
     """
     check_dino_loss_args(student_logits, teacher, center, student_temp, teacher_temp, ncrops)
     student_out = (student_logits.float() / student_temp).chunk(ncrops)
