@@ -50,6 +50,7 @@ def parameter_shapes(args) -> list[torch.Size]:
     return [p.shape for module in (backbone, head) for p in module.parameters()]
 
 
+@torch.no_grad()
 def official_loop(teacher, student, momentum):
     """DINO main_dino.py: `param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)` per parameter."""
     for param_k, param_q in zip(teacher, student):
@@ -63,8 +64,9 @@ def main():
     from fastdino.kernels.reference import ema_update_ref
 
     shapes = parameter_shapes(args)
-    teacher = [torch.randn(s, device=device) for s in shapes]
-    student = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    # Parameters, as the trainer passes them (their data_ptr costs more host time than a plain tensor's).
+    teacher = [torch.nn.Parameter(torch.randn(s, device=device), requires_grad=False) for s in shapes]
+    student = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
     numel = sum(t.numel() for t in teacher)
     momentum = torch.tensor(args.momentum, device=device) if args.tensor_momentum else args.momentum
     print(f"# {args.arch}/{args.patch_size} + head K={args.out_dim}: {len(shapes)} tensors, {numel / 1e6:.1f}M "

@@ -351,6 +351,7 @@ class DINOLossFunction(torch.autograd.Function):
             student_logits, teacher, center, student_temp, teacher_temp, ncrops, teacher_is_probs
         )
         ctx.mark_non_differentiable(colsum, entropy)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for colsum and entropy in backward
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(*saved)
             ctx.args = (student_temp, teacher_temp, ncrops, center is not None and not teacher_is_probs,
@@ -360,6 +361,8 @@ class DINOLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_colsum, _grad_entropy):
+        if grad_loss is None:  # grads are not materialized: the loss did not reach the output
+            return None, None, None, None, None, None, None
         grad = _dino_loss_bwd(grad_loss, ctx.saved_tensors, *ctx.args)
         return grad, None, None, None, None, None, None
 
