@@ -58,6 +58,17 @@ def dino_loss_ref(
     return loss, colsum, torch.special.entr(q).sum(dim=-1).mean()
 
 
+def dino_loss_fused_head_ref(student_features, student_weight_v, teacher_features, teacher_weight_v, center,
+                             student_temp, teacher_temp, ncrops):
+    """The spec of `dino_loss_fused_head`: the DINO head's weight-normalised last layer (rows v_k / ||v_k||, gain 1,
+    as `F.normalize`) applied to student and teacher features, then `dino_loss_ref` with the entropy."""
+    student_logits = F.linear(student_features, F.normalize(student_weight_v, dim=1))  # (V*B, K)
+    with torch.no_grad():
+        teacher_logits = F.linear(teacher_features, F.normalize(teacher_weight_v, dim=1))  # (2*B, K)
+    return dino_loss_ref(student_logits, teacher_logits, center, student_temp, teacher_temp, ncrops,
+                         return_entropy=True)
+
+
 @torch.no_grad()
 def ema_update_ref(teacher_params, student_params, momentum) -> str:
     """teacher <- momentum * teacher + (1 - momentum) * student, in place, over two lists of tensors.
