@@ -3,6 +3,7 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,64 +201,12 @@ def test_bad_arguments(case, impl):
                   args["student_temp"], args["teacher_temp"], args["ncrops"], impl=impl)
 
 
-# Compiles in a fresh process, where TRITON_INTERPRET is unset, so the kernels are real JIT functions. Pointers and
-# row strides are marked 16-divisible, as Triton specialises them at launch for K = 65536.
-COMPILE_FOR_H100 = r"""
-import importlib, itertools
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-dl = importlib.import_module("fastdino.kernels.dino_loss")
-ema = importlib.import_module("fastdino.kernels.ema")
-
-def ptx(kernel, sig, consts, num_warps):
-    aligned = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride") or n == "n_cols"]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
-
-f32, ptrs = "fp32", lambda names, t: {n: t for n in names}
-teacher_sig = {"t_ptr": "*bf16", **ptrs(["c_ptr", "colsum_ptr", "c_copy_ptr", "part_a_ptr", "part_b_ptr",
-                                         "part_c_ptr"], "*fp32"),
-               "n_rows": "i32", "n_cols": "i32", "stride_t_row": "i32", "inv_teacher_temp": f32, "n_blocks": "i32"}
-fwd_sig = {**ptrs(["s_ptr", "t_ptr"], "*bf16"),
-           **ptrs(["c_ptr", "part_max_ptr", "part_sumexp_ptr", "part_wx_ptr", "t_shift_ptr", "t_scale_ptr",
-                   "t_entropy_ptr", "part_a_ptr", "part_b_ptr", "part_c_ptr"], "*fp32"),
-           **ptrs(["n_batch", "n_crops", "n_cols", "n_chunks", "n_blocks", "stride_s_row", "stride_t_row"], "i32"),
-           **ptrs(["inv_student_temp", "inv_teacher_temp"], f32)}
-finish_sig = {**ptrs(["part_max_ptr", "part_sumexp_ptr", "part_wx_ptr", "t_scale_ptr", "t_entropy_ptr", "lse_ptr",
-                      "loss_ptr", "entropy_ptr"], "*fp32"),
-              **ptrs(["n_batch", "n_rows", "n_chunks"], "i32"), "loss_scale": f32}
-bwd_sig = {**ptrs(["s_ptr", "t_ptr"], "*bf16"), "c_ptr": "*fp32", "grad_ptr": "*bf16",
-           **ptrs(["lse_ptr", "t_shift_ptr", "t_scale_ptr", "grad_loss_ptr"], "*fp32"),
-           **ptrs(["n_batch", "n_crops", "n_cols", "stride_s_row", "stride_t_row", "stride_grad_row"], "i32"),
-           **ptrs(["inv_student_temp", "inv_teacher_temp", "grad_scale"], f32)}
-for has_center, is_probs, even in [(True, False, True), (False, True, True), (True, False, False)]:
-    ptx(dl._teacher_stats_kernel, teacher_sig,
-        dict(HAS_CENTER=has_center, IS_PROBS=is_probs, BLOCK_R=8, BLOCK_T=512), 4)
-    ptx(dl._dino_loss_fwd_kernel, fwd_sig,
-        dict(HAS_CENTER=has_center, IS_PROBS=is_probs, EVEN_K=even, BLOCK_K=4096, BLOCK_P=128), 8)
-    ptx(dl._dino_loss_finish_kernel, finish_sig, dict(IS_PROBS=is_probs, BLOCK_R=64, BLOCK_P=16), 4)
-    ptx(dl._dino_loss_bwd_kernel, bwd_sig,
-        dict(HAS_CENTER=has_center, IS_PROBS=is_probs, EVEN_K=even, BLOCK_K=4096), 8)
-
-ema_sig = {"table_ptr": "*i32", "addr_ptr": "*i64", "numel_ptr": "*i64", "weight": f32, "momentum_ptr": "*fp32"}
-for aligned, student in [(True, tl.float32), (False, tl.bfloat16)]:
-    code = ptx(ema._ema_update_kernel, ema_sig, dict(T_DTYPE=tl.float32, S_DTYPE=student, MOMENTUM_FROM_PTR=True,
-                                                      ALIGNED=aligned, BLOCK=4096), 4)
-    # The alignment hints on the table's pointers are what let full blocks use 128-bit accesses: with an fp32
-    # teacher and student, each 128-bit teacher store comes with one 128-bit load of each.
-    loads, stores = code.count("ld.global.v4"), code.count("st.global.v4")
-    assert (stores > 0 and loads == 2 * stores) if aligned else loads == stores == 0, (aligned, loads, stores)
-print("compiled")
-"""
-
-
 def test_kernels_compile_for_h100():
-    """All Triton kernels of fastdino.kernels (loss and EMA) compile to sm_90 code, without a GPU, which the
-    interpreter alone does not prove."""
+    """All Triton kernels of fastdino.kernels (loss and EMA) compile to sm_90 code without spills, and the EMA's
+    aligned full blocks use 128-bit accesses, without a GPU, which the interpreter alone does not prove. Runs
+    `benchmarks/aot_report.py --check` in a fresh process, where TRITON_INTERPRET is unset."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "aot_report.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "compiled" in result.stdout, (result.stdout + result.stderr)[-3000:]
