@@ -10,6 +10,11 @@ device copy of an S-sized buffer (read + write), the practical bandwidth ceiling
     python benchmarks/bench_dino_loss.py --batch 2 --K 1000 --device cpu    # smoke test (Triton interpreter)
     python benchmarks/bench_dino_loss.py --batch 64 --device cpu --host     # host us per call, launches mocked
 
+`--head` compares the head's last layer + loss: `unfused` (F.linear(H, F.normalize(v)) for student and teacher, then
+`dino_loss`) against `fused_head` (`dino_loss_fused_head`, no logits in memory), fwd+bwd time and peak memory.
+
+    python benchmarks/bench_dino_loss.py --head --batch 128                   # GPU: fused vs unfused head + loss
+
 `--host` times only the Python side of the triton provider (checks, allocations, launch calls, the autograd node)
 with the kernel launches mocked, so it runs on the CPU: fwd is `dino_loss(...)`, full adds `loss.backward()`.
 """
@@ -33,9 +38,48 @@ def parse_args():
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--reps", type=int, default=10, help="timed runs off the GPU and of bwd (do_bench decides "
                                                              "for fwd/full on the GPU)")
+    parser.add_argument("--head", action="store_true", help="head last layer + loss: unfused vs fused_head")
+    parser.add_argument("--dim", type=int, default=256, help="head bottleneck width (D), with --head")
     parser.add_argument("--host", action="store_true", help="only the host us per call of the triton provider, "
                                                             "kernel launches mocked")
     return parser.parse_args()
+
+
+def head_table(args, device, dtype):
+    """Last layer + loss, fwd+bwd: unfused (logits and normalised weights in memory) against fused_head."""
+    import torch.nn.functional as F
+
+    from fastdino.kernels import dino_loss, dino_loss_fused_head
+
+    def unfused(h_s, v_s, h_t, v_t, center):
+        student = F.linear(h_s, F.normalize(v_s, dim=1))  # (V*B, K)
+        with torch.no_grad():
+            teacher = F.linear(h_t, F.normalize(v_t, dim=1))  # (2*B, K)
+        return dino_loss(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
+
+    def fused(h_s, v_s, h_t, v_t, center):
+        return dino_loss_fused_head(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
+
+    table = Table(["B", "provider", "p50_ms", "p20_ms", "p80_ms", "speedup", "peak_GiB"])
+    for batch in args.batch:
+        h_s = torch.nn.functional.normalize(torch.randn(args.ncrops * batch, args.dim, device=device), dim=-1)
+        h_s = h_s.to(dtype).requires_grad_(True)
+        h_t = torch.nn.functional.normalize(torch.randn(2 * batch, args.dim, device=device), dim=-1).to(dtype)
+        v_s = torch.randn(args.K, args.dim, device=device, dtype=dtype, requires_grad=True)
+        v_t = torch.randn(args.K, args.dim, device=device, dtype=dtype)
+        center = torch.zeros(1, args.K, device=device)
+        baseline = None
+        for provider, loss_fn in (("unfused", unfused), ("fused_head", fused)):
+            def full():
+                loss_fn(h_s, v_s, h_t, v_t, center).backward()
+
+            p50, p20, p80 = measure_ms(full, str(device), grad_to_none=[h_s, v_s], reps=args.reps)
+            baseline = baseline or p50
+            h_s.grad = v_s.grad = None
+            table.add(B=batch, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80, speedup=baseline / p50,
+                      peak_GiB=peak_memory_gib(full, str(device)))
+            h_s.grad = v_s.grad = None
+    table.write_csv(args.csv)
 
 
 def host_table(args, device, dtype, dino_loss):
@@ -92,6 +136,8 @@ def main():
 
     if args.host:
         return host_table(args, device, dtype, dino_loss)
+    if args.head:
+        return head_table(args, device, dtype)
     compiled_ref = torch.compile(dino_loss_ref)
     loss_fns = {
         "torch": dino_loss_ref,
