@@ -39,9 +39,10 @@ import triton.language as tl
 from . import _launch
 from .reference import dino_loss_ref
 
-# Column-block caps. On the GPU 4096 keeps the row loops' registers in check (Liger CE uses up to 65536/2 with 32
-# warps; 4096 with 8 warps streams as well for a memory-bound loop). The interpreter runs one numpy op per block, so
-# there bigger blocks mean fewer Python steps.
+# Column-chunk caps of the student kernels (one chunk per program, so also the grid's second extent). On the GPU
+# 4096 columns with 8 warps hold the chunk's two teacher rows in registers without spills (benchmarks/aot_report.py)
+# and give B * 16 programs at K = 65536. The interpreter runs one numpy op per block, so there bigger blocks mean
+# fewer Python steps.
 MAX_BLOCK_K = {"cuda": 4096, "cpu": 16384}
 # Teacher kernel tile: BLOCK_T columns x TEACHER_BLOCK_R rows per step.
 MAX_BLOCK_T = 512
