@@ -33,13 +33,16 @@ def kernel_specs():
     """(label, kernel, signature, constexprs, num_warps) for every kernel and the variants a run uses."""
     dl = importlib.import_module("fastdino.kernels.dino_loss")
     ema = importlib.import_module("fastdino.kernels.ema")
-    teacher = {"t_ptr": "*bf16", **_ptrs(["c_ptr", "colsum_ptr", "c_copy_ptr", "part_a_ptr", "part_b_ptr",
+    teacher = {"t_ptr": "*bf16", **_ptrs(["c_ptr", "colsum_part_ptr", "c_copy_ptr", "part_a_ptr", "part_b_ptr",
                                           "part_c_ptr"], "*fp32"),
-               "n_rows": "i32", "n_cols": "i32", "stride_t_row": "i32", "inv_teacher_temp": F32, "n_blocks": "i32"}
+               "n_rows": "i32", "n_cols": "i32", "stride_t_row": "i32", "inv_teacher_temp": F32, "n_blocks": "i32",
+               "rows_per_group": "i32"}
     fwd = {**_ptrs(["s_ptr", "t_ptr"], "*bf16"),
            **_ptrs(["c_ptr", "part_max_ptr", "part_sumexp_ptr", "part_wx_ptr", "t_shift_ptr", "t_scale_ptr",
-                    "t_entropy_ptr", "part_a_ptr", "part_b_ptr", "part_c_ptr"], "*fp32"),
-           **_ptrs(["n_batch", "n_crops", "n_cols", "n_chunks", "n_blocks", "stride_s_row", "stride_t_row"], "i32"),
+                    "t_entropy_ptr", "part_a_ptr", "part_b_ptr", "part_c_ptr", "colsum_part_ptr", "colsum_ptr"],
+                   "*fp32"),
+           **_ptrs(["n_batch", "n_crops", "n_cols", "n_chunks", "n_blocks", "n_groups", "stride_s_row",
+                    "stride_t_row"], "i32"),
            **_ptrs(["inv_student_temp", "inv_teacher_temp"], F32)}
     finish = {**_ptrs(["part_max_ptr", "part_sumexp_ptr", "part_wx_ptr", "t_scale_ptr", "t_entropy_ptr", "lse_ptr",
                        "loss_ptr", "entropy_ptr"], "*fp32"),
@@ -56,7 +59,7 @@ def kernel_specs():
         specs += [
             (f"teacher_stats ({label})", dl._teacher_stats_kernel, teacher,
              dict(HAS_CENTER=has_center, IS_PROBS=is_probs, BLOCK_R=dl.TEACHER_BLOCK_R, BLOCK_T=settings["block_t"]),
-             4),
+             dl.TEACHER_NUM_WARPS),
             (f"loss fwd ({label})", dl._dino_loss_fwd_kernel, fwd,
              dict(HAS_CENTER=has_center, IS_PROBS=is_probs, EVEN_K=even, BLOCK_K=block_k,
                   BLOCK_P=settings["block_blocks"]), warps),

@@ -22,7 +22,8 @@ def parse_args():
     parser.add_argument("--dim", type=int, default=256, help="head bottleneck width (D)")
     parser.add_argument("--elem", type=int, default=2, help="bytes per element of logits/features (bf16: 2)")
     parser.add_argument("--block-k", type=int, default=4096, help="loss chunk (MAX_BLOCK_K on CUDA)")
-    parser.add_argument("--block-t", type=int, default=512, help="teacher stats block (MAX_BLOCK_T)")
+    parser.add_argument("--block-t", type=int, default=256, help="teacher stats block (MAX_BLOCK_T)")
+    parser.add_argument("--teacher-rows", type=int, default=16, help="TEACHER_ROWS_PER_PROGRAM")
     parser.add_argument("--ema-params", type=float, default=44.0e6, help="parameters updated by the EMA")
     parser.add_argument("--ema-student-bytes", type=int, default=4, help="bytes per student parameter")
     return parser.parse_args()
@@ -33,10 +34,13 @@ def rows(args):
     b, v, k, d, e = args.batch, args.ncrops, args.K, args.dim, args.elem
     s, t = v * b * k * e, 2 * b * k * e  # student logits, teacher logits
     f32 = 4
-    n_chunks, n_blocks = -(-k // args.block_k), -(-k // args.block_t)
+    n_chunks, n_blocks, n_groups = -(-k // args.block_k), -(-k // args.block_t), -(-2 * b // args.teacher_rows)
+    colsum_parts = n_groups * k * f32
     out = [
-        ("teacher_stats", "read T, C; write colsum, C copy, 3 partials", t + 3 * k * f32 + 3 * 2 * b * n_blocks * f32, 0),
-        ("loss fwd", "read S, T, C; write 3 partials per (row, chunk)", s + t + k * f32 + 3 * v * b * n_chunks * f32, 0),
+        ("teacher_stats", "read T, C; write colsum per row group, C copy, 3 partials",
+         t + 2 * k * f32 + colsum_parts + 3 * 2 * b * n_blocks * f32, 0),
+        ("loss fwd", "read S, T, C, colsum parts; write colsum, 3 partials per (row, chunk)",
+         s + t + k * f32 + colsum_parts + k * f32 + 3 * v * b * n_chunks * f32, 0),
         ("loss finish", "read partials; write LSE, loss", 3 * v * b * n_chunks * f32 + v * b * f32, 0),
         ("loss bwd", "read S, T, C, LSE; write dS", 2 * s + t + k * f32, 0),
     ]

@@ -18,13 +18,13 @@ Shapes: student S (V*B, K) crop-major (row v*B + b is crop v of image b), teache
   for z = (T_i - C) / tau_t with row max M and L = sum_k e^(z_k - M) (no large terms cancel).
 
 Forward, three launches; fp32 math, loads in the storage dtype:
-1. `_teacher_stats_kernel`, one program per BLOCK_T columns of T: the column sum of T (for the center update), a
-   snapshot of C (backward needs the center of this step; the caller updates it in place), and per-(row, block)
-   softmax partials. Reads T (2B*K) and C once.
+1. `_teacher_stats_kernel`, a 2-D grid of BLOCK_T columns x TEACHER_ROWS_PER_PROGRAM rows of T: per-group column
+   sums of T (for the center update), a snapshot of C (backward needs the center of this step; the caller updates
+   it in place), and per-(row, block) softmax partials. Reads T (2B*K) once and C once per row group.
 2. `_dino_loss_fwd_kernel`, one program per (image b, chunk of BLOCK_K columns): combines the teacher partials of
    the image's two teacher rows, builds their probabilities for the chunk once, then for each of the V crops makes
    one pass over the chunk of S for the max, the sum of exp and sum w*x together (per-chunk partials). Reads S once
-   and T once; writes 3 fp32 per (row, chunk).
+   and T once; writes 3 fp32 per (row, chunk). The image-0 programs also add up the teacher column sums.
 3. `_dino_loss_finish_kernel`, one program: per-row LSE from the chunk partials, the loss and the mean entropy.
 Backward, one launch: `_dino_loss_bwd_kernel` on the same (image, chunk) grid reads S, T and C once and writes dS
 once. Saved for backward: S and T (inputs), C's snapshot (K,), per-row LSE (V*B,) and per-teacher-row softmax shift
@@ -44,37 +44,47 @@ from .reference import dino_loss_ref
 # and give B * 16 programs at K = 65536. The interpreter runs one numpy op per block, so there bigger blocks mean
 # fewer Python steps.
 MAX_BLOCK_K = {"cuda": 4096, "cpu": 16384}
-# Teacher kernel tile: BLOCK_T columns x TEACHER_BLOCK_R rows per step.
-MAX_BLOCK_T = 512
+# Teacher kernel tile: BLOCK_T columns x TEACHER_BLOCK_R rows per step. 256 columns give 256 programs at K = 65536,
+# about two per SM on an H100/H200 (512 gave 128 programs for 132 SMs); the fwd programs then combine 256 partials
+# per teacher row, from L2. Two warps keep 4 columns per thread: 128-bit center loads and colsum stores.
+MAX_BLOCK_T = 256
 TEACHER_BLOCK_R = 8
+TEACHER_NUM_WARPS = 2
+# Teacher rows per program (a multiple of TEACHER_BLOCK_R): the grid's second extent is 2B / this, 8 at B = 64.
+TEACHER_ROWS_PER_PROGRAM = 16
 # Rows per step of the one-program finish kernel (V*B rows of n_chunks partials each).
 FINISH_BLOCK_R = 64
 
 
 @triton.jit
 def _teacher_stats_kernel(
-    t_ptr, c_ptr, colsum_ptr, c_copy_ptr, part_a_ptr, part_b_ptr, part_c_ptr,
-    n_rows, n_cols, stride_t_row, inv_teacher_temp, n_blocks,
+    t_ptr, c_ptr, colsum_part_ptr, c_copy_ptr, part_a_ptr, part_b_ptr, part_c_ptr,
+    n_rows, n_cols, stride_t_row, inv_teacher_temp, n_blocks, rows_per_group,
     HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Column sums of T and per-(row, column block) softmax partials, for one block of BLOCK_T columns.
+    """Column sums and per-(row, column block) softmax partials of one tile of T: BLOCK_T columns (program_id(0))
+    by `rows_per_group` rows (program_id(1)), a 2-D grid so that the chip is full at K = 65536.
 
     t_ptr: T (n_rows, n_cols), rows `stride_t_row` apart, any float dtype. c_ptr: C (n_cols,) (unused without
-    HAS_CENTER). colsum_ptr: (n_cols,) fp32 out, sum over rows of T. c_copy_ptr: (n_cols,) fp32 out, a snapshot of C
-    (with HAS_CENTER) for backward. part_*_ptr: (n_rows, n_blocks) fp32 out, entry
+    HAS_CENTER). colsum_part_ptr: (n_groups, n_cols) fp32 out, the sum over the group's rows of T (the forward
+    kernel adds the groups up). c_copy_ptr: (n_cols,) fp32 out, a snapshot of C (with HAS_CENTER) for backward. part_*_ptr: (n_rows, n_blocks) fp32 out, entry
     [i, pid]. Logits (IS_PROBS=False): a = max z, b = sum exp(z - a), c = sum exp(z - a) * (z - a) over the block, with
     z = (T - C) * inv_teacher_temp. Probabilities (IS_PROBS=True): a = sum q, b = -sum q log q, c unused.
     """
     pid = tl.program_id(0)
+    group = tl.program_id(1)
     cols = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     col_mask = cols < n_cols
     if HAS_CENTER:
         center = tl.load(c_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        tl.store(c_copy_ptr + cols, center, mask=col_mask)
+        if group == 0:
+            tl.store(c_copy_ptr + cols, center, mask=col_mask)
     colsum = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for row_start in range(0, n_rows, BLOCK_R):
+    group_start = group * rows_per_group
+    group_end = tl.minimum(group_start + rows_per_group, n_rows)
+    for row_start in range(group_start, group_end, BLOCK_R):
         rows = row_start + tl.arange(0, BLOCK_R)
-        row_mask = rows < n_rows
+        row_mask = rows < group_end
         mask = row_mask[:, None] & col_mask[None, :]
         t = tl.load(t_ptr + rows[:, None].to(tl.int64) * stride_t_row + cols[None, :], mask=mask, other=0.0)
         t = t.to(tl.float32)
@@ -96,7 +106,7 @@ def _teacher_stats_kernel(
             tl.store(part_a_ptr + part_offs, z_max, mask=row_mask)
             tl.store(part_b_ptr + part_offs, tl.sum(e, axis=1), mask=row_mask)
             tl.store(part_c_ptr + part_offs, tl.sum(e * (z - z_max[:, None]), axis=1), mask=row_mask)
-    tl.store(colsum_ptr + cols, colsum, mask=col_mask)
+    tl.store(colsum_part_ptr + group.to(tl.int64) * n_cols + cols, colsum, mask=col_mask)
 
 
 @triton.jit
@@ -133,6 +143,15 @@ def _load(ptr, mask, other, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _store(ptr, value, mask, EVEN: tl.constexpr):
+    """tl.store with `mask` unless EVEN."""
+    if EVEN:
+        tl.store(ptr, value)
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _teacher_probs(t_row_ptr, c_ptr, cols, mask, shift, scale, inv_teacher_temp,
                    HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr, EVEN_K: tl.constexpr):
     """fp32 teacher probabilities of one chunk of a teacher row, 0 where `mask` is off."""
@@ -148,8 +167,9 @@ def _teacher_probs(t_row_ptr, c_ptr, cols, mask, shift, scale, inv_teacher_temp,
 @triton.jit
 def _dino_loss_fwd_kernel(
     s_ptr, t_ptr, c_ptr, part_max_ptr, part_sumexp_ptr, part_wx_ptr, t_shift_ptr, t_scale_ptr, t_entropy_ptr,
-    part_a_ptr, part_b_ptr, part_c_ptr,
-    n_batch, n_crops, n_cols, n_chunks, n_blocks, stride_s_row, stride_t_row, inv_student_temp, inv_teacher_temp,
+    part_a_ptr, part_b_ptr, part_c_ptr, colsum_part_ptr, colsum_ptr,
+    n_batch, n_crops, n_cols, n_chunks, n_blocks, n_groups, stride_s_row, stride_t_row, inv_student_temp,
+    inv_teacher_temp,
     HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -159,7 +179,8 @@ def _dino_loss_fwd_kernel(
     c_ptr: the fp32 center snapshot (n_cols,) (unused without HAS_CENTER). part_max/sumexp/wx_ptr: (V*B, n_chunks)
     fp32 out: max x, sum exp(x - max x) and sum w*x over the chunk, x = S / tau_s. t_shift/scale/entropy_ptr: (2B,)
     fp32 out, written by the chunk-0 programs: q = exp(z - shift) / scale (probabilities: shift 0, scale = row sum)
-    and the row entropy. part_a/b/c_ptr: (2B, n_blocks) teacher partials of `_teacher_stats_kernel`.
+    and the row entropy. part_a/b/c_ptr: (2B, n_blocks) teacher partials of `_teacher_stats_kernel`, and
+    colsum_part_ptr its (n_groups, n_cols) column sums, which the image-0 programs add into colsum_ptr (n_cols,).
     """
     b = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -176,6 +197,11 @@ def _dino_loss_fwd_kernel(
         tl.store(t_entropy_ptr + n_batch + b, entropy1)
     cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = cols < n_cols
+    if b == 0:
+        colsum = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for group in range(0, n_groups):
+            colsum += _load(colsum_part_ptr + group * n_cols + cols, mask, 0.0, EVEN_K)
+        _store(colsum_ptr + cols, colsum, mask, EVEN_K)
     # The image's two teacher rows, once for all V crops (each crop pairs with one or both).
     q0 = _teacher_probs(t_ptr + b.to(tl.int64) * stride_t_row, c_ptr, cols, mask, shift0, scale0,
                         inv_teacher_temp, HAS_CENTER, IS_PROBS, EVEN_K)
@@ -268,11 +294,7 @@ def _dino_loss_bwd_kernel(
         x = _load(s_ptr + row.to(tl.int64) * stride_s_row + cols, mask, 0.0, EVEN_K).to(tl.float32)
         softmax = tl.exp(x * inv_student_temp - tl.load(lse_ptr + row))
         grad = ((w_total * softmax - w) * g).to(grad_ptr.dtype.element_ty)
-        grad_row_ptr = grad_ptr + row.to(tl.int64) * stride_grad_row + cols
-        if EVEN_K:
-            tl.store(grad_row_ptr, grad)
-        else:
-            tl.store(grad_row_ptr, grad, mask=mask)
+        _store(grad_ptr + row.to(tl.int64) * stride_grad_row + cols, grad, mask, EVEN_K)
 
 
 @functools.lru_cache(maxsize=64)
@@ -297,21 +319,23 @@ def _dino_loss_fwd(student_logits, teacher, center, student_temp, teacher_temp, 
     n_rows_s, n_rows_t, n_chunks, n_blocks = ncrops * batch, 2 * batch, cfg["n_chunks"], cfg["n_blocks"]
     has_center = center is not None and not teacher_is_probs
     center = center.reshape(-1).contiguous() if has_center else None
+    n_groups = triton.cdiv(n_rows_t, TEACHER_ROWS_PER_PROGRAM)
 
-    # One fp32 workspace for every small buffer: one allocation instead of thirteen.
-    sizes = [n_cols, n_cols, *[n_rows_t * n_blocks] * 3, *[n_rows_s * n_chunks] * 3, *[n_rows_t] * 3, n_rows_s, 1, 1]
+    # One fp32 workspace for every small buffer: one allocation instead of fourteen.
+    sizes = [n_cols, n_groups * n_cols, n_cols, *[n_rows_t * n_blocks] * 3, *[n_rows_s * n_chunks] * 3, *[n_rows_t] * 3, n_rows_s, 1, 1]
     workspace = _launch.empty((sum(sizes),), torch.float32, device)
-    (colsum, center_copy, part_a, part_b, part_c, part_max, part_sumexp, part_wx, t_shift, t_scale, t_entropy, lse,
+    (colsum, colsum_part, center_copy, part_a, part_b, part_c, part_max, part_sumexp, part_wx, t_shift, t_scale, t_entropy, lse,
      loss, entropy) = workspace.split(sizes)
-    _teacher_stats_kernel[(n_blocks,)](
-        teacher, center if has_center else center_copy, colsum, center_copy, part_a, part_b, part_c,
-        n_rows_t, n_cols, teacher.stride(0), 1.0 / teacher_temp, n_blocks,
+    _teacher_stats_kernel[(n_blocks, n_groups)](
+        teacher, center if has_center else center_copy, colsum_part, center_copy, part_a, part_b, part_c,
+        n_rows_t, n_cols, teacher.stride(0), 1.0 / teacher_temp, n_blocks, TEACHER_ROWS_PER_PROGRAM,
         HAS_CENTER=has_center, IS_PROBS=teacher_is_probs, BLOCK_R=TEACHER_BLOCK_R, BLOCK_T=cfg["block_t"],
+        num_warps=TEACHER_NUM_WARPS,
     )
     _dino_loss_fwd_kernel[(batch, n_chunks)](
         student_logits, teacher, center_copy, part_max, part_sumexp, part_wx, t_shift, t_scale, t_entropy,
-        part_a, part_b, part_c,
-        batch, ncrops, n_cols, n_chunks, n_blocks, student_logits.stride(0), teacher.stride(0),
+        part_a, part_b, part_c, colsum_part, colsum,
+        batch, ncrops, n_cols, n_chunks, n_blocks, n_groups, student_logits.stride(0), teacher.stride(0),
         1.0 / student_temp, 1.0 / teacher_temp,
         HAS_CENTER=has_center, IS_PROBS=teacher_is_probs, EVEN_K=cfg["even_k"], BLOCK_K=cfg["block_k"],
         BLOCK_P=cfg["block_blocks"], num_warps=cfg["num_warps"],

@@ -37,10 +37,13 @@ def poisoned_outputs(monkeypatch):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 256 student / 128 teacher columns: K=1000 spans several blocks and ends in a partial one."""
+    """Blocks of 256 student / 128 teacher columns: K=1000 spans several blocks and ends in a partial one. Teacher
+    tiles of 2 rows by 3: with B >= 2 the teacher grid has several row groups, the last one partial."""
     for device_type in dino_loss_module.MAX_BLOCK_K:
         monkeypatch.setitem(dino_loss_module.MAX_BLOCK_K, device_type, 256)
     monkeypatch.setattr(dino_loss_module, "MAX_BLOCK_T", 128)
+    monkeypatch.setattr(dino_loss_module, "TEACHER_BLOCK_R", 2)
+    monkeypatch.setattr(dino_loss_module, "TEACHER_ROWS_PER_PROGRAM", 3)
 
 
 def make_inputs(ncrops, batch, k, dtype, center=True, probs=False, scale=1.0):
