@@ -213,7 +213,7 @@ def _dino_loss_fwd_kernel(
         x = _load(s_ptr + row.to(tl.int64) * stride_s_row + cols, mask, float("-inf"), EVEN_K)
         x = x.to(tl.float32) * inv_student_temp
         x_max = tl.max(x, axis=0)
-        wx = w * x if EVEN_K else tl.where(mask, w * x, 0.0)  # masked lanes: 0 * -inf would be NaN
+        wx = w * x if EVEN_K else w * tl.where(mask, x, 0.0)  # masked lanes: 0 * -inf would be NaN
         part = row.to(tl.int64) * n_chunks + chunk
         tl.store(part_max_ptr + part, x_max)
         tl.store(part_sumexp_ptr + part, tl.sum(tl.exp(x - x_max), axis=0))
@@ -240,6 +240,7 @@ def _dino_loss_finish_kernel(
         row_max = tl.where(row_mask, tl.max(part_max, axis=1), 0.0)
         sumexp = tl.sum(tl.load(part_sumexp_ptr + offs, mask=mask, other=0.0) * tl.exp(part_max - row_max[:, None]),
                         axis=1)
+        sumexp = tl.where(row_mask, sumexp, 1.0)  # padding rows: no log(0)
         lse = row_max + tl.log(sumexp)
         tl.store(lse_ptr + rows, lse, mask=row_mask)
         wx = tl.sum(tl.load(part_wx_ptr + offs, mask=mask, other=0.0), axis=1)
