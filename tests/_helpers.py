@@ -7,18 +7,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     Non-finite values must match position by position: NaN where the other has NaN, and the same infinity."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    finite = torch.isfinite(a) & torch.isfinite(e)
-    same_non_finite = (a.isnan() & e.isnan()) | (a == e)
-    diff = torch.where(finite, a - e, 0.0).abs()
-    bad = torch.where(finite, diff > atol + rtol * e.abs(), ~same_non_finite)
+    for what, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        differ = where(a) != where(e)
+        assert not differ.any(), (f"{name}: {what} positions differ at {int(differ.sum())} elements, first "
+                                  f"{differ.nonzero()[:5].tolist()}")
+    finite = torch.isfinite(e)  # equal non-finite positions: compare the rest
+    a, e = torch.where(finite, a, 0.0), torch.where(finite, e, 0.0)
+    diff = (a - e).abs()
+    bad = diff > atol + rtol * e.abs()
     if bad.any():
         idx = bad.nonzero()[:5].tolist()
         rel = (diff / e.abs().clamp_min(1e-12)).max().item()
         raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} mismatched (atol={atol}, rtol={rtol}; "
-            f"{int((bad & ~finite).sum())} of them non-finite); max abs err {diff.max().item():.3e}, max rel err "
-            f"{rel:.3e} (finite values); first bad indices {idx}: actual {[a[tuple(i)].item() for i in idx]}, "
-            f"expected {[e[tuple(i)].item() for i in idx]}"
+            f"{name}: {int(bad.sum())}/{bad.numel()} mismatched (atol={atol}, rtol={rtol}); "
+            f"max abs err {diff.max().item():.3e}, max rel err {rel:.3e}; first bad indices {idx}: "
+            f"actual {[a[tuple(i)].item() for i in idx]}, expected {[e[tuple(i)].item() for i in idx]}"
         )
 
 
