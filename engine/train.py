@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
-from fastdino.engine.config import TrainConfig
+from fastdino.engine.config import TrainConfig, checkpoint_every
 from fastdino.engine.head import DINOHead, DINOModel
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.metrics import (
@@ -44,8 +44,12 @@ from fastdino.engine.metrics import (
 )
 from fastdino.engine.parallelize import (
     DynamicLossScale,
+    apply_ac,
+    apply_compile,
     apply_ddp,
     apply_fsdp,
+    compile_forward,
+    resolve_compile,
     resolve_mode,
     resolve_precision,
 )
@@ -122,6 +126,7 @@ class Trainer:
         self.world_size = mesh.size() if mesh is not None else 1
         self.mode = resolve_mode(cfg.parallel.mode, self.world_size)
         self.precision = resolve_precision(cfg.parallel.precision, device)
+        self.compile = resolve_compile(cfg.model.compile, device)
         if cfg.data.batch_size % self.world_size:
             raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
                              f"processes ({self.world_size})")
@@ -141,6 +146,8 @@ class Trainer:
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
                                 cfg.loss.center_momentum, impl=cfg.loss.impl, teacher_norm=cfg.loss.teacher_norm,
                                 process_group=mesh.get_group() if mesh is not None else None).to(device)
+        if self.compile and self.loss_fn.resolve_impl(device) == "torch":  # the Triton loss is one fused launch
+            compile_forward(self.loss_fn)
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
         self.step = 0
@@ -181,6 +188,10 @@ class Trainer:
         with torch.device("meta"):
             student, teacher = build_model(self.cfg, student=True), build_model(self.cfg, student=False)
         teacher.requires_grad_(False)
+        apply_ac(student, checkpoint_every(self.cfg.model.activation_checkpointing))
+        if self.compile:
+            apply_compile(student)
+            apply_compile(teacher)
         if self.mode == "fsdp":
             apply_fsdp(student, self.mesh, self.precision.mp_policy, trains=True)
             apply_fsdp(teacher, self.mesh, self.precision.mp_policy, trains=False)
