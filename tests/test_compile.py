@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from fastdino.engine.head import DINOHead, DINOModel
+from fastdino.engine.head import DINOHead
+from fastdino.engine.model import DINOModel
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.parallelize import apply_ac, apply_compile, compile_forward, resolve_compile
 from fastdino.engine.vit import VisionTransformer
