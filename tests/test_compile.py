@@ -80,7 +80,8 @@ def test_activation_checkpointing_equals_none(spec_every, checkpointed):
 def test_compile_choice():
     assert resolve_compile("auto", torch.device("cpu")) is False
     assert resolve_compile("auto", torch.device("cuda")) is True
-    assert resolve_compile("true", torch.device("cpu")) is True and resolve_compile("false", torch.device("cuda")) is False
+    assert resolve_compile("true", torch.device("cpu")) is True
+    assert resolve_compile("false", torch.device("cuda")) is False
     with pytest.raises(ValueError, match="model.compile must be auto, true or false, got 'yes'"):
         resolve_compile("yes", torch.device("cpu"))
 
@@ -119,8 +120,8 @@ def test_compiled_block_equals_eager_with_checkpointing_and_drop_path():
 
 
 def test_compiled_blocks_head_and_loss_without_graph_break(monkeypatch):
-    """apply_compile and compile_forward(loss) on a 2-block student with stochastic depth and one checkpointed block: every block, the head
-    and the loss compile with fullgraph=True, and the step equals eager. Backend aot_eager (dynamo + AOTAutograd,
+    """apply_compile and compile_forward(loss) on a 2-block student with stochastic depth and one checkpointed block:
+    every block, the head and the loss compile with fullgraph=True, and the step equals eager. Backend aot_eager (dynamo + AOTAutograd,
     what decides graph breaks) keeps it fast; inductor's numerics are the test above."""
     compile_ = torch.compile
     compiled_fns = []
