@@ -44,9 +44,9 @@ def test_overrides_and_file_values_apply_in_order(tmp_path):
     assert cfg.optim.base_lr == 1e-3 and cfg.epochs == 9  # the override wins over the file
     assert cfg.data.global_crops_scale == (0.2, 1.0) and cfg.optim.min_lr == 1e-6  # YAML's "1e-6" is a string
     assert cfg.max_steps is None and cfg.data.path == "/tmp/x"
+    assert cfg.model == C.demo().model  # untouched sections keep the preset's values
     cfg = C.apply_overrides(C.demo(), overrides=["model.compile=true", "model.activation_checkpointing=every-2"])
     assert (cfg.model.compile, C.checkpoint_every(cfg.model.activation_checkpointing)) == ("true", 2)
-    assert cfg.model == C.demo().model  # untouched sections keep the preset's values
 
 
 def test_yaml_file_is_read(tmp_path):
