@@ -137,8 +137,9 @@ class DynamicLossScale:
         """Halve the scale after a skipped step; double it after `growth_interval` good steps in a row."""
         good = torch.where(skipped, 0.0, self.good_steps + 1)
         grow = good >= self.growth_interval
-        self.scale = torch.where(skipped, self.scale * 0.5, torch.where(grow, self.scale * 2.0, self.scale))
-        self.good_steps = torch.where(grow, 0.0, good)
+        # In place: a CUDA graph of the step keeps reading and writing these tensors.
+        self.scale.copy_(torch.where(skipped, self.scale * 0.5, torch.where(grow, self.scale * 2.0, self.scale)))
+        self.good_steps.copy_(torch.where(grow, 0.0, good))
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "good_steps": self.good_steps}

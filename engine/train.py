@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
 from fastdino.engine.config import TrainConfig, checkpoint_every
+from fastdino.engine.cuda_graph import PostBackwardGraphs
 from fastdino.engine.eval import knn_accuracy
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.metrics import (
@@ -43,6 +44,7 @@ from fastdino.engine.parallelize import (
     apply_ddp,
     apply_fsdp,
     compile_forward,
+    local_tensors,
     resolve_compile,
     resolve_mode,
     resolve_precision,
@@ -102,6 +104,7 @@ class Trainer:
             compile_forward(self.loss_fn)
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
+        self.graphs = PostBackwardGraphs(self) if cfg.optim.cuda_graph else None
         self.step = 0
         self.next_step_rng = None  # (cpu, cuda) RNG states set right before the next step (resume, time budget)
         self.trained_seconds = 0.0  # training wall time of the earlier runs of this output folder
@@ -178,9 +181,12 @@ class Trainer:
     def train_step(self, crops: list[torch.Tensor]) -> None:
         """One DINO step on this rank's crops (2 global first, then the local ones, each (B, 3, H, W))."""
         values = self.schedules.at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = values.lr
-        self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
+        if self.graphs is not None:
+            self.graphs.set_schedule(values)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = values.lr
+            self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
         center = self.loss_fn.center.clone()
 
         with self._autocast():
@@ -192,6 +198,18 @@ class Trainer:
 
         if values.freeze_last_layer:
             self.model.head.cancel_last_layer_gradients()
+        if self.graphs is not None:
+            self.graphs.run(loss, center, frozen=values.freeze_last_layer)
+        else:
+            self.after_backward(loss.detach(), self.loss_fn.last_teacher_entropy, center, values.teacher_momentum)
+        self.step += 1
+
+    def after_backward(self, loss: torch.Tensor, entropy: torch.Tensor, center: torch.Tensor, teacher_momentum, *,
+                       lr: torch.Tensor | None = None, weight_decay: torch.Tensor | None = None) -> None:
+        """Unscale, clip, AdamW, EMA, center and counters: device work only, state changed in place, so that
+        optim.cuda_graph can capture it (cuda_graph.py). `loss` and `entropy` are the step's, `center` the center before this step's loss (restored
+        on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs' inputs) AdamW's decoupled
+        weight decay is applied here, before its update, instead of by AdamW."""
         if self.loss_scale:
             self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
         # Global norm over all shards; a non-finite norm turns every gradient non-finite on every rank.
@@ -200,18 +218,21 @@ class Trainer:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         skipped = ~torch.isfinite(grad_norm)  # the same on every rank: the norm is global
 
+        if weight_decay is not None:
+            decayed = [p for p in self.optimizer.param_groups[0]["params"] if p.grad is not None]
+            with torch.no_grad():
+                torch._foreach_mul_(local_tensors(decayed), 1 - lr * weight_decay * ~skipped)
         self.optimizer.found_inf = skipped.float()  # fused AdamW skips the update (and its step count) when 1
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        ema_update_(self.teacher_params, self.params, torch.where(skipped, 1.0, values.teacher_momentum))
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)  # graphs read the gradients where they are
+        ema_update_(self.teacher_params, self.params, torch.where(skipped, 1.0, teacher_momentum))
         self.loss_fn.center.copy_(torch.where(skipped, center, self.loss_fn.center))
         if self.loss_scale:
             self.loss_scale.update(skipped)
-        nonfinite = ~torch.isfinite(loss.detach())  # per rank; StepStats.read takes the max over ranks
+        nonfinite = ~torch.isfinite(loss)  # per rank; StepStats.read takes the max over ranks
         if self.loss_scale is None:  # with fp16 loss scaling, a skip with a finite loss is an overflow
             nonfinite |= skipped
-        self.stats.update(loss.detach(), self.loss_fn.last_teacher_entropy, grad_norm, skipped, nonfinite)
-        self.step += 1
+        self.stats.update(loss, entropy, grad_norm, skipped, nonfinite)
 
     def train(self, loader) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
@@ -403,6 +424,8 @@ class _TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
+        if t.graphs is not None:  # loading may replace the optimizer's state tensors that the graphs captured
+            t.graphs.reset()
         t.step = state["step"]
         t.trained_seconds = state["trained_seconds"]
         if t.cfg.minutes is not None:
