@@ -13,6 +13,7 @@ without a GPU; on a GPU, compare it with the paper-shape step (a step shorter th
     python benchmarks/bench_train_step.py                        # GPU, paper shapes
     python benchmarks/bench_train_step.py --smoke --dtype float32  # CPU check
     python benchmarks/bench_train_step.py --host-overhead --dtype float32 --compile false,true
+    python benchmarks/bench_train_step.py --compile false,true [--cuda-graph] [--activation-checkpointing all]
     torchrun --nproc_per_node=8 benchmarks/bench_train_step.py     # FSDP2 over 8 GPUs (rank 0 prints)
 """
 import itertools
@@ -49,6 +50,7 @@ def parse_args():
     parser.add_argument("--mode", default="auto", choices=C.PARALLEL_MODES)
     parser.add_argument("--compile", default="auto", help="comma-separated model.compile values: auto, true, false")
     parser.add_argument("--activation-checkpointing", default="none", help="none, all or every-N")
+    parser.add_argument("--cuda-graph", action="store_true", help="optim.cuda_graph: the update as CUDA graphs")
     parser.add_argument("--head-dim", type=int, default=None, help="head.hidden_dim and head.bottleneck_dim")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -75,6 +77,7 @@ def config(args, world_size: int, loss_impl: str, compile_: str) -> C.TrainConfi
                  f"data.local_crops_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
                  f"parallel.mode={args.mode}", f"parallel.precision={PRECISION[args.dtype]}",
                  f"model.compile={compile_}", f"model.activation_checkpointing={args.activation_checkpointing}",
+                 f"optim.cuda_graph={str(args.cuda_graph).lower()}",
                  "optim.freeze_last_layer_epochs=0"]  # time the full update: the last layer is frozen for 1 epoch
     if args.head_dim is not None:
         overrides += [f"head.hidden_dim={args.head_dim}", f"head.bottleneck_dim={args.head_dim}"]

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
+from fastdino.engine.clipping import clip_gradients_
 from fastdino.engine.config import TrainConfig, checkpoint_every
 from fastdino.engine.cuda_graph import PostBackwardGraphs
 from fastdino.engine.eval import knn_accuracy
@@ -207,15 +208,12 @@ class Trainer:
     def after_backward(self, loss: torch.Tensor, entropy: torch.Tensor, center: torch.Tensor, teacher_momentum, *,
                        lr: torch.Tensor | None = None, weight_decay: torch.Tensor | None = None) -> None:
         """Unscale, clip, AdamW, EMA, center and counters: device work only, state changed in place, so that
-        optim.cuda_graph can capture it (cuda_graph.py). `loss` and `entropy` are the step's, `center` the center before this step's loss (restored
-        on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs' inputs) AdamW's decoupled
+        optim.cuda_graph can capture it (cuda_graph.py). `loss` and `entropy` are the step's, `center` the center
+        before this step's loss (restored on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs' inputs) AdamW's decoupled
         weight decay is applied here, before its update, instead of by AdamW."""
         if self.loss_scale:
             self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
-        # Global norm over all shards; a non-finite norm turns every gradient non-finite on every rank.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad or float("inf"),
-                                                   foreach=True)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = clip_gradients_(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_grad_mode)
         skipped = ~torch.isfinite(grad_norm)  # the same on every rank: the norm is global
 
         if weight_decay is not None:
