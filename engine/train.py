@@ -209,8 +209,8 @@ class Trainer:
                        lr: torch.Tensor | None = None, weight_decay: torch.Tensor | None = None) -> None:
         """Unscale, clip, AdamW, EMA, center and counters: device work only, state changed in place, so that
         optim.cuda_graph can capture it (cuda_graph.py). `loss` and `entropy` are the step's, `center` the center
-        before this step's loss (restored on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs' inputs) AdamW's decoupled
-        weight decay is applied here, before its update, instead of by AdamW."""
+        before this step's loss (restored on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs'
+        inputs) AdamW's decoupled weight decay is applied here, before its update, instead of by AdamW."""
         if self.loss_scale:
             self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
         grad_norm = clip_gradients_(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_grad_mode)
