@@ -121,8 +121,8 @@ def test_compiled_block_equals_eager_with_checkpointing_and_drop_path():
 
 def test_compiled_blocks_head_and_loss_without_graph_break(monkeypatch):
     """apply_compile and compile_forward(loss) on a 2-block student with stochastic depth and one checkpointed block:
-    every block, the head and the loss compile with fullgraph=True, and the step equals eager. Backend aot_eager (dynamo + AOTAutograd,
-    what decides graph breaks) keeps it fast; inductor's numerics are the test above."""
+    every block, the head and the loss compile with fullgraph=True, and the step equals eager. Backend aot_eager
+    (dynamo + AOTAutograd, what decides graph breaks) keeps it fast; inductor's numerics are the test above."""
     compile_ = torch.compile
     compiled_fns = []
 
