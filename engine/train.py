@@ -79,7 +79,7 @@ class Trainer:
         self.cfg, self.device, self.mesh = cfg, device, mesh
         self.rank = mesh.get_rank() if mesh is not None else 0
         self.world_size = mesh.size() if mesh is not None else 1
-        self.mode = resolve_mode(cfg.parallel.mode, self.world_size)
+        self.mode = resolve_mode(cfg.parallel.mode, self.world_size, process_group=mesh is not None)
         self.precision = resolve_precision(cfg.parallel.precision, device)
         self.compile = resolve_compile(cfg.model.compile, device)
         if cfg.data.batch_size % self.world_size:
@@ -234,7 +234,7 @@ class Trainer:
 
     def train(self, loader) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
-        every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps`, at epoch ends
+        every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps` (epoch ends when 0)
         and at the end. Returns the logged training rows (rank 0; empty elsewhere)."""
         cfg = self.cfg
         writer = self.metrics_writer()
@@ -251,8 +251,9 @@ class Trainer:
             for crops in loader:
                 self.restore_rng()
                 self.train_step(crops)
-                if self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps:
-                    rows.append(self._log(writer, collapse, self.throughput))
+                on_cycle = self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps
+                if on_cycle or self.step == self.stop_step:  # a run stopped between log steps shows its loss too
+                    rows.append(self._log(writer, collapse, self.throughput, partial=not on_cycle))
                 if self._knn_due():  # before the checkpoint: a run resumed from it must not miss this pass
                     self._periodic_knn(writer)
                 if self._checkpoint_due():
@@ -313,17 +314,20 @@ class Trainer:
             self.next_step_rng = None
 
     def _checkpoint_due(self) -> bool:
-        every = self.cfg.checkpoint.every_steps
-        return (self.step == self.stop_step or self.step % self.steps_per_epoch == 0
-                or (every > 0 and self.step % every == 0))
+        # A checkpoint holds the loader's position, so a run resumes mid-epoch: with every_steps set, epoch ends
+        # need no checkpoint of their own (on a small dataset they would come every few dozen steps).
+        every = self.cfg.checkpoint.every_steps or self.steps_per_epoch
+        return self.step == self.stop_step or self.step % every == 0
 
     def _writes(self) -> bool:
         return self.rank == 0 and self.output_dir is not None
 
-    def _log(self, writer: MetricsWriter, collapse: CollapseWatch, throughput: Throughput) -> dict:
+    def _log(self, writer: MetricsWriter, collapse: CollapseWatch, throughput: Throughput, *,
+             partial: bool = False) -> dict:
         """Read the step accumulators (host sync, all ranks), write a metrics row (rank 0) and stop the run when
-        too many steps in a row were skipped."""
-        stats = self.stats.read(self.mesh.get_group() if self.mesh is not None else None)
+        too many steps in a row were skipped. A `partial` row (the run stops between two log steps) leaves the
+        accumulators as they are, so a resumed run's rows equal an uninterrupted run's."""
+        stats = self.stats.read(self.mesh.get_group() if self.mesh is not None else None, reset=not partial)
         values = self.schedules.at(self.step - 1)
         img_per_s, eta_s = throughput.tick(self.step, self.cfg.data.batch_size, self.stop_step)
         row = {
@@ -334,6 +338,8 @@ class Trainer:
             "images_seen": self.step * self.cfg.data.batch_size, "img_per_s": img_per_s,
             "max_memory_gib": max_memory_gib(self.device), "eta_s": eta_s,
         }
+        if partial:
+            row["partial"] = True
         if stats["max_nonfinite_in_a_row"] >= self.cfg.max_nonfinite_in_a_row:
             raise NonFiniteLossError(
                 f"{stats['max_nonfinite_in_a_row']} steps in a row up to step {self.step} had a non-finite loss or "

@@ -88,13 +88,15 @@ def test_dtensor_local_shards(tmp_path):
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    backend = "nccl" if DEVICE == "cuda" else "gloo"  # the compiled kernel takes CUDA shards only
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        mesh = init_device_mesh("cpu", (1,))
+        mesh = init_device_mesh(DEVICE, (1,))
         shapes = [(384,), (65, 65), (4097,)]
-        teachers = [torch.nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)]), requires_grad=False)
+        teachers = [torch.nn.Parameter(distribute_tensor(torch.randn(s, device=DEVICE), mesh, [Shard(0)]),
+                                       requires_grad=False) for s in shapes]
+        students = [torch.nn.Parameter(distribute_tensor(torch.randn(s, device=DEVICE), mesh, [Shard(0)]))
                     for s in shapes]
-        students = [torch.nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)])) for s in shapes]
         expected = [t.to_local().clone() for t in teachers]
         assert ema_update_(teachers, students, 0.99, impl="triton") == "triton"
         ema_update_ref(expected, [s.to_local() for s in students], 0.99)
