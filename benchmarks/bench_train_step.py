@@ -70,17 +70,18 @@ def parse_args():
     return args
 
 
-def config(args, world_size: int, loss_impl: str, compile_: str) -> C.TrainConfig:
+def config(args, world_size: int, loss_impl: str, *, compile_: str = "auto", activation_checkpointing: str = "none",
+           cuda_graph: bool = False, head_dim: int | None = None) -> C.TrainConfig:
     overrides = [f"model.arch={args.arch}", f"model.patch_size={args.patch_size}",
                  f"model.img_size={args.global_size}", f"head.out_dim={args.out_dim}", f"loss.impl={loss_impl}",
                  f"data.batch_size={args.batch_size * world_size}", f"data.global_crops_size={args.global_size}",
                  f"data.local_crops_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
                  f"parallel.mode={args.mode}", f"parallel.precision={PRECISION[args.dtype]}",
-                 f"model.compile={compile_}", f"model.activation_checkpointing={args.activation_checkpointing}",
-                 f"optim.cuda_graph={str(args.cuda_graph).lower()}",
+                 f"model.compile={compile_}", f"model.activation_checkpointing={activation_checkpointing}",
+                 f"optim.cuda_graph={str(cuda_graph).lower()}",
                  "optim.freeze_last_layer_epochs=0"]  # time the full update: the last layer is frozen for 1 epoch
-    if args.head_dim is not None:
-        overrides += [f"head.hidden_dim={args.head_dim}", f"head.bottleneck_dim={args.head_dim}"]
+    if head_dim is not None:
+        overrides += [f"head.hidden_dim={head_dim}", f"head.bottleneck_dim={head_dim}"]
     overrides += [f"model.{name}={getattr(args, name)}" for name in ("embed_dim", "depth", "num_heads")
                   if getattr(args, name) is not None]
     return C.apply_overrides(C.vit_small16_imagenet(), overrides=overrides)
@@ -99,7 +100,8 @@ def main():
     crops = [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes]
     table = Table(["loss_impl", "compile", "mode", "ms/step", "img/s/proc", "img/s", "peak GiB"]) if rank == 0 else None
     for impl, compile_ in itertools.product(args.loss_impl.split(","), args.compile.split(",")):
-        cfg = config(args, world_size, impl, compile_)
+        cfg = config(args, world_size, impl, compile_=compile_, activation_checkpointing=args.activation_checkpointing,
+                     cuda_graph=args.cuda_graph, head_dim=args.head_dim)
         torch._dynamo.reset()  # each configuration compiles its own graphs
         trainer = Trainer(cfg, steps_per_epoch=1000, device=device, mesh=mesh)
         for _ in range(args.warmup):
