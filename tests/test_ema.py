@@ -57,6 +57,22 @@ def test_matches_reference_mixed_sizes(offset, student_dtype):
     assert gaps_untouched(buf, teachers), "the kernel wrote outside the teacher tensors"
 
 
+def test_new_storage_rebuilds_the_launch_plan():
+    """The cached plan is keyed on the tensors' storage: after `p.data = ...` (new storage, same parameter object)
+    the update goes to the new storage, not the old one."""
+    teachers = [torch.nn.Parameter(torch.randn(s, device=DEVICE), requires_grad=False) for s in SHAPES]
+    students = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
+    ema_update_(teachers, students, 0.9, impl="triton")
+    old = teachers[3].data
+    teachers[3].data = torch.randn(SHAPES[3], device=DEVICE)
+    old_before, expected = old.clone(), [t.detach().clone() for t in teachers]
+    ema_update_(teachers, students, 0.5, impl="triton")
+    ema_update_ref(expected, students, 0.5)
+    for i, (a, e) in enumerate(zip(teachers, expected)):
+        assert_close(a, e, **TOL[torch.float32], name=f"teacher[{i}]")
+    assert torch.equal(old, old_before), "the old storage was updated"
+
+
 @pytest.mark.parametrize("momentum", [0.0, 1.0])
 def test_momentum_bounds_exact(momentum):
     teachers = [torch.randn(s, device=DEVICE) for s in SHAPES]
