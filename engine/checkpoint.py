@@ -83,6 +83,8 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
+        if t.graphs is not None:  # loading may replace the optimizer's state tensors that the graphs captured
+            t.graphs.reset()
         t.step = state["step"]
         t.trained_seconds = state["trained_seconds"]
         if t.cfg.minutes is not None:
