@@ -75,6 +75,9 @@ class Trainer:
         self.world_size = mesh.size() if mesh is not None else 1
         self.mode = resolve_mode(cfg.parallel.mode, self.world_size, process_group=mesh is not None)
         self.precision = resolve_precision(cfg.parallel.precision, device)
+        if cfg.loss.fused_head and self.mode == "fsdp":
+            raise ValueError("loss.fused_head=true is not supported with FSDP2 (it shards the last layer the fused "
+                             "loss reads whole): use parallel.mode=ddp, or loss.fused_head=false")
         if cfg.data.batch_size % self.world_size:
             raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
                              f"processes ({self.world_size})")
@@ -173,11 +176,12 @@ class Trainer:
         self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
         center = self.loss_fn.center.clone()
 
+        fused = self.cfg.loss.fused_head  # the models stop at the bottleneck; the loss applies the last layers
         with self._autocast():
             with torch.no_grad():
-                teacher_out = self.teacher(crops[:2])  # (2*B, K)
-            student_out = self.student(crops)  # (V*B, K)
-            loss = self.loss_fn(student_out, teacher_out, self.epoch, teacher_temp=values.teacher_temp)
+                teacher_out = self.teacher(crops[:2], bottleneck=fused)  # (2*B, K), fused: (2*B, D)
+            student_out = self.student(crops, bottleneck=fused)  # (V*B, K), fused: (V*B, D)
+            loss = self._loss(student_out, teacher_out, values.teacher_temp)
         (loss * self.loss_scale.scale if self.loss_scale else loss).backward()
 
         if values.freeze_last_layer:
@@ -199,6 +203,13 @@ class Trainer:
             nonfinite |= skipped
         self.stats.update(loss.detach(), self.loss_fn.last_teacher_entropy, grad_norm, skipped, nonfinite)
         self.step += 1
+
+    def _loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """DINOLoss of the logits, or with loss.fused_head of the bottleneck features and the last layers' weights."""
+        if not self.cfg.loss.fused_head:
+            return self.loss_fn(student_out, teacher_out, self.epoch, teacher_temp=teacher_temp)
+        return self.loss_fn.forward_fused_head(student_out, self.model.head.last_layer.weight_v, teacher_out,
+                                               self.teacher.head.last_layer.weight_v, self.epoch, teacher_temp)
 
     def train(self, loader) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log

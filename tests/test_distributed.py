@@ -1,7 +1,7 @@
-"""2 gloo processes (FSDP2, then DDP) against 1 process on the same global batches: same losses, same student and
-teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close to it, and in fp16
-skipping overflows alike on every rank; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the
-uninterrupted one."""
+"""2 gloo processes (FSDP2, then DDP, also with loss.fused_head) against 1 process on the same global batches: same
+losses, same student and teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close
+to it, and in fp16 skipping overflows alike on every rank; and an FSDP2 run saved (sharded DCP) and resumed mid-way
+ends like the uninterrupted one."""
 import dataclasses
 import json
 
@@ -88,6 +88,14 @@ def _worker(rank: int, store_path: str, out_dir: str):
                 trainer.save_checkpoint(_Position())
             losses += run_steps(trainer, batches[2:], rank, WORLD)
             results[mode] = {"losses": losses, **full_states(trainer)}
+        ddp_fused = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode="ddp"),
+                                        loss=dataclasses.replace(cfg.loss, fused_head=True))
+        fused = make_trainer(ddp_fused, mesh=mesh)
+        results["ddp_fused_head"] = {"losses": run_steps(fused, batches, rank, WORLD), **full_states(fused)}
+        try:
+            make_trainer(dataclasses.replace(cfg, loss=ddp_fused.loss), mesh=mesh)  # mode auto = fsdp
+        except ValueError as err:
+            results["fsdp_fused_head_error"] = str(err)
         bf16 = make_trainer(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision="bf16")),
                             mesh=mesh)
         results["fsdp_bf16"] = {"losses": run_steps(bf16, batches, rank, WORLD), **full_states(bf16)}
@@ -153,6 +161,19 @@ def _compare(actual: dict, expected: dict, what: str):
 def test_two_ranks_match_one_process(distributed_results, single_results, mode):
     results, _ = distributed_results
     _compare(results[mode], single_results, f"{mode} x{WORLD}")
+
+
+@pytest.mark.slow
+def test_fused_head_under_ddp_matches_one_unfused_process(distributed_results, single_results):
+    """loss.fused_head: the last layer's weight, used outside DDP's forward, still gets its gradient all-reduced."""
+    results, _ = distributed_results
+    _compare(results["ddp_fused_head"], single_results, f"ddp fused_head x{WORLD}")
+
+
+@pytest.mark.slow
+def test_fused_head_is_refused_under_fsdp2(distributed_results):
+    results, _ = distributed_results
+    assert "FSDP2" in results.get("fsdp_fused_head_error", ""), "fused_head with FSDP2 must raise, not run"
 
 
 @pytest.mark.slow
