@@ -46,7 +46,7 @@ from fastdino.engine.parallelize import (
 )
 from fastdino.engine.model import build_model, initial_state
 from fastdino.engine.schedules import Schedules
-from fastdino.kernels import ema_update_
+from fastdino.kernels import EMAUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Trainer:
         self.teacher_params = list(self.teacher.parameters())
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=self.schedules.peak_lr, fused=True)
         self._init_optimizer_state()
+        self.ema = EMAUpdate(self.teacher_params, self.params)  # its launch plan is built at the first step
         ncrops = 2 + cfg.data.local_crops_number
         self.loss_fn = DINOLoss(cfg.head.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
@@ -194,7 +195,7 @@ class Trainer:
         self.optimizer.found_inf = skipped.float()  # fused AdamW skips the update (and its step count) when 1
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ema_update_(self.teacher_params, self.params, torch.where(skipped, 1.0, values.teacher_momentum))
+        self.ema(torch.where(skipped, 1.0, values.teacher_momentum))
         self.loss_fn.center.copy_(torch.where(skipped, center, self.loss_fn.center))
         if self.loss_scale:
             self.loss_scale.update(skipped)
@@ -307,6 +308,8 @@ class Trainer:
         too many steps in a row were skipped. A `partial` row (the run stops between two log steps) leaves the
         accumulators as they are, so a resumed run's rows equal an uninterrupted run's."""
         stats = self.stats.read(self.mesh.get_group() if self.mesh is not None else None, reset=not partial)
+        if self.ema.storage_moved():  # what the EMA plan cannot see per step
+            raise RuntimeError("a parameter got new storage without trainer.ema.rebuild(): the teacher missed updates")
         values = self.schedules.at(self.step - 1)
         img_per_s, eta_s = throughput.tick(self.step, self.cfg.data.batch_size, self.stop_step)
         row = {
