@@ -114,7 +114,7 @@ class LossConfig:
     """How teacher outputs are normalised: centering (DINO) or sinkhorn_knopp."""
     fused_head: bool = False
     """Fold the head's last layer into the loss (kernels/fused_head_loss.py): the (V*B, K) logits and the normalised
-    weight never exist in memory. Needs head.norm_last_layer, teacher_norm=centering, parallel.mode single or ddp."""
+    weight never exist in memory (any parallel.mode). Needs head.norm_last_layer and teacher_norm=centering."""
 
     def __post_init__(self):
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):

@@ -41,6 +41,7 @@ from fastdino.engine.parallelize import (
     DynamicLossScale,
     apply_ddp,
     apply_fsdp,
+    last_layer_weights,
     resolve_mode,
     resolve_precision,
 )
@@ -75,9 +76,6 @@ class Trainer:
         self.world_size = mesh.size() if mesh is not None else 1
         self.mode = resolve_mode(cfg.parallel.mode, self.world_size, process_group=mesh is not None)
         self.precision = resolve_precision(cfg.parallel.precision, device)
-        if cfg.loss.fused_head and self.mode == "fsdp":
-            raise ValueError("loss.fused_head=true is not supported with FSDP2 (it shards the last layer the fused "
-                             "loss reads whole): use parallel.mode=ddp, or loss.fused_head=false")
         if cfg.data.batch_size % self.world_size:
             raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
                              f"processes ({self.world_size})")
@@ -209,8 +207,9 @@ class Trainer:
         """DINOLoss of the logits, or with loss.fused_head of the bottleneck features and the last layers' weights."""
         if not self.cfg.loss.fused_head:
             return self.loss_fn(student_out, teacher_out, self.epoch, teacher_temp=teacher_temp)
-        return self.loss_fn.forward_fused_head(student_out, self.model.head.last_layer.weight_v, teacher_out,
-                                               self.teacher.head.last_layer.weight_v, self.epoch, teacher_temp)
+        student_v, teacher_v = last_layer_weights(self.model, self.teacher)
+        return self.loss_fn.forward_fused_head(student_out, student_v, teacher_out, teacher_v, self.epoch,
+                                               teacher_temp)
 
     def train(self, loader) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log

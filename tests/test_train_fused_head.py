@@ -1,6 +1,6 @@
 """loss.fused_head in the training step: a few steps on the bottleneck features and the last layers' weights (no
 logits) equal the unfused step (losses, gradients, center, teacher entropy, student and teacher), and the options it
-cannot serve are refused by name. DDP with fused_head against one process: tests/test_distributed.py."""
+cannot serve are refused by name. FSDP2 and DDP with fused_head against one process: tests/test_distributed.py."""
 import pytest
 import torch
 
@@ -13,9 +13,9 @@ TOL = dict(atol=1e-5, rtol=1e-4)
 STEPS = 3  # the last layer is frozen for 2 of them (freeze_last_layer_epochs=0.5 of 4 steps), then trains
 
 
-def run(fused: bool) -> dict:
+def run(fused: bool, *overrides: str, steps: int = STEPS) -> dict:
     cfg = tiny_config("model.drop_path_rate=0.0", "optim.base_lr=0.05", "optim.teacher_momentum=0.5",
-                      "optim.warmup_epochs=0", f"loss.fused_head={str(fused).lower()}")
+                      "optim.warmup_epochs=0", f"loss.fused_head={str(fused).lower()}", *overrides)
     trainer = make_trainer(cfg)
     grads, zero_grad = [], trainer.optimizer.zero_grad
 
@@ -26,7 +26,7 @@ def run(fused: bool) -> dict:
     trainer.optimizer.zero_grad = record_then_zero
     last_layer = trainer.model.head.last_layer.weight_v.detach().clone()
     losses, centers, entropies = [], [], []
-    for crops in synthetic_batches(cfg, STEPS):
+    for crops in synthetic_batches(cfg, steps):
         trainer.train_step(crops)
         losses.append(trainer.stats.read()["loss"])
         centers.append(trainer.loss_fn.center.clone())
@@ -52,6 +52,17 @@ def test_fused_head_steps_equal_the_unfused_steps():
         for key, value in unfused[model].items():
             assert_close(fused[model][key], value, **TOL, name=f"{model} {key}")
     assert fused["last_layer_moved"], "the last layer must have trained in the last step"
+
+
+def test_fused_head_under_bf16_autocast_follows_the_unfused_step():
+    """bf16 autocast (CPU): the fused loss's matmuls, forward and the backward's recompute, run in bf16 as the
+    unfused head's do; one step's loss and gradients agree to bf16 rounding."""
+    options = ("parallel.precision=bf16", "optim.freeze_last_layer_epochs=0")
+    fused, unfused = run(True, *options, steps=1), run(False, *options, steps=1)
+    assert_close(fused["losses"], unfused["losses"], atol=0, rtol=5e-3, name="bf16 loss")
+    for i, (a, b) in enumerate(zip(fused["grads"][0], unfused["grads"][0])):
+        scale = b.abs().max()  # bf16 rounding is relative to the tensor's magnitude, not each element's
+        assert_close(a / scale, b / scale, atol=3e-2, rtol=0, name=f"bf16 gradient {i}")
 
 
 @pytest.mark.parametrize("overrides, fix", [
