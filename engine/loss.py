@@ -14,7 +14,7 @@ from torch import nn
 
 from fastdino.engine.schedules import linear_warmup
 from fastdino.kernels import dino_loss, dino_loss_fused_head
-from fastdino.kernels._launch import check_positive
+from fastdino.kernels._launch import check_positive, select_impl
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,13 @@ class DINOLoss(nn.Module):
             raise ValueError(f"epoch {epoch} is outside the {self.nepochs}-epoch teacher temperature schedule; "
                              f"pass teacher_temp=")
         return linear_warmup(self.warmup_teacher_temp, self.teacher_temp, epoch, self.warmup_teacher_temp_epochs)
+
+    def resolve_impl(self, device: torch.device) -> str:
+        """Fix impl="auto" to what it selects on `device` (logged once, here), so that a compiled forward does not
+        trace the selection; returns the implementation."""
+        if self.impl == "auto":
+            self.impl = select_impl("dino_loss", "auto", device, "torch", kernel=None)
+        return self.impl
 
     @torch.no_grad()
     def _update_center(self, colsum: torch.Tensor, n_rows: int) -> None:
