@@ -178,11 +178,8 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
         return ema_update_ref(teachers, students, momentum)
     device = teachers[0].device
     chosen = _launch.select_impl("ema_update_", impl, device, "foreach", _ema_update_kernel)
-    if chosen == "triton" and isinstance(momentum, torch.Tensor) and momentum.device != device:
-        if momentum.device.type == "cpu":
-            momentum = float(momentum)  # a CPU scalar: reading it does not wait for the GPU
-        else:
-            chosen = _fallback(impl, f"momentum is on {momentum.device}, the tensors on {device}")
+    if chosen == "triton":
+        chosen, momentum = _momentum_on(device, momentum, impl)
     if chosen == "triton":
         try:
             plan = _plan_for(teachers, students, device)
@@ -263,11 +260,8 @@ class EMAUpdate:
             self._lengths = (len(self.teacher_params), len(self.student_params))
             self._path, self._plan = self._build()
         path = self._path
-        if path == "triton" and isinstance(momentum, torch.Tensor) and momentum.device != self._plan.device:
-            if momentum.device.type == "cpu":
-                momentum = float(momentum)  # a CPU scalar: reading it does not wait for the GPU
-            else:
-                path = _fallback(self.impl, f"momentum is on {momentum.device}, the tensors on {self._plan.device}")
+        if path == "triton":
+            path, momentum = _momentum_on(self._plan.device, momentum, self.impl)
         if path == "foreach":
             ema_update_ref(*self._plan.tensors, momentum)
         else:
@@ -281,6 +275,16 @@ class _PlanForeach:
     def __init__(self, teachers, students):
         self.tensors = (teachers, students)
         self.pointers = (tuple(map(_data_ptr, teachers)), tuple(map(_data_ptr, students)))
+
+
+def _momentum_on(device: torch.device, momentum, impl: str):
+    """("triton", momentum the kernel can read on `device`), or ("foreach", momentum) when it is a tensor on
+    another GPU (see `_fallback`). A CPU tensor becomes a float: reading it does not wait for the GPU."""
+    if not isinstance(momentum, torch.Tensor) or momentum.device == device:
+        return "triton", momentum
+    if momentum.device.type == "cpu":
+        return "triton", float(momentum)
+    return _fallback(impl, f"momentum is on {momentum.device}, the tensors on {device}"), momentum
 
 
 def _fallback(impl: str, reason: str) -> str:
