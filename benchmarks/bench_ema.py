@@ -10,8 +10,9 @@ device copy of the teacher's bytes (read + write), the practical bandwidth ceili
     python benchmarks/bench_ema.py --arch vit_tiny --out-dim 1000 --hidden-dim 256 --reps 2 --device cpu  # smoke
     python benchmarks/bench_ema.py --device cpu --dtype float32 --host     # host us per call, kernel launch mocked
 
-`--host` times only the Python side of `ema_update_(impl="triton")` (plan lookup, checks, the launch call) with the
-kernel launch mocked, so it runs on the CPU; the tensors are real, the update is not done.
+`--host` times only the Python side of `ema_update_(impl="triton")` (plan lookup, checks, the launch call) and of the
+trainer's `EMAUpdate` (plan held, no look-up) with the kernel launch mocked, so it runs on the CPU; the tensors are
+real, the update is not done.
 """
 
 import torch
@@ -60,7 +61,7 @@ def official_loop(teacher, student, momentum):
 def main():
     args = parse_args()
     device, dtype = start(args)
-    from fastdino.kernels import ema_update_
+    from fastdino.kernels import EMAUpdate, ema_update_
     from fastdino.kernels.reference import ema_update_ref
 
     shapes = parameter_shapes(args)
@@ -73,10 +74,14 @@ def main():
           f"parameters, momentum {'0-d tensor' if args.tensor_momentum else 'float'}")
 
     if args.host:
-        table = Table(["tensors", "momentum", "host_p50_us", "host_p20_us", "host_p80_us"])
-        for kind, m in (("float", args.momentum), ("0-d tensor", torch.tensor(args.momentum, device=device))):
-            p50, p20, p80 = host_us(lambda: ema_update_(teacher, student, m, impl="triton"))
-            table.add(tensors=len(shapes), momentum=kind, host_p50_us=p50, host_p20_us=p20, host_p80_us=p80)
+        table = Table(["tensors", "api", "momentum", "host_p50_us", "host_p20_us", "host_p80_us"])
+        plan = EMAUpdate(teacher, student, impl="triton")
+        for api, update in (("ema_update_", lambda m: ema_update_(teacher, student, m, impl="triton")),
+                            ("EMAUpdate", plan)):
+            for kind, m in (("float", args.momentum), ("0-d tensor", torch.tensor(args.momentum, device=device))):
+                p50, p20, p80 = host_us(lambda: update(m))
+                table.add(tensors=len(shapes), api=api, momentum=kind, host_p50_us=p50, host_p20_us=p20,
+                          host_p80_us=p80)
         table.write_csv(args.csv)
         return
 

@@ -4,9 +4,10 @@ time limit, ending in one markdown table and one JSON file.
 A GPU is lent to some sessions only, for 15 minutes in all (DEVELOPERS.md says when and how to run this). The check
 comes in two stages, each one device call (`benchmarks/gpu_check.sh` wraps them):
 - stage 1 (<= 8 min on a cold H200, the install included): the GPU-only tests (named in GPU_TESTS; on the GPU a
-  skip fails the check), the kernel test files on CUDA (compiled Triton instead of the interpreter), the DINO loss
-  and EMA benchmarks, the train-step table (fastdino against the official formulation in one process: img/s, MFU,
-  peak GiB) and a short quality run on the CIFAR-10 subset carried in .gpu_data/ (k-NN before and after);
+  skip fails the check), the kernel test files on CUDA (compiled Triton instead of the interpreter), the DINO loss,
+  fused-head (fused vs unfused head + loss: time and peak memory at B=128) and EMA benchmarks, the train-step table
+  (fastdino against the official formulation in one process: img/s, MFU, peak GiB) and a short quality run on the
+  CIFAR-10 subset carried in .gpu_data/ (k-NN before and after);
 - stage 2 (after the DALI wheels came over in parts): the DALI tests, the multi-crop pipeline benchmark from JPEG
   and the end-to-end train step from JPEG.
 Each step is a subprocess; a step that fails or runs out of time is recorded and the next one starts. A step never
@@ -67,7 +68,8 @@ GPU_TESTS = {
 CUDA_TEST_FILES = ["tests/test_dino_loss.py", "tests/test_ema.py"]
 # The short quality run: the paper's ViT-S/16 recipe on the CIFAR-10 subset (32-px images, upscaled by the crops).
 QUALITY_SUBSET = dict(train=1000, val=200)  # images per class
-TARGETS = {"loss": "<= 0.15 ms (fwd+bwd, B=64)", "ema": "<= 0.2 ms, one launch",
+TARGETS = {"loss": "<= 0.15 ms (fwd+bwd, B=64)",
+           "head": "fused <= unfused time, >= 400 MB less peak (fwd+bwd, B=128)", "ema": "<= 0.2 ms, one launch",
            "train_step": ">= 2,500 img/s, <= 12 GiB (ViT-S/16, batch 128)", "pipeline": ">= 3,000 img/s (DALI)",
            "e2e_jpeg": ">= 2,000 img/s", "gpu_tests": "all pass, none skipped", "dali_tests": "all pass, none skipped"}
 
@@ -222,6 +224,27 @@ def summarize_loss(ctx: Context, record: dict) -> None:
     record["markdown"] = csv_markdown("DINO loss (bench_dino_loss.py)", rows)
 
 
+def head_command(ctx: Context, limit_s: float) -> list[str]:
+    shape = (["--batch", "1", "--K", "64", "--ncrops", "4", "--dim", "8", "--reps", "2"] if ctx.smoke
+             else ["--batch", "128"])
+    return bench("bench_dino_loss.py", "--head", *shape, *cpu_args(ctx), "--csv", ctx.work / "head.csv")
+
+
+def summarize_head(ctx: Context, record: dict) -> None:
+    rows = read_csv(ctx.work / "head.csv")
+    by = {r["provider"]: r for r in rows}
+    record["figures"] = {"rows": rows}
+    record["markdown"] = csv_markdown("Head last layer + loss, fused vs unfused (bench_dino_loss.py --head)", rows)
+    if set(by) != {"unfused", "fused_head"}:
+        record["status"], record["summary"] = "failed", "no fused/unfused rows"
+        return
+    ms = {p: number(r["p50_ms"]) for p, r in by.items()}
+    gib = {p: number(r["peak_GiB"]) for p, r in by.items()}
+    record["summary"] = (f"B={by['fused_head']['B']} fwd+bwd: fused {ms['fused_head']:.3g} ms, unfused "
+                         f"{ms['unfused']:.3g} ms; peak fused {gib['fused_head']:.3g} GiB, unfused "
+                         f"{gib['unfused']:.3g} GiB ({(gib['unfused'] - gib['fused_head']) * 1024:.0f} MiB less)")
+
+
 def ema_command(ctx: Context, limit_s: float) -> list[str]:
     shape = (["--arch", "vit_tiny", "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32",
               "--providers", "loop", "foreach", "--reps", "2"] if ctx.smoke else ["--tensor-momentum"])
@@ -354,6 +377,8 @@ STEPS = [
          summarize_cuda_tests, skip_reason="smoke: the CPU suite runs these files"),
     Step("loss", 1, "bench_dino_loss.py: torch (official formulation), compile, triton", loss_command, 90, 20,
          summarize_loss),
+    Step("head", 1, "bench_dino_loss.py --head: fused head + loss vs unfused, B=128", head_command, 45, 15,
+         summarize_head),
     Step("ema", 1, "bench_ema.py: official loop, compile, foreach, triton", ema_command, 45, 15, summarize_ema),
     Step("train_step", 1, "bench_e2e.py: official vs fastdino (eager, compiled), ViT-S/16, data on the GPU",
          train_step_command("train_step", ["vit_small/16"]), 180, 60,

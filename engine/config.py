@@ -132,6 +132,9 @@ class LossConfig:
     """Loss kernel: auto (Triton on CUDA, torch otherwise), triton or torch."""
     teacher_norm: str = "centering"
     """How teacher outputs are normalised: centering (DINO) or sinkhorn_knopp."""
+    fused_head: bool = False
+    """Fold the head's last layer into the loss (kernels/fused_head_loss.py): the (V*B, K) logits and the normalised
+    weight never exist in memory (any parallel.mode). Needs head.norm_last_layer and teacher_norm=centering."""
 
     def __post_init__(self):
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -145,6 +148,9 @@ class LossConfig:
                f"{self.warmup_teacher_temp_epochs}")
         _check_choice("loss.impl", self.impl, ("auto", "triton", "torch"))
         _check_choice("loss.teacher_norm", self.teacher_norm, ("centering", "sinkhorn_knopp"))
+        _check(not self.fused_head or self.teacher_norm == "centering",
+               "loss.fused_head=true needs loss.teacher_norm=centering (Sinkhorn-Knopp needs the teacher logits): "
+               "set loss.fused_head=false")
 
 
 @dataclass
@@ -296,6 +302,9 @@ class TrainConfig:
         _check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         _check(self.max_nonfinite_in_a_row > 0,
                f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}")
+        _check(not self.loss.fused_head or self.head.norm_last_layer,
+               "loss.fused_head=true folds a unit-gain last layer into the loss: set head.norm_last_layer=true or "
+               "loss.fused_head=false")
 
 
 # ---------------------------------------------------------------------------------------------------- presets

@@ -93,10 +93,11 @@ class DINOHead(nn.Module):
                 module.reset_parameters()
         self.last_layer.init_weights()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_dim) -> (N, K)."""
+    def forward(self, x: torch.Tensor, *, bottleneck: bool = False) -> torch.Tensor:
+        """(N, in_dim) -> (N, K); with `bottleneck`, the L2-normalised (N, bottleneck_dim) features the last layer
+        would take (the fused head + loss applies `last_layer.weight_v` itself)."""
         x = F.normalize(self.mlp(x), dim=-1)  # (N, bottleneck)
-        return self.last_layer(x)
+        return x if bottleneck else self.last_layer(x)
 
     def cancel_last_layer_gradients(self) -> None:
         """Drop the last layer's gradients (DINO freezes it for the first epochs); the trainer decides when."""

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastdino.engine.schedules import linear_warmup
-from fastdino.kernels import dino_loss
+from fastdino.kernels import dino_loss, dino_loss_fused_head
 from fastdino.kernels._launch import select_impl
 
 logger = logging.getLogger(__name__)
@@ -123,12 +123,7 @@ class DINOLoss(nn.Module):
         official per-epoch warmup's value at `epoch`. Updates the center afterwards (centering mode), without
         syncing the host.
         """
-        if teacher_temp is None:
-            if not 0 <= epoch < self.nepochs:
-                raise ValueError(f"epoch {epoch} is outside the {self.nepochs}-epoch teacher temperature schedule; "
-                                 f"pass teacher_temp=")
-            teacher_temp = linear_warmup(self.warmup_teacher_temp, self.teacher_temp, epoch,
-                                         self.warmup_teacher_temp_epochs)
+        teacher_temp = self._teacher_temp(epoch, teacher_temp)
         for name, t in (("student_output", student_output), ("teacher_output", teacher_output)):
             if t.shape[-1] != self.out_dim:
                 raise ValueError(f"{name} has K={t.shape[-1]} columns but the loss (and its center) has "
@@ -144,6 +139,34 @@ class DINOLoss(nn.Module):
             self._update_center(colsum, teacher_output.shape[0])
         self.last_teacher_entropy = entropy.detach()
         return loss
+
+    def forward_fused_head(self, student_features: torch.Tensor, student_weight_v: torch.Tensor,
+                           teacher_features: torch.Tensor, teacher_weight_v: torch.Tensor, epoch: int,
+                           teacher_temp: float | None = None) -> torch.Tensor:
+        """`forward` on the logits features @ normalize(weight_v)^T without building them (`dino_loss_fused_head`):
+        student_features (ncrops*B, D) and teacher_features (2*B, D) are the heads' L2-normalised bottleneck
+        features, *_weight_v (K, D) their un-normalised last-layer weights (norm_last_layer=True: gain 1). Centering
+        only; updates the center and `last_teacher_entropy` as `forward` does."""
+        if self.teacher_norm != "centering":
+            raise ValueError(f"the fused head + loss needs teacher_norm='centering', got {self.teacher_norm!r}")
+        if student_weight_v.shape[0] != self.out_dim:
+            raise ValueError(f"student_weight_v has K={student_weight_v.shape[0]} rows but the loss (and its center) "
+                             f"has out_dim={self.out_dim}")
+        loss, colsum, entropy = dino_loss_fused_head(student_features, student_weight_v, teacher_features,
+                                                     teacher_weight_v, self.center, self.student_temp,
+                                                     self._teacher_temp(epoch, teacher_temp), self.ncrops)
+        self._update_center(colsum, teacher_features.shape[0])
+        self.last_teacher_entropy = entropy.detach()
+        return loss
+
+    def _teacher_temp(self, epoch: int, teacher_temp: float | None) -> float:
+        """`teacher_temp` when given, else the official per-epoch warmup's value at `epoch`."""
+        if teacher_temp is not None:
+            return teacher_temp
+        if not 0 <= epoch < self.nepochs:
+            raise ValueError(f"epoch {epoch} is outside the {self.nepochs}-epoch teacher temperature schedule; "
+                             f"pass teacher_temp=")
+        return linear_warmup(self.warmup_teacher_temp, self.teacher_temp, epoch, self.warmup_teacher_temp_epochs)
 
     def resolve_impl(self, device: torch.device) -> str:
         """Fix impl="auto" to what it selects on `device` (logged once, here), so that a compiled forward does not

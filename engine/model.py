@@ -25,9 +25,10 @@ class DINOModel(nn.Module):
         self.backbone.init_weights()
         self.head.init_weights()
 
-    def forward(self, crops: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Crops [(B, C, H, W)] * V -> (V*B, K), in crop order."""
-        return self.head(self.backbone(crops))
+    def forward(self, crops: torch.Tensor | list[torch.Tensor], *, bottleneck: bool = False) -> torch.Tensor:
+        """Crops [(B, C, H, W)] * V -> (V*B, K), in crop order; with `bottleneck`, the head's (V*B, bottleneck_dim)
+        features before its last layer (see DINOHead.forward)."""
+        return self.head(self.backbone(crops), bottleneck=bottleneck)
 
 
 def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel:

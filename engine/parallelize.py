@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,21 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Mo
     """Replicate the student with DDP (gradients all-reduced in buckets during backward)."""
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    process_group=mesh.get_group())
+
+
+def last_layer_weights(student: nn.Module, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole last-layer weights v (K, D) of the student's and the teacher's heads, read after their forward
+    passes, for the fused head + loss. Under FSDP2 the student's head stays unsharded after forward (`apply_fsdp`),
+    so its module holds the all-gathered parameter, whose gradient FSDP2 reduce-scatters in backward as usual; the
+    teacher's head is resharded after forward, so its weight is all-gathered here (collective, no gradient)."""
+    student_v, teacher_v = student.head.last_layer.weight_v, teacher.head.last_layer.weight_v
+    if isinstance(student_v, DTensor):
+        raise RuntimeError("the student's last layer is sharded after its forward; loss.fused_head needs its FSDP2 "
+                           "head unit kept unsharded after forward (apply_fsdp with trains=True)")
+    if isinstance(teacher_v, DTensor):
+        with torch.no_grad():
+            teacher_v = teacher_v.full_tensor()
+    return student_v, teacher_v
 
 
 def local_tensors(params) -> list[torch.Tensor]:

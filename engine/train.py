@@ -53,6 +53,7 @@ from fastdino.engine.parallelize import (
     apply_ddp,
     apply_fsdp,
     compile_forward,
+    last_layer_weights,
     local_tensors,
     resolve_compile,
     resolve_mode,
@@ -60,7 +61,7 @@ from fastdino.engine.parallelize import (
 )
 from fastdino.engine.model import build_model, initial_state
 from fastdino.engine.schedules import Schedules
-from fastdino.kernels import ema_update_
+from fastdino.kernels import EMAUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Trainer:
         self.teacher_params = list(self.teacher.parameters())
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=self.schedules.peak_lr, fused=True)
         self._init_optimizer_state()
+        self.ema = EMAUpdate(self.teacher_params, self.params)  # its launch plan is built at the first step
         ncrops = 2 + cfg.data.local_crops_number
         self.loss_fn = DINOLoss(cfg.head.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
@@ -198,11 +200,12 @@ class Trainer:
             self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
         center = self.loss_fn.center.clone()
 
+        fused = self.cfg.loss.fused_head  # the models stop at the bottleneck; the loss applies the last layers
         with self._autocast():
             with torch.no_grad():
-                teacher_out = self.teacher(crops[:2])  # (2*B, K)
-            student_out = self.student(crops)  # (V*B, K)
-            loss = self.loss_fn(student_out, teacher_out, self.epoch, teacher_temp=values.teacher_temp)
+                teacher_out = self.teacher(crops[:2], bottleneck=fused)  # (2*B, K), fused: (2*B, D)
+            student_out = self.student(crops, bottleneck=fused)  # (V*B, K), fused: (V*B, D)
+            loss = self._loss(student_out, teacher_out, values.teacher_temp)
         (loss * self.loss_scale.scale if self.loss_scale else loss).backward()
 
         if values.freeze_last_layer:
@@ -231,7 +234,7 @@ class Trainer:
         self.optimizer.found_inf = skipped.float()  # fused AdamW skips the update (and its step count) when 1
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=self.graphs is None)  # graphs read the gradients where they are
-        ema_update_(self.teacher_params, self.params, torch.where(skipped, 1.0, teacher_momentum))
+        self.ema(torch.where(skipped, 1.0, teacher_momentum))
         self.loss_fn.center.copy_(torch.where(skipped, center, self.loss_fn.center))
         if self.loss_scale:
             self.loss_scale.update(skipped)
@@ -239,6 +242,14 @@ class Trainer:
         if self.loss_scale is None:  # with fp16 loss scaling, a skip with a finite loss is an overflow
             nonfinite |= skipped
         self.stats.update(loss, entropy, grad_norm, skipped, nonfinite)
+
+    def _loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """DINOLoss of the logits, or with loss.fused_head of the bottleneck features and the last layers' weights."""
+        if not self.cfg.loss.fused_head:
+            return self.loss_fn(student_out, teacher_out, self.epoch, teacher_temp=teacher_temp)
+        student_v, teacher_v = last_layer_weights(self.model, self.teacher)
+        return self.loss_fn.forward_fused_head(student_out, student_v, teacher_out, teacher_v, self.epoch,
+                                               teacher_temp)
 
     def train(self, loader) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
@@ -336,6 +347,8 @@ class Trainer:
         too many steps in a row were skipped. A `partial` row (the run stops between two log steps) leaves the
         accumulators as they are, so a resumed run's rows equal an uninterrupted run's."""
         stats = self.stats.read(self.mesh.get_group() if self.mesh is not None else None, reset=not partial)
+        if self.ema.storage_moved():  # what the EMA plan cannot see per step
+            raise RuntimeError("a parameter got new storage without trainer.ema.rebuild(): the teacher missed updates")
         values = self.schedules.at(self.step - 1)
         img_per_s, eta_s = throughput.tick(self.step, self.cfg.data.batch_size, self.stop_step)
         row = {

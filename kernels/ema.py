@@ -7,9 +7,10 @@ Memory traffic: numel * (2 * bytes(teacher) + bytes(student)), one read of each 
 
 One launch: the host builds, once per set of tensor storages (`_plan_for`: cached on their data pointers), a table
 with the teacher and student address and the numel of every tensor, and one (tensor index, block index) row per
-program; a call with the same tensors then only reads their data pointers and launches. Each program
-casts the addresses to typed pointers and updates one BLOCK of one tensor. Full blocks take an unmasked path, and the
-pointers are hinted 16-byte aligned when the host has checked that they are, so that loads and stores vectorize.
+program; a call with the same tensors then only reads their data pointers and launches. `EMAUpdate` (the trainer's)
+holds its plan for fixed parameter lists and does not even read the pointers. Each program casts the addresses to
+typed pointers and updates one BLOCK of one tensor. Full blocks take an unmasked path, and the pointers are hinted
+16-byte aligned when the host has checked that they are, so that loads and stores vectorize.
 FSDP2 parameters (DTensors) are updated through their local shards; teacher and student are sharded alike.
 """
 import math
@@ -99,11 +100,14 @@ def _triton_blocker(teachers, students) -> str | None:
 
 class _LaunchPlan:
     """What the launches need for one set of tensors: per dtype pair the device tables, the grid and whether every
-    address is 16-byte aligned. It holds the tensors, so that while it is cached their storages stay alive and no
-    other tensor can take their addresses (the cache key)."""
+    address is 16-byte aligned. It holds aliases of the tensors' storages, so that while it lives they stay alive
+    and no other tensor can take their addresses (the cache key; the addresses its launches write)."""
 
     def __init__(self, teachers, students, device):
-        self.tensors = (teachers, students)
+        # Aliases of the storages, not the parameters: `p.data = ...` leaves them alive and in place.
+        self.tensors = ([t.detach() for t in teachers], [s.detach() for s in students])
+        self.device = device
+        self.pointers = (tuple(map(_data_ptr, teachers)), tuple(map(_data_ptr, students)))
         groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
         for i, (t, s) in enumerate(zip(teachers, students)):
             groups.setdefault((t.dtype, s.dtype), []).append(i)
@@ -174,11 +178,8 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
         return ema_update_ref(teachers, students, momentum)
     device = teachers[0].device
     chosen = _launch.select_impl("ema_update_", impl, device, "foreach", _ema_update_kernel)
-    if chosen == "triton" and isinstance(momentum, torch.Tensor) and momentum.device != device:
-        if momentum.device.type == "cpu":
-            momentum = float(momentum)  # a CPU scalar: reading it does not wait for the GPU
-        else:
-            chosen = _fallback(impl, f"momentum is on {momentum.device}, the tensors on {device}")
+    if chosen == "triton":
+        chosen, momentum = _momentum_on(device, momentum, impl)
     if chosen == "triton":
         try:
             plan = _plan_for(teachers, students, device)
@@ -188,6 +189,12 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
         _check_shapes(teachers, students)
         return ema_update_ref(teachers, students, momentum)
 
+    _launch_plan(plan, momentum)
+    return "triton"
+
+
+def _launch_plan(plan: _LaunchPlan, momentum) -> None:
+    """The plan's launches with `momentum`, a number or a 0-d tensor on the tensors' device."""
     from_ptr = isinstance(momentum, torch.Tensor)
     weight = 0.0 if from_ptr else 1.0 - float(momentum)
     for launch in plan.launches:
@@ -196,7 +203,88 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
             T_DTYPE=launch["T_DTYPE"], S_DTYPE=launch["S_DTYPE"], MOMENTUM_FROM_PTR=from_ptr,
             ALIGNED=launch["ALIGNED"], BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
-    return "triton"
+
+
+class EMAUpdate:
+    """`ema_update_(teacher_params, student_params, momentum)` for two fixed lists of parameters, with the launch
+    plan held here instead of looked up on every call: a call reads no tensor (no data pointer, no type), it checks
+    the momentum and launches. For the trainer, where ~150 tensors make that look-up most of the host time.
+
+    The plan is built at the first call (after FSDP2's lazy init, which may give a shard new storage) and again
+    after `rebuild()`, the call to make when parameters may have moved (`.to()`, `p.data = ...`, new parameters).
+    The per-call check is the two lists' lengths (O(1): parameters appended to them rebuild the plan); a storage
+    swapped inside them is not seen per call: `storage_moved()` walks the tensors to say so, cheaply enough to
+    call at each log step. The plan keeps the storages it was built on alive, so a stale plan updates the old
+    storages, never freed memory.
+    """
+
+    def __init__(self, teacher_params, student_params, *, impl: str = "auto"):
+        if len(teacher_params) != len(student_params):
+            raise ValueError(f"ema_update_: {len(teacher_params)} teacher tensors but {len(student_params)} "
+                             f"student tensors")
+        self.teacher_params, self.student_params, self.impl = teacher_params, student_params, impl
+        self._lengths = (len(teacher_params), len(student_params))
+        self._plan = None
+
+    def rebuild(self) -> None:
+        """Rebuild the plan at the next call (after parameters moved or were replaced)."""
+        self._plan = None
+
+    def storage_moved(self) -> bool:
+        """True when a tensor's storage differs from the plan's (a walk over every tensor; not for every step)."""
+        if self._plan is None:
+            return False
+        teachers, students = _locals(self.teacher_params), _locals(self.student_params)
+        return self._plan.pointers != (tuple(map(_data_ptr, teachers)), tuple(map(_data_ptr, students)))
+
+    def _build(self):
+        """(path, device plan or the local tensors for foreach), with ema_update_'s checks and choice."""
+        teachers, students = _locals(self.teacher_params), _locals(self.student_params)
+        _check_shapes(teachers, students)
+        if not teachers:
+            return "foreach", _PlanForeach(teachers, students)
+        device = teachers[0].device
+        chosen = _launch.select_impl("ema_update_", self.impl, device, "foreach", _ema_update_kernel)
+        if chosen == "triton":
+            blocker = _triton_blocker(teachers, students)
+            if blocker is None:
+                return "triton", _LaunchPlan(teachers, students, device)
+            chosen = _fallback(self.impl, blocker)
+        return chosen, _PlanForeach(teachers, students)
+
+    @torch.no_grad()
+    def __call__(self, momentum) -> str:
+        """teacher <- momentum * teacher + (1 - momentum) * student in place; returns the path taken."""
+        _check_momentum(momentum)
+        if self._plan is None or self._lengths != (len(self.teacher_params), len(self.student_params)):
+            self._lengths = (len(self.teacher_params), len(self.student_params))
+            self._path, self._plan = self._build()
+        path = self._path
+        if path == "triton":
+            path, momentum = _momentum_on(self._plan.device, momentum, self.impl)
+        if path == "foreach":
+            ema_update_ref(*self._plan.tensors, momentum)
+        else:
+            _launch_plan(self._plan, momentum)
+        return path
+
+
+class _PlanForeach:
+    """The foreach path's plan: the local tensors (what `_locals` would return on every call)."""
+
+    def __init__(self, teachers, students):
+        self.tensors = (teachers, students)
+        self.pointers = (tuple(map(_data_ptr, teachers)), tuple(map(_data_ptr, students)))
+
+
+def _momentum_on(device: torch.device, momentum, impl: str):
+    """("triton", momentum the kernel can read on `device`), or ("foreach", momentum) when it is a tensor on
+    another GPU (see `_fallback`). A CPU tensor becomes a float: reading it does not wait for the GPU."""
+    if not isinstance(momentum, torch.Tensor) or momentum.device == device:
+        return "triton", momentum
+    if momentum.device.type == "cpu":
+        return "triton", float(momentum)
+    return _fallback(impl, f"momentum is on {momentum.device}, the tensors on {device}"), momentum
 
 
 def _fallback(impl: str, reason: str) -> str:

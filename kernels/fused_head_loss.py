@@ -31,7 +31,8 @@ def _chunk_logits(features, weight_v, start, stop):
     chunk's 1 / ||v_k|| (stop - start,) and un-normalised rows."""
     v = weight_v[start:stop]
     inv_norm = 1.0 / v.float().norm(dim=1).clamp_min(1e-12)
-    return (features @ v.T).float() * inv_norm, inv_norm, v
+    # fp32 master weights with low-precision features (mixed precision): the matmul in the features' dtype.
+    return (features @ v.to(features.dtype).T).float() * inv_norm, inv_norm, v
 
 
 def _teacher_stats(h_t, v_t, center, teacher_temp, chunk):
@@ -96,6 +97,8 @@ class FusedHeadDINOLossFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h_s, v_s, h_t, v_t, center, t_max, t_sum, lse, w_total)
         ctx.args = (student_temp, teacher_temp, ncrops, chunk, batch * n_terms)
+        device = h_s.device.type  # backward recomputes the logits as forward did: under the same autocast
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return loss, colsum, entropy
 
     @staticmethod
@@ -103,6 +106,12 @@ class FusedHeadDINOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_colsum, _grad_entropy):
         if grad_loss is None:
             return (None,) * 9
+        device, autocast, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            return FusedHeadDINOLossFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         h_s, v_s, h_t, v_t, center, t_max, t_sum, lse, w_total = ctx.saved_tensors
         student_temp, teacher_temp, ncrops, chunk, n_norm = ctx.args
         scale = grad_loss.float() / (student_temp * n_norm)  # 0-d on device: no host sync

@@ -1,7 +1,7 @@
-"""2 gloo processes (FSDP2, then DDP) against 1 process on the same global batches: same losses, same student and
-teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close to it, and in fp16
-skipping overflows alike on every rank; FSDP2 with compiled blocks, head and loss and checkpointed blocks equal to
-it; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the uninterrupted one."""
+"""2 gloo processes (FSDP2, then DDP, also with loss.fused_head) against 1 process on the same global batches: same
+losses, same student and teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close
+to it, and in fp16 skipping overflows alike on every rank; FSDP2 with compiled blocks, head and loss and checkpointed
+blocks equal to it; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the uninterrupted one."""
 import dataclasses
 import json
 
@@ -101,6 +101,10 @@ def _worker(rank: int, store_path: str, out_dir: str):
                 trainer.save_checkpoint(_Position())
             losses += run_steps(trainer, batches[2:], rank, WORLD)
             results[mode] = {"losses": losses, **full_states(trainer)}
+        for mode in ("fsdp", "ddp"):
+            fused = make_trainer(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode=mode),
+                                                     loss=dataclasses.replace(cfg.loss, fused_head=True)), mesh=mesh)
+            results[f"{mode}_fused_head"] = {"losses": run_steps(fused, batches, rank, WORLD), **full_states(fused)}
         bf16 = make_trainer(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision="bf16")),
                             mesh=mesh)
         results["fsdp_bf16"] = {"losses": run_steps(bf16, batches, rank, WORLD), **full_states(bf16)}
@@ -168,6 +172,16 @@ def _compare(actual: dict, expected: dict, what: str):
 def test_two_ranks_match_one_process(distributed_results, single_results, mode):
     results, _ = distributed_results
     _compare(results[mode], single_results, f"{mode} x{WORLD}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_fused_head_on_two_ranks_matches_one_unfused_process(distributed_results, single_results, mode):
+    """loss.fused_head: the last layers' weights are used outside the models' forward; the student's still gets
+    its gradient reduced (DDP's autograd hooks; FSDP2's post-backward of the unsharded head), the teacher's is
+    all-gathered under FSDP2."""
+    results, _ = distributed_results
+    _compare(results[f"{mode}_fused_head"], single_results, f"{mode} fused_head x{WORLD}")
 
 
 @pytest.mark.slow

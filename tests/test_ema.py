@@ -5,7 +5,7 @@ import pytest
 import torch
 from _helpers import assert_close
 
-from fastdino.kernels import _launch, ema_update_
+from fastdino.kernels import EMAUpdate, _launch, ema_update_
 from fastdino.kernels.reference import ema_update_ref
 
 # Keyed by the student dtype. The math is fp32 either way (a bf16 student converts to fp32 exactly), and both sides
@@ -71,6 +71,41 @@ def test_new_storage_rebuilds_the_launch_plan():
     for i, (a, e) in enumerate(zip(teachers, expected)):
         assert_close(a, e, **TOL[torch.float32], name=f"teacher[{i}]")
     assert torch.equal(old, old_before), "the old storage was updated"
+
+
+@pytest.mark.parametrize("impl", ["triton", "foreach"])
+def test_plan_object_matches_reference_and_is_rebuilt_when_told(impl):
+    """EMAUpdate (the trainer's, plan held between calls) equals the reference over calls with float and tensor
+    momentum; after `p.data = ...` it says its storage moved, updates nothing freed, and `rebuild()` follows the
+    new storage; a parameter appended to the lists is picked up without being told."""
+    teachers = [torch.nn.Parameter(torch.randn(s, device=DEVICE), requires_grad=False) for s in SHAPES]
+    students = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
+    expected = [t.detach().clone() for t in teachers]
+    update = EMAUpdate(teachers, students, impl=impl)
+    for momentum in (0.996, torch.tensor(0.9, device=DEVICE), 0.5):
+        assert update(momentum) == impl
+        ema_update_ref(expected, students, momentum)
+        for i, (a, e) in enumerate(zip(teachers, expected)):
+            assert_close(a, e, **TOL[torch.float32], name=f"teacher[{i}] after momentum {momentum}")
+    assert not update.storage_moved()
+    old = teachers[3].data
+    old_before = old.clone()
+    teachers[3].data = torch.randn(SHAPES[3], device=DEVICE)
+    expected[3] = teachers[3].detach().clone()
+    assert update.storage_moved()
+    update.rebuild()
+    assert update(0.7) == impl and not update.storage_moved()
+    ema_update_ref(expected, students, 0.7)
+    teachers.append(torch.nn.Parameter(torch.randn(7, device=DEVICE), requires_grad=False))
+    students.append(torch.nn.Parameter(torch.randn(7, device=DEVICE)))
+    expected.append(teachers[-1].detach().clone())
+    update(0.3)
+    ema_update_ref(expected, students, 0.3)
+    for i, (a, e) in enumerate(zip(teachers, expected)):
+        assert_close(a, e, **TOL[torch.float32], name=f"teacher[{i}] after the rebuilds")
+    assert torch.equal(old, old_before), "the rebuilt plan updated the old storage"
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        update(1.5)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 1.0])

@@ -1,0 +1,74 @@
+"""loss.fused_head in the training step: a few steps on the bottleneck features and the last layers' weights (no
+logits) equal the unfused step (losses, gradients, center, teacher entropy, student and teacher), and the options it
+cannot serve are refused by name. FSDP2 and DDP with fused_head against one process: tests/test_distributed.py."""
+import pytest
+import torch
+
+from _helpers import assert_close
+from test_train import make_trainer, synthetic_batches, tiny_config
+
+# The fused loss adds the logits chunk by chunk and the matmuls reduce in another order: fp32 rounding, amplified a
+# little by Adam's normalisation over a few steps.
+TOL = dict(atol=1e-5, rtol=1e-4)
+STEPS = 3  # the last layer is frozen for 2 of them (freeze_last_layer_epochs=0.5 of 4 steps), then trains
+
+
+def run(fused: bool, *overrides: str, steps: int = STEPS) -> dict:
+    cfg = tiny_config("model.drop_path_rate=0.0", "optim.base_lr=0.05", "optim.teacher_momentum=0.5",
+                      "optim.warmup_epochs=0", f"loss.fused_head={str(fused).lower()}", *overrides)
+    trainer = make_trainer(cfg)
+    grads, zero_grad = [], trainer.optimizer.zero_grad
+
+    def record_then_zero(*args, **kwargs):
+        grads.append([None if p.grad is None else p.grad.clone() for p in trainer.params])
+        zero_grad(*args, **kwargs)
+
+    trainer.optimizer.zero_grad = record_then_zero
+    last_layer = trainer.model.head.last_layer.weight_v.detach().clone()
+    losses, centers, entropies = [], [], []
+    for crops in synthetic_batches(cfg, steps):
+        trainer.train_step(crops)
+        losses.append(trainer.stats.read()["loss"])
+        centers.append(trainer.loss_fn.center.clone())
+        entropies.append(trainer.loss_fn.last_teacher_entropy.clone())
+    return dict(losses=torch.tensor(losses), grads=grads, centers=centers, entropies=torch.stack(entropies),
+                student=trainer.student.state_dict(), teacher=trainer.teacher.state_dict(),
+                last_layer_moved=not torch.equal(last_layer, trainer.model.head.last_layer.weight_v))
+
+
+def test_fused_head_steps_equal_the_unfused_steps():
+    fused, unfused = run(True), run(False)
+    assert_close(fused["losses"], unfused["losses"], **TOL, name="losses")
+    assert_close(fused["entropies"], unfused["entropies"], **TOL, name="teacher entropy")
+    for step, (a, b) in enumerate(zip(fused["centers"], unfused["centers"])):
+        assert_close(a, b, **TOL, name=f"center after step {step}")
+    for step, (a, b) in enumerate(zip(fused["grads"], unfused["grads"])):
+        assert [g is None for g in a] == [g is None for g in b], f"step {step}: different gradients are None"
+        assert sum(g is not None for g in a) > 0
+        for i, (ga, gb) in enumerate(zip(a, b)):
+            if gb is not None:
+                assert_close(ga, gb, **TOL, name=f"step {step} gradient {i}")
+    for model in ("student", "teacher"):
+        for key, value in unfused[model].items():
+            assert_close(fused[model][key], value, **TOL, name=f"{model} {key}")
+    assert fused["last_layer_moved"], "the last layer must have trained in the last step"
+
+
+def test_fused_head_under_bf16_autocast_follows_the_unfused_step():
+    """bf16 autocast (CPU): the fused loss's matmuls, forward and the backward's recompute, run in bf16 as the
+    unfused head's do; one step's loss and gradients agree to bf16 rounding."""
+    options = ("parallel.precision=bf16", "optim.freeze_last_layer_epochs=0")
+    fused, unfused = run(True, *options, steps=1), run(False, *options, steps=1)
+    assert_close(fused["losses"], unfused["losses"], atol=0, rtol=5e-3, name="bf16 loss")
+    for i, (a, b) in enumerate(zip(fused["grads"][0], unfused["grads"][0])):
+        scale = b.abs().max()  # bf16 rounding is relative to the tensor's magnitude, not each element's
+        assert_close(a / scale, b / scale, atol=3e-2, rtol=0, name=f"bf16 gradient {i}")
+
+
+@pytest.mark.parametrize("overrides, fix", [
+    (["head.norm_last_layer=false"], "head.norm_last_layer=true"),
+    (["loss.teacher_norm=sinkhorn_knopp"], "loss.teacher_norm=centering"),
+])
+def test_fused_head_refuses_what_it_cannot_compute(overrides, fix):
+    with pytest.raises(ValueError, match=fix):
+        tiny_config("loss.fused_head=true", *overrides)
