@@ -93,11 +93,19 @@ def test_stop_and_resume_with_a_larger_max_steps_equals_an_uninterrupted_run(tmp
     second = fastdino("train", "--output", split, *args, "--max-steps", "11")
     assert second.returncode == 0 and "resuming at step 5" in second.stderr, second.stderr
 
-    rows, name, state = _run_state(whole)
-    split_rows, split_name, split_state = _run_state(split)
-    assert split_rows == rows and [r["step"] for r in rows] == [2, 4, 6, 8, 10]
-    assert split_name == name == "step_00000011"
-    expected, actual = _flat(state), _flat(split_state)
+    rows = assert_same_run(split, whole)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
+    assert Checkpointer(whole / "checkpoints", keep_last=1).latest().name == "step_00000011"
+
+
+def assert_same_run(run, reference) -> list[dict]:
+    """`run` (interrupted and resumed) has `reference`'s metrics rows and, bit for bit, its last checkpoint (but
+    for wall times); returns the rows."""
+    rows, name, state = _run_state(reference)
+    run_rows, run_name, run_state = _run_state(run)
+    assert run_rows == rows
+    assert run_name == name
+    expected, actual = _flat(state), _flat(run_state)
     assert actual.keys() == expected.keys() and TIME_STATE <= expected.keys()
     assert {k.split("/")[0] for k in expected} >= {"student", "teacher", "optimizer", "loss", "train_state",
                                                    "dataloader"}
@@ -108,3 +116,4 @@ def test_stop_and_resume_with_a_larger_max_steps_equals_an_uninterrupted_run(tmp
             assert torch.equal(actual[key], value), f"{key} differs after resuming"
         else:
             assert actual[key] == value, f"{key}: {actual[key]} != {value}"
+    return rows
