@@ -20,7 +20,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
@@ -33,16 +33,43 @@ _WRAPPER_PREFIXES = ("module.", "backbone.")
 
 
 def atomic_write(path, write) -> Path:
-    """Call `write(tmp_path)`, then rename tmp_path onto `path`: readers never see a half-written file."""
+    """Call `write(tmp_path)`, then rename tmp_path onto `path`: readers never see a half-written file. The file
+    gets the mode a plain `open` would (0666 less the umask; safetensors writes 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_tmp_files(folder) -> None:
+    """Delete the temporary files of `atomic_write` calls whose process is gone (killed mid-write)."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if tmp.is_file() and pid.isdigit() and not _process_exists(int(pid)):
+            logger.info("removing %s, left by a process killed while writing it", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def save_backbone(backbone_state_dict, path, *, arch: str, patch_size: int, img_size: int, extra=None) -> Path:
@@ -178,9 +205,13 @@ def _run_model_config(run_dir: Path) -> dict:
 
 
 def _read_safetensors(path: Path):
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"cannot read checkpoint {path}: not a safetensors file, or truncated or corrupt "
+                         f"({_first_sentence(str(err))})") from None
     return _strip_heads(tensors), metadata
 
 
@@ -190,7 +221,21 @@ def _torch_load(path: Path):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # what torch.load raises on bad files
-            raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+            raise ValueError(f"cannot read checkpoint {path}: {_load_error(err)}") from None
+
+
+def _load_error(err: Exception) -> str:
+    """Why torch.load failed, without its advice to retry with weights_only=False (that runs pickled code)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return (f"not a PyTorch checkpoint of tensors, or truncated or corrupt ({' '.join(reason.split())}); "
+                f"fastdino never loads pickled code")
+    return f"not a PyTorch checkpoint, or truncated or corrupt ({_first_sentence(text) or type(err).__name__})"
+
+
+def _first_sentence(text: str) -> str:
+    return " ".join(text.split()).split(". ")[0].rstrip(".")
 
 
 def _backbone_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:

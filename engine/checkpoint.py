@@ -158,7 +158,7 @@ class Checkpointer:
             if self.rank == 0:
                 _write_checksums(tmp / CHECKSUMS, sums)
         except (OSError, RuntimeError, dcp.api.CheckpointException) as error:
-            if not _is_disk_full(error, self.folder):
+            if not is_disk_full(error, self.folder):
                 raise
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial write took
@@ -255,7 +255,7 @@ def _read_checksums(path: Path) -> dict[str, str] | None:
     return sums
 
 
-def _is_disk_full(error: BaseException, folder: Path) -> bool:
+def is_disk_full(error: BaseException, folder: Path) -> bool:
     """Whether a failed write ran out of space: an ENOSPC / EDQUOT anywhere in the error's chain (or in a DCP
     failure of any rank), or no space left in `folder` (torch's zip writer turns ENOSPC into a RuntimeError
     "unexpected pos" and drops the errno)."""

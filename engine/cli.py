@@ -29,12 +29,14 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fastdino.engine import config as C
+from fastdino.engine.checkpoint import DiskFullError, is_disk_full
 
 logger = logging.getLogger(__name__)
 
 EVAL_COMMANDS = ("knn", "linear", "attention", "export", "plot")
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
+EXIT_DISK_FULL = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,13 +109,20 @@ def main(argv=None) -> int:
     args.overrides = [*args.overrides, *extra]
     try:
         cfg = build_config(args)
+        check_output(Path(args.output))
     except ValueError as error:
         sys.stderr.write(f"fastdino: error: {error}\n")
         return EXIT_USAGE
     device, mesh = init_distributed()
     try:
         init_logging(mesh.get_rank() if mesh is not None else 0)
-        code = run_train(cfg, Path(args.output), device=device, mesh=mesh)
+        try:
+            code = run_train(cfg, Path(args.output), device=device, mesh=mesh)
+        except Exception as error:
+            if not is_disk_full(error, Path(args.output)):
+                raise
+            sys.stderr.write(f"fastdino: error: {disk_full_message(error, Path(args.output))}\n")
+            return EXIT_DISK_FULL
         if code == 0 and dist.is_initialized():
             # Leave together: a rank that tears gloo down while its peer still writes (rank 0 prints and writes
             # files after the last collective) can be aborted by gloo ("terminate called without an active
@@ -125,9 +134,30 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
+def check_output(output: Path) -> None:
+    """ValueError unless `output` is (or can be made) a folder this process can write in: said before any setup."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; give a folder (it is created if missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write_test.tmp{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to --output {output}: {error.strerror}") from None
+
+
+def disk_full_message(error: Exception, output: Path) -> str:
+    """One line: the disk is full, where, what is intact, and how to go on."""
+    what = error.strerror if isinstance(error, DiskFullError) else (
+        f"disk full: no space left on the filesystem of {output} ({str(error).splitlines()[0]})")
+    return f"{what}; free some space and rerun the same command to resume"
+
+
 def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: DeviceMesh | None) -> int:
     """Dataset, loader, trainer, resume (or fit a time budget), train, the evaluation and the statement at the end;
     returns the exit code."""
+    from fastdino.engine.backbone_io import remove_stale_tmp_files
     from fastdino.engine.train import NonFiniteLossError, Trainer
     from fastdino.pipelines import resolve_split
 
@@ -141,6 +171,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
         loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
         trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
         if rank == 0:
+            remove_stale_tmp_files(output)
             write_config(cfg, output)
         resumed = trainer.resume(loader)  # a time-budgeted run resumes with the step count it measured
         if cfg.minutes is not None and not resumed:
@@ -250,7 +281,7 @@ def evaluate_at_end(trainer, output: Path) -> dict:
     val = Path(resolve_split(cfg.data.path, "val"))
     images = sorted(p for p in val.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if val.is_dir() else []
     png = save_attention_png(trained, images[0], output / "attention.png") if images else None
-    trainer.metrics_writer().append({**row, "knn_top1_untrained": results["untrained"]["top1"]})
+    trainer.metrics_writer().replace({**row, "knn_top1_untrained": results["untrained"]["top1"]})
     print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "
           f"{results['untrained']['top1']:.1f}% -> trained {results['trained']['top1']:.1f}% "
           f"(top-5 {results['untrained']['top5']:.1f}% -> {results['trained']['top5']:.1f}%)")

@@ -1,0 +1,88 @@
+"""Mistakes a user can fix are one line on stderr with exit code 2, said before any work starts: an --output that
+is a file or on a read-only filesystem, and a random or truncated .safetensors / .pth as --checkpoint (never with
+torch's advice to load it with weights_only=False, which would run pickled code)."""
+import os
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastdino.engine.cli import main
+
+
+@pytest.fixture
+def fastdino(capsys):
+    """`fastdino ARGS` in this process (the errors come before any work): returncode and stderr."""
+    def run(*args):
+        code = main([str(a) for a in args])
+        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+    return run
+
+
+def _assert_one_line_error(proc, *expected):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for text in expected:
+        assert text in lines[0], proc.stderr
+
+
+def test_output_that_is_a_file(tmp_path, fastdino):
+    output = tmp_path / "run"
+    output.write_text("not a folder")
+    _assert_one_line_error(fastdino("train", "--output", output), f"--output {output} is a file")
+    _assert_one_line_error(fastdino("train", "--output", output / "sub"), "Not a directory")
+    assert output.read_text() == "not a folder"
+
+
+def test_output_on_a_read_only_filesystem(tmp_path, fastdino):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    # Root writes through file modes: mount a read-only tmpfs there, else a folder without write permission.
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs",
+                                                    str(read_only)], capture_output=True).returncode == 0
+    if not mounted:
+        if os.geteuid() == 0:
+            pytest.skip("root without mount: no way to make a folder read-only")
+        read_only.chmod(0o555)
+    try:
+        proc = fastdino("train", "--output", read_only / "run")
+        _assert_one_line_error(proc, f"cannot write to --output {read_only / 'run'}",
+                               "Read-only file system" if mounted else "Permission denied")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(read_only)], check=True)
+        read_only.chmod(0o755)
+
+
+def _random(path):
+    path.write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+                     .numpy().tobytes())
+
+
+def _truncated_safetensors(path):
+    from safetensors.torch import save_file
+
+    save_file({"pos_embed": torch.zeros(1, 5, 32), "patch_embed.proj.weight": torch.zeros(32, 3, 4, 4)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _truncated_pth(path):
+    torch.save({"pos_embed": torch.zeros(1, 5, 32)}, path)
+    path.write_bytes(path.read_bytes()[:700])
+
+
+@pytest.mark.parametrize("name, make", [
+    ("random.safetensors", _random), ("random.pth", _random), ("truncated.safetensors", _truncated_safetensors),
+    ("truncated.pth", _truncated_pth), ("empty.pth", lambda path: path.write_bytes(b"")),
+])
+@pytest.mark.parametrize("command", ["knn", "attention"])
+def test_unreadable_checkpoint(tmp_path, fastdino, name, make, command):
+    checkpoint = tmp_path / name
+    make(checkpoint)
+    extra = (["--data", tmp_path] if command == "knn" else
+             ["--image", tmp_path / "x.png", "--output", tmp_path / "out.png"])
+    proc = fastdino(command, "--checkpoint", checkpoint, *extra)
+    _assert_one_line_error(proc, f"cannot read checkpoint {checkpoint}", "truncated or corrupt")
+    assert "weights_only" not in proc.stderr
