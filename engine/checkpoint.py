@@ -41,12 +41,18 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 CHECKSUMS = "SHA256SUMS"
+# State keys whose tensors a resume must find in the checkpoint with the same shapes (the rest is per-rank state).
+MATCHED_KEYS = ("student.", "teacher.", "loss.", "optimizer.")
 # A write that failed with less than this left on its filesystem failed because the disk is full.
 _FULL_BELOW_BYTES = 1 << 20
 
 
 class CorruptCheckpointError(ValueError):
     """Checkpoints exist but none is intact: resuming from none of them, or starting afresh, would be wrong."""
+
+
+class ShapeMismatchError(ValueError):
+    """The model or optimizer being resumed has other tensors or shapes than the checkpoint's."""
 
 
 class DiskFullError(OSError):
@@ -189,11 +195,19 @@ class Checkpointer:
         return [p for p in found if p.name < oldest_kept.name]
 
     def load(self, path: Path, state: dict) -> None:
-        """Load checkpoint `path` into `state` in place. Keys absent from the checkpoint keep their values (a
-        run resumed on another number of ranks finds no RNG state for its new ranks)."""
-        with self._single_process_is_intended():
-            dcp.load(state, checkpoint_id=str(path), process_group=self.process_group,
-                     no_dist=not self.distributed, planner=DefaultLoadPlanner(allow_partial_load=True))
+        """Load checkpoint `path` into `state` in place. The tensors of MATCHED_KEYS must match the checkpoint's
+        one for one, in name and shape (ShapeMismatchError before anything changes, naming them); other keys
+        absent from the checkpoint keep their values (a run resumed on another number of ranks finds no RNG state
+        for its new ranks)."""
+        try:
+            with self._single_process_is_intended():
+                dcp.load(state, checkpoint_id=str(path), process_group=self.process_group,
+                         no_dist=not self.distributed, planner=_MatchingLoadPlanner())
+        except dcp.api.CheckpointException as error:  # raised on every rank when one rank's planning failed
+            mismatch = [f[0] for f in error.failures.values() if isinstance(f[0], ShapeMismatchError)]
+            if mismatch:
+                raise ShapeMismatchError(f"cannot resume from {path}: {mismatch[0]}") from None
+            raise
         logger.info("resumed from checkpoint %s", path)
 
     def _remove_unfinished(self) -> None:
@@ -225,6 +239,34 @@ class Checkpointer:
         gathered = [None] * dist.get_world_size(self.process_group)
         dist.all_gather_object(gathered, value, group=self.process_group)
         return gathered
+
+
+class _MatchingLoadPlanner(DefaultLoadPlanner):
+    """Partial loads for per-rank values only: the model, optimizer and loss tensors must match the checkpoint's
+    (DCP's partial load would leave a deeper model's new blocks at their random initial values)."""
+
+    def __init__(self):
+        super().__init__(allow_partial_load=True)
+
+    def create_local_plan(self):
+        stored = {k: v for k, v in self.metadata.state_dict_metadata.items() if k.startswith(MATCHED_KEYS)}
+        here = {k: v for k, v in self.state_dict.items() if k.startswith(MATCHED_KEYS)}
+        problems = {k: f"{k} is not in the checkpoint" for k in set(here) - set(stored)}
+        problems |= {k: f"{k} is in the checkpoint only" for k in set(stored) - set(here)}
+        for key in set(here) & set(stored):
+            size = getattr(stored[key], "size", None)
+            if size is not None and torch.is_tensor(here[key]) and tuple(size) != tuple(here[key].shape):
+                problems[key] = f"{key} has shape {list(size)} in the checkpoint, {list(here[key].shape)} here"
+        # The model's tensors first: they say what changed; the optimizer's follow from them.
+        problems = [problems[k] for k in sorted(problems, key=lambda k: (_prefix_rank(k), k))]
+        if problems:
+            raise ShapeMismatchError(f"the model or optimizer differs from the checkpoint's ({len(problems)} "
+                                     f"tensors): {'; '.join(problems[:3])}" + ("; ..." if len(problems) > 3 else ""))
+        return super().create_local_plan()
+
+
+def _prefix_rank(key: str) -> int:
+    return next(i for i, prefix in enumerate(MATCHED_KEYS) if key.startswith(prefix))
 
 
 def _sha256(path: Path) -> str:

@@ -165,15 +165,16 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
     try:
         cfg = with_dataset(cfg, rank)
+        check_resumable(cfg, output)
         train_split = resolve_split(cfg.data.path, "train")
         if cfg.eval.at_end:
             _check_val_split(cfg.data.path)
         loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
         trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
-        if rank == 0:
+        resumed = trainer.resume(loader)  # a time-budgeted run resumes with the step count it measured
+        if rank == 0:  # only once the checkpoint fits: a refused resume leaves the run's config.json as it was
             remove_stale_tmp_files(output)
             write_config(cfg, output)
-        resumed = trainer.resume(loader)  # a time-budgeted run resumes with the step count it measured
         if cfg.minutes is not None and not resumed:
             trainer.fit_to_budget(loader, deadline=started + 60 * cfg.minutes)
     except ValueError as error:
@@ -240,25 +241,36 @@ def _check_val_split(path: str) -> None:
                          f"without the final evaluation") from None
 
 
-def write_config(cfg: C.TrainConfig, output: Path) -> None:
-    """DIR/config.json; a resumed run with other settings than the stored ones says which."""
+def check_resumable(cfg: C.TrainConfig, output: Path) -> None:
+    """ValueError naming the settings that differ from the run's config.json when `output` holds a checkpoint and
+    they may not change on resume (config.MAY_CHANGE_ON_RESUME); the ones that may are logged. Checkpoint.load
+    checks the tensor shapes too, so a run without its config.json is not resumed wrong either."""
+    from fastdino.engine.checkpoint import Checkpointer
+
     path = output / "config.json"
-    new = C.to_dict(cfg)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(_flat_diff(old, new) - {"max_steps"})  # a larger max_steps is how a run is resumed
-        if changed:
-            logger.warning("config differs from the stored %s in: %s", path, ", ".join(changed))
+    if not path.is_file() or not Checkpointer(output / "checkpoints", keep_last=1).checkpoints():
+        return
+    changes = C.config_changes(json.loads(path.read_text()), C.to_dict(cfg))
+    refused = {key: change for key, change in changes.items() if not C.may_change_on_resume(key)}
+    if refused:
+        raise ValueError(
+            f"cannot resume {output} with other settings than it was trained with: "
+            + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            + f". Rerun with the settings of {path}, or train into a new --output. Only "
+            + ", ".join(f"{k}*" if k.endswith(".") else k for k in C.MAY_CHANGE_ON_RESUME)
+            + " may change on resume")
+    if changes:
+        logger.info("resuming with changed settings: %s",
+                    ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
+
+
+def write_config(cfg: C.TrainConfig, output: Path) -> None:
+    """DIR/config.json, written atomically."""
+    path = output / "config.json"
     output.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps(new, indent=2) + "\n")
+    tmp.write_text(json.dumps(C.to_dict(cfg), indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _flat_diff(old, new, prefix: str = "") -> set[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return set().union(*(_flat_diff(old.get(k), new.get(k), f"{prefix}{k}.") for k in set(old) | set(new)))
-    return set() if old == new else {prefix.rstrip(".")}
 
 
 def evaluate_at_end(trainer, output: Path) -> dict:

@@ -274,6 +274,27 @@ class TrainConfig:
                f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}")
 
 
+# Settings a resumed run may change (prefixes of dotted keys): when to stop, how often to log, evaluate and save,
+# where the data lies and how many workers read it, and how the run maps onto the hardware (the checkpoint reshards).
+# Any other difference from the run's config.json would resume silently wrong (new random blocks, other schedules,
+# another loss), so it is refused.
+MAY_CHANGE_ON_RESUME = ("max_steps", "log_every", "eval.", "checkpoint.", "data.path", "data.num_workers",
+                        "parallel.", "model.attention", "loss.impl", "max_nonfinite_in_a_row")
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every leaf where two `to_dict` trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {key: change for k in sorted(set(old) | set(new))
+                for key, change in config_changes(old.get(k), new.get(k), f"{prefix}{k}.").items()}
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+               for allowed in MAY_CHANGE_ON_RESUME)
+
+
 # ---------------------------------------------------------------------------------------------------- presets
 
 def vit_small16_imagenet() -> TrainConfig:
