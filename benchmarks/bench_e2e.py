@@ -2,7 +2,7 @@
 utilisation (MFU) and peak memory, one row per (model, batch, data source, provider).
 
 Providers:
-- official: benchmarks/official_dino.py, the official main_dino.py step restated (naive softmax(QKᵀ) attention, the
+- official: fastdino/official_dino.py, the official main_dino.py step restated (naive softmax(QKᵀ) attention, the
   backbone once per resolution, weight_norm head, per-pair loss loop, per-parameter EMA loop, fp16 autocast +
   GradScaler as its default, per-tensor clipping with host syncs). tests/test_official_baseline.py checks that it
   computes what fastdino computes. It should land near the official code's own figures on the H100
@@ -55,12 +55,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-import official_dino
 from bench_pipeline import batches_forever, official_loader, write_jpegs
 from bench_train_step import config as train_step_config
 from common import Table, base_parser, measure_ms, print_header
+from fastdino import official_dino
 from fastdino.engine import config as C
-from fastdino.engine.train import Trainer, build_model
+from fastdino.engine.model import build_model
+from fastdino.engine.train import Trainer
 
 PROVIDERS = ("official", "fastdino", "fastdino-compile")
 SOURCES = ("device", "jpeg")

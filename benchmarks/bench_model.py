@@ -24,7 +24,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import Table, base_parser, measure_ms, peak_memory_gib, print_header
-from fastdino.engine.head import DINOHead, DINOModel
+from fastdino.engine.head import DINOHead
+from fastdino.engine.model import DINOModel
 from fastdino.engine.vit import build_backbone
 
 SDPA_KERNELS = {

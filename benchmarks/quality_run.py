@@ -4,7 +4,7 @@ k-NN accuracy (k=20, T=0.07) of the teacher on the validation split against minu
 Providers (one or more per invocation; the wall clock of each is its own):
 - fastdino: `fastdino.engine.train.Trainer` fed by `fastdino.pipelines.build_loader` (DALI on the GPU when it is
   installed, else the torchvision fallback; the log says which).
-- official: benchmarks/official_dino.py (the official main_dino.py step) fed by the official PIL/torchvision
+- official: fastdino/official_dino.py (the official main_dino.py step) fed by the official PIL/torchvision
   DataLoader (bench_pipeline.official_loader), i.e. what running the official code gives.
 - official-fastdata: the official step fed by fastdino's loader, to separate the step from the data pipeline.
 

@@ -2,7 +2,7 @@
 
     fastdino train --output DIR [--max-steps N] [--minutes M] [--data PATH] [--preset P] [--config FILE.yaml]
                    [key=value ...]
-    torchrun --nproc_per_node=N -m fastdino.engine.train ...   (the same arguments)
+    torchrun --nproc_per_node=N -m fastdino train ...   (the same arguments)
 
 The config is the preset, then the YAML file, then `--data` / `--max-steps` / `--minutes`, then the
 `section.key=value` overrides (config.py). A bad value or unknown key is one line on stderr and exit code 2.
@@ -158,6 +158,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     """Dataset, loader, trainer, resume (or fit a time budget), train, the evaluation and the statement at the end;
     returns the exit code."""
     from fastdino.engine.backbone_io import remove_stale_tmp_files
+    from fastdino.engine.budget import fit_to_budget
     from fastdino.engine.train import NonFiniteLossError, Trainer
     from fastdino.pipelines import resolve_split
 
@@ -176,7 +177,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
             remove_stale_tmp_files(output)
             write_config(cfg, output)
         if cfg.minutes is not None and not resumed:
-            trainer.fit_to_budget(loader, deadline=started + 60 * cfg.minutes)
+            fit_to_budget(trainer, loader, deadline=started + 60 * cfg.minutes)
     except ValueError as error:
         sys.stderr.write(f"fastdino: error: {error}\n")
         return EXIT_USAGE
@@ -276,7 +277,8 @@ def write_config(cfg: C.TrainConfig, output: Path) -> None:
 def evaluate_at_end(trainer, output: Path) -> dict:
     """k-NN of the trained teacher and of the untrained network (same seed), an attention-map PNG, a metrics row.
     Collective under torch.distributed (every rank extracts the features of its shard)."""
-    from fastdino.engine.train import build_model, initial_state, knn_accuracy
+    from fastdino.engine.eval import knn_accuracy
+    from fastdino.engine.model import build_model, initial_state
     from fastdino.engine.visualize import save_attention_png
     from fastdino.pipelines import resolve_split
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from fastdino.engine.backbone_io import atomic_write
+from fastdino.engine.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,17 @@ def knn_evaluate(backbone, data_path, *, image_size: int = 224, ks=(20,), temper
     (train_feats, train_labels), (val_feats, val_labels) = features["train"], features["val"]
     return knn_classify(train_feats, train_labels, val_feats, val_labels, ks=ks, temperature=temperature,
                         num_classes=len(classes))
+
+
+def knn_accuracy(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """k-NN top-1 / top-5 (%) of a frozen backbone on a run's dataset's val split with the eval section's k,
+    temperature and batch size. Collective under torch.distributed (each rank embeds its shard). Leaves the global
+    RNG as it was: the eval loaders draw from it, and an evaluation during training must not change the training."""
+    e = cfg.eval
+    with torch.random.fork_rng(devices=[]):
+        return knn_evaluate(backbone.to(device).eval(), cfg.data.path, image_size=cfg.model.img_size,
+                            ks=(e.knn_k,), temperature=e.knn_temperature, batch_size=e.batch_size, device=device,
+                            num_workers=cfg.data.num_workers)[e.knn_k]
 
 
 def export_features(backbone, data_path, output, *, splits=("train", "val"), pooling: str = "cls",

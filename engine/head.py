@@ -1,4 +1,4 @@
-"""DINO projection head and the backbone + head multi-crop model (Caron et al. 2021, Sec. 3.1 and App. C).
+"""DINO projection head (Caron et al. 2021, Sec. 3.1 and App. C).
 
 `DINOHead` is the official head (facebookresearch/dino: vision_transformer.py, DINOHead): an MLP to a
 bottleneck, L2 normalisation, and a weight-normalised linear layer to K prototypes. The official code wraps
@@ -102,23 +102,6 @@ class DINOHead(nn.Module):
         """Drop the last layer's gradients (DINO freezes it for the first epochs); the trainer decides when."""
         for param in self.last_layer.parameters():
             param.grad = None
-
-
-class DINOModel(nn.Module):
-    """Backbone + head over all crops in one pass, like DINO's MultiCropWrapper (same `backbone.`/`head.` keys)."""
-
-    def __init__(self, backbone: nn.Module, head: DINOHead):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def init_weights(self) -> None:
-        self.backbone.init_weights()
-        self.head.init_weights()
-
-    def forward(self, crops: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Crops [(B, C, H, W)] * V -> (V*B, K), in crop order."""
-        return self.head(self.backbone(crops))
 
 
 def convert_official_head(

@@ -8,7 +8,7 @@ the official code steps it once per epoch, here it moves every step).
 
 Nothing here holds state: a resumed run asks for step k and gets what the uninterrupted run got. The schedules
 span `total_steps`; `epochs * steps_per_epoch` by default, or any other count (e.g. from a time budget,
-`steps_in_budget`). Warmups keep their length in epochs of the dataset; one longer than the whole run is scaled
+budget.py). Warmups keep their length in epochs of the dataset; one longer than the whole run is scaled
 down to the share of the run it has in the configured epochs, with a warning.
 """
 import logging
@@ -114,12 +114,3 @@ class Schedules:
             teacher_temp=linear_warmup(*self.teacher_temp, step, self.teacher_temp_warmup_steps),
             freeze_last_layer=step < self.freeze_last_layer_steps,
         )
-
-
-def steps_in_budget(seconds: float, step_seconds: float, *, knn_seconds: float = 0.0, knn_every_steps: int = 0,
-                    end_knn_passes: int = 0) -> int:
-    """How many training steps fit in `seconds` when a step takes `step_seconds` and a k-NN pass `knn_seconds`,
-    with a pass every `knn_every_steps` steps (0: none) and `end_knn_passes` passes after the last step.
-    Counting a pass per `knn_every_steps` steps errs on the short side by at most one pass."""
-    seconds_per_step = step_seconds + (knn_seconds / knn_every_steps if knn_every_steps else 0.0)
-    return max(math.floor((seconds - end_knn_passes * knn_seconds) / seconds_per_step), 0)

@@ -1,38 +1,32 @@
 """The DINO training loop: `Trainer` builds student, teacher, loss and optimizer; `train_step` is the algorithm;
 `train` runs steps, logs, checkpoints and resumes. Launch with `fastdino train ...` or
-`torchrun --nproc_per_node=N -m fastdino.engine.train ...` (same arguments; see cli.py).
+`torchrun --nproc_per_node=N -m fastdino train ...` (see cli.py).
 
 Build order (torchtitan): student and teacher on the meta device -> parallelize (parallelize.py) -> `to_empty` ->
-the student takes the initial weights -> the teacher copies the student -> optimizer. The initial weights come
-from one unsharded CPU model seeded with `cfg.seed` (`initial_state`), so they do not depend on the number of
-ranks (DTensor random init on the CPU draws the same values on every shard) and the untrained baseline of the
-k-NN evaluation is exactly the network training started from.
+the student takes the run's initial weights (model.py: `initial_state`) -> the teacher copies the student ->
+optimizer.
 
 No host-device sync inside a step. Loss, gradient norm and counters stay on the device (`StepStats`); a step
 with a non-finite gradient norm is skipped by the fused AdamW's `found_inf` flag, with the teacher momentum set to 1
 and the loss center restored, so it changes nothing but the counters. The host reads them every `log_every`
 steps and stops the run after `max_nonfinite_in_a_row` skipped steps in a row.
 
-With a time budget (`minutes`), `fit_to_budget` times a few real steps (and a k-NN pass when k-NN runs), undoes
-them, and makes the schedules span the steps that fit; the count is stored in every checkpoint, so a resumed run
-keeps it. With `eval.knn_every_epochs`, the loop runs a k-NN of the teacher on the val split every that many
-epochs and at the last step; its time counts neither as training time nor in the throughput.
+With a time budget (`minutes`), budget.py's `fit_to_budget` sets the number of steps before training starts; the
+count is stored in every checkpoint, so a resumed run keeps it. With `eval.knn_every_epochs`, the loop runs a k-NN
+of the teacher on the val split every that many epochs and at the last step; its time counts neither as training
+time nor in the throughput.
 """
 import contextlib
-import itertools
 import logging
-import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
 from fastdino.engine.config import TrainConfig
-from fastdino.engine.head import DINOHead, DINOModel
+from fastdino.engine.eval import knn_accuracy
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.metrics import (
     CollapseWatch,
@@ -49,44 +43,15 @@ from fastdino.engine.parallelize import (
     resolve_mode,
     resolve_precision,
 )
-from fastdino.engine.schedules import Schedules, steps_in_budget
-from fastdino.engine.vit import create_model
+from fastdino.engine.model import build_model, initial_state
+from fastdino.engine.schedules import Schedules
 from fastdino.kernels import ema_update_
 
 logger = logging.getLogger(__name__)
 
-# A time budget is resolved from steps timed after a few untimed ones: allocations, autotuning and the loader's
-# start make the first steps slow.
-CALIBRATION_WARMUP_STEPS = 2
-CALIBRATION_STEPS = 5
-
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel:
-    """Backbone + head from the config (parameters created, not initialised: build under `torch.device("meta")`
-    or call `init_weights()`). The teacher has no stochastic depth."""
-    overrides = {k: getattr(cfg.model, k) for k in ("embed_dim", "depth", "num_heads") if getattr(cfg.model, k)}
-    # The registry's patch-8 and patch-16 entries differ only in patch_size, which is passed explicitly.
-    backbone = create_model(f"{cfg.model.arch}_patch16", patch_size=cfg.model.patch_size, img_size=cfg.model.img_size,
-                            drop_path_rate=cfg.model.drop_path_rate if student else 0.0,
-                            attention=cfg.model.attention, pos_embed_resample=cfg.model.pos_embed_resample,
-                            **overrides)
-    h = cfg.head
-    head = DINOHead(backbone.embed_dim, h.out_dim, use_bn=h.use_bn, norm_last_layer=h.norm_last_layer,
-                    nlayers=h.nlayers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim)
-    return DINOModel(backbone, head)
-
-
-def initial_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The run's initial weights: a full CPU DINOModel initialised from `cfg.seed`, the same on every rank."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, student=True)
-        model.init_weights()
-    return model.state_dict()
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
@@ -97,19 +62,6 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
         exempt = name.endswith(".bias") or param.ndim <= 1
         (no_decay if exempt else decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def knn_accuracy(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """k-NN top-1 / top-5 (%) of a frozen backbone on the dataset's val split with the eval section's k,
-    temperature and batch size. Collective under torch.distributed (each rank embeds its shard). Leaves the global
-    RNG as it was: the eval loaders draw from it, and an evaluation during training must not change the training."""
-    from fastdino.engine.eval import knn_evaluate
-
-    e = cfg.eval
-    with torch.random.fork_rng(devices=[]):
-        return knn_evaluate(backbone.to(device).eval(), cfg.data.path, image_size=cfg.model.img_size,
-                            ks=(e.knn_k,), temperature=e.knn_temperature, batch_size=e.batch_size, device=device,
-                            num_workers=cfg.data.num_workers)[e.knn_k]
 
 
 class Trainer:
@@ -127,7 +79,7 @@ class Trainer:
                              f"processes ({self.world_size})")
         torch.manual_seed(cfg.seed + self.rank)  # stochastic depth differs between ranks, as in DINO
         self.steps_per_epoch = steps_per_epoch
-        self.set_total_steps(cfg.epochs * steps_per_epoch)  # a time budget replaces it in fit_to_budget
+        self.set_total_steps(cfg.epochs * steps_per_epoch)  # a time budget replaces it (budget.py)
         self.knn_every_steps = self._knn_every_steps()
 
         self.student, self.teacher = self._build_models()
@@ -144,7 +96,7 @@ class Trainer:
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
         self.step = 0
-        self._resumed_rng = None  # (cpu, cuda) RNG states applied before the next step (resume, fit_to_budget)
+        self.next_step_rng = None  # (cpu, cuda) RNG states set right before the next step (resume, time budget)
         self.trained_seconds = 0.0  # training wall time of the earlier runs of this output folder
         self.untrained_knn: dict | None = None  # k-NN of the initial weights when the time budget measured it
         self.throughput: Throughput | None = None  # the clock of the running `train`
@@ -267,7 +219,7 @@ class Trainer:
                 loader.set_epoch(self.epoch)
             start = self.step
             for crops in loader:
-                self._restore_rng()
+                self.restore_rng()
                 self.train_step(crops)
                 if self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps:
                     rows.append(self._log(writer, collapse, self.throughput))
@@ -322,78 +274,13 @@ class Trainer:
         backbone.load_state_dict(full_backbone_state_dict(self.teacher, rank=self.rank, everywhere=True))
         return backbone
 
-    # ------------------------------------------------------------------------------------------ time budget
-
-    def fit_to_budget(self, loader, deadline: float) -> None:
-        """Make the schedules span the steps that fit before `deadline` (a `time.perf_counter()` value): time
-        real steps on `loader`'s batches and undo them (the run is then the very run given that many steps), time
-        a k-NN pass when k-NN runs during or after training, and take the smallest count over the ranks."""
-        snapshot = _Snapshot(self, loader)
-        batches = _endless(loader)
-        first_batch = next(batches)
-        # Creating the loader's iterator may draw from the global RNG (torch's DataLoader does, once per iterator,
-        # or once in all with persistent workers): the run's first step starts from the state it has here.
-        first_step_rng = _rng_states(self.device)
-        step_seconds = self._time_steps(itertools.chain([first_batch], batches))
-        batches.close()
-        snapshot.restore()
-        self._resumed_rng = first_step_rng
-        # The evaluation at the end is estimated, not a fixed fraction: one k-NN pass as long as the timed one,
-        # since every pass embeds the same images (the timed pass is the untrained network's, which the evaluation
-        # at the end reuses); its attention map is cheap.
-        end_knn_passes = int(self.cfg.eval.at_end or self.knn_every_steps > 0)
-        knn_seconds = self._time_knn_pass() if end_knn_passes else 0.0
-        seconds_left = deadline - time.perf_counter()
-        total_steps = self._min_over_ranks(steps_in_budget(seconds_left, step_seconds, knn_seconds=knn_seconds,
-                                                           knn_every_steps=self.knn_every_steps,
-                                                           end_knn_passes=end_knn_passes))
-        if total_steps < 1:
-            raise ValueError(f"a time budget of {self.cfg.minutes:g} min leaves no time to train: "
-                             f"{seconds_left:.1f} s are left after the start, a step takes {step_seconds:.3f} s and "
-                             f"a k-NN pass {knn_seconds:.1f} s; raise --minutes")
-        self.set_total_steps(total_steps)
-        logger.info("time budget %g min: step %.3f s measured over %d steps -> %d steps (%.2f epochs)",
-                    self.cfg.minutes, step_seconds, CALIBRATION_STEPS, total_steps,
-                    total_steps / self.steps_per_epoch)
-
-    def _time_steps(self, batches) -> float:
-        """Seconds per training step over the iterator `batches`, after CALIBRATION_WARMUP_STEPS untimed ones."""
-        for _ in range(CALIBRATION_WARMUP_STEPS):
-            self.train_step(next(batches))
-        self._synchronize()
-        start = time.perf_counter()
-        for _ in range(CALIBRATION_STEPS):
-            self.train_step(next(batches))
-        self._synchronize()
-        return (time.perf_counter() - start) / CALIBRATION_STEPS
-
-    def _time_knn_pass(self) -> float:
-        start = time.perf_counter()
-        row = self.evaluate_knn(self.teacher_backbone())  # the teacher still holds the initial weights
-        seconds = time.perf_counter() - start
-        self.untrained_knn = {"top1": row["knn_top1"], "top5": row["knn_top5"]}
-        logger.info("one k-NN pass takes %.1f s (untrained network: top-1 %.1f%%)", seconds, row["knn_top1"])
-        return seconds
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _min_over_ranks(self, value: int) -> int:
-        """The smallest `value` over the ranks, so that every rank runs the same schedules."""
-        if self.mesh is None:
-            return value
-        smallest = torch.tensor(value, device=self.device)
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=self.mesh.get_group())
-        return int(smallest)
-
-    def _restore_rng(self) -> None:
-        """Set the RNG states loaded from a checkpoint (or taken by fit_to_budget), once, right before the next
+    def restore_rng(self) -> None:
+        """Set `next_step_rng` (loaded from a checkpoint, or taken by the time budget), once, right before the next
         step: creating the loader's iterator may draw from the global RNG (torch's DataLoader does), which an
         uninterrupted run does not do at this point."""
-        if self._resumed_rng is not None:
-            _set_rng_states(self._resumed_rng, self.device)
-            self._resumed_rng = None
+        if self.next_step_rng is not None:
+            set_rng_states(self.next_step_rng, self.device)
+            self.next_step_rng = None
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint.every_steps
@@ -466,6 +353,9 @@ class Trainer:
         if latest is None:
             return False
         checkpointer.load(latest, self.checkpoint_state(loader))
+        if self.cfg.minutes is not None:
+            logger.info("time budget %g min: the schedules keep the %d steps measured when the run started",
+                        self.cfg.minutes, self.schedules.total_steps)
         return True
 
     def export_teacher_backbone(self) -> Path | None:
@@ -490,7 +380,7 @@ class _TrainState:
 
     def state_dict(self) -> dict:
         t = self.trainer
-        rng_cpu, rng_cuda = _rng_states(t.device)
+        rng_cpu, rng_cuda = rng_states(t.device)
         per_rank = {"rng_cpu": rng_cpu, "stats": t.stats.values}
         if rng_cuda is not None:
             per_rank["rng_cuda"] = rng_cuda
@@ -506,68 +396,27 @@ class _TrainState:
         t.trained_seconds = state["trained_seconds"]
         if t.cfg.minutes is not None:
             t.set_total_steps(state["total_steps"])
-            logger.info("time budget %g min: the schedules keep the %d steps measured when the run started",
-                        t.cfg.minutes, state["total_steps"])
         if state["world_size"] != t.world_size:
             logger.warning("checkpoint was written by %d processes, resuming on %d: RNG states start afresh",
                            state["world_size"], t.world_size)
             return
         per_rank = state[f"rank{t.rank}"]
-        t._resumed_rng = (per_rank["rng_cpu"], per_rank.get("rng_cuda"))
+        t.next_step_rng = (per_rank["rng_cpu"], per_rank.get("rng_cuda"))
         t.stats.load_state_dict({"values": per_rank["stats"]})
         if t.loss_scale:
             t.loss_scale.load_state_dict(per_rank["loss_scale"])
 
 
-class _Snapshot:
-    """What training steps change in a Trainer and its loader, put back by `restore`. Tensors changed in place
-    are copied, and copied back into the same tensors (the optimizer and the parallel wrappers hold them);
-    values that a step replaces are kept by reference."""
-
-    def __init__(self, trainer: Trainer, loader):
-        t = self.trainer = trainer
-        self.loader, self.loader_state = loader, loader.state_dict()
-        optimizer_tensors = [v for state in t.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-        in_place = [*t.student.parameters(), *t.student.buffers(), *t.teacher.parameters(), *t.teacher.buffers(),
-                    t.loss_fn.center, *optimizer_tensors]
-        self.copies = [(tensor, tensor.detach().clone()) for tensor in in_place]
-        self.groups = [{k: v for k, v in group.items() if k != "params"} for group in t.optimizer.param_groups]
-        self.step, self.stats, self.found_inf = t.step, t.stats.values, t.optimizer.found_inf
-        self.entropy = t.loss_fn.last_teacher_entropy
-        self.loss_scale = t.loss_scale.state_dict() if t.loss_scale else None
-        self.rng = _rng_states(t.device)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        t = self.trainer
-        for tensor, copy in self.copies:
-            tensor.copy_(copy)
-        for group, saved in zip(t.optimizer.param_groups, self.groups):
-            group.update(saved)
-        t.step, t.stats.values, t.optimizer.found_inf = self.step, self.stats, self.found_inf
-        t.loss_fn.last_teacher_entropy = self.entropy
-        if t.loss_scale:
-            t.loss_scale.load_state_dict(self.loss_scale)
-        _set_rng_states(self.rng, t.device)
-        self.loader.load_state_dict(self.loader_state)
-
-
-def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The global CPU RNG state, and `device`'s when it is a GPU."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+def set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
     cpu, cuda = states
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
-
-
-def _endless(loader):
-    """`loader`'s batches from its current position on, across epochs."""
-    while True:
-        yield from loader
 
 
 class _PerRank:
@@ -584,12 +433,10 @@ class _PerRank:
             self.obj.load_state_dict(state[f"rank{self.rank}"])
 
 
-def main(argv=None) -> int:
-    """`torchrun ... -m fastdino.engine.train ARGS` = `fastdino train ARGS`."""
-    from fastdino.engine.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `torchrun ... -m fastdino.engine.train ARGS`, the older launch line, hands this process over to
+    # `python -m fastdino train ARGS`: importing cli.py here would make this module depend on its own caller.
+    import os
+    import sys
+
+    os.execv(sys.executable, [sys.executable, "-m", "fastdino", "train", *sys.argv[1:]])

@@ -56,6 +56,14 @@ def test_config_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("launcher", [("-m", "fastdino"), ("-m", "fastdino.engine.train")])
+def test_the_module_launch_lines_run_the_train_command(tmp_path, launcher):
+    """`python -m fastdino ARGS` and the older `-m fastdino.engine.train ARGS` (train implied) are `fastdino ARGS`."""
+    args = ["--output", tmp_path / "run", "optim.lr=1"]
+    proc = fastdino(*(["train", *args] if launcher == ("-m", "fastdino") else args), launcher=launcher)
+    assert proc.returncode == 2 and "unknown config key 'optim.lr'" in proc.stderr, proc.stderr
+
+
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path, tiny_dataset):
     run = tmp_path / "run"
@@ -76,7 +84,7 @@ def test_tiny_run_end_to_end(tmp_path, tiny_dataset):
 @pytest.mark.slow
 def test_torchrun_launches_two_processes(tmp_path, tiny_dataset):
     run = tmp_path / "run"
-    proc = fastdino("--standalone", "--nproc_per_node=2", "-m", "fastdino.engine.train", "--output", run, "--data",
+    proc = fastdino("--standalone", "--nproc_per_node=2", "-m", "fastdino", "train", "--output", run, "--data",
                     tiny_dataset, *TINY_CLI, "--max-steps", "2", launcher=("-m", "torch.distributed.run"))
     assert proc.returncode == 0, proc.stderr
     assert "mode fsdp, precision fp32, 2 process(es)" in proc.stderr

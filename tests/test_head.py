@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from _helpers import assert_close
-from fastdino.engine.head import DINOHead, DINOModel, convert_official_head
+from fastdino.engine.head import DINOHead, convert_official_head
+from fastdino.engine.model import DINOModel
 from fastdino.engine.vit import VisionTransformer
-from official_dino import DINOHead as OfficialDINOHead
+from fastdino.official_dino import DINOHead as OfficialDINOHead
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4)}
 SMALL = dict(out_dim=37, hidden_dim=24, bottleneck_dim=16)  # odd K on purpose

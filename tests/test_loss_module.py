@@ -8,7 +8,7 @@ from _helpers import assert_close
 
 from fastdino.engine.loss import TEACHER_NORMS, DINOLoss, sinkhorn_knopp_teacher
 from fastdino.kernels.reference import dino_loss_ref
-from official_dino import DINOLoss as OfficialDINOLoss
+from fastdino.official_dino import DINOLoss as OfficialDINOLoss
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4)}
 IMPLS = ["torch", "triton"]

@@ -1,4 +1,4 @@
-"""The benchmarks' baseline (benchmarks/official_dino.py, the official DINO step restated) computes what fastdino
+"""The benchmarks' baseline (fastdino/official_dino.py, the official DINO step restated) computes what fastdino
 computes, so that bench_e2e.py and quality_run.py compare speed and accuracy on the same math:
 its DINOLoss gives fastdino's DINOLoss(impl="torch") loss, gradient and center; its ViT with the same weights gives
 fastdino's CLS features; a whole official step and a fastdino Trainer step take the same weights to the same place;
@@ -10,12 +10,14 @@ which the paper preset sets; both are pinned here. The weight-decay groups are t
 """
 import importlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from _helpers import assert_close
 from timm.layers import resample_abs_pos_embed
 
+from fastdino import official_dino as od
 from fastdino.engine import config as C
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.train import Trainer, param_groups
@@ -26,9 +28,11 @@ TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
 
 
 @pytest.fixture(scope="module")
-def benchmarks():
-    """The benchmark scripts' modules (benchmarks/ is on sys.path, see conftest.py)."""
-    return {name: importlib.import_module(name) for name in ("official_dino", "bench_e2e")}
+def bench_e2e():
+    """The bench_e2e.py script as a module; it imports its sibling scripts by name, as when it is run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        yield importlib.import_module("bench_e2e")
 
 
 def timm_resampling(backbone) -> None:
@@ -44,8 +48,7 @@ def timm_resampling(backbone) -> None:
 
 
 @pytest.mark.parametrize("batch, ncrops, out_dim", [(3, 4, 257), (1, 2, 64)])
-def test_loss_gradient_and_center_match_fastdino(benchmarks, batch, ncrops, out_dim):
-    od = benchmarks["official_dino"]
+def test_loss_gradient_and_center_match_fastdino(batch, ncrops, out_dim):
     official = od.DINOLoss(out_dim, ncrops, 0.04, 0.07, 3, 10)
     ours = DINOLoss(out_dim, ncrops, 0.04, 0.07, 3, 10, impl="torch")
     center = torch.randn(1, out_dim)
@@ -63,8 +66,7 @@ def test_loss_gradient_and_center_match_fastdino(benchmarks, batch, ncrops, out_
 
 
 @pytest.mark.parametrize("resample", ["dino", "timm"])
-def test_vit_gives_fastdino_cls_features(benchmarks, resample):
-    od = benchmarks["official_dino"]
+def test_vit_gives_fastdino_cls_features(resample):
     official = od.vit("vit_tiny", 8, img_size=32, **TINY_VIT).eval()
     ours = create_model("vit_tiny_patch16", patch_size=8, img_size=32, attention="sdpa", pos_embed_resample=resample,
                         **TINY_VIT).eval()
@@ -98,13 +100,12 @@ def tiny_config() -> C.TrainConfig:
     )
 
 
-def test_whole_step_matches_fastdino_trainer(benchmarks):
+def test_whole_step_matches_fastdino_trainer(bench_e2e):
     """Three steps (two with the last layer frozen, one without) from the same weights on the same crops."""
-    od = benchmarks["official_dino"]
     cfg = tiny_config()
     steps_per_epoch = 2
     trainer = Trainer(cfg, steps_per_epoch, device=torch.device("cpu"))
-    run = od.build(benchmarks["bench_e2e"].official_args(cfg, use_fp16=False), steps_per_epoch, "cpu")
+    run = od.build(bench_e2e.official_args(cfg, use_fp16=False), steps_per_epoch, "cpu")
     missing, unexpected = run.student.load_state_dict(trainer.model.state_dict(), strict=False)
     assert missing == ["head.last_layer.weight_g"] and not unexpected  # the official fixed gain, 1
     run.teacher.load_state_dict(run.student.state_dict())
@@ -129,26 +130,24 @@ def test_whole_step_matches_fastdino_trainer(benchmarks):
     assert_close(trainer.loss_fn.center, run.dino_loss.center, **TOL[torch.float32], name="center")
 
 
-def test_weight_decay_groups_are_the_official_ones(benchmarks):
-    od = benchmarks["official_dino"]
+def test_weight_decay_groups_are_the_official_ones(bench_e2e):
     cfg = tiny_config()
     trainer = Trainer(cfg, 2, device=torch.device("cpu"))
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     ours = {names[id(p)] for p in param_groups(trainer.model)[0]["params"]}
-    official = od.build(benchmarks["bench_e2e"].official_args(cfg, use_fp16=False), 2, "cpu").student
+    official = od.build(bench_e2e.official_args(cfg, use_fp16=False), 2, "cpu").student
     names = {id(p): n for n, p in official.named_parameters()}
     theirs = {names[id(p)] for p in od.get_params_groups(official)[0]["params"]}
     assert ours == theirs
 
 
-def test_flop_count_is_the_matmul_work_of_the_baseline_step(benchmarks):
+def test_flop_count_is_the_matmul_work_of_the_baseline_step(bench_e2e):
     """bench_e2e's model FLOPs per image = what torch's FlopCounterMode counts in the official step's student
     forward + backward and teacher forward (the loss, norms and the EMA have no matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    od, bench = benchmarks["official_dino"], benchmarks["bench_e2e"]
     cfg = tiny_config()
-    run = od.build(benchmarks["bench_e2e"].official_args(cfg, use_fp16=False), 2, "cpu")
+    run = od.build(bench_e2e.official_args(cfg, use_fp16=False), 2, "cpu")
     sizes = [32, 32, 16, 16]
     batch = 3
     crops = [torch.randn(batch, 3, s, s) for s in sizes]
@@ -156,14 +155,14 @@ def test_flop_count_is_the_matmul_work_of_the_baseline_step(benchmarks):
         run.student(crops).sum().backward()
         with torch.no_grad():
             run.teacher(crops[:2])
-    assert counter.get_total_flops() == batch * bench.step_flops_per_image(run.student, sizes, teacher_crops=2)
+    assert counter.get_total_flops() == batch * bench_e2e.step_flops_per_image(run.student, sizes, teacher_crops=2)
 
 
 @pytest.mark.parametrize("patch, native, crop", [(16, 224, 96), (8, 224, 96), (16, 224, 160), (8, 32, 24)])
-def test_dino_resampling_is_the_official_interpolate_pos_encoding(benchmarks, patch, native, crop):
+def test_dino_resampling_is_the_official_interpolate_pos_encoding(patch, native, crop):
     """The paper's grids (14 -> 6, 28 -> 12) and others: fastdino's cached matrix times pos_embed equals the
     official interpolate_pos_encoding."""
-    official = benchmarks["official_dino"].vit("vit_tiny", patch, img_size=native, **TINY_VIT)
+    official = od.vit("vit_tiny", patch, img_size=native, **TINY_VIT)
     ours = create_model("vit_tiny_patch16", patch_size=patch, img_size=native, pos_embed_resample="dino", **TINY_VIT)
     ours.load_state_dict(official.state_dict())
     n = crop // patch

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from fastdino.engine import config as C
-from fastdino.engine.schedules import Schedules, cosine, linear_warmup, steps_in_budget
-from official_dino import cosine_scheduler as official_cosine_scheduler
+from fastdino.engine.schedules import Schedules, cosine, linear_warmup
+from fastdino.official_dino import cosine_scheduler as official_cosine_scheduler
 
 
 def _cfg(**optim):
@@ -66,13 +66,6 @@ def test_a_warmup_longer_than_the_whole_run_keeps_its_share_of_the_epochs_with_a
     assert ("optim.warmup_epochs=3 (30 steps) is longer than the whole run of 20 steps: scaled down to 5 steps, its "
             "share of the configured 12 epochs") in caplog.text
     assert "loss.warmup_teacher_temp_epochs=30" in caplog.text and "freeze_last_layer" not in caplog.text
-
-
-def test_steps_in_budget_leaves_time_for_the_knn_passes():
-    assert steps_in_budget(60.0, 0.5) == 120
-    # 2 passes of 3 s at the end; one every 10 steps adds 0.3 s per step: (60 - 6) / 0.8 = 67.5
-    assert steps_in_budget(60.0, 0.5, knn_seconds=3.0, knn_every_steps=10, end_knn_passes=2) == 67
-    assert steps_in_budget(5.0, 0.5, knn_seconds=3.0, end_knn_passes=2) == 0
 
 
 def test_helpers_edge_cases():

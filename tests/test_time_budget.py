@@ -10,9 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastdino.engine import train
+from fastdino.engine import budget, train
+from fastdino.engine.budget import fit_to_budget, steps_in_budget
 from fastdino.engine.cli import build_train_loader, run_train
-from fastdino.engine.train import Trainer
+from fastdino.engine.eval import knn_accuracy
+from fastdino.engine.model import build_model, initial_state
 
 from test_cli import tiny_dataset  # noqa: F401  (pytest fixture)
 from test_train import make_trainer, tiny_config
@@ -35,9 +37,9 @@ def trainer_and_loader(cfg, output_dir=None):
 
 def fake_costs(monkeypatch, *, step_seconds, knn_seconds=0.0):
     """A step and a k-NN pass take these many seconds, and no time passes otherwise."""
-    monkeypatch.setattr(Trainer, "_time_steps", lambda self, batches: step_seconds)
-    monkeypatch.setattr(Trainer, "_time_knn_pass", lambda self: knn_seconds)
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: 0.0))
+    monkeypatch.setattr(budget, "_time_steps", lambda trainer, batches: step_seconds)
+    monkeypatch.setattr(budget, "_time_knn_pass", lambda trainer: knn_seconds)
+    monkeypatch.setattr(budget, "time", SimpleNamespace(perf_counter=lambda: 0.0))
 
 
 def test_the_budget_sets_the_step_count_of_every_schedule(monkeypatch, caplog, tiny_dataset):
@@ -45,7 +47,7 @@ def test_the_budget_sets_the_step_count_of_every_schedule(monkeypatch, caplog, t
     trainer, loader = trainer_and_loader(cfg)
     fake_costs(monkeypatch, step_seconds=0.05, knn_seconds=2.0)
     caplog.set_level(logging.INFO)
-    trainer.fit_to_budget(loader, deadline=60.0)
+    fit_to_budget(trainer, loader, deadline=60.0)
     # 60 s less 1 pass at the end (the trained network; the timed pass was the untrained one's), then 0.05 s a
     # step + a 2-s pass every 8 steps
     assert trainer.schedules.total_steps == int((60 - 2.0) / (0.05 + 2.0 / 8)) == 193
@@ -58,7 +60,7 @@ def test_a_warmup_longer_than_the_budget_is_scaled_down_with_a_warning(monkeypat
     cfg = data_config(tiny_dataset, "minutes=0.1")  # epochs=2; lr and teacher temperature warm up over 1 epoch
     trainer, loader = trainer_and_loader(cfg)
     fake_costs(monkeypatch, step_seconds=1.0)
-    trainer.fit_to_budget(loader, deadline=6.0)
+    fit_to_budget(trainer, loader, deadline=6.0)
     assert trainer.schedules.total_steps == 6 and trainer.schedules.warmup_steps == 3
     assert trainer.schedules.teacher_temp_warmup_steps == 3 and trainer.schedules.freeze_last_layer_steps == 4
     assert ("optim.warmup_epochs=1 (8 steps) is longer than the whole run of 6 steps: scaled down to 3 steps, its "
@@ -71,18 +73,18 @@ def test_a_budget_too_short_for_one_step_is_an_error(monkeypatch, tiny_dataset):
     fake_costs(monkeypatch, step_seconds=1.0)
     with pytest.raises(ValueError, match=r"a time budget of 0.01 min leaves no time to train: 0.6 s are left .* "
                                          r"a step takes 1.000 s .* raise --minutes"):
-        trainer.fit_to_budget(loader, deadline=0.6)
+        fit_to_budget(trainer, loader, deadline=0.6)
 
 
 def _state(trainer, loader) -> dict:
-    """Everything a step reads or changes, as plain values and tensors."""
+    """Everything a step reads or changes, as plain values and tensors. Left out: the values a step writes before
+    it reads them (the optimizer's found_inf flag, the loss module's last teacher entropy)."""
     optimizer = trainer.optimizer.state_dict()
     return {**{f"student.{k}": v for k, v in trainer.student.state_dict().items()},
             **{f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()},
             **{f"adam.{i}.{k}": v for i, state in optimizer["state"].items() for k, v in state.items()},
             "adam.groups": optimizer["param_groups"], "center": trainer.loss_fn.center, "step": trainer.step,
-            "stats": trainer.stats.values, "entropy": trainer.loss_fn.last_teacher_entropy,
-            "found_inf": trainer.optimizer.found_inf, "loader": loader.state_dict(), "rng": torch.get_rng_state()}
+            "stats": trainer.stats.values, "loader": loader.state_dict(), "rng": torch.get_rng_state()}
 
 
 def _assert_same(actual: dict, expected: dict) -> None:
@@ -97,7 +99,7 @@ def test_the_timed_steps_leave_the_run_exactly_as_a_fresh_one(tmp_path, tiny_dat
     cfg = data_config(tiny_dataset, "minutes=60", "max_steps=3")  # drop_path_rate=0.1: steps draw from the RNG
     timed, timed_loader = trainer_and_loader(cfg, output_dir=tmp_path / "timed")
     rng_at_start = torch.get_rng_state()
-    timed.fit_to_budget(timed_loader, deadline=time.perf_counter() + 3600)  # really timed...
+    fit_to_budget(timed, timed_loader, deadline=time.perf_counter() + 3600)  # really timed...
     assert timed.schedules.total_steps > 3
     fresh, fresh_loader = trainer_and_loader(cfg, output_dir=tmp_path / "fresh")
     fresh.set_total_steps(timed.schedules.total_steps)  # ...and this is the run of that many steps without timing
@@ -113,7 +115,7 @@ def test_the_timed_steps_leave_the_run_exactly_as_a_fresh_one(tmp_path, tiny_dat
 def test_a_minutes_run_resumed_with_the_same_command_keeps_its_step_count(monkeypatch, caplog, tmp_path,
                                                                           tiny_dataset):
     cfg = data_config(tiny_dataset, "minutes=0.5")
-    monkeypatch.setattr(Trainer, "_time_steps", lambda self, batches: 0.01)
+    monkeypatch.setattr(budget, "_time_steps", lambda trainer, batches: 0.01)
     caplog.set_level(logging.INFO)
     assert run_train(replace(cfg, max_steps=3), tmp_path / "run", device=CPU, mesh=None) == 0
     total_steps = int(re.search(r"-> (\d+) steps", caplog.text).group(1))
@@ -122,10 +124,17 @@ def test_a_minutes_run_resumed_with_the_same_command_keeps_its_step_count(monkey
     def measure_again(*args, **kwargs):
         raise AssertionError("a resumed run measured its steps again")
 
-    monkeypatch.setattr(Trainer, "fit_to_budget", measure_again)
+    monkeypatch.setattr(budget, "fit_to_budget", measure_again)
     assert run_train(replace(cfg, max_steps=6), tmp_path / "run", device=CPU, mesh=None) == 0
     assert f"the schedules keep the {total_steps} steps measured when the run started" in caplog.text
     assert f"resuming at step 3 of {total_steps} (stopping at 6)" in caplog.text
+
+
+def test_steps_in_budget_leaves_time_for_the_knn_passes():
+    assert steps_in_budget(60.0, 0.5) == 120
+    # 2 passes of 3 s at the end; one every 10 steps adds 0.3 s per step: (60 - 6) / 0.8 = 67.5
+    assert steps_in_budget(60.0, 0.5, knn_seconds=3.0, knn_every_steps=10, end_knn_passes=2) == 67
+    assert steps_in_budget(5.0, 0.5, knn_seconds=3.0, end_knn_passes=2) == 0
 
 
 def test_the_timed_knn_pass_is_the_untrained_result_at_the_end(monkeypatch, tmp_path, tiny_dataset):
@@ -133,11 +142,11 @@ def test_the_timed_knn_pass_is_the_untrained_result_at_the_end(monkeypatch, tmp_
 
     cfg = data_config(tiny_dataset, "minutes=1", "eval.at_end=true")
     trainer, loader = trainer_and_loader(cfg, tmp_path / "run")
-    monkeypatch.setattr(Trainer, "_time_steps", lambda self, batches: 0.05)
-    trainer.fit_to_budget(loader, deadline=time.perf_counter() + 60)
-    untrained = train.build_model(cfg, student=False)
-    untrained.load_state_dict(train.initial_state(cfg))
-    assert trainer.untrained_knn == train.knn_accuracy(untrained.backbone, cfg, CPU)
+    monkeypatch.setattr(budget, "_time_steps", lambda trainer, batches: 0.05)
+    fit_to_budget(trainer, loader, deadline=time.perf_counter() + 60)
+    untrained = build_model(cfg, student=False)
+    untrained.load_state_dict(initial_state(cfg))
+    assert trainer.untrained_knn == knn_accuracy(untrained.backbone, cfg, CPU)
 
     passes = []
     monkeypatch.setattr(train, "knn_accuracy", lambda *args: passes.append(args) or {"top1": 50.0, "top5": 90.0})

@@ -119,7 +119,8 @@ class _Clock:
 
 
 def test_param_groups_exempt_biases_and_norms_only():
-    from fastdino.engine.train import build_model, param_groups
+    from fastdino.engine.model import build_model
+    from fastdino.engine.train import param_groups
 
     model = build_model(tiny_config(), student=True)
     decay, no_decay = param_groups(model)
@@ -132,7 +133,7 @@ def test_param_groups_exempt_biases_and_norms_only():
 
 
 def test_initial_weights_depend_only_on_the_seed():
-    from fastdino.engine.train import initial_state
+    from fastdino.engine.model import initial_state
 
     a, b, c = initial_state(tiny_config()), initial_state(tiny_config()), initial_state(tiny_config("seed=1"))
     assert all(torch.equal(a[k], b[k]) for k in a)
