@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fastdino.engine import config as C
 from fastdino.engine.checkpoint import DiskFullError, is_disk_full
+from fastdino.engine.stop import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +117,16 @@ def main(argv=None) -> int:
     device, mesh = init_distributed()
     try:
         init_logging(mesh.get_rank() if mesh is not None else 0)
+        stop = StopRequest()
         try:
-            code = run_train(cfg, Path(args.output), device=device, mesh=mesh)
+            with stop.handling():
+                code = run_train(cfg, Path(args.output), device=device, mesh=mesh, stop=stop)
         except Exception as error:
             if not is_disk_full(error, Path(args.output)):
                 raise
             sys.stderr.write(f"fastdino: error: {disk_full_message(error, Path(args.output))}\n")
             return EXIT_DISK_FULL
-        if code == 0 and dist.is_initialized():
+        if dist.is_initialized() and (code == 0 or stop.signum is not None):
             # Leave together: a rank that tears gloo down while its peer still writes (rank 0 prints and writes
             # files after the last collective) can be aborted by gloo ("terminate called without an active
             # exception").
@@ -154,9 +157,10 @@ def disk_full_message(error: Exception, output: Path) -> str:
     return f"{what}; free some space and rerun the same command to resume"
 
 
-def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: DeviceMesh | None) -> int:
+def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: DeviceMesh | None,
+              stop: StopRequest | None = None) -> int:
     """Dataset, loader, trainer, resume (or fit a time budget), train, the evaluation and the statement at the end;
-    returns the exit code."""
+    returns the exit code. A signal recorded by `stop` ends training early, with a checkpoint (stop.py)."""
     from fastdino.engine.backbone_io import remove_stale_tmp_files
     from fastdino.engine.budget import fit_to_budget
     from fastdino.engine.train import NonFiniteLossError, Trainer
@@ -184,7 +188,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     logger.info("%s at step %d of %d (stopping at %d); %d images, %s loader", "resuming" if resumed else "starting",
                 trainer.step, trainer.schedules.total_steps, trainer.stop_step, loader.num_images, loader.backend)
     try:
-        rows = trainer.train(loader)
+        rows = trainer.train(loader, stop)
     except NonFiniteLossError as error:
         sys.stderr.write(f"fastdino: training stopped: {error}\n")
         return EXIT_DIVERGED
@@ -195,6 +199,12 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
         print(f"trained to step {last['step']}: loss {last['loss']:.4f}, teacher entropy "
               f"{last['teacher_entropy']:.3f}, {last['img_per_s']:.0f} img/s; weights in "
               f"{output / 'teacher_backbone.safetensors'}")
+    if stop is not None and stop.signum is not None:
+        if rank == 0:
+            sys.stderr.write(f"fastdino: stopped by {stop.name} after step {trainer.step}; checkpoint "
+                             f"{trainer.checkpointer().step_path(trainer.step)} written; rerun the same command to "
+                             f"resume\n")
+        return stop.exit_code
     if cfg.eval.at_end and trainer.step == trainer.schedules.total_steps:
         evaluate_at_end(trainer, output)
     if rank == 0:

@@ -45,6 +45,7 @@ from fastdino.engine.parallelize import (
 )
 from fastdino.engine.model import build_model, initial_state
 from fastdino.engine.schedules import Schedules
+from fastdino.engine.stop import StopRequest
 from fastdino.kernels import ema_update_
 
 logger = logging.getLogger(__name__)
@@ -202,10 +203,11 @@ class Trainer:
         self.stats.update(loss.detach(), self.loss_fn.last_teacher_entropy, grad_norm, skipped, nonfinite)
         self.step += 1
 
-    def train(self, loader) -> list[dict]:
+    def train(self, loader, stop: StopRequest | None = None) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
         every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps`, at epoch ends
-        and at the end. Returns the logged training rows (rank 0; empty elsewhere)."""
+        and at the end, and after the step at which `stop` reports a signal (see stop.py), which then ends the
+        run. Returns the logged training rows (rank 0; empty elsewhere)."""
         cfg = self.cfg
         writer = self.metrics_writer()
         writer.drop_after(self.step)
@@ -227,12 +229,22 @@ class Trainer:
                     self._periodic_knn(writer)
                 if self._checkpoint_due():
                     self.save_checkpoint(loader)
+                if stop is not None and self._stop_agreed(stop):
+                    if not self._checkpoint_due():
+                        self.save_checkpoint(loader)
+                    self.stop_step = self.step
                 if self.step >= self.stop_step or self.step % self.steps_per_epoch == 0:
                     break
             if self.step == start:
                 raise RuntimeError(f"the data loader yielded no batch at step {self.step} (epoch {self.epoch})")
         self.trained_seconds, self.throughput = self.throughput.trained_seconds(), None
         return [row for row in rows if row]
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """One process reads its flag after every step; ranks combine theirs at log steps only (stop.py)."""
+        if self.mesh is None:
+            return stop.agreed()
+        return self.step % self.cfg.log_every == 0 and stop.agreed(self.mesh.get_group(), self.device)
 
     def metrics_writer(self) -> MetricsWriter:
         """The writer of DIR/metrics.jsonl (a no-op on ranks other than 0 and without an output folder)."""

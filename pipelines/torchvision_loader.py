@@ -5,6 +5,7 @@ against. Each worker makes a whole batch (one `(epoch, batch)` position), so bat
 of workers.
 """
 import logging
+import signal
 
 import numpy as np
 import torch
@@ -90,6 +91,10 @@ class _Positions(Sampler):
 
 def _single_thread_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers run in parallel already; intra-op threads would oversubscribe the cores
+    # A terminal's Ctrl-C and torchrun's SIGTERM reach the workers too. The main process stops the run cleanly
+    # (engine/stop.py) and needs them until the step in flight has its batch; it shuts them down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TorchvisionEngine:
