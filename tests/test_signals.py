@@ -82,4 +82,6 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
     assert f"fastdino: stopped by SIGTERM after step 4; checkpoint {run / 'checkpoints' / 'step_00000004'}" \
         in proc.stderr, proc.stderr
     assert Checkpointer(run / "checkpoints", keep_last=2).latest().name == "step_00000004"
-    assert proc.stderr.count("exitcode  : 143") == 2, proc.stderr  # torchrun reports both ranks
+    # torchrun takes a worker's 143 for a failure: it reports it, exits 1, and may stop the other rank in its
+    # teardown (after the checkpoint), so the ranks' own exit codes are not checked here.
+    assert proc.returncode == 1, proc.stderr
