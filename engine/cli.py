@@ -284,31 +284,38 @@ def write_config(cfg: C.TrainConfig, output: Path) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_at_end(trainer, output: Path) -> dict:
+def evaluate_at_end(trainer, output: Path) -> dict | None:
     """k-NN of the trained teacher and of the untrained network (same seed), an attention-map PNG, a metrics row.
-    Collective under torch.distributed (every rank extracts the features of its shard)."""
-    from fastdino.engine.eval import knn_accuracy
+    Collective under torch.distributed (every rank extracts the features of its shard). A dataset that allows no
+    k-NN (eval.KNNDataError) skips it with one line; returns None then."""
+    from fastdino.engine.eval import KNNDataError, knn_accuracy
     from fastdino.engine.model import build_model, initial_state
     from fastdino.engine.visualize import save_attention_png
     from fastdino.pipelines import resolve_split
 
     cfg = trainer.cfg
     trained = trainer.teacher_backbone()
-    row = trainer.evaluate_knn(trained)
-    if trainer.untrained_knn is None:  # else measured when the time budget was fitted
-        untrained = build_model(cfg, student=False)
-        untrained.load_state_dict(initial_state(cfg))
-        trainer.untrained_knn = knn_accuracy(untrained.backbone, cfg, trainer.device)
-    results = {"untrained": trainer.untrained_knn, "trained": {"top1": row["knn_top1"], "top5": row["knn_top5"]}}
+    try:
+        row = trainer.evaluate_knn(trained)
+        if trainer.untrained_knn is None:  # else measured when the time budget was fitted
+            untrained = build_model(cfg, student=False)
+            untrained.load_state_dict(initial_state(cfg))
+            trainer.untrained_knn = knn_accuracy(untrained.backbone, cfg, trainer.device)
+        results = {"untrained": trainer.untrained_knn,
+                   "trained": {"top1": row["knn_top1"], "top5": row["knn_top5"]}}
+    except KNNDataError as error:  # training is done and saved: the attention map and the summary still come
+        logger.warning("k-NN evaluation skipped: %s", error)
+        results = None
     if trainer.rank != 0:
         return results
     val = Path(resolve_split(cfg.data.path, "val"))
     images = sorted(p for p in val.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if val.is_dir() else []
     png = save_attention_png(trained, images[0], output / "attention.png") if images else None
-    trainer.metrics_writer().replace({**row, "knn_top1_untrained": results["untrained"]["top1"]})
-    print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "
-          f"{results['untrained']['top1']:.1f}% -> trained {results['trained']['top1']:.1f}% "
-          f"(top-5 {results['untrained']['top5']:.1f}% -> {results['trained']['top5']:.1f}%)")
+    if results is not None:
+        trainer.metrics_writer().replace({**row, "knn_top1_untrained": results["untrained"]["top1"]})
+        print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "
+              f"{results['untrained']['top1']:.1f}% -> trained {results['trained']['top1']:.1f}% "
+              f"(top-5 {results['untrained']['top5']:.1f}% -> {results['trained']['top5']:.1f}%)")
     if png is not None:
         print(f"attention maps of {images[0].name}: {png}")
     return results

@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
 from fastdino.engine.config import TrainConfig
-from fastdino.engine.eval import knn_accuracy
+from fastdino.engine.eval import KNNDataError, knn_accuracy
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.metrics import (
     CollapseWatch,
@@ -266,7 +266,12 @@ class Trainer:
 
     def _periodic_knn(self, writer: MetricsWriter) -> None:
         with self.throughput.paused():
-            row = self.evaluate_knn(self.teacher_backbone())
+            try:
+                row = self.evaluate_knn(self.teacher_backbone())
+            except KNNDataError as error:  # the data will not change: off for the rest of the run
+                logger.warning("periodic k-NN off: %s", error)
+                self.knn_every_steps = 0
+                return
         if self.rank == 0:
             logger.info(format_knn_row(row, self.cfg.eval.knn_k))
             writer.append(row)

@@ -1,6 +1,9 @@
 """Mistakes a user can fix are one line on stderr with exit code 2, said before any work starts: an --output that
 is a file or on a read-only filesystem, and a random or truncated .safetensors / .pth as --checkpoint (never with
-torch's advice to load it with weights_only=False, which would run pickled code)."""
+torch's advice to load it with weights_only=False, which would run pickled code). A dataset whose k-NN cannot run
+(val classes missing from train, fewer train images than k) does not fail a finished training: the k-NN is skipped
+with one line, and the attention map and the end-of-run summary still come."""
+import logging
 import os
 import subprocess
 from types import SimpleNamespace
@@ -13,10 +16,18 @@ from fastdino.engine.cli import main
 
 @pytest.fixture
 def fastdino(capsys):
-    """`fastdino ARGS` in this process (the errors come before any work): returncode and stderr."""
+    """`fastdino ARGS` in this process (no interpreter start): returncode, stdout and stderr. The root logger that
+    `fastdino train` configures is put back afterwards."""
+    root = logging.getLogger()
+
     def run(*args):
-        code = main([str(a) for a in args])
-        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+        handlers, level = root.handlers[:], root.level
+        try:
+            code = main([str(a) for a in args])
+        finally:
+            root.handlers[:], root.level = handlers, level
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
     return run
 
 
@@ -86,3 +97,29 @@ def test_unreadable_checkpoint(tmp_path, fastdino, name, make, command):
     proc = fastdino(command, "--checkpoint", checkpoint, *extra)
     _assert_one_line_error(proc, f"cannot read checkpoint {checkpoint}", "truncated or corrupt")
     assert "weights_only" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem, override, message", [
+    ("val classes missing from train", [], "class(es) of the val split are missing from the train split: star"),
+    ("fewer training images than k", ["eval.knn_k=50"], "k=50 exceeds the 32 training images"),
+])
+def test_a_dataset_that_allows_no_knn_skips_it_after_training(tmp_path, fastdino, problem, override, message):
+    import shutil
+
+    from fastdino.pipelines import make_shapes_dataset
+
+    from test_cli import TINY_CLI
+
+    data = make_shapes_dataset(tmp_path / "shapes", num_train=32, num_val=20, image_size=32)
+    if problem == "val classes missing from train":
+        shutil.rmtree(data / "train" / "star")
+        override = ["data.batch_size=2"]  # fewer images left; k (20) still fits
+    run = tmp_path / "run"
+    proc = fastdino("train", "--output", run, "--data", data, *TINY_CLI, "epochs=1", "eval.at_end=true",
+                    "eval.knn_every_epochs=0.5", *override)
+    assert proc.returncode == 0, proc.stderr
+    assert "periodic k-NN off: " in proc.stderr and "k-NN evaluation skipped: " in proc.stderr, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert (run / "attention.png").stat().st_size > 0 and (run / "teacher_backbone.safetensors").is_file()
+    assert "end of run at step" in proc.stdout
