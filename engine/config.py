@@ -22,6 +22,8 @@ import yaml
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 PARALLEL_MODES = ("auto", "fsdp", "ddp", "single")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CLIP_GRAD_MODES = ("global", "per_tensor")
+TEACHER_TEMP_SCHEDULES = ("per_step", "per_epoch")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -102,6 +104,8 @@ class LossConfig:
     """Teacher temperature at step 0, raised linearly to teacher_temp."""
     warmup_teacher_temp_epochs: float = 30
     """Length of the teacher temperature warmup in epochs."""
+    teacher_temp_schedule: str = "per_step"
+    """The warmup moves the temperature every step (per_step) or once per epoch, as the official code (per_epoch)."""
     center_momentum: float = 0.9
     """EMA rate of the teacher center (centering, paper Sec. 3.1)."""
     impl: str = "auto"
@@ -115,6 +119,10 @@ class LossConfig:
         _check(self.warmup_teacher_temp_epochs >= 0,
                f"loss.warmup_teacher_temp_epochs must be >= 0, got {self.warmup_teacher_temp_epochs}")
         _check(0 <= self.center_momentum < 1, f"loss.center_momentum must be in [0, 1), got {self.center_momentum}")
+        _check_choice("loss.teacher_temp_schedule", self.teacher_temp_schedule, TEACHER_TEMP_SCHEDULES)
+        _check(self.teacher_temp_schedule == "per_step" or float(self.warmup_teacher_temp_epochs).is_integer(),
+               f"loss.warmup_teacher_temp_epochs must be a whole number with teacher_temp_schedule=per_epoch, got "
+               f"{self.warmup_teacher_temp_epochs}")
         _check_choice("loss.impl", self.impl, ("auto", "triton", "torch"))
         _check_choice("loss.teacher_norm", self.teacher_norm, ("centering", "sinkhorn_knopp"))
 
@@ -128,7 +136,7 @@ class OptimConfig:
     warmup_epochs: float = 10
     """Linear learning-rate warmup from 0, in epochs."""
     weight_decay: float = 0.04
-    """Weight decay at step 0 (biases, norms, tokens and pos_embed never decay)."""
+    """Weight decay at step 0 of weights, tokens and pos_embed (biases and norms never decay, as in the official)."""
     weight_decay_end: float = 0.4
     """Weight decay at the last step (cosine schedule)."""
     teacher_momentum: float = 0.996
@@ -136,7 +144,9 @@ class OptimConfig:
     teacher_momentum_end: float = 1.0
     """Teacher EMA momentum at the last step (cosine schedule)."""
     clip_grad: float = 3.0
-    """Maximum global gradient norm; 0 disables clipping (the norm is still measured and logged)."""
+    """Maximum gradient norm (see clip_grad_mode); 0 disables clipping (the norm is still measured and logged)."""
+    clip_grad_mode: str = "global"
+    """global: the norm of all gradients together; per_tensor: each tensor's own norm, as the official code."""
     freeze_last_layer_epochs: float = 1
     """The head's last layer gets no update for this many epochs (DINO: helps the first epoch)."""
 
@@ -147,6 +157,7 @@ class OptimConfig:
             _check(getattr(self, name) >= 0, f"optim.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("teacher_momentum", "teacher_momentum_end"):
             _check(0 <= getattr(self, name) <= 1, f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+        _check_choice("optim.clip_grad_mode", self.clip_grad_mode, CLIP_GRAD_MODES)
 
 
 @dataclass
@@ -302,13 +313,16 @@ def vit_small16_imagenet() -> TrainConfig:
     warmup epochs, 2x224 + 10x96 crops, teacher temp 0.04 -> 0.07 over 30 epochs; everything else is
     facebookresearch/dino main_dino.py's default (local crops' position embeddings resampled as its
     interpolate_pos_encoding does, momentum 0.996 -> 1, weight decay 0.04 -> 0.4, clip 3.0, last
-    layer frozen for 1 epoch, drop path 0.1, min lr 1e-6)."""
+    layer frozen for 1 epoch, drop path 0.1, min lr 1e-6). Its step is the official one: each gradient tensor is
+    clipped on its own (utils.clip_gradients) and the teacher temperature moves once per epoch (DINOLoss)."""
     return TrainConfig(
         model=ModelConfig(arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.1,
                           pos_embed_resample="dino"),
         head=HeadConfig(out_dim=65536),
-        loss=LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30),
-        optim=OptimConfig(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10, teacher_momentum=0.996),
+        loss=LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
+                        teacher_temp_schedule="per_epoch"),
+        optim=OptimConfig(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10, teacher_momentum=0.996, clip_grad=3.0,
+                          clip_grad_mode="per_tensor"),
         data=DataConfig(batch_size=1024, global_crops_size=224, local_crops_number=10, local_crops_size=96),
         epochs=100,
         checkpoint=CheckpointConfig(every_steps=2500),

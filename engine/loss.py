@@ -8,11 +8,11 @@ import logging
 import math
 import numbers
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastdino.engine.schedules import linear_warmup
 from fastdino.kernels import dino_loss
 from fastdino.kernels._launch import check_positive
 
@@ -104,29 +104,26 @@ class DINOLoss(nn.Module):
         self.process_group = process_group
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("last_teacher_entropy", torch.zeros(()), persistent=False)
-        # A warm-up for the teacher temperature: too high a temperature makes training unstable at the beginning.
-        # Per epoch as in the official code; a fractional warmup rounds up to whole epochs, and one longer than
-        # nepochs is kept whole instead of failing (the trainer passes its step-based teacher_temp anyway).
-        warmup_epochs = math.ceil(warmup)
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs),
-            np.ones(max(nepochs - warmup_epochs, 0)) * teacher_temp,
-        ))
+        # The official per-epoch warmup of the teacher temperature, for forward(..., epoch) without teacher_temp
+        # (the trainer passes its Schedules' value). A fractional warmup rounds up to whole epochs.
+        self.warmup_teacher_temp, self.teacher_temp = warmup_teacher_temp, teacher_temp
+        self.warmup_teacher_temp_epochs, self.nepochs = math.ceil(warmup), nepochs
         logger.info("DINOLoss: K=%d, %d crops, teacher_norm=%s, impl=%s", out_dim, ncrops, teacher_norm, impl)
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
                 teacher_temp: float | None = None) -> torch.Tensor:
         """Loss of student_output (ncrops*B, K) against teacher_output (2*B, K), crops in the same order.
 
-        The teacher temperature is `teacher_temp` when given (the trainer's step-based value), else the epoch's
-        value of the schedule. Updates the center afterwards (centering mode), without syncing the host.
+        The teacher temperature is `teacher_temp` when given (the trainer's value from schedules.py), else the
+        official per-epoch warmup's value at `epoch`. Updates the center afterwards (centering mode), without
+        syncing the host.
         """
         if teacher_temp is None:
-            if not 0 <= epoch < len(self.teacher_temp_schedule):
-                raise ValueError(f"epoch {epoch} is outside the {len(self.teacher_temp_schedule)}-epoch teacher "
-                                 f"temperature schedule; pass teacher_temp=")
-            teacher_temp = float(self.teacher_temp_schedule[epoch])
-        check_positive("teacher_temp", teacher_temp)
+            if not 0 <= epoch < self.nepochs:
+                raise ValueError(f"epoch {epoch} is outside the {self.nepochs}-epoch teacher temperature schedule; "
+                                 f"pass teacher_temp=")
+            teacher_temp = linear_warmup(self.warmup_teacher_temp, self.teacher_temp, epoch,
+                                         self.warmup_teacher_temp_epochs)
         for name, t in (("student_output", student_output), ("teacher_output", teacher_output)):
             if t.shape[-1] != self.out_dim:
                 raise ValueError(f"{name} has K={t.shape[-1]} columns but the loss (and its center) has "

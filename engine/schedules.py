@@ -3,13 +3,15 @@
 The shapes follow facebookresearch/dino `utils.cosine_scheduler` step for step: a linear warmup that reaches
 the peak on its last step (`np.linspace(start, peak, warmup)`), then a half cosine from the peak towards the final
 value over the remaining steps. Weight decay and teacher momentum are cosines with no warmup. The teacher
-temperature rises linearly over its warmup and then stays (DINO Sec. 3.1 and App. on teacher temperature;
-the official code steps it once per epoch, here it moves every step).
+temperature rises linearly over its warmup and then stays (DINO Sec. 3.1 and App. on teacher temperature): every
+step (`loss.teacher_temp_schedule=per_step`), or once per epoch as the official DINOLoss does (`per_epoch`:
+`np.linspace(start, end, warmup_epochs)[epoch]`; `DINOLoss.forward(..., epoch)` calls the same `linear_warmup`).
 
 Nothing here holds state: a resumed run asks for step k and gets what the uninterrupted run got. The schedules
 span `total_steps`; `epochs * steps_per_epoch` by default, or any other count (e.g. from a time budget,
 budget.py). Warmups keep their length in epochs of the dataset; one longer than the whole run is scaled
-down to the share of the run it has in the configured epochs, with a warning.
+down to the share of the run it has in the configured epochs, with a warning (a per-epoch temperature warmup to
+the nearest whole epoch).
 """
 import logging
 import math
@@ -21,9 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def linear_warmup(start: float, end: float, step: int, warmup_steps: int) -> float:
-    """`np.linspace(start, end, warmup_steps)[step]`, and `end` from step `warmup_steps - 1` on."""
-    if step >= warmup_steps - 1:
+    """`np.linspace(start, end, warmup_steps)[step]` (which is `end` at its last step, and `start` when it has only
+    one), and `end` after the warmup."""
+    if step >= warmup_steps or (step == warmup_steps - 1 and warmup_steps > 1):
         return end
+    if warmup_steps == 1:
+        return start
     return start + (end - start) * step / (warmup_steps - 1)
 
 
@@ -72,7 +77,9 @@ class Schedules:
     teacher_temp: tuple[float, float]
     """Teacher temperature at the start and after its warmup."""
     teacher_temp_warmup_steps: int
-    """Teacher temperature warmup length."""
+    """Teacher temperature warmup length (a multiple of teacher_temp_every_steps)."""
+    teacher_temp_every_steps: int
+    """Steps between two moves of the teacher temperature: 1, or an epoch's steps (the official per-epoch one)."""
     freeze_last_layer_steps: int
     """Steps during which the head's last layer gets no update."""
 
@@ -93,6 +100,8 @@ class Schedules:
                            cfg.epochs)
             return scaled
 
+        temp_warmup_steps = in_steps("loss.warmup_teacher_temp_epochs", cfg.loss.warmup_teacher_temp_epochs)
+        temp_every_steps = steps_per_epoch if cfg.loss.teacher_temp_schedule == "per_epoch" else 1
         return cls(
             total_steps=total_steps,
             warmup_steps=in_steps("optim.warmup_epochs", cfg.optim.warmup_epochs),
@@ -101,7 +110,8 @@ class Schedules:
             weight_decay=(cfg.optim.weight_decay, cfg.optim.weight_decay_end),
             teacher_momentum=(cfg.optim.teacher_momentum, cfg.optim.teacher_momentum_end),
             teacher_temp=(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp),
-            teacher_temp_warmup_steps=in_steps("loss.warmup_teacher_temp_epochs", cfg.loss.warmup_teacher_temp_epochs),
+            teacher_temp_warmup_steps=round(temp_warmup_steps / temp_every_steps) * temp_every_steps,
+            teacher_temp_every_steps=temp_every_steps,
             freeze_last_layer_steps=in_steps("optim.freeze_last_layer_epochs", cfg.optim.freeze_last_layer_epochs),
         )
 
@@ -111,6 +121,7 @@ class Schedules:
             lr=warmup_cosine(0.0, self.peak_lr, self.min_lr, step, self.warmup_steps, self.total_steps),
             weight_decay=cosine(*self.weight_decay, step, self.total_steps),
             teacher_momentum=cosine(*self.teacher_momentum, step, self.total_steps),
-            teacher_temp=linear_warmup(*self.teacher_temp, step, self.teacher_temp_warmup_steps),
+            teacher_temp=linear_warmup(*self.teacher_temp, step // self.teacher_temp_every_steps,
+                                       self.teacher_temp_warmup_steps // self.teacher_temp_every_steps),
             freeze_last_layer=step < self.freeze_last_layer_steps,
         )

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
+from fastdino.engine.clipping import clip_gradients_
 from fastdino.engine.config import TrainConfig
 from fastdino.engine.eval import KNNDataError, knn_accuracy
 from fastdino.engine.loss import DINOLoss
@@ -184,10 +185,7 @@ class Trainer:
             self.model.head.cancel_last_layer_gradients()
         if self.loss_scale:
             self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
-        # Global norm over all shards; a non-finite norm turns every gradient non-finite on every rank.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad or float("inf"),
-                                                   foreach=True)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = clip_gradients_(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_grad_mode)
         skipped = ~torch.isfinite(grad_norm)  # the same on every rank: the norm is global
 
         self.optimizer.found_inf = skipped.float()  # fused AdamW skips the update (and its step count) when 1

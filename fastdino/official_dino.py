@@ -5,9 +5,10 @@ What is restated, from facebookresearch/dino:
   (every image is computed, dropped ones are multiplied by 0), `interpolate_pos_encoding` (bicubic, on every
   forward at a resolution other than the native one), and `DINOHead` (MLP, L2 normalisation, a last layer
   wrapped in `nn.utils.weight_norm`).
-- utils.py: `MultiCropWrapper` (the backbone once per run of same-resolution crops, then the head once),
-  `clip_gradients` (per tensor, one `.item()` per parameter), `cancel_gradients_last_layer`, `get_params_groups`,
-  `cosine_scheduler`.
+- utils.py: `trunc_normal_` (the inverse-CDF sampler of torch 1.x, so a seed gives the official initial weights;
+  today's `nn.init.trunc_normal_` rejection-samples and draws others), `MultiCropWrapper` (the backbone once per
+  run of same-resolution crops, then the head once), `clip_gradients` (per tensor, one `.item()` per parameter),
+  `cancel_gradients_last_layer`, `get_params_groups`, `cosine_scheduler`.
 - main_dino.py: `DINOLoss` (a Python loop over the 2 x (V - 1) teacher/student crop pairs), the building part of
   `train_dino` (`build`), and the body of `train_one_epoch`'s loop (`train_step`): schedules, fp16 autocast +
   GradScaler, the finiteness check, clipping, last-layer cancelling, the optimizer step, the per-parameter EMA
@@ -22,7 +23,13 @@ Changed, without changing the math or the work of a step:
   printing are left out, its host reads of the loss, lr and weight decay are kept.
 - `Args` holds main_dino.py's argparse defaults; `img_size` (fixed at 224 there), `model_kwargs` (embed_dim,
   depth, num_heads) and `head_kwargs` (nlayers, hidden_dim, bottleneck_dim) are added for tiny test models.
-- `optimizer.zero_grad()` keeps today's default (set_to_none=True) rather than torch 1.x's zero filling.
+- `optimizer.zero_grad()` keeps today's default (set_to_none=True) rather than torch 1.x's zero filling. Every
+  trainable parameter gets a gradient in every backward, so AdamW updates the same parameters either way.
+- Left out as they do not touch a ViT step: the XCiT and torchvision architectures (and MultiCropWrapper's
+  unpacking of XCiT's tuple output), SyncBatchNorm and the teacher's DDP wrapper (only with a BatchNorm head; on one
+  process SyncBatchNorm is BatchNorm), constructor arguments left at their defaults (`qk_scale`, `act_layer`,
+  `out_features`, `num_classes`), `cudnn.benchmark`, seeding, and the returned per-tensor norms of
+  `clip_gradients`, which train_one_epoch does not log.
 
 Used by benchmarks/bench_e2e.py and quality_run.py; tests/test_official_baseline.py checks that its loss, its
 features and a whole step agree with fastdino's.
@@ -37,6 +44,26 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------- utils.py
+
+
+def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,
+                  b: float = 2.0) -> torch.Tensor:
+    """utils.trunc_normal_: the inverse-CDF method of torch 1.x; today's nn.init.trunc_normal_ rejection-samples,
+    so it draws other weights from the same seed."""
+    def norm_cdf(x):
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    with torch.no_grad():
+        lower, upper = norm_cdf((a - mean) / std), norm_cdf((b - mean) / std)
+        tensor.uniform_(2 * lower - 1, 2 * upper - 1)
+        tensor.erfinv_()
+        tensor.mul_(std * math.sqrt(2.0))
+        tensor.add_(mean)
+        tensor.clamp_(min=a, max=b)
+        return tensor
+
 
 # ------------------------------------------------------------------------------------- vision_transformer.py
 
@@ -150,13 +177,13 @@ class VisionTransformer(nn.Module):
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = nn.Identity()  # num_classes=0, as DINO builds it
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
         elif isinstance(m, nn.LayerNorm):
@@ -243,7 +270,7 @@ class DINOHead(nn.Module):
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
 

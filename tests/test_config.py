@@ -21,6 +21,7 @@ def test_paper_preset_is_the_papers_recipe():
     assert (cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp) == (0.04, 0.07)
     assert (cfg.optim.teacher_momentum, cfg.optim.teacher_momentum_end) == (0.996, 1.0)
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.4, 3.0)
+    assert (cfg.optim.clip_grad_mode, cfg.loss.teacher_temp_schedule) == ("per_tensor", "per_epoch")  # official
 
 
 def test_small_preset_changes_only_what_its_docstring_lists():
@@ -66,6 +67,8 @@ def test_yaml_file_is_read(tmp_path):
     ("parallel.precision=fp8", "parallel.precision must be one of"),
     ("model.pos_embed_resample=bilinear", "model.pos_embed_resample must be one of"),
     ("minutes=-2", "minutes must be > 0 or null, got -2.0"),
+    ("optim.clip_grad_mode=per_param", "optim.clip_grad_mode must be one of"),
+    ("loss.teacher_temp_schedule=per_batch", "loss.teacher_temp_schedule must be one of"),
     ("eval.knn_every_epochs=-1", "eval.knn_every_epochs must be >= 0, got -1.0"),
     ("optim=3", "optim must be a mapping"),
     ("no_equals_sign", "override must look like section.key=value"),
@@ -74,6 +77,14 @@ def test_bad_values_raise_value_error_naming_the_key(override, message):
     with pytest.raises(ValueError) as error:
         C.apply_overrides(C.demo(), overrides=[override])
     assert message in str(error.value)
+
+
+def test_a_per_epoch_teacher_temperature_warms_up_over_whole_epochs():
+    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs must be a whole number with "
+                                         "teacher_temp_schedule=per_epoch, got 2.5"):
+        C.apply_overrides(C.vit_small16_imagenet(), overrides=["loss.warmup_teacher_temp_epochs=2.5"])
+    C.apply_overrides(C.vit_small16_imagenet(), overrides=["loss.warmup_teacher_temp_epochs=2.5",
+                                                           "loss.teacher_temp_schedule=per_step"])
 
 
 def test_bad_yaml_files(tmp_path):

@@ -1,5 +1,4 @@
 """DINOLoss module: drop-in equivalence with the official DINO module, Sinkhorn-Knopp as DINOv2, distributed sums."""
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -46,10 +45,10 @@ def batch(ncrops=4, b=3, k=1000, shift=0.0):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_drop_in_for_official_module(impl):
-    """Same loss, gradient and center as the official module over several calls, the center carried across."""
+    """Same loss, gradient and center as the official module over several calls, the center carried across, at
+    epochs in and after the teacher temperature's warmup (3 epochs)."""
     official = OfficialDINOLoss(**ARGS)
     ours = DINOLoss(**ARGS, impl=impl)
-    np.testing.assert_allclose(ours.teacher_temp_schedule, official.teacher_temp_schedule)
     ours.load_state_dict(official.state_dict())  # official checkpoints' dino_loss state loads
     for epoch in (0, 1, 4):
         student, teacher = batch(shift=2.0)
@@ -113,7 +112,7 @@ BAD_FORWARD = {
     "teacher_rows_not_2B": ((torch.randn(8, 1000), torch.randn(3, 1000)), r"teacher must have shape \(2\*B, K\)"),
     "K_mismatching_center": ((torch.randn(8, 999), torch.randn(4, 999)), "out_dim=1000"),
     "epoch_past_schedule": ((torch.randn(8, 1000), torch.randn(4, 1000), 5), "outside the 5-epoch"),
-    "non_positive_teacher_temp": ((torch.randn(8, 1000), torch.randn(4, 1000), 0, 0.0), "teacher_temp must be"),
+    "non_positive_teacher_temp": ((torch.randn(8, 1000), torch.randn(8, 1000), 0, 0.0), "teacher_temp must be"),
 }
 
 

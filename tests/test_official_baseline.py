@@ -1,8 +1,10 @@
 """The benchmarks' baseline (fastdino/official_dino.py, the official DINO step restated) computes what fastdino
 computes, so that bench_e2e.py and quality_run.py compare speed and accuracy on the same math:
 its DINOLoss gives fastdino's DINOLoss(impl="torch") loss, gradient and center; its ViT with the same weights gives
-fastdino's CLS features; a whole official step and a fastdino Trainer step take the same weights to the same place;
-bench_e2e.py's FLOP count is exactly the matmul work of the baseline step.
+fastdino's CLS features; the paper preset's Trainer step is the official train_one_epoch step (loss, gradients as the
+optimizer sees them, center, student, teacher) over 6 steps across 3 epochs, with per-tensor clipping, the per-epoch
+teacher temperature warmup and the last-layer freeze on; bench_e2e.py's FLOP count is exactly the matmul work of the
+baseline step.
 
 Position embeddings of non-native crops are resampled by timm's antialiased bicubic by default, and exactly as the
 official code does (bicubic without antialiasing, at scale (n + 0.1) / n0) with model.pos_embed_resample="dino",
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import assert_close
+from _helpers import assert_close, without_key_bias
 from timm.layers import resample_abs_pos_embed
 
 from fastdino import official_dino as od
@@ -84,54 +86,95 @@ def test_vit_gives_fastdino_cls_features(resample):
                      name="multi-crop CLS features")
 
 
-def tiny_config() -> C.TrainConfig:
-    """A TrainConfig whose whole step the official code can reproduce: no stochastic depth (random masks), no
-    clipping (the official clips per tensor, fastdino the global norm), fp32."""
-    return C.TrainConfig(
-        model=C.ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, attention="sdpa",
-                            pos_embed_resample="dino", **TINY_VIT),
-        head=C.HeadConfig(out_dim=64, hidden_dim=48, bottleneck_dim=16),
-        loss=C.LossConfig(teacher_temp=0.05, warmup_teacher_temp=0.05, warmup_teacher_temp_epochs=0, impl="torch"),
-        optim=C.OptimConfig(base_lr=5e-3, warmup_epochs=0, weight_decay=0.04, weight_decay_end=0.4, clip_grad=0.0,
-                            freeze_last_layer_epochs=1, teacher_momentum=0.9),
-        data=C.DataConfig(batch_size=4, global_crops_size=32, local_crops_number=2, local_crops_size=16),
-        parallel=C.ParallelConfig(mode="single", precision="fp32"),
-        epochs=2,
-    )
+def paper_preset() -> C.TrainConfig:
+    """The paper preset `vit_small16_imagenet` as shipped (per-tensor clipping at 3.0, the teacher temperature's
+    30-epoch warmup moving once per epoch, the last layer frozen for epoch 0, 100 epochs, its lr, weight decay and
+    momentum schedules), only smaller: a tiny ViT on 32/16-px crops, K=64, batch 4. Stochastic depth is off, as
+    its random masks are drawn in another order by the official per-resolution forward; precision is fp32."""
+    cfg = C.apply_overrides(C.vit_small16_imagenet(), overrides=[
+        *(f"model.{k}={v}" for k, v in TINY_VIT.items()), "model.patch_size=8", "model.img_size=32",
+        "model.drop_path_rate=0.0", "head.out_dim=64", "head.hidden_dim=48", "head.bottleneck_dim=16",
+        "data.batch_size=4", "data.global_crops_size=32", "data.local_crops_number=2", "data.local_crops_size=16",
+        "parallel.precision=fp32"])
+    o, lo = cfg.optim, cfg.loss
+    assert (o.clip_grad, o.clip_grad_mode, o.freeze_last_layer_epochs) == (3.0, "per_tensor", 1)
+    assert (lo.warmup_teacher_temp, lo.teacher_temp, lo.warmup_teacher_temp_epochs, lo.teacher_temp_schedule) == (
+        0.04, 0.07, 30, "per_epoch")
+    return cfg
 
 
-def test_whole_step_matches_fastdino_trainer(bench_e2e):
-    """Three steps (two with the last layer frozen, one without) from the same weights on the same crops."""
-    cfg = tiny_config()
-    steps_per_epoch = 2
+def optimizer_gradients(model, optimizer) -> list[dict]:
+    """The gradients `optimizer` sees at each of its steps from now on, by parameter name (None: no gradient)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+
+    def record(opt, args, kwargs):
+        seen.append({names[id(p)]: None if p.grad is None else p.grad.clone()
+                     for group in opt.param_groups for p in group["params"]})
+
+    optimizer.register_step_pre_hook(record)
+    return seen
+
+
+def test_paper_preset_step_is_the_official_step(bench_e2e, monkeypatch):
+    """6 steps over 3 epochs of 2 steps: the official train_one_epoch step and fastdino's Trainer step give the same
+    loss, the same gradients to the optimizer (clipped per tensor, the last layer's dropped in epoch 0), the same
+    center, and the same student and teacher. The teacher temperature changes at each epoch, and clipping scales
+    some tensors and leaves others."""
+    cfg = paper_preset()
+    steps_per_epoch, steps = 2, 6
     trainer = Trainer(cfg, steps_per_epoch, device=torch.device("cpu"))
     run = od.build(bench_e2e.official_args(cfg, use_fp16=False), steps_per_epoch, "cpu")
     missing, unexpected = run.student.load_state_dict(trainer.model.state_dict(), strict=False)
     assert missing == ["head.last_layer.weight_g"] and not unexpected  # the official fixed gain, 1
     run.teacher.load_state_dict(run.student.state_dict())
+    initial = {k: v.clone() for k, v in run.student.state_dict().items()}
+    ours_seen = optimizer_gradients(trainer.model, trainer.optimizer)
+    official_seen = optimizer_gradients(run.student, run.optimizer)
+    official_norms = []  # the per-tensor norms official clip_gradients measured, per step
+    clip_gradients = od.clip_gradients
+    monkeypatch.setattr(od, "clip_gradients", lambda *a: official_norms.append(clip_gradients(*a)))
 
     d = cfg.data
     sizes = [d.global_crops_size] * 2 + [d.local_crops_size] * d.local_crops_number
-    for it in range(3):
+    for it in range(steps):
         crops = [torch.randn(d.batch_size, 3, s, s) for s in sizes]
         loss_official = od.train_step(run, crops, it, epoch=it // steps_per_epoch)
         trainer.train_step(crops)
         loss_ours = trainer.stats.read()["loss"]
         assert loss_ours == pytest.approx(loss_official, rel=1e-5), f"loss of step {it}"
+        ours, official = ours_seen[it], official_seen[it]
+        assert ours.keys() == official.keys()
+        frozen = {n for n, g in official.items() if g is None}
+        assert frozen == ({"head.last_layer.weight_v"} if it < steps_per_epoch else set()), f"step {it}"
+        for name, grad in official.items():
+            assert (ours[name] is None) == (grad is None), f"step {it} {name}"
+            if grad is not None:
+                assert_close(ours[name], grad, **TOL[torch.float32], name=f"step {it} gradient of {name}")
+        assert_close(trainer.loss_fn.center, run.dino_loss.center, **TOL[torch.float32], name=f"step {it} center")
 
-    ours = {k: v for k, v in trainer.model.state_dict().items()}
+    temps = [trainer.schedules.at(it).teacher_temp for it in range(steps)]
+    assert temps[0] == temps[1] == 0.04 < temps[2] == temps[3] < temps[4] == temps[5]
+    for it, norms in enumerate(official_norms):
+        clipped = sum(n > cfg.optim.clip_grad for n in norms)
+        assert 0 < clipped < len(norms), f"step {it}: {clipped} of {len(norms)} gradient tensors above the clip"
+
+    ours = trainer.model.state_dict()
     for name, value in run.student.state_dict().items():
         if name != "head.last_layer.weight_g":
             assert_close(ours[name], value, **TOL[torch.float32], name=f"student {name}")
+            # The lr warms up from 0 over 10 epochs: parameters move by ~1e-6, below TOL's atol, so their updates
+            # are compared too, to a few fp32 ulps of parameters of magnitude ~0.05 (2e-8 = 5 ulps).
+            update, official_update = (without_key_bias(name, v - initial[name]) for v in (ours[name], value))
+            assert_close(update, official_update, atol=2e-8, rtol=1e-3, name=f"student {name} update")
     ours = trainer.teacher.state_dict()
     for name, value in run.teacher.state_dict().items():
         if name != "head.last_layer.weight_g":
             assert_close(ours[name], value, **TOL[torch.float32], name=f"teacher {name}")
-    assert_close(trainer.loss_fn.center, run.dino_loss.center, **TOL[torch.float32], name="center")
 
 
 def test_weight_decay_groups_are_the_official_ones(bench_e2e):
-    cfg = tiny_config()
+    cfg = paper_preset()
     trainer = Trainer(cfg, 2, device=torch.device("cpu"))
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     ours = {names[id(p)] for p in param_groups(trainer.model)[0]["params"]}
@@ -146,7 +189,7 @@ def test_flop_count_is_the_matmul_work_of_the_baseline_step(bench_e2e):
     forward + backward and teacher forward (the loss, norms and the EMA have no matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = tiny_config()
+    cfg = paper_preset()
     run = od.build(bench_e2e.official_args(cfg, use_fp16=False), 2, "cpu")
     sizes = [32, 32, 16, 16]
     batch = 3

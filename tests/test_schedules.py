@@ -6,6 +6,7 @@ import pytest
 
 from fastdino.engine import config as C
 from fastdino.engine.schedules import Schedules, cosine, linear_warmup
+from fastdino.official_dino import DINOLoss as OfficialDINOLoss
 from fastdino.official_dino import cosine_scheduler as official_cosine_scheduler
 
 
@@ -52,6 +53,20 @@ def test_teacher_temperature_rises_linearly_then_stays():
     assert set(temps[11:]) == {cfg.loss.teacher_temp}
 
 
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 4])
+def test_per_epoch_teacher_temperature_is_the_official_one(warmup_epochs):
+    """The paper preset's teacher temperature (per_epoch) is the official DINOLoss's teacher_temp_schedule[epoch]
+    at every step (DINOLoss.forward(..., epoch) reads the same function: test_loss_module.py)."""
+    cfg = C.apply_overrides(C.vit_small16_imagenet(), overrides=[
+        f"loss.warmup_teacher_temp_epochs={warmup_epochs}", "epochs=7"])
+    assert cfg.loss.teacher_temp_schedule == "per_epoch"
+    steps_per_epoch = 3
+    sched = Schedules.from_config(cfg, steps_per_epoch)
+    official = OfficialDINOLoss(16, 2, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, warmup_epochs, 7)
+    expected = np.repeat(official.teacher_temp_schedule, steps_per_epoch)
+    np.testing.assert_allclose([sched.at(s).teacher_temp for s in range(7 * steps_per_epoch)], expected, rtol=1e-12)
+
+
 def test_explicit_total_steps_stretches_the_schedules():
     cfg = _cfg(warmup_epochs=1)
     sched = Schedules.from_config(cfg, steps_per_epoch=10, total_steps=1000)  # e.g. from a time budget
@@ -66,10 +81,14 @@ def test_a_warmup_longer_than_the_whole_run_keeps_its_share_of_the_epochs_with_a
     assert ("optim.warmup_epochs=3 (30 steps) is longer than the whole run of 20 steps: scaled down to 5 steps, its "
             "share of the configured 12 epochs") in caplog.text
     assert "loss.warmup_teacher_temp_epochs=30" in caplog.text and "freeze_last_layer" not in caplog.text
+    # The paper preset's per-epoch temperature: its warmup, scaled to the 2 epochs, moves once, at the epoch start.
+    assert [sched.at(s).teacher_temp for s in (0, 9, 10, 19)] == [0.04, 0.04, 0.07, 0.07]
 
 
 def test_helpers_edge_cases():
     assert linear_warmup(0.0, 1.0, 0, 0) == 1.0 and linear_warmup(0.0, 1.0, 5, 1) == 1.0
+    # np.linspace(0, 1, 1) == [0]: a one-step warmup starts at `start` (cosine_scheduler's lr at step 0 is 0)
+    assert linear_warmup(0.0, 1.0, 0, 1) == 0.0 and linear_warmup(0.0, 1.0, 1, 1) == 1.0
     assert cosine(1.0, 0.0, 0, 10) == 1.0 and cosine(1.0, 0.0, 10, 10) == 0.0 and cosine(1.0, 0.0, 99, 10) == 0.0
     assert cosine(2.0, 0.0, 5, 10) == pytest.approx(1.0) and not math.isnan(cosine(1.0, 0.0, 0, 0))
     with pytest.raises(ValueError, match="steps_per_epoch must be > 0"):
