@@ -251,14 +251,14 @@ class _MatchingLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self):
         stored = {k: v for k, v in self.metadata.state_dict_metadata.items() if k.startswith(MATCHED_KEYS)}
         here = {k: v for k, v in self.state_dict.items() if k.startswith(MATCHED_KEYS)}
-        problems = {k: f"{k} is not in the checkpoint" for k in set(here) - set(stored)}
-        problems |= {k: f"{k} is in the checkpoint only" for k in set(stored) - set(here)}
+        by_key = {k: f"{k} is not in the checkpoint" for k in set(here) - set(stored)}
+        by_key |= {k: f"{k} is in the checkpoint only" for k in set(stored) - set(here)}
         for key in set(here) & set(stored):
             size = getattr(stored[key], "size", None)
             if size is not None and torch.is_tensor(here[key]) and tuple(size) != tuple(here[key].shape):
-                problems[key] = f"{key} has shape {list(size)} in the checkpoint, {list(here[key].shape)} here"
+                by_key[key] = f"{key} has shape {list(size)} in the checkpoint, {list(here[key].shape)} here"
         # The model's tensors first: they say what changed; the optimizer's follow from them.
-        problems = [problems[k] for k in sorted(problems, key=lambda k: (_prefix_rank(k), k))]
+        problems = [by_key[k] for k in sorted(by_key, key=lambda k: (_prefix_rank(k), k))]
         if problems:
             raise ShapeMismatchError(f"the model or optimizer differs from the checkpoint's ({len(problems)} "
                                      f"tensors): {'; '.join(problems[:3])}" + ("; ..." if len(problems) > 3 else ""))

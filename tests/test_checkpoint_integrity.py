@@ -11,6 +11,8 @@ from fastdino.engine.checkpoint import CHECKSUMS, Checkpointer, CorruptCheckpoin
 
 from _helpers import assert_close
 from test_cli import tiny_dataset  # noqa: F401  (pytest fixture)
+from test_resume import UNINTERRUPTED
+from test_resume import fastdino_here as fastdino  # noqa: F401  (pytest fixture)
 
 
 def _state(value: float, step: int) -> dict:
@@ -93,16 +95,15 @@ def test_keep_last_counts_intact_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_whose_latest_checkpoint_was_zeroed_resumes_like_an_uninterrupted_run(tmp_path, tiny_dataset):
-    from test_cli import TINY_CLI, fastdino
+def test_a_run_whose_latest_checkpoint_was_zeroed_resumes_like_an_uninterrupted_run(tmp_path, tiny_dataset, fastdino,
+                                                                                     uninterrupted_run):
     from test_resume import assert_same_run
 
-    args = ["--data", tiny_dataset, *TINY_CLI, "eval.at_end=false"]
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert fastdino("train", "--output", whole, *args, "--max-steps", "6").returncode == 0
+    args = ["--data", tiny_dataset, *UNINTERRUPTED]
+    broken = tmp_path / "broken"
     assert fastdino("train", "--output", broken, *args, "--max-steps", "4").returncode == 0
     _zero_middle(_shard(broken / "checkpoints" / "step_00000004"))
-    resumed = fastdino("train", "--output", broken, *args, "--max-steps", "6")
+    resumed = fastdino("train", "--output", broken, *args)
     assert resumed.returncode == 0, resumed.stderr
     assert "step_00000004 is corrupt" in resumed.stderr and "resuming at step 2" in resumed.stderr, resumed.stderr
-    assert_same_run(broken, whole)
+    assert_same_run(broken, uninterrupted_run)

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from test_cli import tiny_dataset  # noqa: F401  (pytest fixture)
+from test_resume import main_here
 
 # Dies by SIGKILL right after the first weights file is written, before its rename.
 KILLED_AT_EXPORT = textwrap.dedent("""
@@ -43,9 +44,8 @@ def test_kill_during_the_weights_write_then_reruns_leave_nothing_behind(tmp_path
     old_umask = os.umask(0o022)
     try:
         for _ in range(2):  # resume and finish, then run the finished run once more
-            proc = fastdino("train", "--output", run, *args)
-            assert proc.returncode == 0, proc.stderr
-        assert fastdino("train", "--output", whole, *args).returncode == 0
+            assert main_here("train", "--output", run, *args) == 0
+        assert main_here("train", "--output", whole, *args) == 0
     finally:
         os.umask(old_umask)
     assert not list(run.glob(".*.tmp*")), sorted(p.name for p in run.iterdir())

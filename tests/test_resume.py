@@ -1,9 +1,11 @@
 """Checkpoints: atomic DCP writes (a SIGKILL mid-write leaves the previous one usable), keep-last-k, and a run
 stopped at step k and resumed with a larger --max-steps ending exactly like an uninterrupted run."""
 import json
+import logging
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +13,36 @@ import torch
 from fastdino.engine.checkpoint import Checkpointer
 
 from _helpers import assert_close
-from test_cli import tiny_dataset  # noqa: F401  (pytest fixture)
+from test_cli import TINY_CLI, tiny_dataset  # noqa: F401  (pytest fixture)
+
+# The uninterrupted run that the fault tests' interrupted-then-resumed runs must equal.
+UNINTERRUPTED = [*TINY_CLI, "eval.at_end=false", "--max-steps", "6"]
+
+
+def main_here(*args) -> int:
+    """`fastdino ARGS` in this process (no interpreter start), on one thread like test_cli's subprocesses (the
+    summation order, and so the bits, depend on it); the root logger `train` configures is put back."""
+    from fastdino.engine.cli import main
+
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([str(a) for a in args])
+    finally:
+        root.handlers[:], root.level = handlers, level
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fastdino_here(capsys):
+    """`main_here`, returning returncode, stdout and stderr."""
+    def run(*args):
+        code = main_here(*args)
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    return run
+
 
 
 def _state(value: float, step: int) -> dict:

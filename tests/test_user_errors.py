@@ -3,32 +3,13 @@ is a file or on a read-only filesystem, and a random or truncated .safetensors /
 torch's advice to load it with weights_only=False, which would run pickled code). A dataset whose k-NN cannot run
 (val classes missing from train, fewer train images than k) does not fail a finished training: the k-NN is skipped
 with one line, and the attention map and the end-of-run summary still come."""
-import logging
 import os
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fastdino.engine.cli import main
-
-
-@pytest.fixture
-def fastdino(capsys):
-    """`fastdino ARGS` in this process (no interpreter start): returncode, stdout and stderr. The root logger that
-    `fastdino train` configures is put back afterwards."""
-    root = logging.getLogger()
-
-    def run(*args):
-        handlers, level = root.handlers[:], root.level
-        try:
-            code = main([str(a) for a in args])
-        finally:
-            root.handlers[:], root.level = handlers, level
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-    return run
+from test_resume import fastdino_here as fastdino  # noqa: F401  (pytest fixture)
 
 
 def _assert_one_line_error(proc, *expected):
