@@ -6,11 +6,13 @@
 
 The config is the preset, then the YAML file, then `--data` / `--max-steps` / `--minutes`, then the
 `section.key=value` overrides (config.py). A bad value or unknown key is one line on stderr and exit code 2.
-Running the same command again with a larger --max-steps resumes from DIR's latest checkpoint; a --minutes run
-resumes with the step count it measured when it started. Without --data, the built-in shapes dataset is generated
-once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained teacher next
-to the untrained network's and an attention-map PNG. Every run ends with a few plain sentences on how training
-went (collapse, loss trend, k-NN curve).
+Running the same command again with a larger --max-steps resumes from DIR's latest intact checkpoint; a --minutes
+run resumes with the step count it measured when it started. A resume that changes a setting outside
+config.MAY_CHANGE_ON_RESUME is refused before anything is written. Ctrl-C and SIGTERM stop after the current step
+with a checkpoint (stop.py); a full disk is one line (exit code 1). Without --data, the built-in shapes dataset
+is generated once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained
+teacher next to the untrained network's and an attention-map PNG. Every run ends with a few plain sentences on
+how training went (collapse, loss trend, k-NN curve).
 
 This module is the only place that starts and stops torch.distributed (from torchrun's environment: gloo on the
 CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.

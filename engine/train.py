@@ -235,6 +235,8 @@ class Trainer:
                     break
             if self.step == start:
                 raise RuntimeError(f"the data loader yielded no batch at step {self.step} (epoch {self.epoch})")
+        if stop is not None and self.mesh is not None:  # a signal after the last check: every rank must know
+            stop.agreed(self.mesh.get_group(), self.device)
         self.trained_seconds, self.throughput = self.throughput.trained_seconds(), None
         return [row for row in rows if row]
 

@@ -30,9 +30,10 @@ SIMULATED_FULL_DISK = textwrap.dedent("""
 
 def _mount_tmpfs(path, size: str) -> bool:
     path.mkdir()
-    mounted = shutil.which("mount") and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                                       capture_output=True).returncode == 0
-    return bool(mounted)
+    if not shutil.which("mount"):
+        return False
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    return subprocess.run(command, capture_output=True).returncode == 0
 
 
 @pytest.mark.slow
