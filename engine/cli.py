@@ -17,6 +17,8 @@ how training went (collapse, loss trend, k-NN curve).
 This module is the only place that starts and stops torch.distributed (from torchrun's environment: gloo on the
 CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import logging
@@ -25,18 +27,27 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from typing import TYPE_CHECKING
 
 from fastdino.engine import config as C
 from fastdino.engine.checkpoint import DiskFullError, is_disk_full
 from fastdino.engine.stop import StopRequest
 
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+
 logger = logging.getLogger(__name__)
 
-EVAL_COMMANDS = ("knn", "linear", "attention", "export", "plot")
+# The evaluation subcommands (eval_cli.py) and their one-line help. torch is imported only once a command runs,
+# so that `fastdino --help` answers at once.
+EVAL_COMMANDS = {
+    "knn": "weighted k-NN top-1 / top-5 of a backbone (DINO eval_knn)",
+    "linear": "linear probe on frozen features (DINO eval_linear; resumes from --output)",
+    "attention": "PNG of the last block's per-head CLS attention and 60%% masks",
+    "export": "write features and labels to .safetensors or .npz",
+    "plot": "PNG curves of loss, teacher entropy and k-NN top-1 from DIR/metrics.jsonl",
+}
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
 EXIT_DISK_FULL = 1
@@ -47,10 +58,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" where an option has a default its help does not already describe."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastdino", description="Fast DINO pretraining for vision transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="pretrain a ViT with DINO (resumes from --output)")
+    parser = _Parser(prog="fastdino", description="Fast DINO pretraining for vision transformers. "
+                     "`fastdino train --output DIR` trains the default preset, demo (a tiny ViT on built-in shapes, a "
+                     "few CPU minutes), and evaluates it.",
+                     epilog="`fastdino COMMAND --help` describes a command's options and their defaults.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    train = sub.add_parser("train", help="pretrain a ViT with DINO (resumes from --output)",
+                           formatter_class=HelpFormatter)
     train.add_argument("--output", required=True, help="run directory (checkpoints, metrics.jsonl, weights)")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many steps; the schedules still span the config's epochs")
@@ -58,13 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time budget instead of the config's epochs: the schedules span the steps that fit "
                             "(measured at the start)")
     train.add_argument("--data", default=None,
-                       help="ImageFolder / tar-shard dataset (with train/ and val/ for the final k-NN); default: "
-                            "the built-in shapes dataset")
+                       help="images, labels not needed: a folder (searched at any depth), tar shards (.tar, "
+                            ".tar.gz, WebDataset) or a file list (.txt); with labelled train/ and val/ splits the "
+                            "run also evaluates k-NN. default: the built-in shapes dataset")
     train.add_argument("--preset", default="demo", help=f"named config: {', '.join(sorted(C.PRESETS))}")
     train.add_argument("--config", default=None, help="YAML file with sections of the config tree")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.base_lr=1e-3")
-    for name in EVAL_COMMANDS:
-        sub.add_parser(name, help="evaluation (see fastdino %s --help)" % name, add_help=False)
+    for name, text in EVAL_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -86,6 +111,10 @@ def init_logging(rank: int) -> None:
 
 def init_distributed() -> tuple[torch.device, DeviceMesh | None]:
     """Device and 1-D mesh from torchrun's environment; one process (no process group) without it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:
@@ -116,6 +145,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         sys.stderr.write(f"fastdino: error: {error}\n")
         return EXIT_USAGE
+    import torch.distributed as dist
+
     device, mesh = init_distributed()
     try:
         init_logging(mesh.get_rank() if mesh is not None else 0)
@@ -174,9 +205,11 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
         cfg = with_dataset(cfg, rank)
         check_resumable(cfg, output)
         train_split = resolve_split(cfg.data.path, "train")
-        if cfg.eval.at_end:
-            _check_val_split(cfg.data.path)
         loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
+        no_knn = knn_unavailable(cfg, loader.labelled)
+        if no_knn:  # labels only matter to the evaluation: train without it
+            logger.info("k-NN evaluation off: %s", no_knn)
+            cfg = replace(cfg, eval=replace(cfg.eval, at_end=False, knn_every_epochs=0))
         trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
         resumed = trainer.resume(loader)  # a time-budgeted run resumes with the step count it measured
         if rank == 0:  # only once the checkpoint fits: a refused resume leaves the run's config.json as it was
@@ -209,6 +242,8 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
         return stop.exit_code
     if cfg.eval.at_end and trainer.step == trainer.schedules.total_steps:
         evaluate_at_end(trainer, output)
+    elif no_knn and rank == 0:
+        print(f"k-NN evaluation skipped: {no_knn}. {KNN_DATA_HINT}")
     if rank == 0:
         state_the_run(trainer, output)
     return 0
@@ -230,6 +265,8 @@ def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:
     """`cfg` with data.path set: the built-in shapes dataset (generated once, by rank 0) when it is null."""
     if cfg.data.path is not None:
         return cfg
+    import torch.distributed as dist
+
     from fastdino.pipelines import default_dataset_dir, make_shapes_dataset
     from fastdino.pipelines.synthetic import FORMAT_VERSION
 
@@ -244,14 +281,27 @@ def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:
     return replace(cfg, data=replace(d, path=str(root)))
 
 
-def _check_val_split(path: str) -> None:
-    from fastdino.pipelines import resolve_split
+KNN_DATA_HINT = ("For a k-NN evaluation, give --data a folder with labelled train/ and val/ splits: class folders "
+                 "(DATA/train/CLASS/*.jpg, DATA/val/CLASS/*.jpg), or train.tar / val.tar holding them, or "
+                 "WebDataset shards with .cls members.")
 
+
+def knn_unavailable(cfg: C.TrainConfig, train_labelled: bool) -> str | None:
+    """Why the run's k-NN evaluation (at the end or periodic) cannot run on its dataset, or None when it can
+    or none is asked for. It needs class labels in the train split and a labelled val split."""
+    from fastdino.pipelines import open_source, resolve_split
+
+    if not (cfg.eval.at_end or cfg.eval.knn_every_epochs):
+        return None
     try:
-        resolve_split(path, "val")
-    except ValueError as error:
-        raise ValueError(f"eval.at_end needs a val split next to train ({error}); pass eval.at_end=false to train "
-                         f"without the final evaluation") from None
+        val = resolve_split(cfg.data.path, "val")
+    except ValueError:
+        return f"{cfg.data.path} has no labelled val split"
+    if not open_source(val).labelled:
+        return f"the val split {val} has no class labels"
+    if not train_labelled:
+        return f"the train images of {cfg.data.path} have no class labels"
+    return None
 
 
 def check_resumable(cfg: C.TrainConfig, output: Path) -> None:

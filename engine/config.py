@@ -216,7 +216,7 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
-    """Save every this many steps (also at each epoch end and when the run stops); 0 = only those."""
+    """Save every this many steps and when the run stops; 0 = at each epoch end and when the run stops."""
     keep_last: int = 2
     """How many checkpoints to keep; older ones are deleted."""
 

@@ -7,6 +7,7 @@ and each k uses a prefix of them.
 """
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,9 @@ class KNNDataError(ValueError):
 # the last 4 blocks concatenated (DINO linear probe for ViT-S); "cls_avgpool" = last CLS + mean patch token
 # (DINO linear probe for ViT-B).
 POOLINGS = ("cls", "cls4", "cls_avgpool")
+
+# Feature extraction logs a progress line at most this often.
+PROGRESS_EVERY_S = 10.0
 
 # Test rows per similarity block are chosen so one (rows, N_train) block holds at most this many fp32 values
 # (256 MiB): the full (N_test, N_train) matrix is never built.
@@ -53,18 +57,31 @@ def embed(backbone, images: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(backbone, loader, device, *, pooling: str = "cls", normalize: bool = True,
-                     process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     process_group=None, name: str = "images",
+                     progress_every_s: float = PROGRESS_EVERY_S) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every image `loader` yields, as fp32 `(N, F)` and int64 `(N,)` on `device`.
 
     When torch.distributed is initialised, each rank passes the loader of its own shard and the shards are
     all-gathered (rank-major order), so every rank returns the features of the whole dataset.
-    `normalize` L2-normalises each row (k-NN); the linear probe takes raw features.
+    `normalize` L2-normalises each row (k-NN); the linear probe takes raw features. A progress line (batches,
+    img/s, ETA) is logged every `progress_every_s` seconds, naming the images as `name`.
     """
     backbone.eval()
     feats, labels = [], []
-    for images, targets in loader:
+    total = len(loader) if hasattr(loader, "__len__") else None
+    start = last_line = time.perf_counter()
+    seen = 0
+    for batch, (images, targets) in enumerate(loader, 1):
         feats.append(embed(backbone, images.to(device, non_blocking=True), pooling).float())
         labels.append(targets.to(device, non_blocking=True))
+        seen += len(targets)
+        now = time.perf_counter()
+        if now - last_line >= progress_every_s and batch != total:
+            last_line = now
+            rate = seen / (now - start)
+            eta = f", ETA {(now - start) * (total - batch) / batch:.0f} s" if total else ""
+            logger.info("features of %s: batch %d%s, %.0f img/s%s", name, batch, f"/{total}" if total else "",
+                        rate, eta)
     feats = torch.cat(feats) if feats else torch.empty(0, feature_dim(backbone, pooling), device=device)
     labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
     if normalize:
@@ -142,38 +159,50 @@ def distributed_rank_world(process_group=None) -> tuple[int, int]:
 
 
 def split_features(backbone, data_path, splits=("train", "val"), *, image_size: int = 224, batch_size: int = 256,
-                   device="cpu", num_workers: int = 2, pooling: str = "cls", normalize: bool = True):
+                   device="cpu", num_workers: int = 2, pooling: str = "cls", normalize: bool = True,
+                   need_labels: bool = True):
     """Extract the features of each split of an ImageFolder / tar-shard dataset.
 
     Returns `(features, classes)`: `features[split] = (feats (N, F), labels (N,))`, with every split's labels
     mapped onto the class indices of the first split (the training split); `classes` are that split's names.
-    A later split with a class the first one lacks is a ValueError (its images could never be classified).
+    Every split is listed before any is embedded, so that a missing or (with `need_labels`) unlabeled split, or a
+    later split with a class the first one lacks, is a ValueError before the work starts.
     """
     from fastdino.pipelines import build_eval_loader, resolve_split
 
     rank, world = distributed_rank_world()
-    features, classes = {}, None
-    for split in splits:
-        loader = build_eval_loader(resolve_split(str(data_path), split), image_size=image_size,
-                                   batch_size=batch_size, rank=rank, world_size=world, num_workers=num_workers,
-                                   device=str(device))
-        feats, labels = extract_features(backbone, loader, device, pooling=pooling, normalize=normalize)
-        if classes is None:
-            classes = list(loader.classes)
-        else:
-            labels = _remap_labels(labels, list(loader.classes), classes, data_path, split, splits[0])
+    paths = {split: resolve_split(str(data_path), split) for split in splits}
+    loaders = {split: build_eval_loader(path, image_size=image_size, batch_size=batch_size, rank=rank,
+                                        world_size=world, num_workers=num_workers, device=str(device))
+               for split, path in paths.items()}
+    classes = list(loaders[splits[0]].classes)
+    for split, loader in loaders.items():
+        if need_labels and not loader.source.labelled:
+            raise ValueError(f"the {split} split {paths[split]} has no class labels, which this evaluation needs: "
+                             f"use class folders ({split}/CLASS/*.jpg, also inside a tar) or WebDataset .cls members")
+        _check_classes(list(loader.classes), classes, data_path, split, splits[0])
+    features = {}
+    for split, loader in loaders.items():
+        feats, labels = extract_features(backbone, loader, device, pooling=pooling, normalize=normalize,
+                                         name=f"the {split} split ({loader.num_images} images)")
+        if split != splits[0]:
+            labels = _remap_labels(labels, list(loader.classes), classes)
         logger.info("extracted %d %s features of size %d", feats.shape[0], split, feats.shape[1])
         features[split] = (feats, labels)
     return features, classes
 
 
-def _remap_labels(labels, split_classes, train_classes, data_path, split, train_split):
-    """Labels of `split` (indices into split_classes) -> indices into train_classes, matched by class name."""
+def _check_classes(split_classes, train_classes, data_path, split, train_split) -> None:
+    """A later split's classes must all be the first split's (its images could never be classified else)."""
     missing = sorted(set(split_classes) - set(train_classes))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise KNNDataError(f"{data_path}: {len(missing)} class(es) of the {split} split are missing from the "
                          f"{train_split} split: {shown}")
+
+
+def _remap_labels(labels, split_classes, train_classes):
+    """Labels of a split (indices into split_classes) -> indices into train_classes, matched by class name."""
     if split_classes == train_classes:
         return labels
     index = torch.tensor([train_classes.index(name) for name in split_classes], device=labels.device)
@@ -212,9 +241,11 @@ def export_features(backbone, data_path, output, *, splits=("train", "val"), poo
     output = Path(output)
     if output.suffix not in (".safetensors", ".npz"):
         raise ValueError(f"export file must end in .safetensors or .npz, got {output.name}")
+    if distributed_rank_world()[0] == 0:
+        check_writable(output)
     features, classes = split_features(backbone, data_path, tuple(splits), image_size=image_size,
                                        batch_size=batch_size, device=device, num_workers=num_workers,
-                                       pooling=pooling, normalize=False)
+                                       pooling=pooling, normalize=False, need_labels=False)
     if distributed_rank_world()[0] != 0:
         return output
     tensors = {}
@@ -229,6 +260,16 @@ def export_features(backbone, data_path, output, *, splits=("train", "val"), poo
             np.savez(f, classes=np.array(classes), **{k: v.numpy() for k, v in tensors.items()})
 
     return atomic_write(output, write_npz)
+
+
+def check_writable(path, *, folder: bool = False) -> None:
+    """Raise OSError now, before any work, when `path` (a file, or a folder with `folder`) cannot be written."""
+    path = Path(path)
+    directory = path if folder else path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".fastdino-write-test-{time.time_ns()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def _check_pooling(pooling: str) -> str:

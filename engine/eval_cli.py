@@ -12,6 +12,7 @@ command's duration: every rank extracts the features of its shard, and rank 0 pr
 """
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fastdino.engine.backbone_io import load_backbone
+from fastdino.engine.cli import EVAL_COMMANDS, HelpFormatter
 from fastdino.engine.eval import POOLINGS, distributed_rank_world, export_features, knn_evaluate
 from fastdino.engine.linear import linear_probe
 from fastdino.engine.visualize import plot_run, save_attention_png
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastdino", description="Evaluate a DINO backbone: k-NN, linear probe, attention maps, "
                                                   "feature export, run plots.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
     def backbone_args(p, data=True):
         p.add_argument("--checkpoint", required=True, type=Path,
@@ -52,16 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
         if data:
             p.add_argument("--data", required=True, type=Path, help="dataset folder with train/ and val/")
-            p.add_argument("--image-size", type=int, default=224, help="resize + center-crop side in pixels")
+            p.add_argument("--image-size", type=int, default=None,
+                           help="resize + center-crop side in pixels (default: the size the backbone was trained "
+                                "at, from the checkpoint; 224 for official DINO weights)")
             p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
             p.add_argument("--num-workers", type=int, default=2, help="data loading workers")
 
-    p = sub.add_parser("knn", help="weighted k-NN top-1 / top-5 (DINO eval_knn)")
+    p = sub.add_parser("knn", help=EVAL_COMMANDS["knn"])
     backbone_args(p)
     p.add_argument("--k", type=int, nargs="+", default=[20], help="neighbour counts, e.g. --k 10 20 100")
     p.add_argument("--temperature", type=float, default=0.07, help="T of the vote weights exp(sim / T)")
 
-    p = sub.add_parser("linear", help="linear probe on frozen features (resumes from --output)")
+    p = sub.add_parser("linear", help=EVAL_COMMANDS["linear"])
     backbone_args(p)
     p.add_argument("--output", required=True, type=Path, help="directory for the probe checkpoint and results")
     p.add_argument("--epochs", type=int, default=100)
@@ -69,19 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="auto", choices=("auto", "cls4", "cls_avgpool"),
                    help="features: auto = cls4 below D=768, else cls_avgpool (DINO's choices)")
 
-    p = sub.add_parser("attention", help="PNG of the last block's per-head CLS attention and 60%% masks")
+    p = sub.add_parser("attention", help=EVAL_COMMANDS["attention"])
     backbone_args(p, data=False)
-    p.add_argument("--image", required=True, type=Path, help="image whose sides are multiples of the patch size")
+    p.add_argument("--image", required=True, type=Path, help="image file (any size, any format PIL reads)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the shorter side to this many pixels, then center-crop to patch multiples (default: "
+                        "the size the backbone was trained at; 0 = keep the image as it is)")
     p.add_argument("--output", required=True, type=Path, help="PNG file to write")
     p.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by the masks")
 
-    p = sub.add_parser("export", help="write features and labels to .safetensors or .npz")
+    p = sub.add_parser("export", help=EVAL_COMMANDS["export"])
     backbone_args(p)
     p.add_argument("--output", required=True, type=Path, help="FILE.safetensors or FILE.npz")
     p.add_argument("--split", nargs="+", default=["train", "val"], help="splits to export, train first")
     p.add_argument("--pooling", default="cls", choices=POOLINGS, help="cls = final-norm CLS (the k-NN feature)")
 
-    p = sub.add_parser("plot", help="PNG curves of loss, teacher entropy and k-NN top-1 from DIR/metrics.jsonl")
+    p = sub.add_parser("plot", help=EVAL_COMMANDS["plot"])
     p.add_argument("run_dir", type=Path)
     return parser
 
@@ -94,6 +102,9 @@ def main(argv=None) -> int:
         return _error(str(err))
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
+    # Progress lines on stderr (rank 0), unless the caller configured logging already.
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         return _run(args)
     except (ValueError, OSError) as err:
@@ -113,9 +124,12 @@ def _run(args) -> int:
     device = _device(args.device)
     backbone = load_backbone(args.checkpoint, device=device, arch=args.arch)
     if args.command == "attention":
-        print(save_attention_png(backbone, args.image, args.output, threshold=args.threshold))
+        print(save_attention_png(backbone, args.image, args.output, threshold=args.threshold,
+                                 image_size=args.image_size))
         return 0
-    data = dict(image_size=args.image_size, batch_size=args.batch_size, device=device, num_workers=args.num_workers)
+    image_size = args.image_size or backbone.patch_embed.img_size[0]
+    logger.info("evaluating at %d px (%s)", image_size, "--image-size" if args.image_size else "the checkpoint's size")
+    data = dict(image_size=image_size, batch_size=args.batch_size, device=device, num_workers=args.num_workers)
     with _distributed(device):
         is_main = distributed_rank_world()[0] == 0
         if args.command == "knn":

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdino.engine.backbone_io import atomic_write
-from fastdino.engine.eval import distributed_rank_world, split_features
+from fastdino.engine.eval import check_writable, distributed_rank_world, split_features
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ def linear_probe(backbone, data_path, output_dir, *, pooling: str = "auto", imag
                  device="cpu", num_workers: int = 2, seed: int = 0) -> dict:
     """Linear probe of a frozen backbone on `data_path` (train/ and val/); results as `train_linear`'s."""
     pooling = default_pooling(backbone.embed_dim) if pooling == "auto" else pooling
+    if distributed_rank_world()[0] == 0:
+        check_writable(output_dir, folder=True)
     features, classes = split_features(backbone, data_path, ("train", "val"), image_size=image_size,
                                        batch_size=extract_batch_size, device=device, num_workers=num_workers,
                                        pooling=pooling, normalize=False)

@@ -49,9 +49,9 @@ class StepStats:
             grad_norm.float(),
         ])
 
-    def read(self, process_group=None) -> dict[str, float]:
+    def read(self, process_group=None, *, reset: bool = True) -> dict[str, float]:
         """Means since the last read and the counters, reduced over ranks (collective when torch.distributed is
-        initialised); resets everything but the current run of non-finite steps."""
+        initialised); with `reset`, resets everything but the current run of non-finite steps."""
         values = self.values.clone()
         if dist.is_available() and dist.is_initialized():
             sums, longest = values[:2].clone(), values[5:6].clone()  # loss_sum, entropy_sum; max_nonfinite_in_a_row
@@ -59,7 +59,8 @@ class StepStats:
             dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=process_group)  # losses are per rank
             values[:2], values[5:6] = sums / dist.get_world_size(process_group), longest
         raw = dict(zip(self.FIELDS, values.tolist()))  # host sync: once per log step
-        self.values = self.values * torch.tensor([0, 0, 0, 0, 1, 0, 1], device=self.values.device)
+        if reset:
+            self.values = self.values * torch.tensor([0, 0, 0, 0, 1, 0, 1], device=self.values.device)
         finite = raw["finite_steps"]
         return {
             "loss": raw["loss_sum"] / finite if finite else math.nan,
@@ -163,10 +164,16 @@ class MetricsWriter:
         self.total_steps = total_steps
 
     def drop_after(self, step: int) -> None:
-        """Remove rows logged after `step` (a resumed run logs them again) and a line cut short by a kill."""
-        if self.path is None or not self.path.is_file():
+        """Remove rows logged after `step` (a resumed run logs them again), a `partial` row at `step` (the row of
+        a run stopped between two log steps: the resumed run's next row covers its steps) and a line cut short by
+        a kill."""
+        if self.path is None:
             return
-        self._keep(lambda row: row["step"] <= step)
+        if not self.path.is_file():  # created now, so that every run leaves one, even one that logs no row
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+            return
+        self._keep(lambda row: row["step"] < step or (row["step"] == step and not row.get("partial")))
 
     def replace(self, row: dict) -> None:
         """Append `row` in place of the rows of the same step with the same keys (a rerun's end-of-run k-NN)."""

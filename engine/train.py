@@ -203,7 +203,7 @@ class Trainer:
 
     def train(self, loader, stop: StopRequest | None = None) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
-        every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps`, at epoch ends
+        every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps` (epoch ends when 0)
         and at the end, and after the step at which `stop` reports a signal (see stop.py), which then ends the
         run. Returns the logged training rows (rank 0; empty elsewhere)."""
         cfg = self.cfg
@@ -221,16 +221,15 @@ class Trainer:
             for crops in loader:
                 self.restore_rng()
                 self.train_step(crops)
-                if self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps:
-                    rows.append(self._log(writer, collapse, self.throughput))
+                if stop is not None and self._stop_agreed(stop):
+                    self.stop_step = self.step  # a signal: this step is the last, logged and checkpointed
+                on_cycle = self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps
+                if on_cycle or self.step == self.stop_step:  # a run stopped between log steps shows its loss too
+                    rows.append(self._log(writer, collapse, self.throughput, partial=not on_cycle))
                 if self._knn_due():  # before the checkpoint: a run resumed from it must not miss this pass
                     self._periodic_knn(writer)
                 if self._checkpoint_due():
                     self.save_checkpoint(loader)
-                if stop is not None and self._stop_agreed(stop):
-                    if not self._checkpoint_due():
-                        self.save_checkpoint(loader)
-                    self.stop_step = self.step
                 if self.step >= self.stop_step or self.step % self.steps_per_epoch == 0:
                     break
             if self.step == start:
@@ -300,17 +299,20 @@ class Trainer:
             self.next_step_rng = None
 
     def _checkpoint_due(self) -> bool:
-        every = self.cfg.checkpoint.every_steps
-        return (self.step == self.stop_step or self.step % self.steps_per_epoch == 0
-                or (every > 0 and self.step % every == 0))
+        # A checkpoint holds the loader's position, so a run resumes mid-epoch: with every_steps set, epoch ends
+        # need no checkpoint of their own (on a small dataset they would come every few dozen steps).
+        every = self.cfg.checkpoint.every_steps or self.steps_per_epoch
+        return self.step == self.stop_step or self.step % every == 0
 
     def _writes(self) -> bool:
         return self.rank == 0 and self.output_dir is not None
 
-    def _log(self, writer: MetricsWriter, collapse: CollapseWatch, throughput: Throughput) -> dict:
+    def _log(self, writer: MetricsWriter, collapse: CollapseWatch, throughput: Throughput, *,
+             partial: bool = False) -> dict:
         """Read the step accumulators (host sync, all ranks), write a metrics row (rank 0) and stop the run when
-        too many steps in a row were skipped."""
-        stats = self.stats.read(self.mesh.get_group() if self.mesh is not None else None)
+        too many steps in a row were skipped. A `partial` row (the run stops between two log steps) leaves the
+        accumulators as they are, so a resumed run's rows equal an uninterrupted run's."""
+        stats = self.stats.read(self.mesh.get_group() if self.mesh is not None else None, reset=not partial)
         values = self.schedules.at(self.step - 1)
         img_per_s, eta_s = throughput.tick(self.step, self.cfg.data.batch_size, self.stop_step)
         row = {
@@ -321,6 +323,8 @@ class Trainer:
             "images_seen": self.step * self.cfg.data.batch_size, "img_per_s": img_per_s,
             "max_memory_gib": max_memory_gib(self.device), "eta_s": eta_s,
         }
+        if partial:
+            row["partial"] = True
         if stats["max_nonfinite_in_a_row"] >= self.cfg.max_nonfinite_in_a_row:
             raise NonFiniteLossError(
                 f"{stats['max_nonfinite_in_a_row']} steps in a row up to step {self.step} had a non-finite loss or "

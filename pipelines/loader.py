@@ -85,6 +85,11 @@ class MultiCropLoader:
         return self.feeder.batch_size
 
     @property
+    def labelled(self) -> bool:
+        """Whether every image has a class label (only evaluation needs them)."""
+        return self.feeder.source.labelled
+
+    @property
     def num_skipped(self) -> int:
         """Files skipped at validation plus images that failed to decode since."""
         return self.feeder.source.num_skipped + len(self.decode_failures)

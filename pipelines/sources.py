@@ -1,4 +1,6 @@
-"""Datasets on disk: ImageFolder trees, ImageFolder-in-tar shards and WebDataset shards, listed and validated once.
+"""Datasets on disk, listed and validated once: ImageFolder trees, folders of unlabeled images (any depth), file
+lists, and tar shards (ImageFolder-in-tar or WebDataset, labelled or not, plain or compressed). Labels only matter
+to evaluation: a layout without them gets label -1.
 
 `open_source` lists a split, reads the header and the last bytes of every image, and keeps only images that both
 backends can decode; each skipped file is counted by reason and reported in one warning. The check costs two
@@ -9,14 +11,20 @@ file, drops it and rebuilds its pipeline (see `loader.py`).
 
 Validating ImageNet (1.28M files) takes about a minute; large datasets keep the result in an index cache.
 Tar shards are indexed once (member offsets) and read with `os.pread`, so any rank can read any image and the
-order is chosen per image, exactly as for a folder: sharding and resuming work the same for every layout.
+order is chosen per image, exactly as for a folder: sharding and resuming work the same for every layout. Random
+access needs an uncompressed tar, so a .tar.gz / .tgz / .tar.bz2 / .tar.xz shard is decompressed once into the
+cache folder (keyed by its path, size and modification time).
 """
+import bz2
 import glob
+import gzip
 import hashlib
 import io
 import json
 import logging
+import lzma
 import os
+import shutil
 import struct
 import tarfile
 from collections import defaultdict
@@ -36,6 +44,11 @@ DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM
 # What PIL raises on a broken or hostile file (UnidentifiedImageError is an OSError).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+# A file list: one image path per line, relative to the list's folder or absolute; '#' starts a comment line.
+FILE_LIST_SUFFIXES = (".txt", ".lst")
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}  # magic bytes -> opener
+_GIF = "GIF (DALI cannot decode it: convert to PNG)"
 _TAIL_BYTES = 1024
 _EXIF_ORIENTATION = 0x0112
 # From this many images on, validation results are kept in default_dataset_dir()/index, keyed by the path, size
@@ -50,14 +63,15 @@ class ImageSource:
     none), `sizes` (N, 2) int32 header size after EXIF orientation, and for tar layouts the location: shard
     `file_index` of `files`, `nbytes` bytes at `offset`. Arrays rather than lists, so that handing the source to
     worker processes stays cheap for millions of images.
-    `skipped` maps a reason to (count, example) for everything left out.
+    `skipped` maps a reason to (count, example) for every image left out, `ignored` the same for files and tar
+    members that are not images. `classes` is empty for an unlabeled layout.
     """
 
     def __init__(self, root: str, layout: str, files: list[str], classes: list[str], entries: list[tuple],
-                 skipped: dict[str, list]):
+                 skipped: dict[str, list], ignored: dict[str, list] | None = None):
         self._fds: dict[int, int] = {}  # shard descriptors, opened on first read in each process
         self.root, self.layout, self.files, self.classes = root, layout, files, classes
-        self.skipped = dict(skipped)
+        self.skipped, self.ignored = dict(skipped), dict(ignored or {})
         # entries: (name, file_index, offset, nbytes, label, height, width)
         self.names = np.array([e[0].encode() for e in entries], dtype=np.bytes_)
         self.file_index = np.array([e[1] for e in entries], dtype=np.int64)
@@ -72,6 +86,10 @@ class ImageSource:
     @property
     def num_skipped(self) -> int:
         return sum(count for count, _ in self.skipped.values())
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).all())
 
     def describe(self, index: int) -> str:
         """Where image `index` lives, for messages."""
@@ -117,8 +135,9 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 def open_source(path: str, *, num_threads: int = 8) -> ImageSource:
-    """List and validate a split: an ImageFolder directory, a directory of .tar shards, one .tar, or a glob
-    pattern of .tar files. Raises ValueError for a missing, empty or unreadable dataset."""
+    """List and validate a split: a folder (ImageFolder class folders, or unlabeled images at any depth), a
+    folder of tar shards, one tar shard, a glob pattern of shards, or a file list (.txt / .lst). Raises ValueError
+    for a missing, empty or unreadable dataset."""
     path = str(path)
     if glob.has_magic(path):
         shards = sorted(glob.glob(path))
@@ -129,39 +148,44 @@ def open_source(path: str, *, num_threads: int = 8) -> ImageSource:
     if not p.exists():
         raise ValueError(f"dataset path {path!r} does not exist")
     if p.is_file():
-        if p.suffix != ".tar":
-            raise ValueError(f"dataset path {path!r} is a file but not a .tar shard")
+        if p.name.lower().endswith(FILE_LIST_SUFFIXES):
+            return _open_file_list(path, num_threads)
+        if not p.name.lower().endswith(TAR_SUFFIXES):
+            raise ValueError(f"dataset path {path!r} is a file but not a tar shard ({', '.join(TAR_SUFFIXES)}) "
+                             f"or a file list ({', '.join(FILE_LIST_SUFFIXES)})")
         return _open_tars(path, [path], num_threads)
     try:
         entries = sorted(os.scandir(p), key=lambda e: e.name)
     except OSError as err:
         raise ValueError(f"dataset folder {path!r} is unreadable: {err}") from err
-    dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
-    tars = [e.path for e in entries if e.is_file() and e.name.endswith(".tar")]
-    if tars and not dirs:
+    entries = [e for e in entries if not e.name.startswith(".")]
+    dirs = [e.name for e in entries if e.is_dir()]
+    tars = [e.path for e in entries if e.is_file() and e.name.lower().endswith(TAR_SUFFIXES)]
+    loose_images = [e for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS + (".gif",))]
+    if tars and not dirs and not loose_images:
         return _open_tars(path, tars, num_threads)
-    if not dirs:
-        images = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-        if not images:
-            raise ValueError(f"dataset folder {path!r} is empty: no class folders, images or .tar shards")
-        raise ValueError(f"dataset folder {path!r} holds images but no class folders: put them in "
-                         f"{path}/<class>/ (ImageFolder layout)")
-    return _open_folder(path, [d.name for d in dirs], num_threads)
+    if not dirs and not loose_images:
+        raise ValueError(f"dataset folder {path!r} is empty: no images, class folders or tar shards")
+    # Class folders alone are ImageFolder; images beside them mean the folder is a plain unlabeled collection.
+    return _open_folder(path, [] if loose_images else dirs, num_threads)
 
 
 def resolve_split(path: str, split: str) -> str:
-    """PATH/split when it exists (a folder, PATH/split.tar or PATH/split-*.tar shards), else PATH itself for
-    "train". Raises ValueError for a missing, empty or unreadable dataset or a missing non-train split."""
+    """PATH/split when it exists (a folder, a shard PATH/split.tar, shards PATH/split-*.tar, each also compressed,
+    or a file list PATH/split.txt), else PATH itself for "train". Raises ValueError for a missing, empty or
+    unreadable dataset or a missing non-train split."""
     p = Path(path)
     if not glob.has_magic(str(path)) and not p.exists():
         raise ValueError(f"dataset path {str(path)!r} does not exist")
     if p.is_dir():
         if (p / split).is_dir():
             return str(p / split)
-        if (p / f"{split}.tar").is_file():
-            return str(p / f"{split}.tar")
-        if glob.glob(str(p / f"{split}-*.tar")):
-            return str(p / f"{split}-*.tar")
+        for suffix in TAR_SUFFIXES + FILE_LIST_SUFFIXES:
+            if (p / f"{split}{suffix}").is_file():
+                return str(p / f"{split}{suffix}")
+        for suffix in TAR_SUFFIXES:
+            if glob.glob(str(p / f"{split}-*{suffix}")):
+                return str(p / f"{split}-*{suffix}")
         try:
             empty = next(os.scandir(p), None) is None
         except OSError as err:
@@ -171,7 +195,7 @@ def resolve_split(path: str, split: str) -> str:
     if split == "train":
         return str(path)
     raise ValueError(f"dataset {str(path)!r} has no {split!r} split: expected {path}/{split}/, "
-                     f"{path}/{split}.tar or {path}/{split}-*.tar")
+                     f"{path}/{split}.tar (or .tar.gz), {path}/{split}-*.tar or {path}/{split}.txt")
 
 
 def epoch_batches(num_images: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
@@ -195,22 +219,35 @@ def epoch_batches(num_images: int, batch_size: int, *, seed: int, epoch: int, ra
 
 
 class _Skips:
-    """Counts of skipped files by reason, with one example each."""
+    """Counts by reason, with one example each, of the images left out (`reasons`) and of the files or tar
+    members that are not images (`ignored`)."""
 
     def __init__(self):
         self.reasons: dict[str, list] = defaultdict(lambda: [0, ""])
+        self.ignored: dict[str, list] = defaultdict(lambda: [0, ""])
 
-    def add(self, reason: str, where: str) -> None:
-        entry = self.reasons[reason]
+    def add(self, reason: str, where: str, *, ignored: bool = False) -> None:
+        entry = (self.ignored if ignored else self.reasons)[reason]
         entry[0] += 1
         entry[1] = entry[1] or where
 
-    def report(self, root: str, kept: int) -> None:
-        if self.reasons:
-            parts = [f"{count} {reason} (e.g. {where})" for reason, (count, where) in sorted(self.reasons.items())]
-            total = sum(count for count, _ in self.reasons.values())
-            logger.warning("%s: skipped %d file(s) or folder(s), kept %d images: %s", root, total, kept,
-                           "; ".join(parts))
+    def add_file(self, name: str, where: str) -> None:
+        """Count a file that has no image extension: a GIF is an image left out, anything else is ignored."""
+        if name.lower().endswith(".gif"):
+            self.add(_GIF, where)
+        else:
+            self.add("not an image", where, ignored=True)
+
+    def report(self, root: str, kept: int, classes: list[str]) -> None:
+        """One summary line: images kept, labels, and everything left out (a warning when images were)."""
+        labels = f"{len(classes)} classes" if classes else "no labels"
+        line = f"{root}: kept {kept} images ({labels})"
+        for verb, reasons in (("skipped", self.reasons), ("ignored", self.ignored)):
+            if reasons:
+                total = sum(count for count, _ in reasons.values())
+                line += f"; {verb} {total} file(s): " + ", ".join(
+                    f"{count} {reason} (e.g. {where})" for reason, (count, where) in sorted(reasons.items()))
+        logger.log(logging.WARNING if self.reasons else logging.INFO, "%s", line)
 
 
 def inspect_image(f, size: int) -> tuple[int, int] | str:
@@ -275,48 +312,120 @@ def _inspect_file(path: str) -> tuple[int, int] | str:
 
 
 def _open_folder(root: str, classes: list[str], num_threads: int) -> ImageSource:
+    """ImageFolder when `classes` names its class folders; else every image under `root`, unlabeled."""
     skips = _Skips()
     candidates = []  # (relative name, label)
-    for label, name in enumerate(classes):
+    for label, name in enumerate(classes) if classes else [(-1, "")]:
         found = []
         for folder, subdirs, files in os.walk(os.path.join(root, name), followlinks=True):
-            subdirs.sort()
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
             rel = os.path.relpath(folder, root)
-            found += [(os.path.join(rel, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not found:
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append((os.path.normpath(os.path.join(rel, f)), label))
+                elif not f.startswith("."):
+                    skips.add_file(f, os.path.join(folder, f))
+        if not found and classes:
             skips.add("empty class folder", name)
         candidates += found
+    return _open_files(root, classes, candidates, skips, num_threads)
+
+
+def _open_file_list(path: str, num_threads: int) -> ImageSource:
+    root = os.path.dirname(os.path.abspath(path))
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"file list {path!r} is unreadable: {err}") from err
+    skips = _Skips()
+    candidates = []
+    for line in lines:
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            candidates.append((name, -1))
+        else:
+            skips.add_file(name, name)
+    if not candidates and not skips.reasons:
+        raise ValueError(f"file list {path!r} is empty: expected one image path per line")
+    return _open_files(root, [], candidates, skips, num_threads, name=path)
+
+
+def _open_files(root: str, classes: list[str], candidates: list[tuple[str, int]], skips: _Skips, num_threads: int,
+                name: str | None = None) -> ImageSource:
+    """Validate image files (`candidates`: name relative to `root`, label) into a "folder" source."""
     files = [os.path.join(root, name) for name, _ in candidates]
 
     def identity():
-        return [f"{path}\t{st.st_size}\t{st.st_mtime_ns}" for path in files for st in (os.stat(path),)]
+        return [f"{path}\t{_stat_key(path)}" for path in files]
 
     results = _inspect_all(files, _inspect_file, num_threads, identity)
     entries = []
-    for path, (name, label), result in zip(files, candidates, results):
+    for path, (name_, label), result in zip(files, candidates, results):
         if isinstance(result, str):
             skips.add(result, path)
         else:
-            entries.append((name, 0, 0, 0, label, *result))
-    return _finish(root, "folder", [], classes, entries, skips)
+            entries.append((name_, 0, 0, 0, label, *result))
+    return _finish(name or root, "folder", [], classes, entries, skips, root=root)
+
+
+def _stat_key(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}\t{st.st_mtime_ns}"
+
+
+def plain_tar(shard: str) -> str:
+    """`shard` itself when it is an uncompressed tar, else its decompressed copy in the cache folder (made once:
+    reading members at their offsets needs random access)."""
+    try:
+        with open(shard, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise ValueError(f"tar shard {shard!r} is unreadable: {err}") from err
+    opener = next((op for prefix, op in _COMPRESSED.items() if magic.startswith(prefix)), None)
+    if opener is None:
+        return shard
+    key = hashlib.sha1(f"{os.path.abspath(shard)}\t{_stat_key(shard)}".encode()).hexdigest()[:16]
+    name = os.path.basename(shard)
+    for suffix in TAR_SUFFIXES:
+        name = name.removesuffix(suffix)
+    plain = default_dataset_dir() / "untarred" / f"{name}-{key}.tar"
+    if plain.is_file():
+        return str(plain)
+    logger.info("decompressing %s once into %s (tar members are read at their offsets)", shard, plain)
+    tmp = plain.with_name(f".{plain.name}.{os.getpid()}.tmp")
+    try:
+        plain.parent.mkdir(parents=True, exist_ok=True)
+        with opener(shard, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, plain)
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"tar shard {shard!r} could not be decompressed into {plain}: {err} (or unpack it "
+                         f"yourself: tar -xf {shard} -C DIR, and pass DIR)") from err
+    return str(plain)
 
 
 def _open_tars(root: str, shards: list[str], num_threads: int) -> ImageSource:
+    shards = [plain_tar(shard) for shard in shards]
     members = []  # (shard index, name, offset, size)
     for s, shard in enumerate(shards):
         try:
             with tarfile.open(shard, mode="r:") as tar:
                 members += [(s, m.name, m.offset_data, m.size) for m in tar if m.isfile()]
         except (tarfile.TarError, OSError) as err:
-            raise ValueError(f"tar shard {shard!r} is unreadable or compressed (only plain .tar is supported): "
-                             f"{err}") from err
+            raise ValueError(f"tar shard {shard!r} is unreadable: {err}") from err
     fds = [os.open(shard, os.O_RDONLY) for shard in shards]
     try:
         skips = _Skips()
         if any(name.endswith(".cls") for _, name, _, _ in members):
             layout, classes, candidates = "webdataset", *_webdataset_samples(members, fds, skips)
         elif members and all("/" in name for _, name, _, _ in members if name.lower().endswith(IMAGE_EXTENSIONS)):
-            layout, classes, candidates = "tar-folder", *_tar_folder_samples(members)
+            layout, classes, candidates = "tar-folder", *_tar_folder_samples(members, skips)
         else:
             layout, classes, candidates = "webdataset", *_webdataset_samples(members, fds, skips)
 
@@ -366,8 +475,11 @@ def _inspect_all(items: list, inspect, num_threads: int, identity) -> list:
     return results
 
 
-def _tar_folder_samples(members):
+def _tar_folder_samples(members, skips):
     images = [m for m in members if m[1].lower().endswith(IMAGE_EXTENSIONS)]
+    for _, name, _, _ in members:
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            skips.add_file(name, name)
     classes = sorted({os.path.basename(os.path.dirname(name)) for _, name, _, _ in images})
     label = {c: i for i, c in enumerate(classes)}
     return classes, [(name, s, off, size, label[os.path.basename(os.path.dirname(name))])
@@ -383,10 +495,15 @@ def _webdataset_samples(members, fds, skips):
         samples[(s, os.path.join(folder, key))][ext.lower()] = (name, off, size)
     candidates = []
     for (s, key), parts in samples.items():
-        image = next((parts[k] for k in WEBDATASET_IMAGE_KEYS if k in parts), None)
-        if image is None:
-            skips.add("sample without an image", key)
+        image_key = next((k for k in WEBDATASET_IMAGE_KEYS if k in parts), None)
+        for ext, (name, _, _) in parts.items():
+            if ext not in (image_key, "cls"):
+                skips.add_file(name, name)
+        if image_key is None:
+            if not any(ext.endswith("gif") for ext in parts):
+                skips.add("sample without an image", key)
             continue
+        image = parts[image_key]
         label = -1
         if "cls" in parts:
             _, off, size = parts["cls"]
@@ -400,9 +517,12 @@ def _webdataset_samples(members, fds, skips):
     return [str(i) for i in range(num_classes)], candidates
 
 
-def _finish(root, layout, files, classes, entries, skips: _Skips) -> ImageSource:
-    skips.report(root, len(entries))
+def _finish(name, layout, files, classes, entries, skips: _Skips, root=None) -> ImageSource:
+    """The source of `entries`; `name` is the dataset in messages, `root` the folder names are relative to."""
+    skips.report(name, len(entries), classes)
     if not entries:
-        reasons = ", ".join(f"{count} {reason}" for reason, (count, _) in sorted(skips.reasons.items()))
-        raise ValueError(f"dataset {root!r} has no decodable images" + (f" ({reasons})" if reasons else ""))
-    return ImageSource(root, layout, files, classes, entries, {k: list(v) for k, v in skips.reasons.items()})
+        reasons = ", ".join(f"{count} {reason}" for reason, (count, _) in
+                            sorted({**skips.reasons, **skips.ignored}.items()))
+        raise ValueError(f"dataset {name!r} has no decodable images" + (f" ({reasons})" if reasons else ""))
+    return ImageSource(root or name, layout, files, classes, entries, {k: list(v) for k, v in skips.reasons.items()},
+                       {k: list(v) for k, v in skips.ignored.items()})

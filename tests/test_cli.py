@@ -1,5 +1,6 @@
 """`fastdino train`: config errors are one line with exit code 2, the option list is frozen, a tiny run goes end to
-end (training, checkpoint, export, k-NN against the untrained network, attention PNG), and torchrun launches it."""
+end (training, checkpoint, export, k-NN against the untrained network, attention PNG), unlabeled data trains, and
+torchrun launches it across two simulated nodes."""
 import json
 import os
 import subprocess
@@ -82,11 +83,62 @@ def test_tiny_run_end_to_end(tmp_path, tiny_dataset):
 
 
 @pytest.mark.slow
-def test_torchrun_launches_two_processes(tmp_path, tiny_dataset):
+def test_unlabeled_flat_folder_trains_logs_the_last_step_and_says_why_knn_is_skipped(tmp_path):
+    from test_sources import jpeg_bytes
+
+    data = tmp_path / "photos"
+    (data / "more").mkdir(parents=True)
+    for i in range(16):
+        (data / ("more" if i % 3 else "") / f"{i}.jpg").write_bytes(jpeg_bytes(32, 40, i))
     run = tmp_path / "run"
-    proc = fastdino("--standalone", "--nproc_per_node=2", "-m", "fastdino", "train", "--output", run, "--data",
-                    tiny_dataset, *TINY_CLI, "--max-steps", "2", launcher=("-m", "torch.distributed.run"))
+    # 4 steps per epoch. The demo preset evaluates at the end; stopping at step 6 with log_every=10 still logs
+    # step 6; checkpoints come every 5 steps and at the stop, not at the epoch end (step 4).
+    proc = fastdino("train", "--output", run, "--data", data, *TINY_CLI, "--max-steps", "6", "log_every=10",
+                    "eval.at_end=true", "checkpoint.every_steps=5", "checkpoint.keep_last=5")
     assert proc.returncode == 0, proc.stderr
-    assert "mode fsdp, precision fp32, 2 process(es)" in proc.stderr
+    assert "kept 16 images (no labels)" in proc.stderr and "step 6/8 |" in proc.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [6]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005", "step_00000006"]
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("k-NN evaluation skipped")]
+    assert len(skipped) == 1 and "has no labelled val split" in skipped[0] and "DATA/val/CLASS" in skipped[0]
+
+
+def test_help_names_every_command_and_the_default_preset_without_importing_torch():
+    probe = ("import sys; from fastdino.engine.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("torch not imported"), proc.stdout + proc.stderr
+    for name, text in EVAL_COMMANDS.items():
+        assert name in proc.stdout and text.replace("%%", "%")[:30] in " ".join(proc.stdout.split())
+    assert "default preset, demo" in " ".join(proc.stdout.split())
+    train_help = " ".join(fastdino("train", "--help").stdout.split())
+    assert "(default: demo)" in train_help and "labels not needed" in train_help
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_through_c10d(tmp_path, tiny_dataset):
+    """The README's multi-node launch, simulated on one machine: two torchrun agents (one per "node", one
+    process each) meet at a c10d rendezvous endpoint and train one run on gloo. (`--standalone` is the same c10d
+    rendezvous with one node, so this covers the single-node launch too.)"""
+    run = tmp_path / "run"
+    rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+            "--rdzv-id=test"]
+    command = [sys.executable, "-m", "torch.distributed.run", *rdzv, "-m", "fastdino", "train", "--output",
+               str(run), "--data", str(tiny_dataset), *TINY_CLI, "--max-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert any("mode fsdp, precision fp32, 2 process(es)" in err for _, err in outputs), outputs
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2]
     assert (run / "checkpoints" / "step_00000002" / ".metadata").is_file()

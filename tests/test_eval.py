@@ -1,5 +1,6 @@
 """k-NN: hand-computed cases, a brute-force per-image reference, chunking, argument checks; feature extraction
 on 2 gloo ranks with uneven shards."""
+import logging
 import math
 
 import pytest
@@ -125,3 +126,13 @@ def test_extract_features_all_gathers_uneven_shards(tmp_path):
         assert labels.tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10], labels
         assert_close(feats, single[0][labels], name=f"rank {rank} features", **TOL[torch.float32])
         assert_close(feats.norm(dim=1), torch.ones(11), name="feature norms", **TOL[torch.float32])
+
+
+def test_feature_extraction_logs_progress(caplog):
+    batches = [(torch.randn(2, 3, 2, 2), torch.tensor([0, 1])) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="fastdino.engine.eval"):
+        feats, _ = fd_eval.extract_features(_FlattenBackbone(), batches, "cpu", name="the val split",
+                                            progress_every_s=0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert feats.shape[0] == 6 and len(lines) == 2  # after batches 1 and 2; the last one needs no line
+    assert lines[0].startswith("features of the val split: batch 1/3,") and "img/s, ETA" in lines[0]

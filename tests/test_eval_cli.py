@@ -105,7 +105,8 @@ def test_attention_writes_the_png(run_dir, tmp_path, capsys):
     code, out, err = _run(capsys, "attention", "--checkpoint", run_dir, "--image", tmp_path / "img.png",
                           "--output", tmp_path / "attn.png", "--device", "cpu")
     assert code == 0, err
-    assert Image.open(tmp_path / "attn.png").size == (4 * 2 * IMAGE, 2 * IMAGE)  # (3 heads + image) x 2 rows
+    # (3 heads + image) x 2 rows of panels enlarged 7 x (32 -> 224 px), plus the title and caption bands
+    assert Image.open(tmp_path / "attn.png").size == (4 * 2 * IMAGE * 7, 2 * IMAGE * 7 + 2 * 28)
 
 
 def test_plot_prints_the_pngs(tmp_path, capsys):
@@ -134,7 +135,7 @@ def test_dataset_with_classes_missing_from_train(run_dir, tmp_path, capsys):
 def test_image_smaller_than_a_patch_or_not_a_multiple(run_dir, tmp_path, capsys, size, message):
     Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8)).save(tmp_path / "img.png")
     code, _, err = _run(capsys, "attention", "--checkpoint", run_dir, "--image", tmp_path / "img.png",
-                        "--output", tmp_path / "attn.png", "--device", "cpu")
+                        "--output", tmp_path / "attn.png", "--device", "cpu", "--image-size", 0)  # as it is
     _assert_one_line_error(code, err, "fastdino attention: error:", message)
     assert not (tmp_path / "attn.png").exists()
 
@@ -153,3 +154,48 @@ def test_image_smaller_than_a_patch_or_not_a_multiple(run_dir, tmp_path, capsys,
 def test_missing_files_and_bad_arguments(run_dir, tmp_path, capsys, argv, message):
     code, _, err = _run(capsys, *[a.format(tmp=tmp_path, run=run_dir) for a in argv])
     _assert_one_line_error(code, err, message)
+
+
+def test_knn_evaluates_at_the_checkpoint_image_size(run_dir, dataset, capsys, caplog, monkeypatch):
+    from fastdino.engine import eval as fd_eval
+
+    sizes = []
+    real = fd_eval.extract_features
+
+    def recording(backbone, loader, *args, **kwargs):
+        sizes.append(loader.dataset.image_size)
+        return real(backbone, loader, *args, **kwargs)
+
+    monkeypatch.setattr(fd_eval, "extract_features", recording)
+    code, out, err = _run(capsys, "knn", "--checkpoint", run_dir, "--data", dataset, "--k", 1, "--batch-size", 4,
+                          "--num-workers", 0, "--device", "cpu")
+    assert code == 0, err
+    assert sizes == [IMAGE, IMAGE]  # the run's 32 px, not 224
+
+
+def _no_extraction(*args, **kwargs):
+    raise AssertionError("features were extracted before the error")
+
+
+@pytest.mark.parametrize("case", ["no_val", "unlabeled_val", "unwritable"])
+def test_what_can_be_checked_is_checked_before_feature_extraction(run_dir, tmp_path, capsys, monkeypatch, case):
+    from fastdino.engine import eval as fd_eval
+
+    monkeypatch.setattr(fd_eval, "extract_features", _no_extraction)
+    _write_images(tmp_path / "data" / "train", ["red", "blue"], per_class=2, seed=0)
+    common = ["--checkpoint", run_dir, "--data", tmp_path / "data", "--num-workers", 0, "--device", "cpu"]
+    if case == "no_val":
+        code, _, err = _run(capsys, "knn", *common)
+        _assert_one_line_error(code, err, "has no 'val' split")
+    elif case == "unlabeled_val":
+        _write_images(tmp_path / "flat", ["red"], per_class=2, seed=1)
+        (tmp_path / "data" / "val").mkdir()
+        for i, png in enumerate((tmp_path / "flat" / "red").iterdir()):
+            png.rename(tmp_path / "data" / "val" / f"{i}.png")
+        code, _, err = _run(capsys, "linear", *common, "--output", tmp_path / "probe")
+        _assert_one_line_error(code, err, "the val split", "has no class labels")
+    else:
+        _write_images(tmp_path / "data" / "val", ["red"], per_class=1, seed=1)
+        (tmp_path / "blocker").write_text("a file where the output folder should go")
+        code, _, err = _run(capsys, "export", *common, "--output", tmp_path / "blocker" / "f.npz")
+        _assert_one_line_error(code, err, "fastdino export: error:", "blocker")

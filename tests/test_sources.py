@@ -73,10 +73,10 @@ def test_image_folder_lists_classes_labels_sizes_and_bytes(tmp_path):
     root = make_image_folder(tmp_path / "data")
     (root / "b" / "nested").mkdir()
     (root / "b" / "nested" / "x.JPEG").write_bytes(jpeg_bytes(20, 30, 7))
-    (root / "a" / "notes.txt").write_text("not an image extension: ignored, not counted")
+    (root / "a" / "notes.txt").write_text("not an image extension: ignored and counted")
     src = open_source(str(root))
-    assert src.layout == "folder" and src.classes == ["a", "b", "c"]
-    assert len(src) == 25 and src.num_skipped == 0
+    assert src.layout == "folder" and src.classes == ["a", "b", "c"] and src.labelled
+    assert len(src) == 25 and src.num_skipped == 0 and src.ignored["not an image"][0] == 1
     names = [n.decode() for n in src.names]
     i = names.index("b/nested/x.JPEG")
     assert src.labels[i] == 1 and tuple(src.sizes[i]) == (20, 30)
@@ -131,6 +131,80 @@ def test_webdataset_with_and_without_labels(tmp_path):
     assert plain.layout == "webdataset" and plain.classes == [] and plain.labels.tolist() == [-1, -1, -1]
 
 
+def gif_bytes(seed: int) -> bytes:
+    return encode(Image.fromarray(image_array(16, 16, seed)), "GIF")
+
+
+def test_unlabeled_folder_is_found_at_any_depth_and_leftovers_are_counted(tmp_path, caplog):
+    root = tmp_path / "photos"
+    (root / "2019" / "trip").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(jpeg_bytes(16, 20, 0))  # loose images: an unlabeled collection, not ImageFolder
+    (root / "2019" / "b.jpg").write_bytes(jpeg_bytes(16, 20, 1))
+    (root / "2019" / "trip" / "c.png").write_bytes(encode(Image.fromarray(image_array(18, 16, 2)), "PNG"))
+    (root / "2019" / "anim.gif").write_bytes(gif_bytes(3))
+    (root / "2019" / "trip" / "notes.json").write_text("{}")
+    (root / ".DS_Store").write_bytes(b"x")  # hidden files are not the user's data
+    with caplog.at_level(logging.INFO, logger="fastdino.pipelines.sources"):
+        src = open_source(str(root))
+    assert sorted(n.decode() for n in src.names) == ["2019/b.jpg", "2019/trip/c.png", "a.jpg"]
+    assert src.classes == [] and src.labels.tolist() == [-1, -1, -1] and not src.labelled
+    assert src.skipped["GIF (DALI cannot decode it: convert to PNG)"][0] == 1
+    assert src.ignored == {"not an image": [1, str(root / "2019" / "trip" / "notes.json")]}
+    summary = [r.getMessage() for r in caplog.records]
+    assert len(summary) == 1 and "kept 3 images (no labels)" in summary[0]
+    assert "skipped 1 file(s): 1 GIF" in summary[0] and "ignored 1 file(s): 1 not an image" in summary[0]
+    only_images = tmp_path / "flat"
+    only_images.mkdir()
+    (only_images / "x.jpg").write_bytes(jpeg_bytes(16, 16, 0))
+    assert len(open_source(str(only_images))) == 1
+
+
+def test_file_list_relative_and_absolute_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes(16, 16, 0))
+    (tmp_path / "elsewhere.png").write_bytes(encode(Image.fromarray(image_array(16, 24, 1)), "PNG"))
+    listing = tmp_path / "lists" / "train.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"# my images\n../imgs/a.jpg\n\n{tmp_path / 'elsewhere.png'}\n../imgs/missing.jpg\n")
+    src = open_source(str(listing))
+    assert len(src) == 2 and not src.labelled and src.skipped["unreadable"][0] == 1
+    assert src.read(1) == (tmp_path / "elsewhere.png").read_bytes() and tuple(src.sizes[1]) == (16, 24)
+    assert resolve_split(str(tmp_path / "lists"), "train") == str(listing)
+
+
+@pytest.mark.parametrize("suffix,mode", [(".tar.gz", "w:gz"), (".tgz", "w:gz"), (".tar.xz", "w:xz")])
+def test_compressed_tar_is_read_through_a_decompressed_copy(tmp_path, monkeypatch, suffix, mode):
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "cache"))
+    members = {f"val/{c}/{i}.jpg": jpeg_bytes(16, 16, 10 * i + j) for j, c in enumerate("ab") for i in range(3)}
+    members["val/README"] = b"text"
+    plain = open_source(str(write_tar(tmp_path / "val.tar", members)))
+    packed = tmp_path / "packed" / f"val{suffix}"
+    packed.parent.mkdir()
+    with tarfile.open(packed, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert resolve_split(str(packed.parent), "val") == str(packed)
+    src = open_source(str(packed))
+    assert src.layout == "tar-folder" and src.classes == ["a", "b"] and len(src) == len(plain) == 6
+    assert [src.read(i) for i in range(6)] == [plain.read(i) for i in range(6)]
+    assert src.ignored["not an image"][0] == 1
+    copies = list((tmp_path / "cache" / "untarred").glob("*.tar"))
+    assert len(copies) == 1
+    open_source(str(packed))  # the second open reuses the copy
+    assert list((tmp_path / "cache" / "untarred").iterdir()) == copies
+
+
+def test_webdataset_gif_and_extra_members_are_counted(tmp_path):
+    members = {"0.jpg": jpeg_bytes(16, 16, 0), "0.json": b"{}", "1.gif": gif_bytes(1), "2.png": encode(
+        Image.fromarray(image_array(16, 16, 2)), "PNG"), "2.txt": b"a caption"}
+    src = open_source(str(write_tar(tmp_path / "wds.tar", members)))
+    assert src.layout == "webdataset" and len(src) == 2 and not src.labelled
+    assert src.skipped == {"GIF (DALI cannot decode it: convert to PNG)": [1, "1.gif"]}
+    assert src.ignored["not an image"][0] == 2
+
+
 # --- splits and errors --------------------------------------------------------------------------------------------
 
 
@@ -155,20 +229,21 @@ def test_resolve_split(tmp_path):
         resolve_split(str(tmp_path / "empty"), "train")
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "flat_images", "not_tar", "corrupt_tar", "no_match",
+@pytest.mark.parametrize("case", ["missing", "empty", "not_tar", "corrupt_tar", "corrupt_tgz", "no_match",
                                   "only_bad", "only_empty_classes"])
-def test_unusable_dataset_is_a_clear_value_error(tmp_path, case):
+def test_unusable_dataset_is_a_clear_value_error(tmp_path, case, monkeypatch):
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "d"
     if case == "empty":
         path.mkdir()
-    elif case == "flat_images":
-        path.mkdir()
-        (path / "x.jpg").write_bytes(jpeg_bytes(16, 16, 0))
     elif case == "not_tar":
-        path = tmp_path / "d.txt"
+        path = tmp_path / "d.csv"
         path.write_text("hello")
     elif case == "corrupt_tar":
         path = tmp_path / "d.tar"
+        path.write_bytes(b"PK" + bytes(2000))
+    elif case == "corrupt_tgz":
+        path = tmp_path / "d.tar.gz"
         path.write_bytes(b"\x1f\x8b" + bytes(2000))
     elif case == "no_match":
         path = tmp_path / "shard-*.tar"
@@ -178,8 +253,9 @@ def test_unusable_dataset_is_a_clear_value_error(tmp_path, case):
     elif case == "only_empty_classes":
         (path / "a").mkdir(parents=True)
         (path / "b").mkdir()
-    message = {"missing": "does not exist", "empty": "is empty", "flat_images": "no class folders",
-               "not_tar": "not a .tar", "corrupt_tar": "unreadable or compressed", "no_match": "no tar shards",
+    message = {"missing": "does not exist", "empty": "is empty", "not_tar": "not a tar shard",
+               "corrupt_tar": "unreadable", "corrupt_tgz": "could not be decompressed .*tar -xf",
+               "no_match": "no tar shards",
                "only_bad": "no decodable images .*1 not a readable image",
                "only_empty_classes": "no decodable images .*2 empty class folder"}[case]
     with pytest.raises(ValueError, match=message):
@@ -197,7 +273,7 @@ def test_skips_are_counted_and_reported_once(tmp_path, caplog):
     assert src.skipped["not a readable image"][0] == 2 and src.skipped["empty class folder"] == [1, "empty_class"]
     assert src.classes == ["a", "b", "c", "empty_class"]  # kept, so labels match a split that has images there
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "skipped 3" in warnings[0] and "kept 6" in warnings[0]
+    assert len(warnings) == 1 and "skipped 3" in warnings[0] and "kept 6 images (4 classes)" in warnings[0]
 
 
 # --- epoch order and sharding -------------------------------------------------------------------------------------

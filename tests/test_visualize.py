@@ -34,16 +34,19 @@ def test_threshold_masks_keep_the_top_60_percent_of_the_mass():
     assert torch.equal(masks[:2], expected[:2])
 
 
-def test_attention_png_has_the_grid_size_and_heads_differ(backbone, tmp_path):
+def test_attention_png_is_enlarged_titled_and_heads_differ(backbone, tmp_path):
     image = torch.rand(3, 32, 48)  # 2 x 3 patches, not square
     path = save_attention_png(backbone, image, tmp_path / "attn.png")
     png = np.asarray(Image.open(path))
-    heads = backbone.num_heads
-    assert png.shape == (2 * 32, (heads + 1) * 48, 3)
-    # First column of both rows is the image itself.
-    expected = (image * 255).round().byte().permute(1, 2, 0).numpy()
-    assert np.array_equal(png[:32, :48], expected) and np.array_equal(png[32:, :48], expected)
-    tiles = [png[:32, 48 * (h + 1): 48 * (h + 2)] for h in range(heads)]
+    heads, f, band = backbone.num_heads, 7, 28  # 32 px enlarged 7 x to reach 224 px; title and caption bands
+    assert png.shape == (2 * 32 * f + 2 * band, (heads + 1) * 48 * f, 3)
+    grid = png[band:-band]
+    # First column of both rows is the image itself, each pixel a f x f block.
+    expected = (image * 255).round().byte().permute(1, 2, 0).numpy().repeat(f, 0).repeat(f, 1)
+    assert np.array_equal(grid[:32 * f, :48 * f], expected) and np.array_equal(grid[32 * f:, :48 * f], expected)
+    for strip in (png[:band], png[-band:]):  # the titles and the caption are drawn
+        assert (strip < 128).all(axis=2).sum() > 50
+    tiles = [grid[:32 * f, 48 * f * (h + 1): 48 * f * (h + 2)] for h in range(heads)]
     for a in range(heads):
         for b in range(a + 1, heads):
             assert not np.array_equal(tiles[a], tiles[b]), f"heads {a} and {b} drew the same map"
@@ -52,6 +55,19 @@ def test_attention_png_has_the_grid_size_and_heads_differ(backbone, tmp_path):
     torch.testing.assert_close(attn.sum(dim=(1, 2)), torch.ones(heads) - _cls_self_attention(backbone, image))
 
 
+def test_large_input_runs_at_the_model_size_unless_asked(backbone, tmp_path, monkeypatch):
+    from fastdino.engine import visualize
+
+    seen = []
+    real = visualize.cls_attention
+    monkeypatch.setattr(visualize, "cls_attention", lambda b, image, t: seen.append(image.shape) or real(b, image, t))
+    Image.fromarray(np.random.randint(0, 255, (1500, 2400, 3), dtype=np.uint8)).save(tmp_path / "big.jpg")
+    save_attention_png(backbone, tmp_path / "big.jpg", tmp_path / "a.png")
+    save_attention_png(backbone, torch.rand(3, 1000, 700), tmp_path / "b.png")
+    save_attention_png(backbone, torch.rand(3, 64, 80), tmp_path / "c.png", image_size=48)
+    save_attention_png(backbone, torch.rand(3, 64, 80), tmp_path / "d.png", image_size=0)  # as it is
+    # shorter side -> 32 (the backbone's size), then center-cropped to multiples of the 16-px patch
+    assert seen == [(3, 32, 48), (3, 32, 32), (3, 48, 48), (3, 64, 80)]
 def _cls_self_attention(backbone, image):
     """What the CLS query gives to itself: the rest of its row is the patch attention."""
     with torch.no_grad():
@@ -61,11 +77,11 @@ def _cls_self_attention(backbone, image):
 def test_attention_from_an_image_file_and_bad_sizes(backbone, tmp_path):
     Image.fromarray(np.random.randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img.jpg")
     path = save_attention_png(backbone, tmp_path / "img.jpg", tmp_path / "out" / "attn.png")
-    assert Image.open(path).size == ((backbone.num_heads + 1) * 32, 64)
+    assert Image.open(path).size == ((backbone.num_heads + 1) * 32 * 7, 64 * 7 + 2 * 28)
     with pytest.raises(ValueError, match=r"image size 40x32 is not a multiple of the patch size 16"):
-        save_attention_png(backbone, torch.rand(3, 32, 40), tmp_path / "x.png")
+        save_attention_png(backbone, torch.rand(3, 32, 40), tmp_path / "x.png", image_size=0)
     with pytest.raises(ValueError, match=r"image 8x8 is smaller than one 16x16 patch"):
-        save_attention_png(backbone, torch.rand(3, 8, 8), tmp_path / "x.png")
+        save_attention_png(backbone, torch.rand(3, 8, 8), tmp_path / "x.png", image_size=0)
     assert not (tmp_path / "x.png").exists()
 
 
@@ -97,3 +113,17 @@ def test_plot_run_errors(tmp_path):
     _write_metrics(tmp_path / "b", ['{"step": 1, "lo', '{"step": 2, "loss": 1.0}'])
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: not JSON"):
         plot_run(tmp_path / "b")
+
+
+def test_knn_chart_has_the_untrained_reference_and_titles_keep_their_spaces(tmp_path):
+    from fastdino.engine.visualize import line_chart
+
+    _write_metrics(tmp_path / "run", [json.dumps({"step": 10, "knn_top1": 40.0, "knn_top1_untrained": 25.0})])
+    (path,) = plot_run(tmp_path / "run")
+    png = np.asarray(Image.open(path))
+    grey_rows = (png == (150, 150, 150)).all(axis=2).sum(axis=1)
+    assert grey_rows.max() > 400  # a grey line across the plot
+    title = np.asarray(line_chart([(0, 1.0)], title="a b c", xlabel="x"))[4:28]  # the title band
+    ink_columns = np.flatnonzero((title < 128).all(axis=2).any(axis=0))
+    gaps = np.diff(ink_columns) - 1
+    assert (gaps >= 7).sum() == 2  # two word gaps over half the 13-px font (PIL's own space leaves 5 px)
