@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastdino.engine import config as C
-from fastdino.engine.checkpoint import DiskFullError, is_disk_full
-from fastdino.engine.stop import StopRequest
 
 if TYPE_CHECKING:
     import torch
     from torch.distributed.device_mesh import DeviceMesh
+
+    from fastdino.engine.stop import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     import torch.distributed as dist
 
+    from fastdino.engine.checkpoint import is_disk_full
+    from fastdino.engine.stop import StopRequest
+
     device, mesh = init_distributed()
     try:
         init_logging(mesh.get_rank() if mesh is not None else 0)
@@ -185,6 +188,8 @@ def check_output(output: Path) -> None:
 
 def disk_full_message(error: Exception, output: Path) -> str:
     """One line: the disk is full, where, what is intact, and how to go on."""
+    from fastdino.engine.checkpoint import DiskFullError
+
     what = error.strerror if isinstance(error, DiskFullError) else (
         f"disk full: no space left on the filesystem of {output} ({str(error).splitlines()[0]})")
     return f"{what}; free some space and rerun the same command to resume"
@@ -356,7 +361,8 @@ def evaluate_at_end(trainer, output: Path) -> dict | None:
         results = {"untrained": trainer.untrained_knn,
                    "trained": {"top1": row["knn_top1"], "top5": row["knn_top5"]}}
     except KNNDataError as error:  # training is done and saved: the attention map and the summary still come
-        logger.warning("k-NN evaluation skipped: %s", error)
+        if trainer.rank == 0:
+            print(f"k-NN evaluation skipped: {error}")
         results = None
     if trainer.rank != 0:
         return results
