@@ -8,12 +8,21 @@ device copy of an S-sized buffer (read + write), the practical bandwidth ceiling
 
     python benchmarks/bench_dino_loss.py                                    # GPU: B in {64, 128, 256}, K=65536
     python benchmarks/bench_dino_loss.py --batch 2 --K 1000 --device cpu    # smoke test (Triton interpreter)
+    python benchmarks/bench_dino_loss.py --batch 64 --device cpu --host     # host us per call, launches mocked
+
+`--head` compares the head's last layer + loss: `unfused` (F.linear(H, F.normalize(v)) for student and teacher, then
+`dino_loss`) against `fused_head` (`dino_loss_fused_head`, no logits in memory), fwd+bwd time and peak memory.
+
+    python benchmarks/bench_dino_loss.py --head --batch 128                   # GPU: fused vs unfused head + loss
+
+`--host` times only the Python side of the triton provider (checks, allocations, launch calls, the autograd node)
+with the kernel launches mocked, so it runs on the CPU: fwd is `dino_loss(...)`, full adds `loss.backward()`.
 """
 import time
 
 import torch
 
-from common import Table, base_parser, measure_ms, peak_memory_gib, start
+from common import Table, base_parser, host_us, measure_ms, peak_memory_gib, start
 
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 PROVIDERS = ("torch", "compile", "triton")
@@ -29,7 +38,69 @@ def parse_args():
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--reps", type=int, default=10, help="timed runs off the GPU and of bwd (do_bench decides "
                                                              "for fwd/full on the GPU)")
+    parser.add_argument("--head", action="store_true", help="head last layer + loss: unfused vs fused_head")
+    parser.add_argument("--dim", type=int, default=256, help="head bottleneck width (D), with --head")
+    parser.add_argument("--host", action="store_true", help="only the host us per call of the triton provider, "
+                                                            "kernel launches mocked")
     return parser.parse_args()
+
+
+def head_table(args, device, dtype):
+    """Last layer + loss, fwd+bwd: unfused (logits and normalised weights in memory) against fused_head."""
+    import torch.nn.functional as F
+
+    from fastdino.kernels import dino_loss, dino_loss_fused_head
+
+    def unfused(h_s, v_s, h_t, v_t, center):
+        student = F.linear(h_s, F.normalize(v_s, dim=1))  # (V*B, K)
+        with torch.no_grad():
+            teacher = F.linear(h_t, F.normalize(v_t, dim=1))  # (2*B, K)
+        return dino_loss(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
+
+    def fused(h_s, v_s, h_t, v_t, center):
+        return dino_loss_fused_head(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
+
+    table = Table(["B", "provider", "p50_ms", "p20_ms", "p80_ms", "speedup", "peak_GiB"])
+    for batch in args.batch:
+        h_s = torch.nn.functional.normalize(torch.randn(args.ncrops * batch, args.dim, device=device), dim=-1)
+        h_s = h_s.to(dtype).requires_grad_(True)
+        h_t = torch.nn.functional.normalize(torch.randn(2 * batch, args.dim, device=device), dim=-1).to(dtype)
+        v_s = torch.randn(args.K, args.dim, device=device, dtype=dtype, requires_grad=True)
+        v_t = torch.randn(args.K, args.dim, device=device, dtype=dtype)
+        center = torch.zeros(1, args.K, device=device)
+        baseline = None
+        for provider, loss_fn in (("unfused", unfused), ("fused_head", fused)):
+            def full():
+                loss_fn(h_s, v_s, h_t, v_t, center).backward()
+
+            p50, p20, p80 = measure_ms(full, str(device), grad_to_none=[h_s, v_s], reps=args.reps)
+            baseline = baseline or p50
+            h_s.grad = v_s.grad = None
+            table.add(B=batch, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80, speedup=baseline / p50,
+                      peak_GiB=peak_memory_gib(full, str(device)))
+            h_s.grad = v_s.grad = None
+    table.write_csv(args.csv)
+
+
+def host_table(args, device, dtype, dino_loss):
+    """Host us per call of the triton provider, launches mocked (see the module docstring)."""
+    table = Table(["B", "mode", "host_p50_us", "host_p20_us", "host_p80_us"])
+    for batch in args.batch:
+        student = torch.randn(args.ncrops * batch, args.K, device=device).to(dtype).requires_grad_(True)
+        teacher = torch.randn(2 * batch, args.K, device=device).to(dtype)
+        center = torch.zeros(1, args.K, device=device)
+
+        def forward():
+            return dino_loss(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops, impl="triton")[0]
+
+        def full():
+            student.grad = None  # else autograd's accumulation into .grad, a real CPU add, is timed too
+            forward().backward()
+
+        for mode, fn in (("fwd", forward), ("full", full)):
+            p50, p20, p80 = host_us(fn, reps=args.reps)
+            table.add(B=batch, mode=mode, host_p50_us=p50, host_p20_us=p20, host_p80_us=p80)
+    table.write_csv(args.csv)
 
 
 def backward_ms(make_loss, device, reps, warmup=3):
@@ -63,6 +134,10 @@ def main():
     from fastdino.kernels import dino_loss
     from fastdino.kernels.reference import dino_loss_ref
 
+    if args.host:
+        return host_table(args, device, dtype, dino_loss)
+    if args.head:
+        return head_table(args, device, dtype)
     compiled_ref = torch.compile(dino_loss_ref)
     loss_fns = {
         "torch": dino_loss_ref,

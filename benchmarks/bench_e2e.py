@@ -77,6 +77,9 @@ def parse_args():
                         help="ARCH/PATCH of each model")
     parser.add_argument("--batch", nargs="+", type=int, default=[64, 128], help="images per GPU")
     parser.add_argument("--out-dim", type=int, default=65536, help="K prototypes")
+    parser.add_argument("--embed-dim", type=int, default=None, help="override of every model's width (smoke runs)")
+    parser.add_argument("--depth", type=int, default=None, help="override of every model's depth (smoke runs)")
+    parser.add_argument("--num-heads", type=int, default=None, help="override of every model's heads (smoke runs)")
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--local-crops", type=int, default=10)
@@ -149,7 +152,8 @@ def row_config(args, arch: str, patch: int, batch: int) -> C.TrainConfig:
     """The recipe of one row: bench_train_step's config (the head's last layer trained from step 0)."""
     shape = SimpleNamespace(arch=arch, patch_size=patch, global_size=args.global_size, out_dim=args.out_dim,
                             batch_size=batch, local_size=args.local_size, local_crops=args.local_crops,
-                            mode="single", dtype=args.dtype, embed_dim=None, depth=None, num_heads=None)
+                            mode="single", dtype=args.dtype, embed_dim=args.embed_dim, depth=args.depth,
+                            num_heads=args.num_heads)
     return train_step_config(shape, 1, "auto")
 
 
@@ -372,14 +376,20 @@ def main():
                 row["speedup"] = row["img_per_s"] / baseline.get(source, nan)
                 table.add(**row)
                 rows_md.append(row)
+                save(table, rows_md, args, peak_tflops, flops_md, jpeg_notes)  # every row: a killed run keeps them
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    print("\n" + save(table, rows_md, args, peak_tflops, flops_md, jpeg_notes))
+
+
+def save(table: Table, rows: list[dict], args, peak_tflops: float | None, flops: list[str], jpeg_notes: str) -> str:
+    """Write the rows so far to --csv and --markdown; returns the markdown."""
     table.write_csv(args.csv)
-    markdown = to_markdown(rows_md, args, peak_tflops, flops_md, jpeg_notes)
-    print("\n" + markdown)
+    markdown = to_markdown(rows, args, peak_tflops, flops, jpeg_notes)
     if args.markdown:
         Path(args.markdown).write_text(markdown)
+    return markdown
 
 
 def to_markdown(rows: list[dict], args, peak_tflops: float | None, flops: list[str], jpeg_notes: str) -> str:

@@ -8,11 +8,15 @@ device copy of the teacher's bytes (read + write), the practical bandwidth ceili
 
     python benchmarks/bench_ema.py                                              # GPU: ViT-S/16 + K=65536 head, 44M
     python benchmarks/bench_ema.py --arch vit_tiny --out-dim 1000 --hidden-dim 256 --reps 2 --device cpu  # smoke
+    python benchmarks/bench_ema.py --device cpu --dtype float32 --host     # host us per call, kernel launch mocked
+
+`--host` times only the Python side of `ema_update_(impl="triton")` (plan lookup, checks, the launch call) with the
+kernel launch mocked, so it runs on the CPU; the tensors are real, the update is not done.
 """
 
 import torch
 
-from common import Table, base_parser, measure_ms, start
+from common import Table, base_parser, host_us, measure_ms, start
 
 PROVIDERS = ("loop", "compile", "foreach", "triton")
 
@@ -29,6 +33,8 @@ def parse_args():
                         help="pass momentum as a 0-d device tensor (as the trainer does) instead of a float")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--reps", type=int, default=10, help="timed runs off the GPU (do_bench decides on it)")
+    parser.add_argument("--host", action="store_true", help="only the host us per call of the triton provider, "
+                                                            "kernel launch mocked")
     return parser.parse_args()
 
 
@@ -44,6 +50,7 @@ def parameter_shapes(args) -> list[torch.Size]:
     return [p.shape for module in (backbone, head) for p in module.parameters()]
 
 
+@torch.no_grad()
 def official_loop(teacher, student, momentum):
     """DINO main_dino.py: `param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)` per parameter."""
     for param_k, param_q in zip(teacher, student):
@@ -57,12 +64,21 @@ def main():
     from fastdino.kernels.reference import ema_update_ref
 
     shapes = parameter_shapes(args)
-    teacher = [torch.randn(s, device=device) for s in shapes]
-    student = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    # Parameters, as the trainer passes them (their data_ptr costs more host time than a plain tensor's).
+    teacher = [torch.nn.Parameter(torch.randn(s, device=device), requires_grad=False) for s in shapes]
+    student = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
     numel = sum(t.numel() for t in teacher)
     momentum = torch.tensor(args.momentum, device=device) if args.tensor_momentum else args.momentum
     print(f"# {args.arch}/{args.patch_size} + head K={args.out_dim}: {len(shapes)} tensors, {numel / 1e6:.1f}M "
           f"parameters, momentum {'0-d tensor' if args.tensor_momentum else 'float'}")
+
+    if args.host:
+        table = Table(["tensors", "momentum", "host_p50_us", "host_p20_us", "host_p80_us"])
+        for kind, m in (("float", args.momentum), ("0-d tensor", torch.tensor(args.momentum, device=device))):
+            p50, p20, p80 = host_us(lambda: ema_update_(teacher, student, m, impl="triton"))
+            table.add(tensors=len(shapes), momentum=kind, host_p50_us=p50, host_p20_us=p20, host_p80_us=p80)
+        table.write_csv(args.csv)
+        return
 
     updates = {
         "loop": lambda: official_loop(teacher, student, momentum),

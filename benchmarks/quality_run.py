@@ -73,7 +73,7 @@ from bench_train_step import config as train_step_config
 from common import base_parser, print_header
 from fastdino.engine import config as C
 from fastdino.engine.eval import extract_features, knn_classify
-from fastdino.engine.vit import build_backbone
+from fastdino.engine.model import build_model
 from fastdino.pipelines import build_eval_loader, make_shapes_dataset, resolve_split
 
 # provider -> (training step for bench_e2e.build_provider, data loader for bench_e2e.batch_stream)
@@ -92,6 +92,9 @@ def parse_args():
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--batch", type=int, default=128, help="images per step")
     parser.add_argument("--out-dim", type=int, default=65536, help="K prototypes")
+    parser.add_argument("--embed-dim", type=int, default=None, help="override of the arch's width (smoke runs)")
+    parser.add_argument("--depth", type=int, default=None, help="override of the arch's depth (smoke runs)")
+    parser.add_argument("--num-heads", type=int, default=None, help="override of the arch's heads (smoke runs)")
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--local-crops", type=int, default=10)
@@ -119,8 +122,8 @@ def recipe(args) -> C.TrainConfig:
     """The vit_small16_imagenet preset with this run's model, batch, crops and seed (bench_train_step's config)."""
     shape = SimpleNamespace(arch=args.arch, patch_size=args.patch_size, global_size=args.global_size,
                             out_dim=args.out_dim, batch_size=args.batch, local_size=args.local_size,
-                            local_crops=args.local_crops, mode="single", dtype=args.dtype, embed_dim=None, depth=None,
-                            num_heads=None)
+                            local_crops=args.local_crops, mode="single", dtype=args.dtype, embed_dim=args.embed_dim,
+                            depth=args.depth, num_heads=args.num_heads)
     return C.apply_overrides(train_step_config(shape, 1, "auto"), overrides=[f"seed={args.seed}"])
 
 
@@ -148,9 +151,9 @@ def image_folder(train_split: str, tmp: Path) -> Path:
 class KNN:
     """Weighted k-NN top-1/top-5 of a teacher backbone on the val split, with train and val images decoded once."""
 
-    def __init__(self, data: str, args, device: torch.device):
+    def __init__(self, data: str, args, cfg: C.TrainConfig, device: torch.device):
         self.args, self.device = args, device
-        self.backbone = build_backbone(args.arch, args.patch_size, img_size=args.global_size).to(device)
+        self.backbone = build_model(cfg, student=False).backbone.to(device)  # weights: the teacher's, at each call
         # Kept on the device in fp16 (≈4 GB for Imagenette at 224²): each evaluation is then forward passes only.
         self.store = torch.float16 if device.type == "cuda" else torch.float32
         self.splits, classes = {}, []
@@ -309,7 +312,7 @@ def main():
     try:
         data = dataset(args, tmp)
         train_split = resolve_split(data, "train")
-        knn = KNN(data, args, device)
+        knn = KNN(data, args, cfg, device)
         num_images = sum(len(labels) for _, labels in knn.splits["train"])
         with open(args.results, "a") as results:
             for provider in args.providers:

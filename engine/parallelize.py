@@ -45,13 +45,14 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     return Precision(name=name, mp_policy=policy, autocast_dtype=low, loss_scaling=name == "fp16")
 
 
-def resolve_mode(mode: str, world_size: int) -> str:
-    """"auto" -> fsdp with several ranks, single with one; fsdp and ddp need several ranks, single one."""
+def resolve_mode(mode: str, world_size: int, *, process_group: bool = False) -> str:
+    """"auto" -> fsdp with several ranks, single with one; single needs one rank; fsdp and ddp need a process
+    group: several ranks, or one rank of an initialised group (`process_group`, e.g. FSDP2 on one GPU)."""
     if mode == "auto":
         return "fsdp" if world_size > 1 else "single"
     if mode == "single" and world_size > 1:
         raise ValueError(f"parallel.mode=single cannot run on {world_size} processes; use fsdp or ddp")
-    if mode != "single" and world_size == 1:
+    if mode != "single" and world_size == 1 and not process_group:
         raise ValueError(f"parallel.mode={mode} needs several processes (torchrun --nproc_per_node=N); "
                          f"one process runs parallel.mode=single")
     return mode

@@ -74,7 +74,7 @@ class Trainer:
         self.cfg, self.device, self.mesh = cfg, device, mesh
         self.rank = mesh.get_rank() if mesh is not None else 0
         self.world_size = mesh.size() if mesh is not None else 1
-        self.mode = resolve_mode(cfg.parallel.mode, self.world_size)
+        self.mode = resolve_mode(cfg.parallel.mode, self.world_size, process_group=mesh is not None)
         self.precision = resolve_precision(cfg.parallel.precision, device)
         if cfg.data.batch_size % self.world_size:
             raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "

@@ -5,13 +5,13 @@ teacher + (1 - m) * (student - teacher) like `torch.lerp` and the reference (`ke
 fp32 math; teacher and student each load in their own dtype (fp32 teacher with fp32 or bf16 student in practice).
 Memory traffic: numel * (2 * bytes(teacher) + bytes(student)), one read of each and one write of the teacher.
 
-One launch: the host builds, once per set of tensors (cached on their addresses and sizes), a table with the teacher
-and student address and the numel of every tensor, and one (tensor index, block index) row per program. Each program
+One launch: the host builds, once per set of tensor storages (`_plan_for`: cached on their data pointers), a table
+with the teacher and student address and the numel of every tensor, and one (tensor index, block index) row per
+program; a call with the same tensors then only reads their data pointers and launches. Each program
 casts the addresses to typed pointers and updates one BLOCK of one tensor. Full blocks take an unmasked path, and the
 pointers are hinted 16-byte aligned when the host has checked that they are, so that loads and stores vectorize.
 FSDP2 parameters (DTensors) are updated through their local shards; teacher and student are sharded alike.
 """
-import functools
 import math
 import numbers
 
@@ -69,24 +69,13 @@ def _ema_update_kernel(
         tl.store(t_ptr + offs, _lerp(t, s, weight).to(T_DTYPE), mask=mask)
 
 
-@functools.lru_cache(maxsize=16)
-def _launch_tables(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, block: int):
-    """(table, addr, numel) device tensors for `_ema_update_kernel`; addrs alternate teacher, student per tensor."""
-    blocks = torch.tensor([math.ceil(n / block) for n in numels], dtype=torch.int64)
-    idx = torch.repeat_interleave(torch.arange(len(numels)), blocks)
-    first_program = torch.cumsum(blocks, 0) - blocks  # (n_tensors,) index of each tensor's first program
-    block_in_tensor = torch.arange(len(idx)) - first_program[idx]
-    table = torch.stack([idx, block_in_tensor], dim=1).to(torch.int32)  # (n_programs, 2)
-    addr = torch.tensor(addrs, dtype=torch.int64).reshape(-1, 2)  # (n_tensors, 2)
-    return table.to(device), addr.to(device), torch.tensor(numels, dtype=torch.int64).to(device)
-
-
-def _check_args(teachers, students, momentum) -> None:
-    if len(teachers) != len(students):
-        raise ValueError(f"ema_update_: {len(teachers)} teacher tensors but {len(students)} student tensors")
+def _check_shapes(teachers, students) -> None:
     for i, (t, s) in enumerate(zip(teachers, students)):
         if t.shape != s.shape:
             raise ValueError(f"ema_update_: tensor {i}: teacher shape {tuple(t.shape)} != student {tuple(s.shape)}")
+
+
+def _check_momentum(momentum) -> None:
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point():
             raise ValueError(f"ema_update_: momentum tensor must be 0-d floating point, got {tuple(momentum.shape)} "
@@ -95,7 +84,7 @@ def _check_args(teachers, students, momentum) -> None:
         raise ValueError(f"ema_update_: momentum must be a number in [0, 1] or a 0-d tensor, got {momentum!r}")
 
 
-def _triton_blocker(teachers, students, momentum) -> str | None:
+def _triton_blocker(teachers, students) -> str | None:
     """Why the Triton path cannot take these tensors, or None when it can."""
     devices = {t.device for t in teachers + students}
     if len(devices) > 1:
@@ -105,9 +94,65 @@ def _triton_blocker(teachers, students, momentum) -> str | None:
             return f"tensor {i} has dtypes {t.dtype}/{s.dtype}; supported: {sorted(map(str, TL_DTYPES))}"
         if not (t.is_contiguous() and s.is_contiguous()):
             return f"tensor {i} is not contiguous"
-    if isinstance(momentum, torch.Tensor) and momentum.device not in devices and momentum.device.type != "cpu":
-        return f"momentum is on {momentum.device}, the tensors on {devices.pop()}"
     return None
+
+
+class _LaunchPlan:
+    """What the launches need for one set of tensors: per dtype pair the device tables, the grid and whether every
+    address is 16-byte aligned. It holds the tensors, so that while it is cached their storages stay alive and no
+    other tensor can take their addresses (the cache key)."""
+
+    def __init__(self, teachers, students, device):
+        self.tensors = (teachers, students)
+        groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+        for i, (t, s) in enumerate(zip(teachers, students)):
+            groups.setdefault((t.dtype, s.dtype), []).append(i)
+        self.launches = []  # one per dtype pair, in practice exactly one
+        for (t_dtype, s_dtype), members in groups.items():
+            addrs = [p.data_ptr() for i in members for p in (teachers[i], students[i])]
+            numels = [teachers[i].numel() for i in members]
+            blocks = torch.tensor([math.ceil(n / BLOCK) for n in numels], dtype=torch.int64)
+            idx = torch.repeat_interleave(torch.arange(len(numels)), blocks)
+            if len(idx) == 0:  # only empty tensors
+                continue
+            first_program = torch.cumsum(blocks, 0) - blocks  # (n_tensors,) index of each tensor's first program
+            table = torch.stack([idx, torch.arange(len(idx)) - first_program[idx]], dim=1).to(torch.int32)
+            addr = torch.tensor(addrs, dtype=torch.int64).reshape(-1, 2)  # (n_tensors, 2) teacher, student
+            self.launches.append(dict(
+                grid=(table.shape[0],), table=table.to(device), addr=addr.to(device),
+                numel=torch.tensor(numels, dtype=torch.int64).to(device), T_DTYPE=TL_DTYPES[t_dtype],
+                S_DTYPE=TL_DTYPES[s_dtype], ALIGNED=all(a % 16 == 0 for a in addrs),
+            ))
+
+
+class _Unsupported(Exception):
+    """The Triton path cannot take these tensors (the message says why)."""
+
+
+# A few plans, keyed on the data pointers of the teacher and student tensors (see `_plan_for`).
+MAX_PLANS = 4
+_plans: dict[tuple, _LaunchPlan] = {}
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _plan_for(teachers, students, device) -> _LaunchPlan:
+    """The launch plan of these tensors, built (after the full checks) only when their storage changed.
+
+    The key is the tuple of data pointers, one C-level call per tensor and nothing else: the same pointers mean the
+    same live storages (a cached plan keeps them alive), so shapes, dtypes and alignment are those checked when the
+    plan was built. Resizing a tensor in place (`resize_`) without moving it is the one change it cannot see.
+    """
+    key = (tuple(map(_data_ptr, teachers)), tuple(map(_data_ptr, students)))
+    plan = _plans.get(key)
+    if plan is None:
+        _check_shapes(teachers, students)
+        blocker = _triton_blocker(teachers, students)
+        if blocker is not None:
+            raise _Unsupported(blocker)
+        if len(_plans) >= MAX_PLANS:
+            _plans.pop(next(iter(_plans)))  # the oldest
+        plan = _plans[key] = _LaunchPlan(teachers, students, device)
+    return plan
 
 
 @torch.no_grad()
@@ -120,36 +165,54 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
     TRITON_INTERPRET=1; a ValueError when it cannot take the tensors), "foreach". Returns the path taken:
     "triton" or "foreach".
     """
-    teachers = [_local(t) for t in teacher_params]
-    students = [_local(s) for s in student_params]
-    _check_args(teachers, students, momentum)
+    if len(teacher_params) != len(student_params):
+        raise ValueError(f"ema_update_: {len(teacher_params)} teacher tensors but {len(student_params)} student "
+                         f"tensors")
+    _check_momentum(momentum)
+    teachers, students = _locals(teacher_params), _locals(student_params)
     if not teachers:
         return ema_update_ref(teachers, students, momentum)
     device = teachers[0].device
     chosen = _launch.select_impl("ema_update_", impl, device, "foreach", _ema_update_kernel)
-    blocker = _triton_blocker(teachers, students, momentum) if chosen == "triton" else None
-    if blocker is not None:
-        if impl == "triton":
-            raise ValueError(f'ema_update_: impl="triton" cannot take these tensors ({blocker}); use impl="foreach"')
-        _launch.log_choice_once("ema_update_", "foreach", blocker)
-    if chosen == "foreach" or blocker is not None:
+    if chosen == "triton" and isinstance(momentum, torch.Tensor) and momentum.device != device:
+        if momentum.device.type == "cpu":
+            momentum = float(momentum)  # a CPU scalar: reading it does not wait for the GPU
+        else:
+            chosen = _fallback(impl, f"momentum is on {momentum.device}, the tensors on {device}")
+    if chosen == "triton":
+        try:
+            plan = _plan_for(teachers, students, device)
+        except _Unsupported as blocker:
+            chosen = _fallback(impl, str(blocker))
+    if chosen == "foreach":
+        _check_shapes(teachers, students)
         return ema_update_ref(teachers, students, momentum)
 
-    if isinstance(momentum, torch.Tensor) and momentum.device.type == "cpu" and device.type != "cpu":
-        momentum = float(momentum)  # a CPU scalar: reading it does not wait for the GPU
     from_ptr = isinstance(momentum, torch.Tensor)
-    groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-    for i, (t, s) in enumerate(zip(teachers, students)):
-        groups.setdefault((t.dtype, s.dtype), []).append(i)
-    for (t_dtype, s_dtype), members in groups.items():  # one launch per dtype pair, in practice exactly one
-        addrs = tuple(p.data_ptr() for i in members for p in (teachers[i], students[i]))
-        numels = tuple(teachers[i].numel() for i in members)
-        table, addr, numel = _launch_tables(addrs, numels, device, BLOCK)
-        if table.shape[0] == 0:
-            continue
-        _ema_update_kernel[(table.shape[0],)](
-            table, addr, numel, 0.0 if from_ptr else 1.0 - float(momentum), momentum if from_ptr else table,
-            T_DTYPE=TL_DTYPES[t_dtype], S_DTYPE=TL_DTYPES[s_dtype], MOMENTUM_FROM_PTR=from_ptr,
-            ALIGNED=all(a % 16 == 0 for a in addrs), BLOCK=BLOCK, num_warps=NUM_WARPS,
+    weight = 0.0 if from_ptr else 1.0 - float(momentum)
+    for launch in plan.launches:
+        _ema_update_kernel[launch["grid"]](
+            launch["table"], launch["addr"], launch["numel"], weight, momentum if from_ptr else launch["table"],
+            T_DTYPE=launch["T_DTYPE"], S_DTYPE=launch["S_DTYPE"], MOMENTUM_FROM_PTR=from_ptr,
+            ALIGNED=launch["ALIGNED"], BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
     return "triton"
+
+
+def _fallback(impl: str, reason: str) -> str:
+    """"foreach" for impl="auto" (logged once); for an explicit impl="triton" a ValueError naming the fallback."""
+    if impl == "triton":
+        raise ValueError(f'ema_update_: impl="triton" cannot take these tensors ({reason}); use impl="foreach"')
+    _launch.log_choice_once("ema_update_", "foreach", reason)
+    return "foreach"
+
+
+_PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
+
+
+def _locals(params) -> list[torch.Tensor]:
+    """The tensors to update: DTensors' local shards, plain tensors as they are (one type scan, no per-tensor
+    attribute probe, when the list holds no DTensor: the common case outside FSDP2)."""
+    if set(map(type, params)) <= _PLAIN_TYPES:
+        return list(params)
+    return [_local(p) for p in params]

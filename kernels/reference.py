@@ -29,6 +29,8 @@ def dino_loss_ref(
 
     Returns (loss, teacher_colsum) and, with `return_entropy`, also the mean entropy of the teacher rows q; all fp32.
     loss is differentiable w.r.t. student_logits; teacher_colsum (K,) is the sum over the 2*B teacher input rows.
+    The gradient is the official order of operations: autograd multiplies by grad_output (a loss scale, say) in fp32
+    and casts to the student dtype last, so small entries survive fp16; the fused kernel must do the same.
     """
     check_dino_loss_args(student_logits, teacher, center, student_temp, teacher_temp, ncrops)
     student_out = (student_logits.float() / student_temp).chunk(ncrops)
@@ -54,6 +56,17 @@ def dino_loss_ref(
     if not return_entropy:
         return loss, colsum
     return loss, colsum, torch.special.entr(q).sum(dim=-1).mean()
+
+
+def dino_loss_fused_head_ref(student_features, student_weight_v, teacher_features, teacher_weight_v, center,
+                             student_temp, teacher_temp, ncrops):
+    """The spec of `dino_loss_fused_head`: the DINO head's weight-normalised last layer (rows v_k / ||v_k||, gain 1,
+    as `F.normalize`) applied to student and teacher features, then `dino_loss_ref` with the entropy."""
+    student_logits = F.linear(student_features, F.normalize(student_weight_v, dim=1))  # (V*B, K)
+    with torch.no_grad():
+        teacher_logits = F.linear(teacher_features, F.normalize(teacher_weight_v, dim=1))  # (2*B, K)
+    return dino_loss_ref(student_logits, teacher_logits, center, student_temp, teacher_temp, ncrops,
+                         return_entropy=True)
 
 
 @torch.no_grad()

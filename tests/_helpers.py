@@ -6,7 +6,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     """Like torch.testing.assert_close, but reports the mismatch count, the max errors and the first bad indices."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{name}: non-finite values differ"
+    for what, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        differ = where(a) != where(e)
+        assert not differ.any(), (f"{name}: {what} positions differ at {int(differ.sum())} elements, first "
+                                  f"{differ.nonzero()[:5].tolist()}")
+    finite = torch.isfinite(e)  # equal non-finite positions: compare the rest
+    a, e = torch.where(finite, a, 0.0), torch.where(finite, e, 0.0)
     diff = (a - e).abs()
     bad = diff > atol + rtol * e.abs()
     if bad.any():

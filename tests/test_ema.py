@@ -57,6 +57,22 @@ def test_matches_reference_mixed_sizes(offset, student_dtype):
     assert gaps_untouched(buf, teachers), "the kernel wrote outside the teacher tensors"
 
 
+def test_new_storage_rebuilds_the_launch_plan():
+    """The cached plan is keyed on the tensors' storage: after `p.data = ...` (new storage, same parameter object)
+    the update goes to the new storage, not the old one."""
+    teachers = [torch.nn.Parameter(torch.randn(s, device=DEVICE), requires_grad=False) for s in SHAPES]
+    students = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in SHAPES]
+    ema_update_(teachers, students, 0.9, impl="triton")
+    old = teachers[3].data
+    teachers[3].data = torch.randn(SHAPES[3], device=DEVICE)
+    old_before, expected = old.clone(), [t.detach().clone() for t in teachers]
+    ema_update_(teachers, students, 0.5, impl="triton")
+    ema_update_ref(expected, students, 0.5)
+    for i, (a, e) in enumerate(zip(teachers, expected)):
+        assert_close(a, e, **TOL[torch.float32], name=f"teacher[{i}]")
+    assert torch.equal(old, old_before), "the old storage was updated"
+
+
 @pytest.mark.parametrize("momentum", [0.0, 1.0])
 def test_momentum_bounds_exact(momentum):
     teachers = [torch.randn(s, device=DEVICE) for s in SHAPES]
@@ -88,13 +104,15 @@ def test_dtensor_local_shards(tmp_path):
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    backend = "nccl" if DEVICE == "cuda" else "gloo"  # the compiled kernel takes CUDA shards only
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        mesh = init_device_mesh("cpu", (1,))
+        mesh = init_device_mesh(DEVICE, (1,))
         shapes = [(384,), (65, 65), (4097,)]
-        teachers = [torch.nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)]), requires_grad=False)
+        teachers = [torch.nn.Parameter(distribute_tensor(torch.randn(s, device=DEVICE), mesh, [Shard(0)]),
+                                       requires_grad=False) for s in shapes]
+        students = [torch.nn.Parameter(distribute_tensor(torch.randn(s, device=DEVICE), mesh, [Shard(0)]))
                     for s in shapes]
-        students = [torch.nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)])) for s in shapes]
         expected = [t.to_local().clone() for t in teachers]
         assert ema_update_(teachers, students, 0.99, impl="triton") == "triton"
         ema_update_ref(expected, [s.to_local() for s in students], 0.99)
