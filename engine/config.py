@@ -60,6 +60,10 @@ class ModelConfig:
     """Override of the arch's number of blocks; None keeps the arch's."""
     num_heads: int | None = None
     """Override of the arch's number of attention heads; None keeps the arch's."""
+    compile: str = "auto"
+    """torch.compile of each block, the head and the loss: auto (on for CUDA, off elsewhere), true or false."""
+    activation_checkpointing: str = "none"
+    """Blocks whose activations are recomputed in backward to save memory: none, all, or every-N (every N-th)."""
 
     def __post_init__(self):
         _check_choice("model.arch", self.arch, ARCHS)
@@ -72,6 +76,18 @@ class ModelConfig:
         for name in ("embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"model.{name} must be > 0 or null, got {value}")
+        _check_choice("model.compile", self.compile, ("auto", "true", "false"))
+        checkpoint_every(self.activation_checkpointing)
+
+
+def checkpoint_every(spec: str) -> int:
+    """model.activation_checkpointing as a block period: none -> 0, all -> 1, every-N -> N."""
+    if spec in ("none", "all"):
+        return int(spec == "all")
+    number = spec.removeprefix("every-")
+    if number != spec and number.isdigit() and int(number) > 0:
+        return int(number)
+    raise ValueError(f"model.activation_checkpointing must be none, all or every-N with N >= 1, got {spec!r}")
 
 
 @dataclass
@@ -149,6 +165,8 @@ class OptimConfig:
     """global: the norm of all gradients together; per_tensor: each tensor's own norm, as the official code."""
     freeze_last_layer_epochs: float = 1
     """The head's last layer gets no update for this many epochs (DINO: helps the first epoch)."""
+    cuda_graph: bool = False
+    """Replay the step's part after backward (clip, AdamW, EMA, center, counters) as CUDA graphs (CUDA only)."""
 
     def __post_init__(self):
         _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
@@ -441,6 +459,8 @@ def _coerce(value, kind, name: str):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif kind is str:
+        if isinstance(value, bool):  # YAML reads true / false (model.compile=true) as booleans
+            value = str(value).lower()
         if isinstance(value, str):
             return value
     raise ValueError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}")

@@ -14,7 +14,7 @@ from torch import nn
 
 from fastdino.engine.schedules import linear_warmup
 from fastdino.kernels import dino_loss
-from fastdino.kernels._launch import check_positive
+from fastdino.kernels._launch import check_positive, select_impl
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,13 @@ class DINOLoss(nn.Module):
             self._update_center(colsum, teacher_output.shape[0])
         self.last_teacher_entropy = entropy.detach()
         return loss
+
+    def resolve_impl(self, device: torch.device) -> str:
+        """Fix impl="auto" to what it selects on `device` (logged once, here), so that a compiled forward does not
+        trace the selection; returns the implementation."""
+        if self.impl == "auto":
+            self.impl = select_impl("dino_loss", "auto", device, "torch", kernel=None)
+        return self.impl
 
     @torch.no_grad()
     def _update_center(self, colsum: torch.Tensor, n_rows: int) -> None:

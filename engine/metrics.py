@@ -39,7 +39,7 @@ class StepStats:
         """Add one step (0-d device tensors; `skipped` and `nonfinite` are bool). No host sync."""
         v = dict(zip(self.FIELDS, self.values.unbind()))
         in_a_row = (v["nonfinite_in_a_row"] + 1) * nonfinite
-        self.values = torch.stack([
+        self.values.copy_(torch.stack([  # in place: a CUDA graph of the step keeps writing this tensor
             v["loss_sum"] + torch.where(nonfinite, 0.0, loss.float()),
             v["entropy_sum"] + torch.where(nonfinite, 0.0, entropy.float()),
             v["finite_steps"] + ~nonfinite,
@@ -47,7 +47,7 @@ class StepStats:
             in_a_row,
             torch.maximum(v["max_nonfinite_in_a_row"], in_a_row),
             grad_norm.float(),
-        ])
+        ]))
 
     def read(self, process_group=None, *, reset: bool = True) -> dict[str, float]:
         """Means since the last read and the counters, reduced over ranks (collective when torch.distributed is
@@ -60,7 +60,7 @@ class StepStats:
             values[:2], values[5:6] = sums / dist.get_world_size(process_group), longest
         raw = dict(zip(self.FIELDS, values.tolist()))  # host sync: once per log step
         if reset:
-            self.values = self.values * torch.tensor([0, 0, 0, 0, 1, 0, 1], device=self.values.device)
+            self.values.mul_(torch.tensor([0, 0, 0, 0, 1, 0, 1], device=self.values.device))
         finite = raw["finite_steps"]
         return {
             "loss": raw["loss_sum"] / finite if finite else math.nan,
@@ -74,7 +74,7 @@ class StepStats:
         return {"values": self.values}
 
     def load_state_dict(self, state: dict) -> None:
-        self.values = state["values"].to(self.values.device)
+        self.values.copy_(state["values"])
 
 
 def max_memory_gib(device: torch.device) -> float:

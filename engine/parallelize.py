@@ -1,4 +1,11 @@
-"""How the student and the teacher are spread over ranks (FSDP2, DDP or one process) and in which precision.
+"""How the student and the teacher are compiled, checkpointed, spread over ranks (FSDP2, DDP or one process), and
+in which precision. Applied in torchtitan's order (torchtitan/models/llama3/infra/parallelize.py): activation
+checkpointing, then per-block torch.compile, then FSDP2.
+
+Compile (`apply_compile`): each block's, the head's and the torch loss's `forward` is replaced by its
+`torch.compile(..., fullgraph=True)`, in place. The modules keep their parameter names (state dicts, DCP and the
+EMA see the same model), and FSDP2's hooks, which run in `__call__` around `forward`, stay outside the graphs. All
+blocks share one code object, so they share graphs (see vit.py's docstring on stochastic depth).
 
 FSDP2 (torchtitan: torchtitan/models/llama3/infra/parallelize.py, `apply_fsdp`): `fully_shard` each transformer
 `Block`, then the head, then the root. The teacher gets the same layout, so the EMA update runs on matching
@@ -58,6 +65,35 @@ def resolve_mode(mode: str, world_size: int, *, process_group: bool = False) -> 
     return mode
 
 
+def resolve_compile(setting: str, device: torch.device) -> bool:
+    """model.compile: "auto" compiles on CUDA only (inductor on the CPU is slow to build and gains little there);
+    the choice is logged once, by the caller's rank."""
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"model.compile must be auto, true or false, got {setting!r}")
+    enabled = device.type == "cuda" if setting == "auto" else setting == "true"
+    logger.info("torch.compile %s (model.compile=%s, %s device)", "on" if enabled else "off", setting, device.type)
+    return enabled
+
+
+def apply_ac(model: nn.Module, every: int) -> nn.Module:
+    """Activation checkpointing of every `every`-th block of a DINOModel's backbone (1 = all, 0 = none)."""
+    model.backbone.checkpoint_blocks(every)
+    return model
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """Compile each block and the head of a DINOModel in place."""
+    for module in [*model.backbone.blocks, model.head]:
+        compile_forward(module)
+    return model
+
+
+def compile_forward(module: nn.Module) -> nn.Module:
+    """Replace `module.forward` by its torch.compile with fullgraph=True (a graph break raises)."""
+    module.forward = torch.compile(module.forward, fullgraph=True)
+    return module
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *, trains: bool) -> nn.Module:
     """Shard a DINOModel (`backbone.blocks`, `head`, root) in place with FSDP2.
 
@@ -102,8 +138,9 @@ class DynamicLossScale:
         """Halve the scale after a skipped step; double it after `growth_interval` good steps in a row."""
         good = torch.where(skipped, 0.0, self.good_steps + 1)
         grow = good >= self.growth_interval
-        self.scale = torch.where(skipped, self.scale * 0.5, torch.where(grow, self.scale * 2.0, self.scale))
-        self.good_steps = torch.where(grow, 0.0, good)
+        # In place: a CUDA graph of the step keeps reading and writing these tensors.
+        self.scale.copy_(torch.where(skipped, self.scale * 0.5, torch.where(grow, self.scale * 2.0, self.scale)))
+        self.good_steps.copy_(torch.where(grow, 0.0, good))
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "good_steps": self.good_steps}

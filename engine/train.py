@@ -26,7 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from fastdino.engine.checkpoint import Checkpointer, ModelState, OptimizerState, full_backbone_state_dict
 from fastdino.engine.clipping import clip_gradients_
-from fastdino.engine.config import TrainConfig
+from fastdino.engine.config import TrainConfig, checkpoint_every
+from fastdino.engine.cuda_graph import PostBackwardGraphs
 from fastdino.engine.eval import KNNDataError, knn_accuracy
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.metrics import (
@@ -39,8 +40,13 @@ from fastdino.engine.metrics import (
 )
 from fastdino.engine.parallelize import (
     DynamicLossScale,
+    apply_ac,
+    apply_compile,
     apply_ddp,
     apply_fsdp,
+    compile_forward,
+    local_tensors,
+    resolve_compile,
     resolve_mode,
     resolve_precision,
 )
@@ -76,6 +82,7 @@ class Trainer:
         self.world_size = mesh.size() if mesh is not None else 1
         self.mode = resolve_mode(cfg.parallel.mode, self.world_size, process_group=mesh is not None)
         self.precision = resolve_precision(cfg.parallel.precision, device)
+        self.compile = resolve_compile(cfg.model.compile, device)
         if cfg.data.batch_size % self.world_size:
             raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must be a multiple of the number of "
                              f"processes ({self.world_size})")
@@ -95,8 +102,11 @@ class Trainer:
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
                                 cfg.loss.center_momentum, impl=cfg.loss.impl, teacher_norm=cfg.loss.teacher_norm,
                                 process_group=mesh.get_group() if mesh is not None else None).to(device)
+        if self.compile and self.loss_fn.resolve_impl(device) == "torch":  # the Triton loss is one fused launch
+            compile_forward(self.loss_fn)
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
+        self.graphs = PostBackwardGraphs(self) if cfg.optim.cuda_graph else None
         self.step = 0
         self.next_step_rng = None  # (cpu, cuda) RNG states set right before the next step (resume, time budget)
         self.trained_seconds = 0.0  # training wall time of the earlier runs of this output folder
@@ -135,6 +145,10 @@ class Trainer:
         with torch.device("meta"):
             student, teacher = build_model(self.cfg, student=True), build_model(self.cfg, student=False)
         teacher.requires_grad_(False)
+        apply_ac(student, checkpoint_every(self.cfg.model.activation_checkpointing))
+        if self.compile:
+            apply_compile(student)
+            apply_compile(teacher)
         if self.mode == "fsdp":
             apply_fsdp(student, self.mesh, self.precision.mp_policy, trains=True)
             apply_fsdp(teacher, self.mesh, self.precision.mp_policy, trains=False)
@@ -169,9 +183,12 @@ class Trainer:
     def train_step(self, crops: list[torch.Tensor]) -> None:
         """One DINO step on this rank's crops (2 global first, then the local ones, each (B, 3, H, W))."""
         values = self.schedules.at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = values.lr
-        self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
+        if self.graphs is not None:
+            self.graphs.set_schedule(values)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = values.lr
+            self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
         center = self.loss_fn.center.clone()
 
         with self._autocast():
@@ -183,23 +200,38 @@ class Trainer:
 
         if values.freeze_last_layer:
             self.model.head.cancel_last_layer_gradients()
+        if self.graphs is not None:
+            self.graphs.run(loss, center, frozen=values.freeze_last_layer)
+        else:
+            self.after_backward(loss.detach(), self.loss_fn.last_teacher_entropy, center, values.teacher_momentum)
+        self.step += 1
+
+    def after_backward(self, loss: torch.Tensor, entropy: torch.Tensor, center: torch.Tensor, teacher_momentum, *,
+                       lr: torch.Tensor | None = None, weight_decay: torch.Tensor | None = None) -> None:
+        """Unscale, clip, AdamW, EMA, center and counters: device work only, state changed in place, so that
+        optim.cuda_graph can capture it (cuda_graph.py). `loss` and `entropy` are the step's, `center` the center
+        before this step's loss (restored on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs'
+        inputs) AdamW's decoupled weight decay is applied here, before its update, instead of by AdamW."""
         if self.loss_scale:
             self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
         grad_norm = clip_gradients_(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_grad_mode)
         skipped = ~torch.isfinite(grad_norm)  # the same on every rank: the norm is global
 
+        if weight_decay is not None:
+            decayed = [p for p in self.optimizer.param_groups[0]["params"] if p.grad is not None]
+            with torch.no_grad():
+                torch._foreach_mul_(local_tensors(decayed), 1 - lr * weight_decay * ~skipped)
         self.optimizer.found_inf = skipped.float()  # fused AdamW skips the update (and its step count) when 1
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        ema_update_(self.teacher_params, self.params, torch.where(skipped, 1.0, values.teacher_momentum))
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)  # graphs read the gradients where they are
+        ema_update_(self.teacher_params, self.params, torch.where(skipped, 1.0, teacher_momentum))
         self.loss_fn.center.copy_(torch.where(skipped, center, self.loss_fn.center))
         if self.loss_scale:
             self.loss_scale.update(skipped)
-        nonfinite = ~torch.isfinite(loss.detach())  # per rank; StepStats.read takes the max over ranks
+        nonfinite = ~torch.isfinite(loss)  # per rank; StepStats.read takes the max over ranks
         if self.loss_scale is None:  # with fp16 loss scaling, a skip with a finite loss is an overflow
             nonfinite |= skipped
-        self.stats.update(loss.detach(), self.loss_fn.last_teacher_entropy, grad_norm, skipped, nonfinite)
-        self.step += 1
+        self.stats.update(loss, entropy, grad_norm, skipped, nonfinite)
 
     def train(self, loader, stop: StopRequest | None = None) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
@@ -413,6 +445,8 @@ class _TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
+        if t.graphs is not None:  # loading may replace the optimizer's state tensors that the graphs captured
+            t.graphs.reset()
         t.step = state["step"]
         t.trained_seconds = state["trained_seconds"]
         if t.cfg.minutes is not None:

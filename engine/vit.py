@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
+from torch.utils.checkpoint import checkpoint
 
 from fastdino.engine.attention import BACKENDS, attention, attention_probs, select_attention_backend
 
@@ -131,6 +132,7 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.drop_path = drop_path
+        self.checkpointed = False  # activation checkpointing, set by VisionTransformer.checkpoint_blocks
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
@@ -155,6 +157,12 @@ class Block(nn.Module):
         """Packed tokens (T, D) -> (T, D). `keep` is `kept_images(layout)`, computed by the caller: as integer
         arguments the counts become dynamic under torch.compile, so blocks with different drop-path rates
         share one graph (float and int module attributes are specialised: one graph per block)."""
+        if self.checkpointed and torch.is_grad_enabled():
+            # Backward reruns the block with the RNG state of this forward, so it drops the same images.
+            return checkpoint(self._forward, x, layout, backend, keep, use_reentrant=False)
+        return self._forward(x, layout, backend, keep)
+
+    def _forward(self, x: torch.Tensor, layout: Layout, backend: str, keep: tuple[int, ...] | None) -> torch.Tensor:
         if keep is not None:
             x = drop_add_residual(x, layout, keep, partial(self._attn_branch, backend=backend))
             return drop_add_residual(x, layout, keep, self._mlp_branch)
@@ -244,6 +252,12 @@ class VisionTransformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def checkpoint_blocks(self, every: int) -> None:
+        """Activation checkpointing of every `every`-th block (blocks every-1, 2*every-1, ...; 1 = all, 0 = none):
+        their activations are recomputed in backward instead of kept from forward."""
+        for i, block in enumerate(self.blocks):
+            block.checkpointed = every > 0 and (i + 1) % every == 0
 
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay by name (timm's convention); DINO also exempts biases and norms."""

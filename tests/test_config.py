@@ -46,6 +46,8 @@ def test_overrides_and_file_values_apply_in_order(tmp_path):
     assert cfg.data.global_crops_scale == (0.2, 1.0) and cfg.optim.min_lr == 1e-6  # YAML's "1e-6" is a string
     assert cfg.max_steps is None and cfg.data.path == "/tmp/x"
     assert cfg.model == C.demo().model  # untouched sections keep the preset's values
+    cfg = C.apply_overrides(C.demo(), overrides=["model.compile=true", "model.activation_checkpointing=every-2"])
+    assert (cfg.model.compile, C.checkpoint_every(cfg.model.activation_checkpointing)) == ("true", 2)
 
 
 def test_yaml_file_is_read(tmp_path):
@@ -65,6 +67,8 @@ def test_yaml_file_is_read(tmp_path):
     ("model.arch=vit_huge", "model.arch must be one of"),
     ("data.local_crops_scale=[0.5, 0.1]", "data.local_crops_scale must be (min, max)"),
     ("parallel.precision=fp8", "parallel.precision must be one of"),
+    ("model.compile=maybe", "model.compile must be one of ['auto', 'true', 'false'], got 'maybe'"),
+    ("model.activation_checkpointing=every-0", "model.activation_checkpointing must be none, all or every-N"),
     ("model.pos_embed_resample=bilinear", "model.pos_embed_resample must be one of"),
     ("minutes=-2", "minutes must be > 0 or null, got -2.0"),
     ("optim.clip_grad_mode=per_param", "optim.clip_grad_mode must be one of"),

@@ -1,7 +1,7 @@
 """2 gloo processes (FSDP2, then DDP) against 1 process on the same global batches: same losses, same student and
 teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close to it, and in fp16
-skipping overflows alike on every rank; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the
-uninterrupted one."""
+skipping overflows alike on every rank; FSDP2 with compiled blocks, head and loss and checkpointed blocks equal to
+it; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the uninterrupted one."""
 import dataclasses
 import json
 
@@ -72,6 +72,19 @@ def full_states(trainer) -> dict:
             "teacher": get_model_state_dict(trainer.teacher, options=options)}
 
 
+def _compiled_trainer(cfg, mesh):
+    """An FSDP2 trainer with model.compile=true and activation checkpointing on every block. Backend aot_eager:
+    dynamo and AOTAutograd (graph breaks, FSDP2's hooks around the compiled forwards) without inductor's C++ builds,
+    whose numerics test_compile.py checks."""
+    compile_ = torch.compile
+    torch.compile = lambda fn, **kwargs: compile_(fn, backend="aot_eager", **kwargs)
+    try:
+        model = dataclasses.replace(cfg.model, compile="true", activation_checkpointing="all")
+        return make_trainer(dataclasses.replace(cfg, model=model), mesh=mesh)
+    finally:
+        torch.compile = compile_
+
+
 def _worker(rank: int, store_path: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     try:
@@ -102,6 +115,8 @@ def _worker(rank: int, store_path: str, out_dir: str):
         gathered = [torch.zeros_like(mine) for _ in range(WORLD)]
         dist.all_gather(gathered, mine)
         results["fsdp_fp16"] = {"skips_then_scale": gathered, "student": full_states(fp16)["student"]}
+        compiled = _compiled_trainer(cfg, mesh)
+        results["fsdp_compiled"] = {"losses": run_steps(compiled, batches, rank, WORLD), **full_states(compiled)}
         per_tensor = make_trainer(per_tensor_config(), mesh=mesh)
         results["fsdp_per_tensor"] = {"losses": run_steps(per_tensor, batches, rank, WORLD), **full_states(per_tensor)}
         poisoned = [c.clone() for c in batches[0]]
@@ -153,6 +168,12 @@ def _compare(actual: dict, expected: dict, what: str):
 def test_two_ranks_match_one_process(distributed_results, single_results, mode):
     results, _ = distributed_results
     _compare(results[mode], single_results, f"{mode} x{WORLD}")
+
+
+@pytest.mark.slow
+def test_compile_and_activation_checkpointing_under_fsdp2(distributed_results, single_results):
+    compiled = distributed_results[0]["fsdp_compiled"]
+    _compare(compiled, single_results, f"fsdp x{WORLD} compiled and checkpointed")
 
 
 @pytest.mark.slow

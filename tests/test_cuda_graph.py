@@ -1,0 +1,72 @@
+"""optim.cuda_graph: the step's part after backward as the graphs run it (static inputs, tensor lr, weight decay
+outside AdamW, gradients kept in place) equals the default step; capturing needs CUDA and says so otherwise."""
+import pytest
+import torch
+
+from fastdino.engine.cuda_graph import PostBackwardGraphs
+
+from _helpers import assert_close
+from test_train import make_trainer, synthetic_batches, tiny_config
+
+# The decay p * (1 - lr * wd) is applied by one foreach op instead of inside the fused AdamW kernel: fp32 rounding.
+TOL = dict(atol=1e-6, rtol=1e-5)
+STEPS = 5  # last layer frozen for the first 2 (0.5 epoch of 4 steps): both graphs' parameter sets
+
+
+def run(trainer, batches):
+    losses = []
+    for crops in batches:
+        trainer.train_step(crops)
+        losses.append(trainer.stats.read()["loss"])
+    return torch.tensor(losses)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_graph_ready_update_equals_the_default_step(precision):
+    cfg = tiny_config("optim.freeze_last_layer_epochs=0.5", "optim.weight_decay=0.3", "optim.base_lr=0.05",
+                      "optim.warmup_epochs=0", f"parallel.precision={precision}")  # large lr * wd: decay shows
+    batches = synthetic_batches(cfg, STEPS)
+    torch.manual_seed(0)
+    default = make_trainer(cfg)
+    expected = run(default, batches)
+    torch.manual_seed(0)
+    graphed = make_trainer(cfg)
+    graphed.graphs = PostBackwardGraphs(graphed, capture=False)  # the captured function, run eagerly
+    actual = run(graphed, batches)
+    assert_close(actual, expected, **TOL, name="losses")
+    for name in ("params", "teacher_params"):
+        for i, (a, e) in enumerate(zip(getattr(graphed, name), getattr(default, name), strict=True)):
+            assert_close(a, e, **TOL, name=f"{name}[{i}]")
+    assert_close(graphed.loss_fn.center, default.loss_fn.center, **TOL, name="center")
+    for p_graphed, p_default in zip(graphed.params, default.params):
+        exp_avg = graphed.optimizer.state[p_graphed]["exp_avg"]
+        assert_close(exp_avg, default.optimizer.state[p_default]["exp_avg"], **TOL, name="exp_avg")
+    assert all(p.grad is not None for p in graphed.params), "graphs read gradients where they are: never freed"
+    assert all(group["lr"] is graphed.graphs.lr for group in graphed.optimizer.param_groups)
+
+
+def test_cuda_graph_needs_cuda():
+    with pytest.raises(ValueError, match="optim.cuda_graph=true needs a CUDA device, this run is on cpu; "
+                                         "set optim.cuda_graph=false"):
+        make_trainer(tiny_config("optim.cuda_graph=true"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_graphs_equal_the_default_step_on_gpu():
+    """Warm-up, capture and replays (both freeze states) give the default step's losses and weights."""
+    from fastdino.engine.train import Trainer
+
+    overrides = ["optim.freeze_last_layer_epochs=0.5", "optim.weight_decay=0.3", "parallel.precision=fp32"]
+    device = torch.device("cuda")
+    batches = [[c.to(device) for c in crops] for crops in synthetic_batches(tiny_config(*overrides), 6)]
+    results = []
+    for cuda_graph in ("false", "true"):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_config(*overrides, f"optim.cuda_graph={cuda_graph}"), 4, device=device)
+        results.append((run(trainer, batches), trainer))
+    (expected, default), (actual, graphed) = results
+    assert set(graphed.graphs.graphs) == {True, False} and all(graphed.graphs.graphs.values())
+    assert_close(actual, expected, atol=1e-5, rtol=1e-4, name="losses")
+    for a, e in zip(graphed.params, default.params, strict=True):
+        assert_close(a, e, atol=1e-5, rtol=1e-4, name="student")
