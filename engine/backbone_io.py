@@ -19,7 +19,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fastdino.files import atomic_write
@@ -166,9 +166,13 @@ def _run_model_config(run_dir: Path) -> dict:
 
 
 def _read_safetensors(path: Path):
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"cannot read checkpoint {path}: not a safetensors file, or truncated or corrupt "
+                         f"({_first_sentence(str(err))})") from None
     return _strip_heads(tensors), metadata
 
 
@@ -178,7 +182,21 @@ def _torch_load(path: Path):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # what torch.load raises on bad files
-            raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+            raise ValueError(f"cannot read checkpoint {path}: {_load_error(err)}") from None
+
+
+def _load_error(err: Exception) -> str:
+    """Why torch.load failed, without its advice to retry with weights_only=False (that runs pickled code)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return (f"not a PyTorch checkpoint of tensors, or truncated or corrupt ({' '.join(reason.split())}); "
+                f"fastdino never loads pickled code")
+    return f"not a PyTorch checkpoint, or truncated or corrupt ({_first_sentence(text) or type(err).__name__})"
+
+
+def _first_sentence(text: str) -> str:
+    return " ".join(text.split()).split(". ")[0].rstrip(".")
 
 
 def _backbone_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:

@@ -6,11 +6,19 @@ shards into `.step_XXXXXXXX.tmp/`; once all ranks are done, rank 0 renames it. A
 a `.tmp` folder, which `latest()` ignores and the next save removes, so the previous checkpoint stays usable.
 Old checkpoints beyond `keep_last` are deleted after each save.
 
+Integrity: before the rename, `SHA256SUMS` records the SHA-256 of every file (each rank hashes the shards it
+wrote; `sha256sum -c SHA256SUMS` checks a folder by hand). `latest()` verifies the newest checkpoint, each rank
+hashing a share of its files, and falls back to the previous one with a warning naming the bad one: a truncated
+shard or `.metadata` would otherwise fail deep inside DCP, and zeroed bytes in a shard would load silently.
+`keep_last` counts intact checkpoints: pruning keeps the newest `keep_last` ones not found corrupt.
+
 The keys' DCP Statefuls are here: ModelState (student, teacher), OptimizerState, TrainState (the Trainer's step,
 RNG states and accumulators) and PerRank (the loader's position). Per-rank values (RNG states, on-device metric
 accumulators, loader positions) are stored under per-rank keys; DCP would otherwise keep one copy of a plain
 tensor that every rank saves under the same key.
 """
+import errno
+import hashlib
 import logging
 import os
 import re
@@ -34,6 +42,23 @@ from torch.distributed.checkpoint.state_dict import (
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+CHECKSUMS = "SHA256SUMS"
+# State keys whose tensors a resume must find in the checkpoint with the same shapes (the rest is per-rank state).
+MATCHED_KEYS = ("student.", "teacher.", "loss.", "optimizer.")
+# A write that failed with less than this left on its filesystem failed because the disk is full.
+_FULL_BELOW_BYTES = 1 << 20
+
+
+class CorruptCheckpointError(ValueError):
+    """Checkpoints exist but none is intact: resuming from none of them, or starting afresh, would be wrong."""
+
+
+class ShapeMismatchError(ValueError):
+    """The model or optimizer being resumed has other tensors or shapes than the checkpoint's."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint write ran out of space (ENOSPC / EDQUOT); the previous checkpoint is untouched."""
 
 
 class ModelState:
@@ -135,6 +160,7 @@ class Checkpointer:
         self.rank = rank
         self.process_group = process_group
         self.distributed = dist.is_available() and dist.is_initialized()
+        self.corrupt: set[str] = set()  # names of checkpoints found corrupt by `latest()`
 
     def step_path(self, step: int) -> Path:
         return self.folder / f"step_{step:08d}"
@@ -147,8 +173,37 @@ class Checkpointer:
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Path | None:
+        """The newest intact checkpoint (None when there is none yet); collective. Corrupt ones are skipped with a
+        warning; CorruptCheckpointError when every checkpoint is corrupt."""
         found = self.checkpoints()
-        return found[-1] if found else None
+        for path in reversed(found):
+            problem = self.verify(path)
+            if problem is None:
+                return path
+            self.corrupt.add(path.name)
+            logger.warning("checkpoint %s is corrupt (%s); falling back to the previous one", path, problem)
+        if found:
+            raise CorruptCheckpointError(
+                f"no intact checkpoint in {self.folder} ({', '.join(p.name for p in found)} are all corrupt); "
+                f"move that folder away to start the run afresh")
+        return None
+
+    def verify(self, path: Path) -> str | None:
+        """None when every file of checkpoint `path` has the SHA-256 in its SHA256SUMS, else what is wrong.
+        Collective: each rank hashes a share of the files. A checkpoint without SHA256SUMS (written by an older
+        fastdino) is taken as it is."""
+        listed = _read_checksums(path / CHECKSUMS)
+        if listed is None:
+            logger.warning("checkpoint %s has no %s: loading it unverified", path, CHECKSUMS)
+            return None
+        on_disk = sorted(p.name for p in path.iterdir() if p.name != CHECKSUMS)
+        problems = [f"{name} missing" for name in sorted(set(listed) - set(on_disk))]
+        rank, world = self._group_rank_world()
+        for name in sorted(set(listed) & set(on_disk))[rank::world]:
+            if _sha256(path / name) != listed[name]:
+                problems.append(f"{name} does not match its checksum")
+        problems = sorted(set().union(*self._all_gather(problems)))
+        return ", ".join(problems) if problems else None
 
     @staticmethod
     def step_of(path: Path) -> int:
@@ -162,26 +217,63 @@ class Checkpointer:
             self._remove_unfinished()
             tmp.mkdir(parents=True)
         self._barrier()
-        with self._single_process_is_intended():
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group, no_dist=not self.distributed)
+        try:
+            with self._single_process_is_intended():
+                dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group,
+                         no_dist=not self.distributed)
+            # Each rank hashes the shards it wrote (DCP names them __RANK_N.distcp); rank 0 adds .metadata.
+            rank, _ = self._group_rank_world()
+            mine = [p for p in tmp.iterdir()
+                    if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name == ".metadata")]
+            sums = {name: digest for part in self._all_gather({p.name: _sha256(p) for p in mine})
+                    for name, digest in part.items()}
+            if self.rank == 0:
+                _write_checksums(tmp / CHECKSUMS, sums)
+        except (OSError, RuntimeError, dcp.api.CheckpointException) as error:
+            if not is_disk_full(error, self.folder):
+                raise
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial write took
+            previous = self.checkpoints()
+            raise DiskFullError(errno.ENOSPC, f"disk full: no space left on {self.folder} for checkpoint step "
+                                f"{step} (" + (f"the previous one, {previous[-1].name}, is intact" if previous
+                                               else "no earlier checkpoint") + ")") from None
         self._barrier()
         if self.rank == 0:
             if final.exists():  # the same step saved again (e.g. a rerun that stops where it resumed)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.folder)
-            for old in self.checkpoints()[:-self.keep_last]:
+            self.corrupt.discard(final.name)
+            for old in self._prunable():
                 shutil.rmtree(old)
             logger.info("saved checkpoint %s", final)
         self._barrier()
         return final
 
+    def _prunable(self) -> list[Path]:
+        """Checkpoints older than the newest `keep_last` intact ones (corrupt ones among them included)."""
+        found = self.checkpoints()
+        intact = [p for p in found if p.name not in self.corrupt]
+        if len(intact) <= self.keep_last:
+            return []
+        oldest_kept = intact[-self.keep_last]
+        return [p for p in found if p.name < oldest_kept.name]
+
     def load(self, path: Path, state: dict) -> None:
-        """Load checkpoint `path` into `state` in place. Keys absent from the checkpoint keep their values (a
-        run resumed on another number of ranks finds no RNG state for its new ranks)."""
-        with self._single_process_is_intended():
-            dcp.load(state, checkpoint_id=str(path), process_group=self.process_group,
-                     no_dist=not self.distributed, planner=DefaultLoadPlanner(allow_partial_load=True))
+        """Load checkpoint `path` into `state` in place. The tensors of MATCHED_KEYS must match the checkpoint's
+        one for one, in name and shape (ShapeMismatchError before anything changes, naming them); other keys
+        absent from the checkpoint keep their values (a run resumed on another number of ranks finds no RNG state
+        for its new ranks)."""
+        try:
+            with self._single_process_is_intended():
+                dcp.load(state, checkpoint_id=str(path), process_group=self.process_group,
+                         no_dist=not self.distributed, planner=_MatchingLoadPlanner())
+        except dcp.api.CheckpointException as error:  # raised on every rank when one rank's planning failed
+            mismatch = [f[0] for f in error.failures.values() if isinstance(f[0], ShapeMismatchError)]
+            if mismatch:
+                raise ShapeMismatchError(f"cannot resume from {path}: {mismatch[0]}") from None
+            raise
         logger.info("resumed from checkpoint %s", path)
 
     def _remove_unfinished(self) -> None:
@@ -201,6 +293,96 @@ class Checkpointer:
     def _barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.process_group)
+
+    def _group_rank_world(self) -> tuple[int, int]:
+        if not self.distributed:
+            return 0, 1
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def _all_gather(self, value) -> list:
+        if not self.distributed:
+            return [value]
+        gathered = [None] * dist.get_world_size(self.process_group)
+        dist.all_gather_object(gathered, value, group=self.process_group)
+        return gathered
+
+
+class _MatchingLoadPlanner(DefaultLoadPlanner):
+    """Partial loads for per-rank values only: the model, optimizer and loss tensors must match the checkpoint's
+    (DCP's partial load would leave a deeper model's new blocks at their random initial values)."""
+
+    def __init__(self):
+        super().__init__(allow_partial_load=True)
+
+    def create_local_plan(self):
+        stored = {k: v for k, v in self.metadata.state_dict_metadata.items() if k.startswith(MATCHED_KEYS)}
+        here = {k: v for k, v in self.state_dict.items() if k.startswith(MATCHED_KEYS)}
+        by_key = {k: f"{k} is not in the checkpoint" for k in set(here) - set(stored)}
+        by_key |= {k: f"{k} is in the checkpoint only" for k in set(stored) - set(here)}
+        for key in set(here) & set(stored):
+            size = getattr(stored[key], "size", None)
+            if size is not None and torch.is_tensor(here[key]) and tuple(size) != tuple(here[key].shape):
+                by_key[key] = f"{key} has shape {list(size)} in the checkpoint, {list(here[key].shape)} here"
+        # The model's tensors first: they say what changed; the optimizer's follow from them.
+        problems = [by_key[k] for k in sorted(by_key, key=lambda k: (_prefix_rank(k), k))]
+        if problems:
+            raise ShapeMismatchError(f"the model or optimizer differs from the checkpoint's ({len(problems)} "
+                                     f"tensors): {'; '.join(problems[:3])}" + ("; ..." if len(problems) > 3 else ""))
+        return super().create_local_plan()
+
+
+def _prefix_rank(key: str) -> int:
+    return next(i for i, prefix in enumerate(MATCHED_KEYS) if key.startswith(prefix))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_checksums(path: Path, sums: dict[str, str]) -> None:
+    """`sha256sum` format, so `sha256sum -c SHA256SUMS` checks the folder too."""
+    with open(path, "w") as f:
+        f.writelines(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_checksums(path: Path) -> dict[str, str] | None:
+    """{file name: hex digest} of a SHA256SUMS file, None when there is none; a garbled line is kept as a digest
+    that matches nothing."""
+    if not path.is_file():
+        return None
+    sums = {}
+    for line in path.read_text(errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        sums[name or line] = digest
+    return sums
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: an ENOSPC / EDQUOT anywhere in the error's chain (or in a DCP
+    failure of any rank), or no space left in `folder` (torch's zip writer turns ENOSPC into a RuntimeError
+    "unexpected pos" and drops the errno)."""
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, dcp.api.CheckpointException):
+            pending += [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _FULL_BELOW_BYTES
 
 
 def _fsync_dir(path: Path) -> None:

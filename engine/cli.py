@@ -6,11 +6,13 @@
 
 The config is the preset, then the YAML file, then `--data` / `--max-steps` / `--minutes`, then the
 `section.key=value` overrides (config.py). A bad value or unknown key is one line on stderr and exit code 2.
-Running the same command again with a larger --max-steps resumes from DIR's latest checkpoint; a --minutes run
-resumes with the step count it measured when it started. Without --data, the built-in shapes dataset is generated
-once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained teacher next
-to the untrained network's and an attention-map PNG. Every run ends with a few plain sentences on how training
-went (collapse, loss trend, k-NN curve).
+Running the same command again with a larger --max-steps resumes from DIR's latest intact checkpoint; a --minutes
+run resumes with the step count it measured when it started. A resume that changes a setting outside
+config.MAY_CHANGE_ON_RESUME is refused before anything is written. Ctrl-C and SIGTERM stop after the current step
+with a checkpoint (stop.py); a full disk is one line (exit code 1). Without --data, the built-in shapes dataset
+is generated once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained
+teacher next to the untrained network's and an attention-map PNG. Every run ends with a few plain sentences on
+how training went (collapse, loss trend, k-NN curve).
 
 This module starts and stops torch.distributed for a run (command_line.py: from torchrun's environment, gloo on the
 CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -41,9 +44,12 @@ if TYPE_CHECKING:
     import torch
     from torch.distributed.device_mesh import DeviceMesh
 
+    from fastdino.engine.stop import StopRequest
+
 logger = logging.getLogger(__name__)
 
 EXIT_DIVERGED = 1
+EXIT_DISK_FULL = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,17 +109,29 @@ def main(argv=None) -> int:
     args.overrides = [*args.overrides, *extra]
     try:
         cfg = build_config(args)
+        check_output(Path(args.output))
     except ValueError as error:
         sys.stderr.write(f"fastdino: error: {error}\n")
         return EXIT_USAGE
     import torch.distributed as dist
 
+    from fastdino.engine.checkpoint import is_disk_full
+    from fastdino.engine.stop import StopRequest
+
     device = process_device()
     mesh = init_distributed(device)
     try:
         init_logging(mesh.get_rank() if mesh is not None else 0)
-        code = run_train(cfg, Path(args.output), device=device, mesh=mesh)
-        if code == 0 and dist.is_initialized():
+        stop = StopRequest()
+        try:
+            with stop.handling():
+                code = run_train(cfg, Path(args.output), device=device, mesh=mesh, stop=stop)
+        except Exception as error:
+            if not is_disk_full(error, Path(args.output)):
+                raise
+            sys.stderr.write(f"fastdino: error: {disk_full_message(error, Path(args.output))}\n")
+            return EXIT_DISK_FULL
+        if dist.is_initialized() and (code == 0 or stop.signum is not None):
             # Leave together: a rank that tears gloo down while its peer still writes (rank 0 prints and writes
             # files after the last collective) can be aborted by gloo ("terminate called without an active
             # exception").
@@ -124,9 +142,33 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
-def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: DeviceMesh | None) -> int:
+def check_output(output: Path) -> None:
+    """ValueError unless `output` is (or can be made) a folder this process can write in: said before any setup."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; give a folder (it is created if missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write_test.tmp{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to --output {output}: {error.strerror}") from None
+
+
+def disk_full_message(error: Exception, output: Path) -> str:
+    """One line: the disk is full, where, what is intact, and how to go on."""
+    from fastdino.engine.checkpoint import DiskFullError
+
+    what = error.strerror if isinstance(error, DiskFullError) else (
+        f"disk full: no space left on the filesystem of {output} ({str(error).splitlines()[0]})")
+    return f"{what}; free some space and rerun the same command to resume"
+
+
+def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: DeviceMesh | None,
+              stop: StopRequest | None = None) -> int:
     """Dataset, loader, trainer, resume (or fit a time budget), train, the evaluation and the statement at the end;
-    returns the exit code."""
+    returns the exit code. A signal recorded by `stop` ends training early, with a checkpoint (stop.py)."""
+    from fastdino.files import remove_stale_tmp_files
     from fastdino.engine.budget import fit_to_budget
     from fastdino.engine.train import NonFiniteLossError, Trainer
     from fastdino.pipelines import resolve_split
@@ -135,6 +177,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
     try:
         cfg = with_dataset(cfg, rank)
+        check_resumable(cfg, output)
         train_split = resolve_split(cfg.data.path, "train")
         loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
         no_knn = knn_unavailable(cfg, loader.labelled)
@@ -142,9 +185,10 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
             logger.info("k-NN evaluation off: %s", no_knn)
             cfg = replace(cfg, eval=replace(cfg.eval, at_end=False, knn_every_epochs=0))
         trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
-        if rank == 0:
-            write_config(cfg, output)
         resumed = trainer.resume(loader)  # a time-budgeted run resumes with the step count it measured
+        if rank == 0:  # only once the checkpoint fits: a refused resume leaves the run's config.json as it was
+            remove_stale_tmp_files(output)
+            write_config(cfg, output)
         if cfg.minutes is not None and not resumed:
             fit_to_budget(trainer, loader, deadline=started + 60 * cfg.minutes)
     except ValueError as error:
@@ -153,7 +197,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     logger.info("%s at step %d of %d (stopping at %d); %d images, %s loader", "resuming" if resumed else "starting",
                 trainer.step, trainer.schedules.total_steps, trainer.stop_step, loader.num_images, loader.backend)
     try:
-        rows = trainer.train(loader)
+        rows = trainer.train(loader, stop)
     except NonFiniteLossError as error:
         sys.stderr.write(f"fastdino: training stopped: {error}\n")
         return EXIT_DIVERGED
@@ -164,6 +208,12 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
         print(f"trained to step {last['step']}: loss {last['loss']:.4f}, teacher entropy "
               f"{last['teacher_entropy']:.3f}, {last['img_per_s']:.0f} img/s; weights in "
               f"{output / 'teacher_backbone.safetensors'}")
+    if stop is not None and stop.signum is not None:
+        if rank == 0:
+            sys.stderr.write(f"fastdino: stopped by {stop.name} after step {trainer.step}; checkpoint "
+                             f"{trainer.checkpointer().step_path(trainer.step)} written; rerun the same command to "
+                             f"resume\n")
+        return stop.exit_code
     if cfg.eval.at_end and trainer.step == trainer.schedules.total_steps:
         evaluate_at_end(trainer, output)
     elif no_knn and rank == 0:
@@ -226,49 +276,68 @@ def knn_unavailable(cfg: C.TrainConfig, train_labelled: bool) -> str | None:
     return None
 
 
-def write_config(cfg: C.TrainConfig, output: Path) -> None:
-    """DIR/config.json; a resumed run with other settings than the stored ones says which."""
+def check_resumable(cfg: C.TrainConfig, output: Path) -> None:
+    """ValueError naming the settings that differ from the run's config.json when `output` holds a checkpoint and
+    they may not change on resume (config.MAY_CHANGE_ON_RESUME); the ones that may are logged. Checkpoint.load
+    checks the tensor shapes too, so a run without its config.json is not resumed wrong either."""
+    from fastdino.engine.checkpoint import Checkpointer
+
     path = output / "config.json"
-    new = C.to_dict(cfg)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(_flat_diff(old, new) - {"max_steps"})  # a larger max_steps is how a run is resumed
-        if changed:
-            logger.warning("config differs from the stored %s in: %s", path, ", ".join(changed))
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(new, indent=2) + "\n"))
+    if not path.is_file() or not Checkpointer(output / "checkpoints", keep_last=1).checkpoints():
+        return
+    changes = C.config_changes(json.loads(path.read_text()), C.to_dict(cfg))
+    refused = {key: change for key, change in changes.items() if not C.may_change_on_resume(key)}
+    if refused:
+        raise ValueError(
+            f"cannot resume {output} with other settings than it was trained with: "
+            + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            + f". Rerun with the settings of {path}, or train into a new --output. Only "
+            + ", ".join(f"{k}*" if k.endswith(".") else k for k in C.MAY_CHANGE_ON_RESUME)
+            + " may change on resume")
+    if changes:
+        logger.info("resuming with changed settings: %s",
+                    ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
 
 
-def _flat_diff(old, new, prefix: str = "") -> set[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return set().union(*(_flat_diff(old.get(k), new.get(k), f"{prefix}{k}.") for k in set(old) | set(new)))
-    return set() if old == new else {prefix.rstrip(".")}
+def write_config(cfg: C.TrainConfig, output: Path) -> None:
+    """DIR/config.json, written atomically."""
+    path = output / "config.json"
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(C.to_dict(cfg), indent=2) + "\n"))
 
 
-def evaluate_at_end(trainer, output: Path) -> dict:
+def evaluate_at_end(trainer, output: Path) -> dict | None:
     """k-NN of the trained teacher and of the untrained network (same seed), an attention-map PNG, a metrics row.
-    Collective under torch.distributed (every rank extracts the features of its shard)."""
-    from fastdino.engine.eval import knn_accuracy
+    Collective under torch.distributed (every rank extracts the features of its shard). A dataset that allows no
+    k-NN (eval.KNNDataError) skips it with one line; returns None then."""
+    from fastdino.engine.eval import KNNDataError, knn_accuracy
     from fastdino.engine.model import build_model, initial_state
     from fastdino.engine.visualize import save_attention_png
     from fastdino.pipelines import resolve_split
 
     cfg = trainer.cfg
     trained = trainer.teacher_backbone()
-    row = trainer.evaluate_knn(trained)
-    if trainer.untrained_knn is None:  # else measured when the time budget was fitted
-        untrained = build_model(cfg, student=False)
-        untrained.load_state_dict(initial_state(cfg))
-        trainer.untrained_knn = knn_accuracy(untrained.backbone, cfg, trainer.device)
-    results = {"untrained": trainer.untrained_knn, "trained": {"top1": row["knn_top1"], "top5": row["knn_top5"]}}
+    try:
+        row = trainer.evaluate_knn(trained)
+        if trainer.untrained_knn is None:  # else measured when the time budget was fitted
+            untrained = build_model(cfg, student=False)
+            untrained.load_state_dict(initial_state(cfg))
+            trainer.untrained_knn = knn_accuracy(untrained.backbone, cfg, trainer.device)
+        results = {"untrained": trainer.untrained_knn,
+                   "trained": {"top1": row["knn_top1"], "top5": row["knn_top5"]}}
+    except KNNDataError as error:  # training is done and saved: the attention map and the summary still come
+        if trainer.rank == 0:
+            print(f"k-NN evaluation skipped: {error}")
+        results = None
     if trainer.rank != 0:
         return results
     val = Path(resolve_split(cfg.data.path, "val"))
     images = sorted(p for p in val.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if val.is_dir() else []
     png = save_attention_png(trained, images[0], output / "attention.png") if images else None
-    trainer.metrics_writer().append({**row, "knn_top1_untrained": results["untrained"]["top1"]})
-    print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "
-          f"{results['untrained']['top1']:.1f}% -> trained {results['trained']['top1']:.1f}% "
-          f"(top-5 {results['untrained']['top5']:.1f}% -> {results['trained']['top5']:.1f}%)")
+    if results is not None:
+        trainer.metrics_writer().replace({**row, "knn_top1_untrained": results["untrained"]["top1"]})
+        print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "
+              f"{results['untrained']['top1']:.1f}% -> trained {results['trained']['top1']:.1f}% "
+              f"(top-5 {results['untrained']['top5']:.1f}% -> {results['trained']['top5']:.1f}%)")
     if png is not None:
         print(f"attention maps of {images[0].name}: {png}")
     return results

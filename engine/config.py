@@ -307,6 +307,35 @@ class TrainConfig:
                "loss.fused_head=false")
 
 
+# Settings a resumed run may change (prefixes of dotted keys): when to stop, how often to log, evaluate and save,
+# where the data lies and how many workers read it, and how the run maps onto the hardware (the checkpoint reshards).
+# Any other difference from the run's config.json would resume silently wrong (new random blocks, other schedules,
+# another loss), so it is refused.
+# How the same step is computed may change too (kernels, compilation, recomputation): only rounding differs.
+MAY_CHANGE_ON_RESUME = ("max_steps", "log_every", "eval.", "checkpoint.", "data.path", "data.num_workers",
+                        "parallel.", "model.attention", "model.compile", "model.activation_checkpointing",
+                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "max_nonfinite_in_a_row")
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every leaf where two `to_dict` trees differ. A key missing from
+    `old` (a config.json written before the field existed) counts as the field's default, the behaviour of then."""
+    def changes(old, new, default, prefix):
+        if isinstance(old, dict) and isinstance(new, dict):
+            default = default if isinstance(default, dict) else {}
+            return {key: change for k in sorted(set(old) | set(new))
+                    for key, change in changes(old.get(k, default.get(k)), new.get(k), default.get(k),
+                                               f"{prefix}{k}.").items()}
+        return {} if old == new else {prefix.rstrip("."): (old, new)}
+
+    return changes(old, new, to_dict(TrainConfig()), "")
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+               for allowed in MAY_CHANGE_ON_RESUME)
+
+
 # ---------------------------------------------------------------------------------------------------- presets
 
 def vit_small16_imagenet() -> TrainConfig:

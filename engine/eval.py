@@ -21,6 +21,11 @@ from fastdino.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
+
+class KNNDataError(ValueError):
+    """The dataset does not allow the k-NN asked for: val classes missing from train, or fewer train images than k.
+    After training, the run skips its k-NN with one line rather than fail (cli.evaluate_at_end)."""
+
 # What a feature vector is made of: "cls" = final-norm CLS (k-NN, DINO eval_knn.py); "cls4" = the CLS tokens of
 # the last 4 blocks concatenated (DINO linear probe for ViT-S); "cls_avgpool" = last CLS + mean patch token
 # (DINO linear probe for ViT-B).
@@ -117,7 +122,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     if not ks or ks[0] < 1:
         raise ValueError(f"k must be >= 1, got {ks}")
     if ks[-1] > n_train:
-        raise ValueError(f"k={ks[-1]} exceeds the {n_train} training images")
+        raise KNNDataError(f"k={ks[-1]} exceeds the {n_train} training images")
     if n_test == 0:
         raise ValueError("no test features to classify")
     if train_feats.shape[1] != test_feats.shape[1]:
@@ -192,7 +197,7 @@ def _check_classes(split_classes, train_classes, data_path, split, train_split) 
     missing = sorted(set(split_classes) - set(train_classes))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{data_path}: {len(missing)} class(es) of the {split} split are missing from the "
+        raise KNNDataError(f"{data_path}: {len(missing)} class(es) of the {split} split are missing from the "
                          f"{train_split} split: {shown}")
 
 

@@ -173,15 +173,28 @@ class MetricsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch()
             return
+        self._keep(lambda row: row["step"] < step or (row["step"] == step and not row.get("partial")))
+
+    def replace(self, row: dict) -> None:
+        """Append `row` in place of the rows of the same step with the same keys (a rerun's end-of-run k-NN)."""
+        if self.path is None:
+            return
+        if self.path.is_file():
+            self._keep(lambda old: old["step"] != row["step"] or old.keys() != row.keys())
+        self.append(row)
+
+    def _keep(self, keep) -> None:
+        """Rewrite the file with the rows `keep` accepts, atomically: a full disk leaves the old file whole."""
+        from fastdino.files import atomic_write
+
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                row = json.loads(line)
-                if row["step"] < step or (row["step"] == step and not row.get("partial")):
+                if keep(json.loads(line)):
                     kept.append(line)
             except json.JSONDecodeError:
                 logger.warning("dropping a truncated line of %s", self.path)
-        self.path.write_text("".join(row + "\n" for row in kept))
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(row + "\n" for row in kept)))
 
     def write(self, row: dict) -> None:
         """Log a training row's progress line and append the row."""

@@ -36,7 +36,7 @@ from fastdino.engine.checkpoint import (
 from fastdino.engine.clipping import clip_gradients_
 from fastdino.engine.config import TrainConfig, checkpoint_every
 from fastdino.engine.cuda_graph import PostBackwardGraphs
-from fastdino.engine.eval import knn_accuracy
+from fastdino.engine.eval import KNNDataError, knn_accuracy
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.metrics import (
     CollapseWatch,
@@ -61,6 +61,7 @@ from fastdino.engine.parallelize import (
 )
 from fastdino.engine.model import build_model, initial_state
 from fastdino.engine.schedules import Schedules
+from fastdino.engine.stop import StopRequest
 from fastdino.kernels import EMAUpdate
 
 logger = logging.getLogger(__name__)
@@ -251,10 +252,11 @@ class Trainer:
         return self.loss_fn.forward_fused_head(student_out, student_v, teacher_out, teacher_v, self.epoch,
                                                teacher_temp)
 
-    def train(self, loader) -> list[dict]:
+    def train(self, loader, stop: StopRequest | None = None) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log
         every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps` (epoch ends when 0)
-        and at the end. Returns the logged training rows (rank 0; empty elsewhere)."""
+        and at the end, and after the step at which `stop` reports a signal (see stop.py), which then ends the
+        run. Returns the logged training rows (rank 0; empty elsewhere)."""
         cfg = self.cfg
         writer = self.metrics_writer()
         writer.drop_after(self.step)
@@ -270,6 +272,8 @@ class Trainer:
             for crops in loader:
                 self.restore_rng()
                 self.train_step(crops)
+                if stop is not None and self._stop_agreed(stop):
+                    self.stop_step = self.step  # a signal: this step is the last, logged and checkpointed
                 on_cycle = self.step % cfg.log_every == 0 or self.step == self.schedules.total_steps
                 if on_cycle or self.step == self.stop_step:  # a run stopped between log steps shows its loss too
                     rows.append(self._log(writer, collapse, self.throughput, partial=not on_cycle))
@@ -281,8 +285,16 @@ class Trainer:
                     break
             if self.step == start:
                 raise RuntimeError(f"the data loader yielded no batch at step {self.step} (epoch {self.epoch})")
+        if stop is not None and self.mesh is not None:  # a signal after the last check: every rank must know
+            stop.agreed(self.mesh.get_group(), self.device)
         self.trained_seconds, self.throughput = self.throughput.trained_seconds(), None
         return [row for row in rows if row]
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """One process reads its flag after every step; ranks combine theirs at log steps only (stop.py)."""
+        if self.mesh is None:
+            return stop.agreed()
+        return self.step % self.cfg.log_every == 0 and stop.agreed(self.mesh.get_group(), self.device)
 
     def metrics_writer(self) -> MetricsWriter:
         """The writer of DIR/metrics.jsonl (a no-op on ranks other than 0 and without an output folder)."""
@@ -304,7 +316,12 @@ class Trainer:
 
     def _periodic_knn(self, writer: MetricsWriter) -> None:
         with self.throughput.paused():
-            row = self.evaluate_knn(self.teacher_backbone())
+            try:
+                row = self.evaluate_knn(self.teacher_backbone())
+            except KNNDataError as error:  # the data will not change: off for the rest of the run
+                logger.warning("periodic k-NN off: %s", error)
+                self.knn_every_steps = 0
+                return
         if self.rank == 0:
             logger.info(format_knn_row(row, self.cfg.eval.knn_k))
             writer.append(row)

@@ -4,7 +4,10 @@ It applies the same parameter rows as the DALI pipeline, so it is also the refer
 against. Each worker makes a whole batch (one `(epoch, batch)` position), so batches do not depend on the number
 of workers.
 """
+import atexit
 import logging
+import signal
+import weakref
 
 import numpy as np
 import torch
@@ -90,6 +93,28 @@ class _Positions(Sampler):
 
 def _single_thread_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers run in parallel already; intra-op threads would oversubscribe the cores
+    # A terminal's Ctrl-C and torchrun's SIGTERM reach the workers too. The main process stops the run cleanly
+    # (engine/stop.py) and needs them until the step in flight has its batch; it shuts them down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _shut_down_workers(loader: DataLoader) -> None:
+    """Stop the persistent workers now, through their queues. They ignore SIGTERM, so leaving them to
+    multiprocessing's exit hook (which terminates daemon processes with SIGTERM, then joins them) would hang."""
+    iterator = loader._iterator  # where the DataLoader keeps its persistent workers
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
+_live_engines = weakref.WeakSet()
+
+
+@atexit.register  # registered after torch imported multiprocessing, so it runs before multiprocessing's exit hook
+def _shut_down_live_engines() -> None:
+    for engine in list(_live_engines):
+        engine.close()
 
 
 class TorchvisionEngine:
@@ -103,6 +128,8 @@ class TorchvisionEngine:
                                  num_workers=num_workers, pin_memory=device.type == "cuda",
                                  persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
                                  worker_init_fn=_single_thread_worker if num_workers else None)
+        self._shut_down = weakref.finalize(self, _shut_down_workers, self.loader)  # when collected or closed
+        _live_engines.add(self)
 
     def iterate(self, epoch: int, start: int):
         self.positions.epoch, self.positions.start, self.positions.stop = epoch, start, self.feeder.num_batches
@@ -112,4 +139,5 @@ class TorchvisionEngine:
             yield [v.to(self.device, self.dtype, non_blocking=True) for v in views]
 
     def close(self) -> None:
+        self._shut_down()
         self.loader = None

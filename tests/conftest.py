@@ -1,4 +1,5 @@
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,3 +21,25 @@ def tiny_dataset(tmp_path_factory):
     from fastdino.pipelines import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=32, num_val=20, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory, tiny_dataset):
+    """The fault tests' reference (test_resume.UNINTERRUPTED), run once per session on tiny_dataset."""
+    from test_resume import UNINTERRUPTED, main_here
+
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main_here("train", "--output", run, "--data", tiny_dataset, *UNINTERRUPTED) == 0
+    return run
+
+
+@pytest.fixture
+def fastdino_here(capsys):
+    """`test_resume.main_here` (fastdino ARGS in this process), returning returncode, stdout and stderr."""
+    from test_resume import main_here
+
+    def run(*args):
+        code = main_here(*args)
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    return run

@@ -1,6 +1,7 @@
 """Checkpoints: atomic DCP writes (a SIGKILL mid-write leaves the previous one usable), keep-last-k, and a run
 stopped at step k and resumed with a larger --max-steps ending exactly like an uninterrupted run."""
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,25 @@ import torch
 from fastdino.engine.checkpoint import Checkpointer
 
 from _helpers import assert_close
+from test_cli import TINY_CLI
+
+# The uninterrupted run that the fault tests' interrupted-then-resumed runs must equal.
+UNINTERRUPTED = [*TINY_CLI, "eval.at_end=false", "--max-steps", "6"]
+
+
+def main_here(*args) -> int:
+    """`fastdino ARGS` in this process (no interpreter start), on one thread like test_cli's subprocesses (the
+    summation order, and so the bits, depend on it); the root logger `train` configures is put back."""
+    from fastdino.engine.cli import main
+
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([str(a) for a in args])
+    finally:
+        root.handlers[:], root.level = handlers, level
+        torch.set_num_threads(threads)
 
 
 def _state(value: float, step: int) -> dict:
@@ -92,12 +112,20 @@ def test_stop_and_resume_with_a_larger_max_steps_equals_an_uninterrupted_run(tmp
     second = fastdino("train", "--output", split, *args, "--max-steps", "11")
     assert second.returncode == 0 and "resuming at step 5" in second.stderr, second.stderr
 
-    rows, name, state = _run_state(whole)
-    split_rows, split_name, split_state = _run_state(split)
+    rows = assert_same_run(split, whole)
     # The stop at step 5 logged a partial row, which the resumed run replaced; step 11 is the last step.
-    assert split_rows == rows and [r["step"] for r in rows] == [2, 4, 6, 8, 10, 11] and rows[-1]["partial"]
-    assert split_name == name == "step_00000011"
-    expected, actual = _flat(state), _flat(split_state)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 11] and rows[-1]["partial"]
+    assert Checkpointer(whole / "checkpoints", keep_last=1).latest().name == "step_00000011"
+
+
+def assert_same_run(run, reference) -> list[dict]:
+    """`run` (interrupted and resumed) has `reference`'s metrics rows and, bit for bit, its last checkpoint (but
+    for wall times); returns the rows."""
+    rows, name, state = _run_state(reference)
+    run_rows, run_name, run_state = _run_state(run)
+    assert run_rows == rows
+    assert run_name == name
+    expected, actual = _flat(state), _flat(run_state)
     assert actual.keys() == expected.keys() and TIME_STATE <= expected.keys()
     assert {k.split("/")[0] for k in expected} >= {"student", "teacher", "optimizer", "loss", "train_state",
                                                    "dataloader"}
@@ -108,3 +136,4 @@ def test_stop_and_resume_with_a_larger_max_steps_equals_an_uninterrupted_run(tmp
             assert torch.equal(actual[key], value), f"{key} differs after resuming"
         else:
             assert actual[key] == value, f"{key}: {actual[key]} != {value}"
+    return rows

@@ -115,8 +115,8 @@ def test_a_minutes_run_resumed_with_the_same_command_keeps_its_step_count(monkey
     monkeypatch.setattr(budget, "_time_steps", lambda trainer, batches: 0.01)
     starts = []  # (step, total steps, stop step) of each run as its loop starts
     train_from_here = Trainer.train
-    monkeypatch.setattr(Trainer, "train", lambda self, loader: starts.append(
-        (self.step, self.schedules.total_steps, self.stop_step)) or train_from_here(self, loader))
+    monkeypatch.setattr(Trainer, "train", lambda self, loader, stop=None: starts.append(
+        (self.step, self.schedules.total_steps, self.stop_step)) or train_from_here(self, loader, stop))
     assert run_train(replace(cfg, max_steps=3), tmp_path / "run", device=CPU, mesh=None) == 0
     (_, total_steps, _), = starts
     assert total_steps > 6  # measured: 0.5 min at 0.01 s a step
