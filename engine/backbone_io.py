@@ -84,17 +84,17 @@ def load_backbone(path, *, device="cpu", arch: str | None = None, patch_size: in
 
     `arch` / `patch_size`, when given, are what the caller expects: a checkpoint of anything else is a ValueError.
     """
-    from fastdino.engine.vit import MODELS, VisionTransformer
+    from fastdino.engine.vit import build_backbone
 
     state_dict, info = read_backbone(path)
     for key, expected in (("arch", arch), ("patch_size", patch_size)):
         if expected is not None and info[key] != expected:
             raise ValueError(f"{path} holds a {info['arch']}/{info['patch_size']} backbone, "
                              f"but {key}={expected} was asked for")
-    args = {**MODELS[_model_name(info["arch"], info["patch_size"], path)], "img_size": info["img_size"],
-            **{k: info[k] for k in ("embed_dim", "depth", "num_heads", "pos_embed_resample")}}
+    _model_name(info["arch"], info["patch_size"], path)  # a ValueError naming the known ones
     with torch.device("meta"):  # no memory and no init for weights about to be replaced
-        model = VisionTransformer(**args)
+        model = build_backbone(info["arch"], info["patch_size"], img_size=info["img_size"],
+                               **{k: info[k] for k in ("embed_dim", "depth", "num_heads", "pos_embed_resample")})
     missing, unexpected = _key_mismatch(model.state_dict(), state_dict)
     if missing or unexpected:
         raise ValueError(f"{path} does not match {info['arch']}/{info['patch_size']}: "
