@@ -48,15 +48,7 @@ def measure_ms(fn: Callable[[], object], device: str, grad_to_none=None, warmup:
         from triton.testing import do_bench
 
         return tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive")  # no extrapolation past the samples
-    return statistics.median(times), q[1], q[7]
+    return _time_calls(fn, reps, warmup, scale=1e3)
 
 
 @contextlib.contextmanager
@@ -79,14 +71,19 @@ def launches_mocked():
 def host_us(fn: Callable[[], object], reps: int = 2000, warmup: int = 50) -> tuple[float, float, float]:
     """(p50, p20, p80) microseconds of host time per call of `fn` with kernel launches mocked (CPU tensors work)."""
     with launches_mocked():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e6)
-    q = statistics.quantiles(times, n=10, method="inclusive")
+        return _time_calls(fn, reps, warmup, scale=1e6)
+
+
+def _time_calls(fn: Callable[[], object], reps: int, warmup: int, scale: float) -> tuple[float, float, float]:
+    """(p50, p20, p80) of `reps` timed calls of `fn` after `warmup` untimed ones, in seconds times `scale`."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * scale)
+    q = statistics.quantiles(times, n=10, method="inclusive")  # no extrapolation past the samples
     return statistics.median(times), q[1], q[7]
 
 
