@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint
 
-from fastdino.engine.attention import BACKENDS, attention, attention_probs, select_attention_backend
+from fastdino.engine.attention import (BACKENDS, attention, attention_probs, select_attention_backend,
+                                       varlen_attention)
 from fastdino.engine.config import ARCHS
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def drop_path_scales(draws: torch.Tensor, keep: torch.Tensor, cut: torch.Tensor,
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over packed tokens, one dense attention call per resolution group."""
+    """Multi-head self-attention over packed tokens: one dense attention call per resolution group, or one
+    variable-length call over all of them (backend "varlen")."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -134,6 +136,8 @@ class Attention(nn.Module):
         return [g.view(b, n, 3, self.num_heads, self.head_dim).unbind(2) for (b, n), g in zip(layout, groups)]
 
     def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa") -> torch.Tensor:
+        if backend == "varlen":  # one call over every image of every group
+            return self.proj(varlen_attention(self.qkv(x), layout, self.num_heads))  # (T, D)
         outs = [attention(q, k, v, backend).flatten(0, 1).flatten(1) for q, k, v in self._qkv(x, layout)]
         return self.proj(torch.cat(outs) if len(outs) > 1 else outs[0])  # (T, D)
 
@@ -310,7 +314,8 @@ class VisionTransformer(nn.Module):
         groups = [list(g) for _, g in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
         embedded = [self._embed(torch.cat(g) if len(g) > 1 else g[0], cls_token, pos_embed) for g in groups]
         tokens = torch.cat([e.flatten(0, 1) for e in embedded])  # (T, D)
-        return tokens, tuple((e.shape[0], e.shape[1]) for e in embedded), self._attention_backend(tokens)
+        layout = tuple((e.shape[0], e.shape[1]) for e in embedded)
+        return tokens, layout, self._attention_backend(tokens, layout)
 
     def drop_scales(self, tokens: torch.Tensor, layout: Layout) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per block, the stochastic-depth scales (T, 1) of its attention and MLP branches for packed `tokens`
@@ -340,13 +345,15 @@ class VisionTransformer(nn.Module):
             scales[i] = rows[2 * j], rows[2 * j + 1]
         return scales
 
-    def _attention_backend(self, tokens: torch.Tensor) -> str:
-        """The backend for the tokens' device and dtype (the compute dtype), selected (and logged) the first time
-        they are seen."""
+    def _attention_backend(self, tokens: torch.Tensor, layout: Layout) -> str:
+        """The backend for the tokens' device and dtype (the compute dtype), selected (and logged, with the SDPA
+        kernel of the largest group of `layout`) the first time they are seen."""
         device, dtype = tokens.device, tokens.dtype
         if (device, dtype) not in self._backend:
             head_dim = self.embed_dim // self.num_heads
-            self._backend[device, dtype] = select_attention_backend(self.attention, device, dtype, head_dim)[0]
+            b, n = max(layout, key=lambda group: group[0] * group[1] ** 2)  # the most attention work
+            self._backend[device, dtype] = select_attention_backend(
+                self.attention, device, dtype, head_dim, shape=(b, n, self.num_heads, head_dim))[0]
         return self._backend[device, dtype]
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:

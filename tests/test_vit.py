@@ -261,9 +261,9 @@ def test_attention_backend_is_selected_once_per_device_and_dtype(monkeypatch):
     calls = []
     real = vit_module.select_attention_backend
 
-    def counting(*args):
-        calls.append(args)
-        return real(*args)
+    def counting(*args, **kwargs):
+        calls.append((*args, kwargs["shape"]))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(vit_module, "select_attention_backend", counting)
     model = _tiny(attention="sdpa").eval()
@@ -271,8 +271,10 @@ def test_attention_backend_is_selected_once_per_device_and_dtype(monkeypatch):
     model(x)
     model([x, x])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x)
-    assert calls == [("sdpa", torch.device("cpu"), torch.float32, 16), ("sdpa", torch.device("cpu"), torch.bfloat16, 16)]
+        model([x, torch.randn(3, 3, 16, 16)])
+    # the shape is the largest attention call's (B, N, H, hd): 17 tokens of 1 image before 5 tokens of 3
+    assert calls == [("sdpa", torch.device("cpu"), torch.float32, 16, (1, 17, 2, 16)),
+                     ("sdpa", torch.device("cpu"), torch.bfloat16, 16, (1, 17, 2, 16))]
 
 
 def test_bad_options_are_value_errors():
