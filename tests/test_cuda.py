@@ -162,6 +162,9 @@ def _vit_s16_step(attention: str, *, depth: int = 1):
     torch.manual_seed(0)
     model = create_model("vit_small_patch16", depth=depth, drop_path_rate=0.1, attention=attention).cuda()
     crops = [torch.randn(4, 3, s, s, device="cuda") for s in (224, 224, 96, 96)]
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        model.eval()(crops)  # the backend is selected (its probes run) outside the recorded step
+    model.train()
     torch.manual_seed(1)
     with SDPAKernels() as kernels, torch.autocast("cuda", torch.bfloat16):
         features = model(crops)
