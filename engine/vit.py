@@ -8,12 +8,11 @@ Multi-crop forward. `forward([crops...])` groups consecutive crops of the same r
 224² and N local 96² crops make two groups), embeds each group, and lays the tokens of all groups end to
 end as one (T, D) tensor, T = sum over groups of B·N. LayerNorm, qkv, projection and MLP run once on that
 tensor. Attention runs per group: each group's rows of the qkv output are a contiguous slice, viewed as
-(B, N, 3, H, hd) without a copy and given to SDPA (or xformers) as one dense call. Nothing is padded, and
-every shape depends only on the crop shapes and the drop-path rate (never on data), so per-block
-`torch.compile` and CUDA graphs apply. A block-diagonal packed attention over all groups
-(xformers BlockDiagonalMask, nested jagged SDPA, flex attention) would save one attention launch per block
-but needs a variable-length kernel that does not run on the CPU, and the dense per-group call keeps
-cuDNN/flash SDPA, the fastest kernels measured on the H100 (shared/gpu/README.md).
+(B, N, 3, H, hd) without a copy and given to SDPA (cuDNN first on Hopper, the fastest kernel measured on the
+H100: shared/gpu/README.md) or xformers as one dense call; the groups' outputs are concatenated, and in backward
+the qkv gradient is. `attention="varlen"` instead runs torch's variable-length attention once over every image
+of every group (CUDA only; engine/attention.py says why it is not the default yet). Nothing is padded, and
+every shape depends only on the crop shapes (never on data), so per-block `torch.compile` and CUDA graphs apply.
 
 Position embeddings for a grid other than the native one are resampled in one of two ways
 (`pos_embed_resample`): "timm" like timm's `dynamic_img_size` (`resample_abs_pos_embed`: bicubic, antialiased,
