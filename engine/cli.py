@@ -36,9 +36,10 @@ from fastdino.engine.command_line import (
     HelpFormatter,
     Parser,
     init_distributed,
+    output_lock,
     process_device,
 )
-from fastdino.files import atomic_write
+from fastdino.files import FolderLockError, atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -120,12 +121,17 @@ def main(argv=None) -> int:
 
     device = process_device()
     mesh = init_distributed(device)
+    rank = mesh.get_rank() if mesh is not None else 0
     try:
-        init_logging(mesh.get_rank() if mesh is not None else 0)
+        init_logging(rank)
         stop = StopRequest()
         try:
-            with stop.handling():
+            with output_lock(Path(args.output)), stop.handling():
                 code = run_train(cfg, Path(args.output), device=device, mesh=mesh, stop=stop)
+        except FolderLockError as error:  # the folder is another process's
+            if rank == 0:
+                sys.stderr.write(f"fastdino: error: {error}\n")
+            return EXIT_USAGE
         except Exception as error:
             if not is_disk_full(error, Path(args.output)):
                 raise
