@@ -6,6 +6,10 @@ shards into `.step_XXXXXXXX.tmp/`; once all ranks are done, rank 0 renames it. A
 a `.tmp` folder, which `latest()` ignores and the next save removes, so the previous checkpoint stays usable.
 Old checkpoints beyond `keep_last` are deleted after each save.
 
+Identity: each checkpoint also holds `run.json` (the run's resolved config and its number of processes), so that
+a checkpoint copied into another folder, or a folder mixing two runs' checkpoints, cannot be resumed with other
+settings (cli.py `check_resumable` compares it with the config of the run that would resume it).
+
 Integrity: before the rename, `SHA256SUMS` records the SHA-256 of every file (each rank hashes the shards it
 wrote; `sha256sum -c SHA256SUMS` checks a folder by hand). `latest()` verifies the newest checkpoint, each rank
 hashing a share of its files, and falls back to the previous one with a warning naming the bad one: a truncated
@@ -19,6 +23,7 @@ tensor that every rank saves under the same key.
 """
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -43,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 CHECKSUMS = "SHA256SUMS"
+IDENTITY = "run.json"
 # State keys whose tensors a resume must find in the checkpoint with the same shapes (the rest is per-rank state).
 MATCHED_KEYS = ("student.", "teacher.", "loss.", "optimizer.")
 # A write that failed with less than this left on its filesystem failed because the disk is full.
@@ -206,25 +212,37 @@ class Checkpointer:
         return ", ".join(problems) if problems else None
 
     @staticmethod
+    def identity(path: Path) -> dict | None:
+        """The `identity` checkpoint `path` was saved with; None for one without (written by an older fastdino)
+        or with an unreadable one (which its checksum then finds corrupt)."""
+        try:
+            return json.loads((Path(path) / IDENTITY).read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
     def step_of(path: Path) -> int:
         return int(_STEP_DIR.match(Path(path).name).group(1))
 
-    def save(self, step: int, state: dict) -> Path:
-        """Write `state` (DCP Statefuls and dicts of tensors) as checkpoint `step`; returns its folder."""
+    def save(self, step: int, state: dict, identity: dict | None = None) -> Path:
+        """Write `state` (DCP Statefuls and dicts of tensors) as checkpoint `step`, with `identity` (JSON values:
+        what the run is, see `identity()`) beside it; returns its folder."""
         final = self.step_path(step)
         tmp = self.folder / f".{final.name}.tmp"
         if self.rank == 0:
             self._remove_unfinished()
             tmp.mkdir(parents=True)
+            if identity is not None:
+                (tmp / IDENTITY).write_text(json.dumps(identity, indent=1) + "\n")
         self._barrier()
         try:
             with self._single_process_is_intended():
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group,
                          no_dist=not self.distributed)
-            # Each rank hashes the shards it wrote (DCP names them __RANK_N.distcp); rank 0 adds .metadata.
+            # Each rank hashes the shards it wrote (DCP names them __RANK_N.distcp); rank 0 adds the rest.
             rank, _ = self._group_rank_world()
             mine = [p for p in tmp.iterdir()
-                    if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name == ".metadata")]
+                    if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name in (".metadata", IDENTITY))]
             sums = {name: digest for part in self._all_gather({p.name: _sha256(p) for p in mine})
                     for name, digest in part.items()}
             if self.rank == 0:

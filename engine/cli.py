@@ -182,19 +182,19 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     started = time.perf_counter()
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
     try:
-        cfg = with_dataset(cfg, rank)
-        check_resumable(cfg, output)
+        cfg = asked = with_dataset(cfg, rank)
+        check_resumable(cfg, output, world_size)
         train_split = resolve_split(cfg.data.path, "train")
         loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
         no_knn = knn_unavailable(cfg, loader.labelled)
-        if no_knn:  # labels only matter to the evaluation: train without it
+        if no_knn:  # labels only matter to the evaluation: train without it (the run's config stays as asked)
             logger.info("k-NN evaluation off: %s", no_knn)
             cfg = replace(cfg, eval=replace(cfg.eval, at_end=False, knn_every_epochs=0))
-        trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
+        trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output, run_config=asked)
         resumed = trainer.resume(loader)  # a time-budgeted run resumes with the step count it measured
         if rank == 0:  # only once the checkpoint fits: a refused resume leaves the run's config.json as it was
             remove_stale_tmp_files(output)
-            write_config(cfg, output)
+            write_config(asked, output)
         if cfg.minutes is not None and not resumed:
             fit_to_budget(trainer, loader, deadline=started + 60 * cfg.minutes)
     except ValueError as error:
@@ -282,24 +282,35 @@ def knn_unavailable(cfg: C.TrainConfig, train_labelled: bool) -> str | None:
     return None
 
 
-def check_resumable(cfg: C.TrainConfig, output: Path) -> None:
-    """ValueError naming the settings that differ from the run's config.json when `output` holds a checkpoint and
-    they may not change on resume (config.MAY_CHANGE_ON_RESUME); the ones that may are logged. Checkpoint.load
-    checks the tensor shapes too, so a run without its config.json is not resumed wrong either."""
+def check_resumable(cfg: C.TrainConfig, output: Path, world_size: int) -> None:
+    """ValueError when `output` holds checkpoints of another run: each checkpoint's identity (the config and the
+    number of processes it was written with, checkpoint.py) must be this run's but for the settings that may
+    change on resume (config.MAY_CHANGE_ON_RESUME), which are logged. Checkpoints of an older fastdino, which have
+    none, are compared with the run's config.json. Every rank reads the same files and so decides alike, before
+    any collective; Checkpoint.load checks the tensor shapes too."""
     from fastdino.engine.checkpoint import Checkpointer
 
-    path = output / "config.json"
-    if not path.is_file() or not Checkpointer(output / "checkpoints", keep_last=1).checkpoints():
-        return
-    changes = C.config_changes(json.loads(path.read_text()), C.to_dict(cfg))
-    refused = {key: change for key, change in changes.items() if not C.may_change_on_resume(key)}
-    if refused:
-        raise ValueError(
-            f"cannot resume {output} with other settings than it was trained with: "
-            + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-            + f". Rerun with the settings of {path}, or train into a new --output. Only "
-            + ", ".join(f"{k}*" if k.endswith(".") else k for k in C.MAY_CHANGE_ON_RESUME)
-            + " may change on resume")
+    checkpoints = Checkpointer(output / "checkpoints", keep_last=1).checkpoints()
+    references = [(path / "run.json", identity["config"], identity["world_size"]) for path in reversed(checkpoints)
+                  if (identity := Checkpointer.identity(path)) is not None]  # newest first
+    if checkpoints and not references and (output / "config.json").is_file():
+        references = [(output / "config.json", json.loads((output / "config.json").read_text()), None)]
+    new = C.to_dict(cfg)
+    for path, old, processes in references:
+        if processes is not None and processes != world_size:
+            raise ValueError(f"cannot resume {output} on {world_size} process(es): {path} was written by "
+                             f"{processes} (each process resumes its own data loader position); relaunch with "
+                             f"{processes}, or train into a new --output")
+        refused = {key: change for key, change in C.config_changes(old, new).items()
+                   if not C.may_change_on_resume(key)}
+        if refused:
+            raise ValueError(
+                f"cannot resume {output} with other settings than it was trained with: "
+                + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+                + f". Rerun with the settings of {path}, or train into a new --output. Only "
+                + ", ".join(f"{k}*" if k.endswith(".") else k for k in C.MAY_CHANGE_ON_RESUME)
+                + " may change on resume")
+    changes = C.config_changes(references[0][1], new) if references else {}
     if changes:
         logger.info("resuming with changed settings: %s",
                     ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
