@@ -20,6 +20,7 @@ CPU, NCCL on CUDA), and, as a command-line front end, it prints the final result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_DIVERGED = 1
 EXIT_DISK_FULL = 1
+EXIT_DATA_UNREADABLE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +179,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     from fastdino.files import remove_stale_tmp_files
     from fastdino.engine.budget import fit_to_budget
     from fastdino.engine.train import NonFiniteLossError, Trainer
-    from fastdino.pipelines import resolve_split
+    from fastdino.pipelines import DatasetUnreadableError, resolve_split
 
     started = time.perf_counter()
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
@@ -203,10 +205,14 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     logger.info("%s at step %d of %d (stopping at %d); %d images, %s loader", "resuming" if resumed else "starting",
                 trainer.step, trainer.schedules.total_steps, trainer.stop_step, loader.num_images, loader.backend)
     try:
-        rows = trainer.train(loader, stop)
+        with stop.training_steps() if stop is not None else contextlib.nullcontext():
+            rows = trainer.train(loader, stop)
     except NonFiniteLossError as error:
         sys.stderr.write(f"fastdino: training stopped: {error}\n")
         return EXIT_DIVERGED
+    except DatasetUnreadableError as error:
+        sys.stderr.write(f"fastdino: error: {error}; {checkpoint_after_failure(trainer, loader)}\n")
+        return EXIT_DATA_UNREADABLE
     finally:
         loader.close()
     if rows and rank == 0:
@@ -227,6 +233,22 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     if rank == 0:
         state_the_run(trainer, output)
     return 0
+
+
+def checkpoint_after_failure(trainer, loader) -> str:
+    """Checkpoint the steps trained since the last checkpoint after a failure outside the step (the data, a write)
+    and say so: a clause for the error line. One process only: ranks cannot agree on a collective checkpoint
+    that a failed rank never reaches, so there the last periodic checkpoint is what is kept."""
+    checkpointer = trainer.checkpointer()
+    saved = checkpointer.checkpoints()
+    last = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+    if trainer.mesh is not None or (saved and checkpointer.step_of(saved[-1]) == trainer.step):
+        return f"{last}; rerun the same command to resume"
+    try:
+        path = trainer.save_checkpoint(loader)
+    except OSError as error:
+        return f"checkpoint step {trainer.step} could not be written either ({error}); {last}"
+    return f"checkpoint {path} written; rerun the same command to resume"
 
 
 def build_train_loader(cfg: C.TrainConfig, train_split: str, device: torch.device, *, rank: int = 0,
