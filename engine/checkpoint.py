@@ -249,7 +249,11 @@ class Checkpointer:
                 _write_checksums(tmp / CHECKSUMS, sums)
         except (OSError, RuntimeError, dcp.api.CheckpointException) as error:
             if not is_disk_full(error, self.folder):
-                raise
+                # A DCP failure wraps the OSError that names the file (one rank's): raise that one.
+                cause = next((e for e in _chain(error) if isinstance(e, OSError)), None)
+                if cause is None or cause is error:
+                    raise
+                raise cause from None
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial write took
             previous = self.checkpoints()
@@ -385,22 +389,27 @@ def is_disk_full(error: BaseException, folder: Path) -> bool:
     """Whether a failed write ran out of space: an ENOSPC / EDQUOT anywhere in the error's chain (or in a DCP
     failure of any rank), or no space left in `folder` (torch's zip writer turns ENOSPC into a RuntimeError
     "unexpected pos" and drops the errno)."""
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error)):
+        return True
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _FULL_BELOW_BYTES
+
+
+def _chain(error: BaseException):
+    """`error`, its causes and contexts, and the failures of every rank inside a DCP CheckpointException."""
     pending, seen = [error], set()
     while pending:
         e = pending.pop()
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+        yield e
         if isinstance(e, dcp.api.CheckpointException):
             pending += [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
         pending += [c for c in (e.__cause__, e.__context__) if c is not None]
-    try:
-        stats = os.statvfs(folder)
-    except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize < _FULL_BELOW_BYTES
 
 
 def _fsync_dir(path: Path) -> None:

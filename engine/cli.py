@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 EXIT_DIVERGED = 1
 EXIT_DISK_FULL = 1
 EXIT_DATA_UNREADABLE = 1
+EXIT_WRITE_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,8 +177,9 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
               stop: StopRequest | None = None) -> int:
     """Dataset, loader, trainer, resume (or fit a time budget), train, the evaluation and the statement at the end;
     returns the exit code. A signal recorded by `stop` ends training early, with a checkpoint (stop.py)."""
-    from fastdino.files import remove_stale_tmp_files
     from fastdino.engine.budget import fit_to_budget
+    from fastdino.engine.checkpoint import is_disk_full
+    from fastdino.files import remove_stale_tmp_files
     from fastdino.engine.train import NonFiniteLossError, Trainer
     from fastdino.pipelines import DatasetUnreadableError, resolve_split
 
@@ -185,6 +187,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
     try:
         cfg = asked = with_dataset(cfg, rank)
+        check_writes(cfg, output)
         check_resumable(cfg, output, world_size)
         train_split = resolve_split(cfg.data.path, "train")
         loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
@@ -200,7 +203,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
         if cfg.minutes is not None and not resumed:
             fit_to_budget(trainer, loader, deadline=started + 60 * cfg.minutes)
     except ValueError as error:
-        sys.stderr.write(f"fastdino: error: {error}\n")
+        sys.stderr.write("".join(f"fastdino: error: {line}\n" for line in str(error).splitlines()))
         return EXIT_USAGE
     logger.info("%s at step %d of %d (stopping at %d); %d images, %s loader", "resuming" if resumed else "starting",
                 trainer.step, trainer.schedules.total_steps, trainer.stop_step, loader.num_images, loader.backend)
@@ -213,6 +216,13 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     except DatasetUnreadableError as error:
         sys.stderr.write(f"fastdino: error: {error}; {checkpoint_after_failure(trainer, loader)}\n")
         return EXIT_DATA_UNREADABLE
+    except OSError as error:  # a write that the preflight could not foresee (something changed since)
+        if is_disk_full(error, output):
+            raise
+        path = error.filename2 or error.filename  # os.replace(tmp, path) names both
+        sys.stderr.write(f"fastdino: error: cannot write {path} ({error.strerror}) after step {trainer.step}; "
+                         f"{checkpoint_after_failure(trainer, loader)}\n")
+        return EXIT_WRITE_FAILED
     finally:
         loader.close()
     if rows and rank == 0:
@@ -233,6 +243,28 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     if rank == 0:
         state_the_run(trainer, output)
     return 0
+
+
+# What a run writes under --output besides checkpoints/ (and the lock file, fastdino.files.FolderLock).
+RUN_FILES = ("config.json", "metrics.jsonl", "teacher_backbone.safetensors")
+
+
+def check_writes(cfg: C.TrainConfig, output: Path) -> None:
+    """ValueError, one line per path, unless the run can write every file and folder it writes under `output`:
+    said before the first step, so that no trained step is lost to a write that was bound to fail. The
+    checkpoints it may prune must be deletable too."""
+    from fastdino.engine.checkpoint import Checkpointer
+    from fastdino.files import write_problem
+
+    checkpoints = output / "checkpoints"
+    problems = [write_problem(checkpoints, folder=True)]
+    if checkpoints.is_dir():
+        problems += [write_problem(path, folder=True) for path in Checkpointer(checkpoints, keep_last=1).checkpoints()]
+    files = RUN_FILES + (("attention.png",) if cfg.eval.at_end else ())
+    problems += [write_problem(output / name) for name in files]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise ValueError("\n".join(f"cannot train into {output}: {problem}" for problem in problems))
 
 
 def checkpoint_after_failure(trainer, loader) -> str:

@@ -24,6 +24,21 @@ def atomic_write(path, write) -> Path:
     return path
 
 
+def write_problem(path, *, folder: bool = False) -> str | None:
+    """Why `path` cannot be written as fastdino writes it, or None: a file (replaced by `atomic_write` or appended
+    to) must be a file this process may write, a folder (`folder`) one it may create and delete entries in. A path
+    that does not exist yet is fine (its parent folder decides). No side effect: os.access sees read-only mounts
+    and immutable files too (even for root)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return None
+    if folder != path.is_dir():
+        return f"{path} is a {'file' if folder else 'folder'}; the run writes a {'folder' if folder else 'file'} there"
+    if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+        return f"{path} is not writable (read-only, immutable, or another user's)"
+    return None
+
+
 def remove_stale_tmp_files(folder) -> None:
     """Delete the temporary files of `atomic_write` calls whose process is gone (killed mid-write)."""
     for tmp in Path(folder).glob(".*.tmp*"):
