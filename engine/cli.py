@@ -54,6 +54,7 @@ EXIT_DIVERGED = 1
 EXIT_DISK_FULL = 1
 EXIT_DATA_UNREADABLE = 1
 EXIT_WRITE_FAILED = 1
+EXIT_NONFINITE_END = 3  # trained to the end, but the last steps were skipped as non-finite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,9 +241,7 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
         evaluate_at_end(trainer, output)
     elif no_knn and rank == 0:
         print(f"k-NN evaluation skipped: {no_knn}. {KNN_DATA_HINT}")
-    if rank == 0:
-        state_the_run(trainer, output)
-    return 0
+    return state_the_run(trainer, output) if rank == 0 else 0
 
 
 # What a run writes under --output besides checkpoints/ (and the lock file, fastdino.files.FolderLock).
@@ -414,16 +413,24 @@ def evaluate_at_end(trainer, output: Path) -> dict | None:
     return results
 
 
-def state_the_run(trainer, output: Path) -> None:
-    """Print the plain end-of-run statement from the whole run's metrics rows (every resumed part of it)."""
-    from fastdino.engine.metrics import end_of_run_statement
+def state_the_run(trainer, output: Path) -> int:
+    """Print the plain end-of-run statement from the whole run's metrics rows (every resumed part of it); returns
+    the exit code: EXIT_NONFINITE_END, with a warning line, when the last steps were non-finite, else 0."""
+    from fastdino.engine.metrics import end_of_run_statement, nonfinite_at_end
     from fastdino.engine.visualize import read_metrics
 
     path = output / "metrics.jsonl"
-    lines = end_of_run_statement(read_metrics(path), trainer.cfg.head.out_dim) if path.is_file() else []
+    rows = read_metrics(path) if path.is_file() else []
+    lines = end_of_run_statement(rows, trainer.cfg.head.out_dim)
     if lines:
         print(f"end of run at step {trainer.step} of {trainer.schedules.total_steps}:")
         print("\n".join(f"  {line}" for line in lines))
+    tail = nonfinite_at_end(rows)
+    if not tail:
+        return 0
+    sys.stderr.write(f"fastdino: warning: the last {tail} step(s) had a non-finite loss or gradient (the weights "
+                     f"stopped changing at step {trainer.step - tail}); exit code {EXIT_NONFINITE_END}\n")
+    return EXIT_NONFINITE_END
 
 
 if __name__ == "__main__":

@@ -376,6 +376,7 @@ class Trainer:
             "lr": values.lr, "wd": values.weight_decay, "teacher_momentum": values.teacher_momentum,
             "teacher_temp": values.teacher_temp, "teacher_entropy": stats["teacher_entropy"],
             "grad_norm": stats["grad_norm"], "skipped_steps": stats["skipped_steps"],
+            "nonfinite_in_a_row": stats["nonfinite_in_a_row"],
             "images_seen": self.step * self.cfg.data.batch_size, "img_per_s": img_per_s,
             "max_memory_gib": max_memory_gib(self.device), "eta_s": eta_s,
         }
