@@ -109,7 +109,8 @@ class Trainer:
         self.teacher_params = list(self.teacher.parameters())
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=self.schedules.peak_lr, fused=True)
         self._init_optimizer_state()
-        self.ema = EMAUpdate(self.teacher_params, self.params)  # its launch plan is built at the first step
+        # Its launch plan is built at the first step; storage moves are checked at log steps (`_log`), not per step.
+        self.ema = EMAUpdate(self.teacher_params, self.params, check_storage=False)
         ncrops = 2 + cfg.data.local_crops_number
         self.loss_fn = DINOLoss(cfg.head.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
