@@ -8,11 +8,15 @@ The config is the preset, then the YAML file, then `--data` / `--max-steps` / `-
 `section.key=value` overrides (config.py). A bad value or unknown key is one line on stderr and exit code 2.
 Running the same command again with a larger --max-steps resumes from DIR's latest intact checkpoint; a --minutes
 run resumes with the step count it measured when it started. A resume that changes a setting outside
-config.MAY_CHANGE_ON_RESUME is refused before anything is written. Ctrl-C and SIGTERM stop after the current step
-with a checkpoint (stop.py); a full disk is one line (exit code 1). Without --data, the built-in shapes dataset
-is generated once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained
-teacher next to the untrained network's and an attention-map PNG. Every run ends with a few plain sentences on
-how training went (collapse, loss trend, k-NN curve).
+config.MAY_CHANGE_ON_RESUME (or on another number of processes) is refused before anything is written: each
+checkpoint carries the run's config (checkpoint.py: run.json). The run holds OUTPUT/.fastdino.lock (one writer
+per folder) and checks every path it will write before the first step. Ctrl-C and SIGTERM stop after the current
+step with a checkpoint (stop.py); a full disk, a write that fails mid-run and a dataset gone mid-run are one line
+(exit code 1, after a checkpoint of the steps trained where one process runs); a run whose last steps were
+non-finite exits 3. Without --data, the built-in shapes dataset is generated once into the cache folder, and (the
+demo preset) the run ends with the k-NN accuracy of the trained teacher next to the untrained network's and an
+attention-map PNG. Every run ends with a few plain sentences on how training went (collapse, loss trend, k-NN
+curve).
 
 This module starts and stops torch.distributed for a run (command_line.py: from torchrun's environment, gloo on the
 CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.
