@@ -49,8 +49,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode, unset_fake_temporarily
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
@@ -200,27 +200,19 @@ def _touched_bytes(t: torch.Tensor) -> int:
     return math.prod(n for n, s in zip(t.shape, t.stride()) if s != 0) * t.element_size()
 
 
-class _GPUAttention(TorchFunctionMode):
-    """SDPA as the GPU dispatches it for these inputs (the module docstring says why): flash attention for
-    bf16/fp16, memory-efficient attention for fp32, after autocast's cast of q, k, v."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        q, k, v = args[:3]
-        if torch.is_autocast_enabled("cuda"):  # SDPA is on autocast's lower-precision list
-            low = torch.get_autocast_dtype("cuda")
-            q, k, v = (x.to(low) for x in (q, k, v))
-        extra = dict(zip(("attn_mask", "dropout_p", "is_causal"), args[3:])) | kwargs
-        if extra.get("attn_mask") is not None or extra.get("dropout_p", 0.0):
-            raise NotImplementedError("the step model costs SDPA without mask and dropout only")
-        with torch.autocast("cuda", enabled=False):
-            if q.dtype in _FLOP_DTYPES:
-                return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, bool(extra.get("is_causal")),
-                                                                          False, scale=extra.get("scale"))[0]
-            return torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, None, True, 0.0, bool(extra.get("is_causal")), scale=extra.get("scale"))[0]
+def _gpu_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """`F.scaled_dot_product_attention` as the GPU dispatches it for these inputs (the module docstring says why):
+    flash attention for bf16/fp16, memory-efficient attention for fp32, after autocast's cast of q, k, v."""
+    if attn_mask is not None or dropout_p or enable_gqa:
+        raise NotImplementedError("the step model costs SDPA without mask, dropout or grouped queries only")
+    if torch.is_autocast_enabled("cuda"):  # SDPA is on autocast's lower-precision list
+        low = torch.get_autocast_dtype("cuda")
+        q, k, v = (x.to(low) for x in (q, k, v))
+    with torch.autocast("cuda", enabled=False):
+        if q.dtype in _FLOP_DTYPES:
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal,
+                                                                       scale=scale)[0]
 
 
 class _Backward:
@@ -236,7 +228,8 @@ class _Backward:
         return [t]
 
     def _unpack(self, box):
-        self.unpacked.append(box)
+        if not torch.is_grad_enabled():  # else a checkpointed block's recompute reads the inputs it saved
+            self.unpacked.append(box)
         return box[0]
 
     def hooks(self):
@@ -265,7 +258,9 @@ class _Backward:
         ready = [(-n._sequence_nr(), next(order), n) for n in set(roots) if not dependencies[n]]
         heapq.heapify(ready)
         previous, self.trace.phase = self.trace.phase, "backward"
-        with torch.no_grad():
+        # One group: a checkpointed block is recomputed once per backward, as under torch's engine's graph task.
+        group = getattr(torch.utils.checkpoint, "GraphExecGroup", contextlib.nullcontext)
+        with torch.no_grad(), group():
             while ready:
                 node = heapq.heappop(ready)[2]
                 outputs = self._run(node, buffers.pop(node, None) or [])
@@ -298,6 +293,7 @@ class _Backward:
             grads = [torch.zeros(m.shape, dtype=m.dtype, device=m.device) if g is None and getattr(node, "materialize_grads", True)
                      else g for g, m in zip(grads, node._input_metadata)]
             outputs = node.apply(*grads)
+            node.saved_tensors  # noqa: B018 (unpacked, so that they are released below, as torch's engine does)
         else:
             outputs = node(*grads)
         for box in self.unpacked:
@@ -380,6 +376,7 @@ def _fake_cuda(gpu: GPU):
             (InterpretedFunction, "run", launch),
             (FakeTensorConverter, "set_tensor_memo", lambda *a: None),
             (torch.autograd, "_engine_run_backward", backward),
+            (F, "scaled_dot_product_attention", _gpu_sdpa),
         ]:
             stack.enter_context(_patched(obj, name, value))
         stack.enter_context(warnings.catch_warnings())
@@ -387,7 +384,6 @@ def _fake_cuda(gpu: GPU):
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stack.enter_context(trace)
-        stack.enter_context(_GPUAttention())
         stack.enter_context(backward.hooks())
         yield trace, launches
 

@@ -28,7 +28,7 @@ def test_the_train_options_are_frozen():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     options = {opt for action in train._actions for opt in action.option_strings}
     assert options == {"-h", "--help", "--output", "--max-steps", "--minutes", "--data", "--preset", "--config"}
-    assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", *EVAL_COMMANDS}
+    assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", "estimate", *EVAL_COMMANDS}
 
 
 @pytest.mark.parametrize("args, message", [
