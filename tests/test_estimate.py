@@ -31,28 +31,23 @@ def tiny(*overrides: str) -> C.TrainConfig:
     return C.apply_overrides(C.vit_small16_imagenet(), overrides=[*TINY, *overrides])
 
 
-@pytest.fixture(scope="module")
-def paper_estimates():
-    return {batch: estimate_step(paper(batch), "h100") for batch in OFFICIAL_H100_PEAK_GIB}
-
-
 @pytest.mark.parametrize("batch", sorted(OFFICIAL_H100_PEAK_GIB))
-def test_official_peak_is_within_5_percent_of_its_h100_measurement(paper_estimates, batch):
-    peak = paper_estimates[batch]["official"]["peak_gib"]
+def test_official_peak_is_within_5_percent_of_its_h100_measurement(batch):
+    peak = estimate_step(paper(batch), "h100", which=("official",))["official"]["peak_gib"]
     assert peak == pytest.approx(OFFICIAL_H100_PEAK_GIB[batch], rel=0.05)
 
 
-def test_doubling_the_batch_doubles_activations_and_keeps_the_state(paper_estimates):
+def test_doubling_the_batch_doubles_activations_and_keeps_the_state():
+    small, large = (estimate_step(paper(batch, "model.depth=2", "head.out_dim=4096"), "h100") for batch in (16, 32))
     for name in ("fastdino", "official"):
-        small, large = (paper_estimates[b][name] for b in sorted(OFFICIAL_H100_PEAK_GIB))
-        roles = small["peak_by_role_gib"], large["peak_by_role_gib"]
+        roles = small[name]["peak_by_role_gib"], large[name]["peak_by_role_gib"]
         assert roles[1]["activations"] / roles[0]["activations"] == pytest.approx(2, rel=0.05), name
         for state in ("weights", "optimizer state"):
             assert roles[1][state] == pytest.approx(roles[0][state], rel=1e-3), (name, state)
-        assert large["gflop_per_image"] == pytest.approx(small["gflop_per_image"], rel=0.02), name
-        assert large["step_ms"] / small["step_ms"] == pytest.approx(2, rel=0.1), name
-        assert large["aten_ops"] == small["aten_ops"], name  # the same program on twice the data
-        assert KEYS <= small.keys()
+        assert large[name]["gflop_per_image"] == pytest.approx(small[name]["gflop_per_image"], rel=0.02), name
+        assert 1.5 < large[name]["step_ms"] / small[name]["step_ms"] < 2.0, name  # the weights' work stays
+        assert large[name]["aten_ops"] == small[name]["aten_ops"], name  # the same program on twice the data
+        assert KEYS <= small[name].keys()
 
 
 def _attention_free_gflop(entry: dict) -> float:
