@@ -172,8 +172,10 @@ class _StepTrace(TorchDispatchMode):
         ms = max(nbytes / (self.gpu.hbm_tb_s * 1e12 * HBM_EFFICIENCY),
                  flops / (self.gpu.tflops[_FLOP_DTYPES.get(dtype, "fp32")] * 1e12 * FLOP_EFFICIENCY)) * 1e3
         entry = self.by_op[name]
-        entry.count, entry.bytes, entry.flops, entry.ms = entry.count + 1, entry.bytes + nbytes, entry.flops + flops, \
-            entry.ms + ms
+        entry.count += 1
+        entry.bytes += nbytes
+        entry.flops += flops
+        entry.ms += ms
 
 
 HOST_NUMEL = 4096
@@ -334,7 +336,7 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
             pending = []
         elif name == "_teacher_stats_kernel":
             pending.append(name)
-        elif name == "_dino_loss_finish_kernel" and loss_bytes is not None:
+        elif name == "_dino_loss_finish_kernel":  # launched right after the forward kernel
             trace.add(f"triton.{name}", loss_bytes[name])
         else:
             raise NotImplementedError(f"the step model has no byte count for the Triton kernel {name}")
@@ -352,8 +354,8 @@ def _patched(obj, name: str, value):
 
 @contextlib.contextmanager
 def _fake_cuda(gpu: GPU):
-    """A context in which CUDA tensors are fake and every op, launch and allocation lands in the yielded
-    (_StepTrace, launches list, _Backward). What it switches, and why, is in the module docstring; besides: CUDA
+    """A context in which CUDA tensors are fake and every op and allocation lands in the yielded _StepTrace, every
+    Triton launch in the yielded list of (kernel name, arguments by name). What it switches, and why, is in the module docstring; besides: CUDA
     autocast and GradScaler are told that CUDA exists, `torch.cuda.synchronize` returns at once, and fake tensors
     are not memoised (a memo's weak reference would stop `nn.Module.to_empty` from swapping a parameter)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -388,41 +390,44 @@ def _fake_cuda(gpu: GPU):
         yield trace, launches
 
 
-def _module_hooks(trace: _StepTrace, modules) -> contextlib.ExitStack:
-    """Forward hooks that mark allocations inside `modules` (the heads' last layers, the loss) as logits/loss."""
+def _logit_hooks(trace: _StepTrace, loss: torch.nn.Module, *models: torch.nn.Module) -> contextlib.ExitStack:
+    """Forward hooks that mark what the heads' last layers and the loss allocate as logits/loss."""
+    def enter(*_):
+        trace.in_logits += 1
+
+    def leave(*_):
+        trace.in_logits -= 1
+
     stack = contextlib.ExitStack()
-    for module in modules:
-        stack.enter_context(module.register_forward_pre_hook(lambda *_: setattr(trace, "in_logits",
-                                                                                 trace.in_logits + 1)))
-        stack.enter_context(module.register_forward_hook(lambda *_: setattr(trace, "in_logits",
-                                                                             trace.in_logits - 1)))
+    for model in models:
+        for name, module in model.named_modules():
+            if name.endswith("last_layer"):
+                stack.enter_context(module.register_forward_pre_hook(enter))
+                stack.enter_context(module.register_forward_hook(leave))
+    stack.enter_context(loss.register_forward_pre_hook(enter))
+    stack.enter_context(loss.register_forward_hook(leave))
     return stack
 
 
-def _logit_modules(*models) -> list[torch.nn.Module]:
-    return [m for model in models for name, m in model.named_modules() if name.endswith("last_layer")]
+def _in_phases(trace: _StepTrace, step):
+    """`step` marking its phases for the tracker: forward until backward starts (`_Backward` sets backward, then
+    update), other after it."""
+    def run(*args):
+        trace.phase = "forward"
+        try:
+            return step(*args)
+        finally:
+            trace.phase = "other"
+    return run
 
 
-class _Phases:
-    """Marks the phases of a step for the tracker: forward until backward starts, then backward, then update."""
-
-    def __init__(self, trace: _StepTrace):
-        self.trace = trace
-
-    def __call__(self, step):
-        def run(*args, **kwargs):
-            self.trace.phase = "forward"
-            try:
-                return step(*args, **kwargs)
-            finally:
-                self.trace.phase = "other"
-        return run
-
-
-def _crops(cfg: TrainConfig, batch: int) -> list[torch.Tensor]:
+def _crops(cfg: TrainConfig, trace: _StepTrace) -> list[torch.Tensor]:
+    """This rank's batch of crops on the GPU (2 global, then the local ones), counted as inputs."""
     d = cfg.data
     sizes = [d.global_crops_size] * 2 + [d.local_crops_size] * d.local_crops_number
-    return [torch.empty(batch, 3, s, s, device="cuda") for s in sizes]
+    crops = [torch.empty(d.batch_size, 3, s, s, device="cuda") for s in sizes]
+    trace.assign(crops, "inputs")
+    return crops
 
 
 def _summary(trace: _StepTrace, batch: int, gpu: GPU, extra: dict) -> dict:
@@ -458,58 +463,55 @@ def _model_facts(gpu_name: str) -> dict:
             "allocation_bytes": ALLOCATION_BYTES}
 
 
-def _fastdino_step(cfg: TrainConfig, gpu: GPU) -> dict:
-    from fastdino.engine.train import Trainer
-
-    batch = cfg.data.batch_size
-    steps_per_epoch = 1000
-    with _fake_cuda(gpu) as (trace, launches):
-        trainer = Trainer(cfg, steps_per_epoch, device=torch.device("cuda"))
-        trainer.step = math.ceil(cfg.optim.freeze_last_layer_epochs) * steps_per_epoch  # the full update
-        crops = _crops(cfg, batch)
-        trace.assign(crops, "inputs")
-        step = _Phases(trace)(trainer.train_step)
-        with _module_hooks(trace, _logit_modules(trainer.student, trainer.teacher) + [trainer.loss_fn]):
-            step(crops)
-            _retag(trace, trainer.student.parameters(), trainer.teacher.parameters(), trainer.optimizer)
-            trace.start_measuring()
-            launches.clear()
-            step(crops)
-        _kernel_launches(trace, launches)
-        return _summary(trace, batch, gpu, {"precision": trainer.precision.name})
+def _second_step(trace: _StepTrace, launches: list, step, loss, student, teacher, optimizer) -> None:
+    """Run `step(i)` twice and measure the second: optimizer state and caches exist, as in a run."""
+    step = _in_phases(trace, step)
+    with _logit_hooks(trace, loss, student, teacher):
+        step(0)
+        _retag(trace, list(student.parameters()), list(teacher.parameters()), optimizer)
+        trace.start_measuring()
+        launches.clear()
+        step(1)
+    _kernel_launches(trace, launches)
 
 
-def _official_step(cfg: TrainConfig, gpu: GPU) -> dict:
-    from fastdino import official_dino
-
-    use_fp16 = cfg.parallel.precision != "fp32"
-    batch = cfg.data.batch_size
-    with _fake_cuda(gpu) as (trace, _):
-        run = official_dino.build(official_dino.args_from_config(cfg, use_fp16=use_fp16), 1000, "cuda")
-        crops = _crops(cfg, batch)
-        trace.assign(crops, "inputs")
-        step = _Phases(trace)(official_dino.train_step)
-        with _module_hooks(trace, _logit_modules(run.student, run.teacher) + [run.dino_loss]):
-            step(run, crops, 1000, 1)  # epoch 1: the last layer is trained (main_dino.py freezes it in epoch 0)
-            _retag(trace, run.student.parameters(), run.teacher.parameters(), run.optimizer)
-            trace.start_measuring()
-            step(run, crops, 1001, 1)
-        return _summary(trace, batch, gpu, {"precision": "fp16" if use_fp16 else "fp32"})
-
-
-def _retag(trace: _StepTrace, student_params, teacher_params, optimizer) -> None:
-    """Before the measured step: what is live is weights, gradients, optimizer state or other (the center, ...)."""
-    student_params, teacher_params = list(student_params), list(teacher_params)
-    live = [t for t in trace.storages]  # every storage is "other" until it is recognised below
-    for key in live:
-        size, role = trace.live[key]
-        if role not in ("inputs",):
+def _retag(trace: _StepTrace, student_params: list, teacher_params: list, optimizer) -> None:
+    """Before the measured step, what is live is weights, gradients, optimizer state, inputs or other (the
+    center, caches, ...)."""
+    for key, (size, role) in list(trace.live.items()):
+        if role != "inputs":
             trace.totals[role] -= size
             trace.totals["other"] += size
             trace.live[key] = (size, "other")
     trace.assign(student_params + teacher_params, "weights")
     trace.assign([p.grad for p in student_params if p.grad is not None], "gradients")
     trace.assign([t for state in optimizer.state.values() for t in state.values()], "optimizer state")
+
+
+def _fastdino_step(cfg: TrainConfig, gpu: GPU) -> dict:
+    from fastdino.engine.train import Trainer
+
+    steps_per_epoch = 1000
+    with _fake_cuda(gpu) as (trace, launches):
+        trainer = Trainer(cfg, steps_per_epoch, device=torch.device("cuda"))
+        trainer.step = math.ceil(cfg.optim.freeze_last_layer_epochs) * steps_per_epoch  # the full update
+        crops = _crops(cfg, trace)
+        _second_step(trace, launches, lambda i: trainer.train_step(crops), trainer.loss_fn, trainer.student,
+                     trainer.teacher, trainer.optimizer)
+        return _summary(trace, cfg.data.batch_size, gpu, {"precision": trainer.precision.name})
+
+
+def _official_step(cfg: TrainConfig, gpu: GPU) -> dict:
+    from fastdino import official_dino
+
+    use_fp16 = cfg.parallel.precision != "fp32"
+    with _fake_cuda(gpu) as (trace, launches):
+        run = official_dino.build(official_dino.args_from_config(cfg, use_fp16=use_fp16), 1000, "cuda")
+        crops = _crops(cfg, trace)
+        # Epoch 1: the last layer is trained (main_dino.py freezes it in epoch 0).
+        _second_step(trace, launches, lambda i: official_dino.train_step(run, crops, 1000 + i, 1), run.dino_loss,
+                     run.student, run.teacher, run.optimizer)
+        return _summary(trace, cfg.data.batch_size, gpu, {"precision": "fp16" if use_fp16 else "fp32"})
 
 
 FORMULATIONS = {"fastdino": _fastdino_step, "official": _official_step}
