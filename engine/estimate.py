@@ -36,7 +36,8 @@ rank at batch data.batch_size / world_size, all weights on it), the allocator's 
 its unsplit block remainders, and the CUDA context (outside the allocator). The official step is modelled as it
 was measured on the H100 (shared/gpu/README.md): main_dino.py's defaults, fp16 autocast with GradScaler
 (`--use_fp16 True`) unless the config says fp32, its foreach AdamW, explicit attention and per-tensor clipping; its
-host reads (`.item()`) are answered with finite values (clip coefficients < 1: every tensor is clipped).
+host reads (`.item()`) are answered with 0 / False: a finite loss, no skipped step, and no tensor clipped (the real
+run clips some: at most one small `mul_` each is left out).
 """
 import contextlib
 import heapq
