@@ -222,6 +222,12 @@ def _launch_plan(plan: _LaunchPlan, momentum) -> None:
         )
 
 
+def ema_launch_bytes(numel: int, teacher_bytes: int, student_bytes: int) -> dict[str, int]:
+    """HBM traffic of the update of `numel` elements, {kernel name: bytes}: each teacher and student element read
+    once, each teacher element written once."""
+    return {_ema_update_kernel.fn.__name__: numel * (2 * teacher_bytes + student_bytes)}
+
+
 class EMAUpdate:
     """`ema_update_(teacher_params, student_params, momentum)` for two fixed lists of parameters, with the launch
     plan held here instead of looked up in a cache on every call. For the trainer, where ~150 tensors make that
