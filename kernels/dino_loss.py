@@ -437,6 +437,8 @@ def dino_loss(
     the teacher input over its 2*B rows (for the center update); with `return_entropy` also the 0-d fp32 mean entropy
     of the teacher probability rows.
     """
+    for name, value in (("student_logits", student_logits), ("teacher", teacher)):
+        _launch.check_is_tensor(name, value)
     chosen = _launch.select_impl("dino_loss", impl, student_logits.device, "torch", _dino_loss_fwd_kernel)
     if chosen == "torch":
         return dino_loss_ref(student_logits, teacher, center, student_temp, teacher_temp, ncrops,
