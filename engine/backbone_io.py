@@ -99,6 +99,10 @@ def load_backbone(path, *, device="cpu", arch: str | None = None, patch_size: in
     if missing or unexpected:
         raise ValueError(f"{path} does not match {info['arch']}/{info['patch_size']}: "
                          f"missing {_few(missing)}, unexpected {_few(unexpected)}")
+    half = sorted({str(t.dtype) for t in state_dict.values() if t.is_floating_point() and t.dtype != torch.float32})
+    if half:  # exported weights are often fp16 / bf16: evaluate in fp32, as the inputs are
+        logger.info("%s holds %s weights: loading them as float32", path, " and ".join(half))
+        state_dict = {k: t.float() if t.is_floating_point() else t for k, t in state_dict.items()}
     model.load_state_dict(state_dict, assign=True)
     logger.info("loaded %s/%d backbone (D=%d, depth %d, %d heads, img_size %d) from %s", info["arch"],
                 info["patch_size"], info["embed_dim"], info["depth"], info["num_heads"], info["img_size"], path)

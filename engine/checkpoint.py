@@ -6,6 +6,10 @@ shards into `.step_XXXXXXXX.tmp/`; once all ranks are done, rank 0 renames it. A
 a `.tmp` folder, which `latest()` ignores and the next save removes, so the previous checkpoint stays usable.
 Old checkpoints beyond `keep_last` are deleted after each save.
 
+Identity: each checkpoint also holds `run.json` (the run's resolved config and its number of processes), so that
+a checkpoint copied into another folder, or a folder mixing two runs' checkpoints, cannot be resumed with other
+settings (cli.py `check_resumable` compares it with the config of the run that would resume it).
+
 Integrity: before the rename, `SHA256SUMS` records the SHA-256 of every file (each rank hashes the shards it
 wrote; `sha256sum -c SHA256SUMS` checks a folder by hand). `latest()` verifies the newest checkpoint, each rank
 hashing a share of its files, and falls back to the previous one with a warning naming the bad one: a truncated
@@ -19,6 +23,7 @@ tensor that every rank saves under the same key.
 """
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -43,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 CHECKSUMS = "SHA256SUMS"
+IDENTITY = "run.json"
 # State keys whose tensors a resume must find in the checkpoint with the same shapes (the rest is per-rank state).
 MATCHED_KEYS = ("student.", "teacher.", "loss.", "optimizer.")
 # A write that failed with less than this left on its filesystem failed because the disk is full.
@@ -206,32 +212,48 @@ class Checkpointer:
         return ", ".join(problems) if problems else None
 
     @staticmethod
+    def identity(path: Path) -> dict | None:
+        """The `identity` checkpoint `path` was saved with; None for one without (written by an older fastdino)
+        or with an unreadable one (which its checksum then finds corrupt)."""
+        try:
+            return json.loads((Path(path) / IDENTITY).read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
     def step_of(path: Path) -> int:
         return int(_STEP_DIR.match(Path(path).name).group(1))
 
-    def save(self, step: int, state: dict) -> Path:
-        """Write `state` (DCP Statefuls and dicts of tensors) as checkpoint `step`; returns its folder."""
+    def save(self, step: int, state: dict, identity: dict | None = None) -> Path:
+        """Write `state` (DCP Statefuls and dicts of tensors) as checkpoint `step`, with `identity` (JSON values:
+        what the run is, see `identity()`) beside it; returns its folder."""
         final = self.step_path(step)
         tmp = self.folder / f".{final.name}.tmp"
         if self.rank == 0:
             self._remove_unfinished()
             tmp.mkdir(parents=True)
+            if identity is not None:
+                (tmp / IDENTITY).write_text(json.dumps(identity, indent=1) + "\n")
         self._barrier()
         try:
             with self._single_process_is_intended():
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group,
                          no_dist=not self.distributed)
-            # Each rank hashes the shards it wrote (DCP names them __RANK_N.distcp); rank 0 adds .metadata.
+            # Each rank hashes the shards it wrote (DCP names them __RANK_N.distcp); rank 0 adds the rest.
             rank, _ = self._group_rank_world()
             mine = [p for p in tmp.iterdir()
-                    if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name == ".metadata")]
+                    if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name in (".metadata", IDENTITY))]
             sums = {name: digest for part in self._all_gather({p.name: _sha256(p) for p in mine})
                     for name, digest in part.items()}
             if self.rank == 0:
                 _write_checksums(tmp / CHECKSUMS, sums)
         except (OSError, RuntimeError, dcp.api.CheckpointException) as error:
             if not is_disk_full(error, self.folder):
-                raise
+                # A DCP failure wraps the OSError that names the file (one rank's): raise that one.
+                cause = next((e for e in _chain(error) if isinstance(e, OSError)), None)
+                if cause is None or cause is error:
+                    raise
+                raise cause from None
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial write took
             previous = self.checkpoints()
@@ -367,22 +389,27 @@ def is_disk_full(error: BaseException, folder: Path) -> bool:
     """Whether a failed write ran out of space: an ENOSPC / EDQUOT anywhere in the error's chain (or in a DCP
     failure of any rank), or no space left in `folder` (torch's zip writer turns ENOSPC into a RuntimeError
     "unexpected pos" and drops the errno)."""
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error)):
+        return True
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _FULL_BELOW_BYTES
+
+
+def _chain(error: BaseException):
+    """`error`, its causes and contexts, and the failures of every rank inside a DCP CheckpointException."""
     pending, seen = [error], set()
     while pending:
         e = pending.pop()
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+        yield e
         if isinstance(e, dcp.api.CheckpointException):
             pending += [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
         pending += [c for c in (e.__cause__, e.__context__) if c is not None]
-    try:
-        stats = os.statvfs(folder)
-    except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize < _FULL_BELOW_BYTES
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`fastdino` on the command line: `train` runs here, knn / linear / attention / export / plot go to eval_cli.
+"""`fastdino` on the command line: `train` runs here, knn / linear / attention / export / plot go to eval_cli,
+`estimate` (the step model) to estimate_cli.
 
     fastdino train --output DIR [--max-steps N] [--minutes M] [--data PATH] [--preset P] [--config FILE.yaml]
                    [key=value ...]
@@ -8,11 +9,15 @@ The config is the preset, then the YAML file, then `--data` / `--max-steps` / `-
 `section.key=value` overrides (config.py). A bad value or unknown key is one line on stderr and exit code 2.
 Running the same command again with a larger --max-steps resumes from DIR's latest intact checkpoint; a --minutes
 run resumes with the step count it measured when it started. A resume that changes a setting outside
-config.MAY_CHANGE_ON_RESUME is refused before anything is written. Ctrl-C and SIGTERM stop after the current step
-with a checkpoint (stop.py); a full disk is one line (exit code 1). Without --data, the built-in shapes dataset
-is generated once into the cache folder, and (the demo preset) the run ends with the k-NN accuracy of the trained
-teacher next to the untrained network's and an attention-map PNG. Every run ends with a few plain sentences on
-how training went (collapse, loss trend, k-NN curve).
+config.MAY_CHANGE_ON_RESUME (or on another number of processes) is refused before anything is written: each
+checkpoint carries the run's config (checkpoint.py: run.json). The run holds OUTPUT/.fastdino.lock (one writer
+per folder) and checks every path it will write before the first step. Ctrl-C and SIGTERM stop after the current
+step with a checkpoint (stop.py); a full disk, a write that fails mid-run and a dataset gone mid-run are one line
+(exit code 1, after a checkpoint of the steps trained where one process runs); a run whose last steps were
+non-finite exits 3. Without --data, the built-in shapes dataset is generated once into the cache folder, and (the
+demo preset) the run ends with the k-NN accuracy of the trained teacher next to the untrained network's and an
+attention-map PNG. Every run ends with a few plain sentences on how training went (collapse, loss trend, k-NN
+curve).
 
 This module starts and stops torch.distributed for a run (command_line.py: from torchrun's environment, gloo on the
 CPU, NCCL on CUDA), and, as a command-line front end, it prints the final results.
@@ -20,6 +25,7 @@ CPU, NCCL on CUDA), and, as a command-line front end, it prints the final result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -36,9 +42,10 @@ from fastdino.engine.command_line import (
     HelpFormatter,
     Parser,
     init_distributed,
+    output_lock,
     process_device,
 )
-from fastdino.files import atomic_write
+from fastdino.files import FolderLockError, atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 EXIT_DIVERGED = 1
 EXIT_DISK_FULL = 1
+EXIT_DATA_UNREADABLE = 1
+EXIT_WRITE_FAILED = 1
+EXIT_NONFINITE_END = 3  # trained to the end, but the last steps were skipped as non-finite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.base_lr=1e-3")
     for name, text in EVAL_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("estimate", help="peak memory, FLOPs and a roofline step time of a config, fastdino and the "
+                   "official step, without a GPU", add_help=False)
     return parser
 
 
@@ -100,6 +112,10 @@ def main(argv=None) -> int:
         from fastdino.engine.eval_cli import main as eval_main
 
         return eval_main(argv)
+    if argv and argv[0] == "estimate":
+        from fastdino.engine.estimate_cli import main as estimate_main
+
+        return estimate_main(argv[1:])
     parser = build_parser()
     # Overrides may come after options too (`... --minutes 4 optim.base_lr=1e-3`): argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
@@ -120,12 +136,17 @@ def main(argv=None) -> int:
 
     device = process_device()
     mesh = init_distributed(device)
+    rank = mesh.get_rank() if mesh is not None else 0
     try:
-        init_logging(mesh.get_rank() if mesh is not None else 0)
+        init_logging(rank)
         stop = StopRequest()
         try:
-            with stop.handling():
+            with output_lock(Path(args.output)), stop.handling():
                 code = run_train(cfg, Path(args.output), device=device, mesh=mesh, stop=stop)
+        except FolderLockError as error:  # the folder is another process's
+            if rank == 0:
+                sys.stderr.write(f"fastdino: error: {error}\n")
+            return EXIT_USAGE
         except Exception as error:
             if not is_disk_full(error, Path(args.output)):
                 raise
@@ -168,39 +189,52 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
               stop: StopRequest | None = None) -> int:
     """Dataset, loader, trainer, resume (or fit a time budget), train, the evaluation and the statement at the end;
     returns the exit code. A signal recorded by `stop` ends training early, with a checkpoint (stop.py)."""
-    from fastdino.files import remove_stale_tmp_files
     from fastdino.engine.budget import fit_to_budget
+    from fastdino.engine.checkpoint import is_disk_full
+    from fastdino.files import remove_stale_tmp_files
     from fastdino.engine.train import NonFiniteLossError, Trainer
-    from fastdino.pipelines import resolve_split
+    from fastdino.pipelines import DatasetUnreadableError, resolve_split
 
     started = time.perf_counter()
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
     try:
-        cfg = with_dataset(cfg, rank)
-        check_resumable(cfg, output)
+        cfg = asked = with_dataset(cfg, rank)
+        check_writes(cfg, output)
+        check_resumable(cfg, output, world_size)
         train_split = resolve_split(cfg.data.path, "train")
         loader = build_train_loader(cfg, train_split, device, rank=rank, world_size=world_size)
         no_knn = knn_unavailable(cfg, loader.labelled)
-        if no_knn:  # labels only matter to the evaluation: train without it
+        if no_knn:  # labels only matter to the evaluation: train without it (the run's config stays as asked)
             logger.info("k-NN evaluation off: %s", no_knn)
             cfg = replace(cfg, eval=replace(cfg.eval, at_end=False, knn_every_epochs=0))
-        trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output)
+        trainer = Trainer(cfg, len(loader), device=device, mesh=mesh, output_dir=output, run_config=asked)
         resumed = trainer.resume(loader)  # a time-budgeted run resumes with the step count it measured
         if rank == 0:  # only once the checkpoint fits: a refused resume leaves the run's config.json as it was
             remove_stale_tmp_files(output)
-            write_config(cfg, output)
+            write_config(asked, output)
         if cfg.minutes is not None and not resumed:
             fit_to_budget(trainer, loader, deadline=started + 60 * cfg.minutes)
     except ValueError as error:
-        sys.stderr.write(f"fastdino: error: {error}\n")
+        sys.stderr.write("".join(f"fastdino: error: {line}\n" for line in str(error).splitlines()))
         return EXIT_USAGE
     logger.info("%s at step %d of %d (stopping at %d); %d images, %s loader", "resuming" if resumed else "starting",
                 trainer.step, trainer.schedules.total_steps, trainer.stop_step, loader.num_images, loader.backend)
     try:
-        rows = trainer.train(loader, stop)
+        with stop.training_steps() if stop is not None else contextlib.nullcontext():
+            rows = trainer.train(loader, stop)
     except NonFiniteLossError as error:
         sys.stderr.write(f"fastdino: training stopped: {error}\n")
         return EXIT_DIVERGED
+    except DatasetUnreadableError as error:
+        sys.stderr.write(f"fastdino: error: {error}; {checkpoint_after_failure(trainer, loader)}\n")
+        return EXIT_DATA_UNREADABLE
+    except OSError as error:  # a write that the preflight could not foresee (something changed since)
+        if is_disk_full(error, output):
+            raise
+        path = error.filename2 or error.filename  # os.replace(tmp, path) names both
+        sys.stderr.write(f"fastdino: error: cannot write {path} ({error.strerror}) after step {trainer.step}; "
+                         f"{checkpoint_after_failure(trainer, loader)}\n")
+        return EXIT_WRITE_FAILED
     finally:
         loader.close()
     if rows and rank == 0:
@@ -218,9 +252,45 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
         evaluate_at_end(trainer, output)
     elif no_knn and rank == 0:
         print(f"k-NN evaluation skipped: {no_knn}. {KNN_DATA_HINT}")
-    if rank == 0:
-        state_the_run(trainer, output)
-    return 0
+    return state_the_run(trainer, output) if rank == 0 else 0
+
+
+# What a run writes under --output besides checkpoints/ (and the lock file, fastdino.files.FolderLock).
+RUN_FILES = ("config.json", "metrics.jsonl", "teacher_backbone.safetensors")
+
+
+def check_writes(cfg: C.TrainConfig, output: Path) -> None:
+    """ValueError, one line per path, unless the run can write every file and folder it writes under `output`:
+    said before the first step, so that no trained step is lost to a write that was bound to fail. The
+    checkpoints it may prune must be deletable too."""
+    from fastdino.engine.checkpoint import Checkpointer
+    from fastdino.files import write_problem
+
+    checkpoints = output / "checkpoints"
+    problems = [write_problem(checkpoints, folder=True)]
+    if checkpoints.is_dir():
+        problems += [write_problem(path, folder=True) for path in Checkpointer(checkpoints, keep_last=1).checkpoints()]
+    files = RUN_FILES + (("attention.png",) if cfg.eval.at_end else ())
+    problems += [write_problem(output / name) for name in files]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise ValueError("\n".join(f"cannot train into {output}: {problem}" for problem in problems))
+
+
+def checkpoint_after_failure(trainer, loader) -> str:
+    """Checkpoint the steps trained since the last checkpoint after a failure outside the step (the data, a write)
+    and say so: a clause for the error line. One process only: ranks cannot agree on a collective checkpoint
+    that a failed rank never reaches, so there the last periodic checkpoint is what is kept."""
+    checkpointer = trainer.checkpointer()
+    saved = checkpointer.checkpoints()
+    last = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+    if trainer.mesh is not None or (saved and checkpointer.step_of(saved[-1]) == trainer.step):
+        return f"{last}; rerun the same command to resume"
+    try:
+        path = trainer.save_checkpoint(loader)
+    except OSError as error:
+        return f"checkpoint step {trainer.step} could not be written either ({error}); {last}"
+    return f"checkpoint {path} written; rerun the same command to resume"
 
 
 def build_train_loader(cfg: C.TrainConfig, train_split: str, device: torch.device, *, rank: int = 0,
@@ -276,24 +346,35 @@ def knn_unavailable(cfg: C.TrainConfig, train_labelled: bool) -> str | None:
     return None
 
 
-def check_resumable(cfg: C.TrainConfig, output: Path) -> None:
-    """ValueError naming the settings that differ from the run's config.json when `output` holds a checkpoint and
-    they may not change on resume (config.MAY_CHANGE_ON_RESUME); the ones that may are logged. Checkpoint.load
-    checks the tensor shapes too, so a run without its config.json is not resumed wrong either."""
+def check_resumable(cfg: C.TrainConfig, output: Path, world_size: int) -> None:
+    """ValueError when `output` holds checkpoints of another run: each checkpoint's identity (the config and the
+    number of processes it was written with, checkpoint.py) must be this run's but for the settings that may
+    change on resume (config.MAY_CHANGE_ON_RESUME), which are logged. Checkpoints of an older fastdino, which have
+    none, are compared with the run's config.json. Every rank reads the same files and so decides alike, before
+    any collective; Checkpoint.load checks the tensor shapes too."""
     from fastdino.engine.checkpoint import Checkpointer
 
-    path = output / "config.json"
-    if not path.is_file() or not Checkpointer(output / "checkpoints", keep_last=1).checkpoints():
-        return
-    changes = C.config_changes(json.loads(path.read_text()), C.to_dict(cfg))
-    refused = {key: change for key, change in changes.items() if not C.may_change_on_resume(key)}
-    if refused:
-        raise ValueError(
-            f"cannot resume {output} with other settings than it was trained with: "
-            + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
-            + f". Rerun with the settings of {path}, or train into a new --output. Only "
-            + ", ".join(f"{k}*" if k.endswith(".") else k for k in C.MAY_CHANGE_ON_RESUME)
-            + " may change on resume")
+    checkpoints = Checkpointer(output / "checkpoints", keep_last=1).checkpoints()
+    references = [(path / "run.json", identity["config"], identity["world_size"]) for path in reversed(checkpoints)
+                  if (identity := Checkpointer.identity(path)) is not None]  # newest first
+    if checkpoints and not references and (output / "config.json").is_file():
+        references = [(output / "config.json", json.loads((output / "config.json").read_text()), None)]
+    new = C.to_dict(cfg)
+    for path, old, processes in references:
+        if processes is not None and processes != world_size:
+            raise ValueError(f"cannot resume {output} on {world_size} process(es): {path} was written by "
+                             f"{processes} (each process resumes its own data loader position); relaunch with "
+                             f"{processes}, or train into a new --output")
+        refused = {key: change for key, change in C.config_changes(old, new).items()
+                   if not C.may_change_on_resume(key)}
+        if refused:
+            raise ValueError(
+                f"cannot resume {output} with other settings than it was trained with: "
+                + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+                + f". Rerun with the settings of {path}, or train into a new --output. Only "
+                + ", ".join(f"{k}*" if k.endswith(".") else k for k in C.MAY_CHANGE_ON_RESUME)
+                + " may change on resume")
+    changes = C.config_changes(references[0][1], new) if references else {}
     if changes:
         logger.info("resuming with changed settings: %s",
                     ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()))
@@ -343,16 +424,24 @@ def evaluate_at_end(trainer, output: Path) -> dict | None:
     return results
 
 
-def state_the_run(trainer, output: Path) -> None:
-    """Print the plain end-of-run statement from the whole run's metrics rows (every resumed part of it)."""
-    from fastdino.engine.metrics import end_of_run_statement
+def state_the_run(trainer, output: Path) -> int:
+    """Print the plain end-of-run statement from the whole run's metrics rows (every resumed part of it); returns
+    the exit code: EXIT_NONFINITE_END, with a warning line, when the last steps were non-finite, else 0."""
+    from fastdino.engine.metrics import end_of_run_statement, nonfinite_at_end
     from fastdino.engine.visualize import read_metrics
 
     path = output / "metrics.jsonl"
-    lines = end_of_run_statement(read_metrics(path), trainer.cfg.head.out_dim) if path.is_file() else []
+    rows = read_metrics(path) if path.is_file() else []
+    lines = end_of_run_statement(rows, trainer.cfg.head.out_dim)
     if lines:
         print(f"end of run at step {trainer.step} of {trainer.schedules.total_steps}:")
         print("\n".join(f"  {line}" for line in lines))
+    tail = nonfinite_at_end(rows)
+    if not tail:
+        return 0
+    sys.stderr.write(f"fastdino: warning: the last {tail} step(s) had a non-finite loss or gradient (the weights "
+                     f"stopped changing at step {trainer.step - tail}); exit code {EXIT_NONFINITE_END}\n")
+    return EXIT_NONFINITE_END
 
 
 if __name__ == "__main__":

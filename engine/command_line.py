@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,3 +67,31 @@ def init_distributed(device: torch.device) -> DeviceMesh | None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return init_device_mesh(device.type, (world_size,))
+
+
+@contextmanager
+def output_lock(folder: Path):
+    """Hold `folder`'s lock (fastdino.files.FolderLock) for the block, under torchrun too: rank 0 takes it and
+    broadcasts the outcome, so that every rank raises the same FolderLockError (naming the holder's PID) when
+    another process holds it, before any other collective. The folder must exist."""
+    import torch.distributed as dist
+
+    from fastdino.files import FolderLock, FolderLockError
+
+    distributed = dist.is_available() and dist.is_initialized()
+    lock, refused = FolderLock(folder), None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            lock.acquire()
+        except FolderLockError as error:
+            refused = str(error)
+    if distributed:
+        outcome = [refused]
+        dist.broadcast_object_list(outcome, src=0)
+        refused = outcome[0]
+    if refused:
+        raise FolderLockError(refused)
+    try:
+        yield
+    finally:
+        lock.release()

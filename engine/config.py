@@ -180,7 +180,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
-        _check(0 <= self.min_lr <= self.base_lr, f"optim.min_lr must be in [0, base_lr], got {self.min_lr}")
+        _check(0 <= self.min_lr <= self.base_lr,
+               f"optim.min_lr ({self.min_lr}) must be in [0, optim.base_lr ({self.base_lr})]")
         for name in ("warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer_epochs"):
             _check(getattr(self, name) >= 0, f"optim.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("teacher_momentum", "teacher_momentum_end"):
@@ -300,6 +301,12 @@ class TrainConfig:
         _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0 or null, got {self.minutes}")
         _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0 or null, got {self.max_steps}")
         _check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        patch = self.model.patch_size
+        views = [("global_crops_size", self.data.global_crops_size)]
+        views += [("local_crops_size", self.data.local_crops_size)] if self.data.local_crops_number else []
+        for name, size in views:
+            _check(size % patch == 0, f"data.{name} ({size}) must be a multiple of model.patch_size ({patch})")
         _check(self.max_nonfinite_in_a_row > 0,
                f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}")
         _check(not self.loss.fused_head or self.head.norm_last_layer,
@@ -465,7 +472,9 @@ def _coerce(value, kind, name: str):
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
             return float(value)
     elif kind is str:
         if isinstance(value, bool):  # YAML reads true / false (model.compile=true) as booleans

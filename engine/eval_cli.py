@@ -28,6 +28,7 @@ from fastdino.engine.command_line import (
     HelpFormatter,
     Parser,
     init_distributed,
+    output_lock,
     process_device,
 )
 from fastdino.engine.eval import POOLINGS, distributed_rank_world, export_features, knn_evaluate
@@ -116,15 +117,17 @@ def _run(args) -> int:
             print(path)
         return 0
     device = _device(args.device)
-    backbone = load_backbone(args.checkpoint, device=device, arch=args.arch)
     if args.command == "attention":
+        backbone = load_backbone(args.checkpoint, device=device, arch=args.arch)
         print(save_attention_png(backbone, args.image, args.output, threshold=args.threshold,
                                  image_size=args.image_size))
         return 0
-    image_size = args.image_size or backbone.patch_embed.img_size[0]
-    logger.info("evaluating at %d px (%s)", image_size, "--image-size" if args.image_size else "the checkpoint's size")
-    data = dict(image_size=image_size, batch_size=args.batch_size, device=device, num_workers=args.num_workers)
-    with _distributed(device):
+    with _distributed(device), _probe_folder(args):
+        backbone = load_backbone(args.checkpoint, device=device, arch=args.arch)
+        image_size = args.image_size or backbone.patch_embed.img_size[0]
+        logger.info("evaluating at %d px (%s)", image_size,
+                    "--image-size" if args.image_size else "the checkpoint's size")
+        data = dict(image_size=image_size, batch_size=args.batch_size, device=device, num_workers=args.num_workers)
         is_main = distributed_rank_world()[0] == 0
         if args.command == "knn":
             results = knn_evaluate(backbone, args.data, ks=args.k, temperature=args.temperature, **data)
@@ -141,6 +144,15 @@ def _run(args) -> int:
             path = export_features(backbone, args.data, args.output, splits=args.split, pooling=args.pooling, **data)
             _print_if(is_main, path)
     return 0
+
+
+def _probe_folder(args):
+    """The lock of linear's --output folder (made if missing): one probe per folder, or a second one would resume
+    the first's checkpoint. The other commands write a single file, atomically."""
+    if args.command != "linear":
+        return contextlib.nullcontext()
+    args.output.mkdir(parents=True, exist_ok=True)
+    return output_lock(args.output)
 
 
 def _print_if(condition: bool, text) -> None:

@@ -10,10 +10,12 @@ the cached features. DINO re-encodes every image every epoch under RandomResized
 `epochs` backbone passes over the training set, where this costs one, for an accuracy usually a little below
 DINO's published linear numbers. The cache lives in memory: a resumed probe extracts the features again.
 
-Resuming: after every epoch `output_dir/linear_checkpoint.pth` (layer, optimizer, history) is replaced
-atomically; run the same command again to continue. The shuffling of epoch e depends only on (seed, e), so a
+Resuming: after every epoch `output_dir/linear_checkpoint.pth` (layer, optimizer, history, and the settings with
+the backbone's weights digest) is replaced atomically; run the same command again to continue. A checkpoint of
+another backbone or other settings is refused. The shuffling of epoch e depends only on (seed, e), so a
 resumed probe ends with the same weights as an uninterrupted one.
 """
+import hashlib
 import json
 import logging
 import math
@@ -42,10 +44,12 @@ def default_pooling(embed_dim: int) -> str:
 def train_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                  val_labels: torch.Tensor, *, num_classes: int, epochs: int = 100, lr: float | None = None,
                  batch_size: int = 1024, momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
-                 output_dir=None) -> dict:
+                 output_dir=None, features_of: str | None = None) -> dict:
     """Train a linear classifier on cached features (N, F); returns final and best validation accuracy (%).
 
-    With `output_dir`, rank 0 checkpoints after every epoch and a matching checkpoint found there is resumed.
+    With `output_dir`, rank 0 checkpoints after every epoch and a matching checkpoint found there is resumed;
+    `features_of` names what the features come from (`linear_probe`: the backbone's weights digest and the
+    pooling), so that a probe of other features is never resumed.
     Result: {"top1", "top5", "best_top1", "epochs", "history": [{"epoch", "lr", "loss", "top1", "top5"}, ...]}.
     """
     lr = 0.001 * batch_size / 256 if lr is None else lr
@@ -55,7 +59,7 @@ def train_linear(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
     device = train_feats.device
     settings = {"num_features": train_feats.shape[1], "num_classes": num_classes, "num_train": train_feats.shape[0],
                 "epochs": epochs, "lr": lr, "batch_size": batch_size, "momentum": momentum,
-                "weight_decay": weight_decay, "seed": seed}
+                "weight_decay": weight_decay, "seed": seed, "features_of": features_of}
     linear = nn.Linear(train_feats.shape[1], num_classes)
     nn.init.normal_(linear.weight, std=0.01, generator=torch.Generator().manual_seed(seed))
     nn.init.zeros_(linear.bias)
@@ -110,6 +114,9 @@ def _resume(path: Path, settings: dict, linear: nn.Module, optimizer) -> list[di
         return []
     state = torch.load(path, map_location="cpu", weights_only=True)
     changed = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+    if "features_of" in changed:
+        raise ValueError(f"{path} is the probe of other features ({changed['features_of'][0]}; these are "
+                         f"{changed['features_of'][1]}): use another output directory, or delete it")
     if changed:
         raise ValueError(f"{path} is a probe with other settings (saved, now): {changed}; "
                          f"use another output directory or delete it")
@@ -130,5 +137,16 @@ def linear_probe(backbone, data_path, output_dir, *, pooling: str = "auto", imag
                                        batch_size=extract_batch_size, device=device, num_workers=num_workers,
                                        pooling=pooling, normalize=False)
     logger.info("linear probe on %s features (%d classes)", pooling, len(classes))
+    features_of = f"{pooling} at {image_size} px of the backbone with weights digest {weights_digest(backbone)}"
     return train_linear(*features["train"], *features["val"], num_classes=len(classes), epochs=epochs, lr=lr,
-                        batch_size=batch_size, seed=seed, output_dir=output_dir)
+                        batch_size=batch_size, seed=seed, output_dir=output_dir, features_of=features_of)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of a model's tensors, names and dtypes: the same weights give the same digest
+    whatever file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

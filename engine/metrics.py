@@ -54,10 +54,11 @@ class StepStats:
         initialised); with `reset`, resets everything but the current run of non-finite steps."""
         values = self.values.clone()
         if dist.is_available() and dist.is_initialized():
-            sums, longest = values[:2].clone(), values[5:6].clone()  # loss_sum, entropy_sum; max_nonfinite_in_a_row
+            # loss_sum, entropy_sum; nonfinite_in_a_row, max_nonfinite_in_a_row
+            sums, in_a_row = values[:2].clone(), values[4:6].clone()
             dist.all_reduce(sums, group=process_group)
-            dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=process_group)  # losses are per rank
-            values[:2], values[5:6] = sums / dist.get_world_size(process_group), longest
+            dist.all_reduce(in_a_row, op=dist.ReduceOp.MAX, group=process_group)  # losses are per rank
+            values[:2], values[4:6] = sums / dist.get_world_size(process_group), in_a_row
         raw = dict(zip(self.FIELDS, values.tolist()))  # host sync: once per log step
         if reset:
             self.values.mul_(torch.tensor([0, 0, 0, 0, 1, 0, 1], device=self.values.device))
@@ -67,6 +68,7 @@ class StepStats:
             "teacher_entropy": raw["entropy_sum"] / finite if finite else math.nan,
             "grad_norm": raw["grad_norm"],
             "skipped_steps": int(raw["skipped_steps"]),
+            "nonfinite_in_a_row": int(raw["nonfinite_in_a_row"]),
             "max_nonfinite_in_a_row": int(raw["max_nonfinite_in_a_row"]),
         }
 
@@ -231,12 +233,30 @@ def format_knn_row(row: dict, k: int) -> str:
 LOSS_STALL_FRACTION = 0.02
 
 
+def nonfinite_at_end(rows: list[dict]) -> int:
+    """How many steps at the end of a run had a non-finite loss or gradient (skipped, so the weights stopped
+    changing), from its last training row; 0 when its last step was finite."""
+    trained = [r for r in rows if "loss" in r]
+    if not trained:
+        return 0
+    last = max(trained, key=lambda r: r["step"])
+    return last.get("nonfinite_in_a_row", 0 if math.isfinite(last["loss"]) else last.get("skipped_steps", 1))
+
+
 def end_of_run_statement(rows: list[dict], out_dim: int) -> list[str]:
-    """Plain sentences on a run from its metrics rows (training rows and k-NN rows, in any order): the teacher
-    entropy at the end against ln K (CollapseWatch's thresholds), the loss at the end against its start and ln K,
-    and the k-NN curve (first -> best -> last) when k-NN ran."""
+    """Plain sentences on a run from its metrics rows (training rows and k-NN rows, in any order): first, when
+    its last steps were non-finite, that they were; the teacher entropy at the end against ln K (CollapseWatch's
+    thresholds), the loss at the end against its start and ln K, both over the finite steps, and the k-NN curve
+    (first -> best -> last) when k-NN ran."""
     log_k = math.log(out_dim)
     lines = []
+    tail = nonfinite_at_end(rows)
+    if tail:
+        end = max(r["step"] for r in rows if "loss" in r)
+        lines.append(f"the run ended non-finite: the last {tail} step(s), {end - tail + 1} to {end}, had a non-finite "
+                     f"loss or gradient and were skipped, so the weights are those of step {end - tail}; what "
+                     f"follows is about the finite steps (fewer than max_nonfinite_in_a_row in a row: the run was "
+                     f"not stopped)")
     trained = sorted((r for r in rows if math.isfinite(r.get("loss", math.nan))), key=lambda r: r["step"])
     if trained:
         first, last = trained[0], trained[-1]

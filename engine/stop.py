@@ -2,7 +2,10 @@
 so, and the process exits with 128 + the signal number (130, 143), as shells and schedulers expect. A second
 Ctrl-C aborts at once (the last checkpoint written stays the one to resume from).
 
-The handler only records the signal; the loop asks `agreed()` between steps. Under torchrun the ranks must stop
+The handler only records the signal while training steps run (`training_steps()`); the loop asks `agreed()`
+between steps. Outside them (listing the data, building, the evaluation at the end) there is no step to finish
+and nothing unsaved, so a signal ends the process at once with one line: a setup blocked on a hung filesystem
+must not swallow SIGTERM. Under torchrun the ranks must stop
 after the same step, since the checkpoint is collective, and the signal may reach only some of them (a scheduler
 signals one node, a terminal's Ctrl-C reaches every process at slightly different times). So the ranks all-reduce
 the flag, but only at log steps: a log step already waits for the device to read the step statistics, so one more
@@ -28,6 +31,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
+        self.training = False  # inside training_steps()
 
     @property
     def exit_code(self) -> int:
@@ -50,7 +54,21 @@ class StopRequest:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    @contextmanager
+    def training_steps(self):
+        """While inside, a signal is recorded for the loop to stop after the step (with a checkpoint)."""
+        self.training = True
+        try:
+            yield self
+        finally:
+            self.training = False
+
     def _handle(self, signum, _frame) -> None:
+        if not self.training and self.signum is None:
+            sys.stderr.write(f"fastdino: stopped by {signal.Signals(signum).name} outside the training steps: "
+                             f"nothing to checkpoint; rerun the same command to go on\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         if self.signum is not None:
             if signum == signal.SIGINT:  # the user insists: no step, no checkpoint
                 sys.stderr.write("fastdino: aborted by a second Ctrl-C; rerun the same command to resume from the "

@@ -34,7 +34,7 @@ from fastdino.engine.checkpoint import (
     set_rng_states,
 )
 from fastdino.engine.clipping import clip_gradients_
-from fastdino.engine.config import TrainConfig, checkpoint_every
+from fastdino.engine.config import TrainConfig, checkpoint_every, to_dict
 from fastdino.engine.cuda_graph import PostBackwardGraphs
 from fastdino.engine.eval import KNNDataError, knn_accuracy
 from fastdino.engine.loss import DINOLoss
@@ -85,8 +85,11 @@ class Trainer:
     """Student, teacher, loss, optimizer and the step; `mesh` is None for one process."""
 
     def __init__(self, cfg: TrainConfig, steps_per_epoch: int, *, device: torch.device, mesh: DeviceMesh | None = None,
-                 output_dir: Path | None = None):
+                 output_dir: Path | None = None, run_config: TrainConfig | None = None):
+        """`run_config`: the config stored in every checkpoint as the run's identity (default `cfg`; the CLI gives
+        the one it was asked for, before it turned off a k-NN the dataset cannot have)."""
         self.cfg, self.device, self.mesh = cfg, device, mesh
+        self.run_config = run_config or cfg
         self.rank = mesh.get_rank() if mesh is not None else 0
         self.world_size = mesh.size() if mesh is not None else 1
         self.mode = resolve_mode(cfg.parallel.mode, self.world_size, process_group=mesh is not None)
@@ -106,7 +109,8 @@ class Trainer:
         self.teacher_params = list(self.teacher.parameters())
         self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=self.schedules.peak_lr, fused=True)
         self._init_optimizer_state()
-        self.ema = EMAUpdate(self.teacher_params, self.params)  # its launch plan is built at the first step
+        # Its launch plan is built at the first step; storage moves are checked at log steps (`_log`), not per step.
+        self.ema = EMAUpdate(self.teacher_params, self.params, check_storage=False)
         ncrops = 2 + cfg.data.local_crops_number
         self.loss_fn = DINOLoss(cfg.head.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
@@ -373,6 +377,7 @@ class Trainer:
             "lr": values.lr, "wd": values.weight_decay, "teacher_momentum": values.teacher_momentum,
             "teacher_temp": values.teacher_temp, "teacher_entropy": stats["teacher_entropy"],
             "grad_norm": stats["grad_norm"], "skipped_steps": stats["skipped_steps"],
+            "nonfinite_in_a_row": stats["nonfinite_in_a_row"],
             "images_seen": self.step * self.cfg.data.batch_size, "img_per_s": img_per_s,
             "max_memory_gib": max_memory_gib(self.device), "eta_s": eta_s,
         }
@@ -416,9 +421,13 @@ class Trainer:
 
     def save_checkpoint(self, loader) -> Path:
         """Checkpoint (collective) and export the teacher backbone as DIR/teacher_backbone.safetensors."""
-        path = self.checkpointer().save(self.step, self.checkpoint_state(loader))
+        path = self.checkpointer().save(self.step, self.checkpoint_state(loader), self.identity())
         self.export_teacher_backbone()
         return path
+
+    def identity(self) -> dict:
+        """What this run's checkpoints are (checkpoint.py: identity): its config and its number of processes."""
+        return {"config": to_dict(self.run_config), "world_size": self.world_size}
 
     def resume(self, loader) -> bool:
         """Load the latest checkpoint of the output folder, if any (collective); True when resumed."""
@@ -435,7 +444,6 @@ class Trainer:
     def export_teacher_backbone(self) -> Path | None:
         """Gather the teacher backbone (collective) and write it with EVAL's save_backbone on rank 0."""
         from fastdino.engine.backbone_io import save_backbone
-        from fastdino.engine.config import to_dict
 
         state = full_backbone_state_dict(self.teacher, rank=self.rank)
         if state is None or self.output_dir is None:

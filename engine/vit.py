@@ -413,7 +413,13 @@ def build_backbone(
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown backbone arch={arch!r}; known: {list(ARCHS)}")
-    resized = {k: v for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads).items() if v}
+    resized = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)  # None keeps the arch's
+    for name, value in {"patch_size": patch_size, "img_size": img_size, **resized}.items():
+        if (value is not None or name not in resized) and (isinstance(value, bool) or not isinstance(value, int)
+                                                           or value < 1):
+            raise ValueError(f"build_backbone: {name} must be a positive int{' or None' if name in resized else ''}, "
+                             f"got {value!r}")
+    resized = {k: v for k, v in resized.items() if v is not None}
     model = VisionTransformer(**{**ARCHS[arch], **resized}, patch_size=patch_size, img_size=img_size,
                               drop_path_rate=drop_path_rate, attention=attention, pos_embed_resample=pos_embed_resample)
     model.init_weights()

@@ -75,6 +75,16 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def check_is_tensor(name: str, value, *, optional: bool = False) -> None:
+    """ValueError naming the argument unless `value` is a torch.Tensor (or None, when `optional`), before anything
+    reads its device or shape: a numpy array would fail with an AttributeError deep inside."""
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return
+    hint = "; torch.from_numpy converts a numpy array" if type(value).__module__ == "numpy" else ""
+    raise ValueError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got a "
+                     f"{type(value).__name__}{hint}")
+
+
 def check_positive(name: str, value) -> None:
     """ValueError unless `value` is a positive real number (temperatures)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
@@ -98,8 +108,11 @@ def check_dino_loss_args(student_logits, teacher, center, student_temp, teacher_
             f"teacher must have shape (2*B, K) = ({2 * batch}, {k}) for student_logits {tuple(student_logits.shape)} "
             f"and ncrops={ncrops}, got {tuple(teacher.shape)}"
         )
+    check_is_tensor("center", center, optional=True)
     if center is not None and (center.numel() != k or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1)):
         raise ValueError(f"center must have shape (K,) or (1, K) with K={k}, got {tuple(center.shape)}")
+    if center is not None and not center.is_floating_point():
+        raise ValueError(f"center must be a floating-point tensor, got {center.dtype}")
     devices = {t.device for t in (student_logits, teacher, center) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"student_logits, teacher and center must be on one device, got {sorted(map(str, devices))}")

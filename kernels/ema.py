@@ -8,9 +8,10 @@ Memory traffic: numel * (2 * bytes(teacher) + bytes(student)), one read of each 
 One launch: the host builds, once per set of tensor storages (`_plan_for`: cached on their data pointers), a table
 with the teacher and student address and the numel of every tensor, and one (tensor index, block index) row per
 program; a call with the same tensors then only reads their data pointers and launches. `EMAUpdate` (the trainer's)
-holds its plan for fixed parameter lists and does not even read the pointers. Each program casts the addresses to
-typed pointers and updates one BLOCK of one tensor. Full blocks take an unmasked path, and the pointers are hinted
-16-byte aligned when the host has checked that they are, so that loads and stores vectorize.
+holds its plan for fixed parameter lists: it compares the pointers with the plan's, or reads nothing at all.
+Each program casts the addresses to typed pointers and updates one BLOCK of one tensor. Full blocks take an
+unmasked path, and the pointers are hinted 16-byte aligned when the host has checked that they are, so that loads
+and stores vectorize.
 FSDP2 parameters (DTensors) are updated through their local shards; teacher and student are sharded alike.
 """
 import math
@@ -70,17 +71,33 @@ def _ema_update_kernel(
         tl.store(t_ptr + offs, _lerp(t, s, weight).to(T_DTYPE), mask=mask)
 
 
-def _check_shapes(teachers, students) -> None:
-    for i, (t, s) in enumerate(zip(teachers, students)):
+def _check_tensors(teachers, students) -> None:
+    """ValueError naming the argument and index unless each pair is two floating-point tensors of one shape on one
+    device (the update mixes their dtypes, never their devices)."""
+    for i, pair in enumerate(zip(teachers, students)):
+        for name, x in zip(("teacher_params", "student_params"), pair):
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+                raise ValueError(f"ema_update_: {name}[{i}] must be a floating-point torch.Tensor, got {got}")
+        t, s = pair
         if t.shape != s.shape:
-            raise ValueError(f"ema_update_: tensor {i}: teacher shape {tuple(t.shape)} != student {tuple(s.shape)}")
+            raise ValueError(f"ema_update_: teacher_params[{i}] has shape {tuple(t.shape)}, student_params[{i}] "
+                             f"{tuple(s.shape)}")
+        if t.device != s.device:
+            raise ValueError(f"ema_update_: teacher_params[{i}] is on {t.device}, student_params[{i}] on {s.device}")
 
 
 def _check_momentum(momentum) -> None:
+    """ValueError unless `momentum` is a number in [0, 1] or a 0-d floating-point tensor. A tensor on the CPU is
+    read and range-checked too (no device to wait for); one on an accelerator is not: reading it would wait for
+    the device on every call, and its value is what the kernel reads on the device (CUDA graphs). Keeping a device
+    momentum in [0, 1] is the caller's part (the trainer's is torch.where of two checked numbers)."""
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point():
             raise ValueError(f"ema_update_: momentum tensor must be 0-d floating point, got {tuple(momentum.shape)} "
                              f"{momentum.dtype}")
+        if momentum.device.type == "cpu" and not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"ema_update_: momentum must be in [0, 1], got a tensor holding {float(momentum)}")
     elif isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"ema_update_: momentum must be a number in [0, 1] or a 0-d tensor, got {momentum!r}")
 
@@ -149,7 +166,7 @@ def _plan_for(teachers, students, device) -> _LaunchPlan:
     key = (tuple(map(_data_ptr, teachers)), tuple(map(_data_ptr, students)))
     plan = _plans.get(key)
     if plan is None:
-        _check_shapes(teachers, students)
+        _check_tensors(teachers, students)
         blocker = _triton_blocker(teachers, students)
         if blocker is not None:
             raise _Unsupported(blocker)
@@ -173,7 +190,7 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
         raise ValueError(f"ema_update_: {len(teacher_params)} teacher tensors but {len(student_params)} student "
                          f"tensors")
     _check_momentum(momentum)
-    teachers, students = _locals(teacher_params), _locals(student_params)
+    teachers, students = _local_pairs(teacher_params, student_params)
     if not teachers:
         return ema_update_ref(teachers, students, momentum)
     device = teachers[0].device
@@ -186,7 +203,7 @@ def ema_update_(teacher_params, student_params, momentum, *, impl: str = "auto")
         except _Unsupported as blocker:
             chosen = _fallback(impl, str(blocker))
     if chosen == "foreach":
-        _check_shapes(teachers, students)
+        _check_tensors(teachers, students)
         return ema_update_ref(teachers, students, momentum)
 
     _launch_plan(plan, momentum)
@@ -205,24 +222,32 @@ def _launch_plan(plan: _LaunchPlan, momentum) -> None:
         )
 
 
+def ema_launch_bytes(numel: int, teacher_bytes: int, student_bytes: int) -> dict[str, int]:
+    """HBM traffic of the update of `numel` elements, {kernel name: bytes}: each teacher and student element read
+    once, each teacher element written once."""
+    return {_ema_update_kernel.fn.__name__: numel * (2 * teacher_bytes + student_bytes)}
+
+
 class EMAUpdate:
     """`ema_update_(teacher_params, student_params, momentum)` for two fixed lists of parameters, with the launch
-    plan held here instead of looked up on every call: a call reads no tensor (no data pointer, no type), it checks
-    the momentum and launches. For the trainer, where ~150 tensors make that look-up most of the host time.
+    plan held here instead of looked up in a cache on every call. For the trainer, where ~150 tensors make that
+    look-up most of the host time.
 
-    The plan is built at the first call (after FSDP2's lazy init, which may give a shard new storage) and again
-    after `rebuild()`, the call to make when parameters may have moved (`.to()`, `p.data = ...`, new parameters).
-    The per-call check is the two lists' lengths (O(1): parameters appended to them rebuild the plan); a storage
-    swapped inside them is not seen per call: `storage_moved()` walks the tensors to say so, cheaply enough to
-    call at each log step. The plan keeps the storages it was built on alive, so a stale plan updates the old
-    storages, never freed memory.
+    The plan is built at the first call (after FSDP2's lazy init, which may give a shard new storage). Each call
+    then compares the tensors' data pointers with the plan's (one C call per tensor, no device work) and rebuilds
+    the plan when a storage moved (`teacher.to(dtype)`, `p.data = ...`) or the lists grew, so the tensors the
+    caller holds are the ones updated. `check_storage=False` skips that walk (what a call costs is then the
+    momentum check and the launch; DTensors make the walk cost a `to_local()` each): for a caller that checks
+    `storage_moved()` itself, as the trainer does at log steps, and calls `rebuild()` after moving parameters.
+    The plan keeps the storages it was built on alive, so a stale plan updates the old storages, never freed memory.
     """
 
-    def __init__(self, teacher_params, student_params, *, impl: str = "auto"):
+    def __init__(self, teacher_params, student_params, *, impl: str = "auto", check_storage: bool = True):
         if len(teacher_params) != len(student_params):
             raise ValueError(f"ema_update_: {len(teacher_params)} teacher tensors but {len(student_params)} "
                              f"student tensors")
         self.teacher_params, self.student_params, self.impl = teacher_params, student_params, impl
+        self.check_storage = check_storage
         self._lengths = (len(teacher_params), len(student_params))
         self._plan = None
 
@@ -231,16 +256,16 @@ class EMAUpdate:
         self._plan = None
 
     def storage_moved(self) -> bool:
-        """True when a tensor's storage differs from the plan's (a walk over every tensor; not for every step)."""
+        """True when a tensor's storage differs from the plan's (a walk over every tensor)."""
         if self._plan is None:
             return False
-        teachers, students = _locals(self.teacher_params), _locals(self.student_params)
+        teachers, students = _local_pairs(self.teacher_params, self.student_params)
         return self._plan.pointers != (tuple(map(_data_ptr, teachers)), tuple(map(_data_ptr, students)))
 
     def _build(self):
         """(path, device plan or the local tensors for foreach), with ema_update_'s checks and choice."""
-        teachers, students = _locals(self.teacher_params), _locals(self.student_params)
-        _check_shapes(teachers, students)
+        teachers, students = _local_pairs(self.teacher_params, self.student_params)
+        _check_tensors(teachers, students)
         if not teachers:
             return "foreach", _PlanForeach(teachers, students)
         device = teachers[0].device
@@ -256,8 +281,11 @@ class EMAUpdate:
     def __call__(self, momentum) -> str:
         """teacher <- momentum * teacher + (1 - momentum) * student in place; returns the path taken."""
         _check_momentum(momentum)
-        if self._plan is None or self._lengths != (len(self.teacher_params), len(self.student_params)):
-            self._lengths = (len(self.teacher_params), len(self.student_params))
+        lengths = (len(self.teacher_params), len(self.student_params))
+        if self._plan is None or self._lengths != lengths or (self.check_storage and self.storage_moved()):
+            if lengths[0] != lengths[1]:
+                raise ValueError(f"ema_update_: {lengths[0]} teacher tensors but {lengths[1]} student tensors")
+            self._lengths = lengths
             self._path, self._plan = self._build()
         path = self._path
         if path == "triton":
@@ -298,9 +326,19 @@ def _fallback(impl: str, reason: str) -> str:
 _PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
 
 
-def _locals(params) -> list[torch.Tensor]:
+def _local_pairs(teacher_params, student_params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return _locals(teacher_params, "teacher_params"), _locals(student_params, "student_params")
+
+
+def _locals(params, name: str) -> list[torch.Tensor]:
     """The tensors to update: DTensors' local shards, plain tensors as they are (one type scan, no per-tensor
-    attribute probe, when the list holds no DTensor: the common case outside FSDP2)."""
-    if set(map(type, params)) <= _PLAIN_TYPES:
+    attribute probe, when the list holds no DTensor: the common case outside FSDP2). ValueError naming `name` and
+    the index for anything that is no tensor (a numpy array, a nested list)."""
+    types = set(map(type, params))
+    if types <= _PLAIN_TYPES:
         return list(params)
+    if not all(issubclass(kind, torch.Tensor) for kind in types):
+        i, bad = next((i, p) for i, p in enumerate(params) if not isinstance(p, torch.Tensor))
+        raise ValueError(f"ema_update_: {name}[{i}] must be a floating-point torch.Tensor, got a "
+                         f"{type(bad).__name__}")
     return [_launch.local_shard(p) for p in params]

@@ -153,6 +153,9 @@ def dino_loss_fused_head(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    for name, value in (("student_features", student_features), ("student_weight_v", student_weight_v),
+                        ("teacher_features", teacher_features), ("teacher_weight_v", teacher_weight_v)):
+        _launch.check_is_tensor(name, value)
     for name, t in (("student_weight_v", student_weight_v), ("teacher_weight_v", teacher_weight_v)):
         if t.dim() != 2 or t.shape[1] != student_features.shape[-1]:
             raise ValueError(f"{name} must be (K, D) with D={student_features.shape[-1]}, got {tuple(t.shape)}")

@@ -5,6 +5,7 @@ from fastdino.lazy import lazy_exports
 __getattr__, __all__ = lazy_exports(__name__, {
     "MultiCropConfig": "config", "EvalLoader": "eval_loader", "build_eval_loader": "eval_loader",
     "MultiCropLoader": "loader", "build_loader": "loader", "select_backend": "loader",
-    "ImageSource": "sources", "epoch_batches": "sources", "open_source": "sources", "resolve_split": "sources",
+    "DatasetUnreadableError": "sources", "ImageSource": "sources", "epoch_batches": "sources",
+    "open_source": "sources", "resolve_split": "sources",
     "default_dataset_dir": "synthetic", "make_shapes_dataset": "synthetic",
 })

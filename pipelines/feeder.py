@@ -7,7 +7,7 @@ import numpy as np
 
 from fastdino.pipelines.augment import view_params
 from fastdino.pipelines.config import MultiCropConfig
-from fastdino.pipelines.sources import ImageSource, epoch_batches
+from fastdino.pipelines.sources import DatasetUnreadableError, ImageSource, epoch_batches
 
 
 class BatchFeeder:
@@ -32,9 +32,12 @@ class BatchFeeder:
         self._plan: tuple[int, np.ndarray] | None = None
 
     def mark_bad(self, index: int) -> None:
+        """Skip image `index` from now on; DatasetUnreadableError once no image is left."""
         self.bad.add(int(index))
         if len(self.bad) >= len(self.source):
-            raise RuntimeError(f"no image of {self.source.root!r} could be decoded")
+            raise DatasetUnreadableError(f"no image of the dataset {self.source.root} can be read any more (all "
+                                         f"{len(self.source)} failed since it was listed: deleted, moved or "
+                                         f"unmounted?)")
 
     def substitute(self, index: int) -> int:
         """`index`, or the next good image after it when it is bad."""

@@ -129,11 +129,13 @@ class MultiCropLoader:
 
     def _failed(self, index: int, message: str) -> None:
         """An image that passed validation failed to decode: count it once, skip it from now on."""
-        self.feeder.mark_bad(index)
         if index not in self.decode_failures:
             self.decode_failures.add(index)
-            logger.warning("skipping undecodable image %s (%s); %d image(s) skipped since validation",
-                           self.feeder.source.describe(index), message, len(self.decode_failures))
+            count = len(self.decode_failures)
+            if count <= 10 or count % 1000 == 0:  # a vanished dataset fails every image: a line each would flood
+                logger.warning("skipping undecodable image %s (%s); %d image(s) skipped since validation",
+                               self.feeder.source.describe(index), message, count)
+        self.feeder.mark_bad(index)
 
 
 def build_loader(source: str | Path | ImageSource, crops: MultiCropConfig, batch_size: int, *, rank: int = 0,

@@ -25,6 +25,7 @@ import logging
 import lzma
 import os
 import shutil
+import stat
 import struct
 import tarfile
 from collections import defaultdict
@@ -51,10 +52,18 @@ FILE_LIST_SUFFIXES = (".txt", ".lst")
 _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}  # magic bytes -> opener
 _GIF = "GIF (DALI cannot decode it: convert to PNG)"
 _TAIL_BYTES = 1024
+# Floating-point TIFFs (SampleFormat 3) have no agreed pixel range: DALI decodes 0..255 ones white, PIL 0..1 ones
+# black. Neither backend can be told which range a file uses, so they are left out, and counted.
+_SAMPLE_FORMAT, _FLOAT_SAMPLES = 339, 3
+_FLOAT_TIFF = "floating-point TIFF (no agreed pixel range: convert it to 8 or 16 bits)"
 _EXIF_ORIENTATION = 0x0112
 # From this many images on, validation results are kept in default_dataset_dir()/index, keyed by the path, size
 # and modification time of every file, so that later runs (and the other ranks) skip the header pass.
 INDEX_CACHE_MIN_IMAGES = 20_000
+
+
+class DatasetUnreadableError(RuntimeError):
+    """No image of a dataset can be read any more (deleted, moved or unmounted while training)."""
 
 
 class ImageSource:
@@ -74,7 +83,8 @@ class ImageSource:
         self.root, self.layout, self.files, self.classes = root, layout, files, classes
         self.skipped, self.ignored = dict(skipped), dict(ignored or {})
         # entries: (name, file_index, offset, nbytes, label, height, width)
-        self.names = np.array([e[0].encode() for e in entries], dtype=np.bytes_)
+        # File names may hold bytes that are not UTF-8 (os.fsencode / os.fsdecode round-trip them).
+        self.names = np.array([os.fsencode(e[0]) for e in entries], dtype=np.bytes_)
         self.file_index = np.array([e[1] for e in entries], dtype=np.int64)
         self.offset = np.array([e[2] for e in entries], dtype=np.int64)
         self.nbytes = np.array([e[3] for e in entries], dtype=np.int64)
@@ -94,7 +104,7 @@ class ImageSource:
 
     def describe(self, index: int) -> str:
         """Where image `index` lives, for messages."""
-        name = self.names[index].decode()
+        name = os.fsdecode(self.names[index])
         if self.layout == "folder":
             return os.path.join(self.root, name)
         return f"{self.files[self.file_index[index]]}:{name}"
@@ -103,7 +113,7 @@ class ImageSource:
         """The encoded bytes of image `index`."""
         file_index, offset, nbytes = int(self.file_index[index]), int(self.offset[index]), int(self.nbytes[index])
         if self.layout == "folder":
-            with open(os.path.join(self.root, self.names[index].decode()), "rb") as f:
+            with open_regular(os.path.join(self.root, os.fsdecode(self.names[index]))) as f:
                 return f.read()
         fd = self._fds.get(file_index)
         if fd is None:
@@ -266,6 +276,8 @@ def inspect_image(f, size: int) -> tuple[int, int] | str:
         return "not a readable image"
     if fmt not in DECODABLE_FORMATS:
         return f"unsupported format {fmt}"
+    if fmt == "TIFF" and _FLOAT_SAMPLES in _as_tuple(img.tag_v2.get(_SAMPLE_FORMAT, ())):
+        return _FLOAT_TIFF
     if width < 1 or height < 1:
         return "empty image"
     if fmt in ("JPEG", "MPO", "PNG"):
@@ -274,6 +286,10 @@ def inspect_image(f, size: int) -> tuple[int, int] | str:
         if (b"IEND" if fmt == "PNG" else b"\xff\xd9") not in tail:
             return "truncated"
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
 
 
 class _Window(io.RawIOBase):
@@ -304,22 +320,46 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
+class NotRegularFileError(OSError):
+    """A path to be read as an image or a shard is a FIFO, socket or device."""
+
+
+def open_regular(path: str):
+    """`open(path, "rb")` for a regular file only: opened without blocking and checked, so a FIFO (which would
+    block until a writer appears), a socket or a device under an image's name is an OSError, not a hang."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK does nothing to a regular file's reads
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFileError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def _inspect_file(path: str) -> tuple[int, int] | str:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return inspect_image(f, os.fstat(f.fileno()).st_size)
+    except NotRegularFileError:
+        return "not a regular file (a FIFO, socket or device)"
     except OSError:
         return "unreadable"
 
 
 def _open_folder(root: str, classes: list[str], num_threads: int) -> ImageSource:
-    """ImageFolder when `classes` names its class folders; else every image under `root`, unlabeled."""
+    """ImageFolder when `classes` names its class folders; else every image under `root`, unlabeled.
+
+    Symbolic links are followed, into each folder once: folders are known by (device, inode), so a link back up
+    (`sub/up -> ..`, `self -> .`) cannot loop and a second link to a folder does not list its images twice."""
     skips = _Skips()
     candidates = []  # (relative name, label)
+    visited = {_folder_key(root)}
     for label, name in enumerate(classes) if classes else [(-1, "")]:
         found = []
-        for folder, subdirs, files in os.walk(os.path.join(root, name), followlinks=True):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        top = os.path.join(root, name)
+        if classes and not _first_visit(top, visited, skips):
+            continue
+        for folder, subdirs, files in os.walk(top, followlinks=True):
+            subdirs[:] = [d for d in sorted(subdirs)
+                          if not d.startswith(".") and _first_visit(os.path.join(folder, d), visited, skips)]
             rel = os.path.relpath(folder, root)
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
@@ -330,6 +370,26 @@ def _open_folder(root: str, classes: list[str], num_threads: int) -> ImageSource
             skips.add("empty class folder", name)
         candidates += found
     return _open_files(root, classes, candidates, skips, num_threads)
+
+
+def _folder_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)  # follows links: the folder a link leads to
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _first_visit(path: str, visited: set, skips: _Skips) -> bool:
+    """Whether the folder at `path` is walked: False (counted) when a link leads to a folder already walked."""
+    key = _folder_key(path)
+    if key is None:  # unreadable: os.walk skips it
+        return True
+    if key in visited:
+        skips.add("link(s) to a folder listed already", path, ignored=True)
+        return False
+    visited.add(key)
+    return True
 
 
 def _open_file_list(path: str, num_threads: int) -> ImageSource:
@@ -383,14 +443,15 @@ def plain_tar(shard: str) -> str:
     """`shard` itself when it is an uncompressed tar, else its decompressed copy in the cache folder (made once:
     reading members at their offsets needs random access)."""
     try:
-        with open(shard, "rb") as f:
+        with open_regular(shard) as f:
             magic = f.read(6)
     except OSError as err:
         raise ValueError(f"tar shard {shard!r} is unreadable: {err}") from err
     opener = next((op for prefix, op in _COMPRESSED.items() if magic.startswith(prefix)), None)
     if opener is None:
         return shard
-    key = hashlib.sha1(f"{os.path.abspath(shard)}\t{_stat_key(shard)}".encode()).hexdigest()[:16]
+    identity = f"{os.path.abspath(shard)}\t{_stat_key(shard)}"
+    key = hashlib.sha1(identity.encode(errors="surrogateescape")).hexdigest()[:16]
     name = os.path.basename(shard)
     for suffix in TAR_SUFFIXES:
         name = name.removesuffix(suffix)
@@ -454,7 +515,7 @@ def _inspect_all(items: list, inspect, num_threads: int, identity) -> list:
     INDEX_CACHE_MIN_IMAGES), where identity() lists what the results depend on."""
     cache = None
     if len(items) >= INDEX_CACHE_MIN_IMAGES:
-        key = hashlib.sha1("\n".join(identity()).encode()).hexdigest()
+        key = hashlib.sha1("\n".join(identity()).encode(errors="surrogateescape")).hexdigest()
         cache = default_dataset_dir() / "index" / f"{key}.json"
         try:
             results = json.loads(cache.read_text())

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastdino.pipelines.augment import X0, X1, Y0, Y1, finish_views
 from fastdino.pipelines.feeder import BatchFeeder
-from fastdino.pipelines.sources import DECODE_ERRORS, decode_rgb
+from fastdino.pipelines.sources import DECODE_ERRORS, DatasetUnreadableError, decode_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,11 @@ def decode_batch(feeder: BatchFeeder, indices: np.ndarray):
 
 
 class MultiCropBatches(Dataset):
-    """Map-style dataset whose items are whole batches: item (epoch, batch) -> (views, failures).
+    """Map-style dataset whose items are whole batches: item (epoch, batch) -> (views, failures, unreadable).
 
-    views: list of V float32 tensors (B, 3, S, S), global views first.
+    views: list of V float32 tensors (B, 3, S, S), global views first. unreadable: None, or (views None) why no
+    image of the dataset can be read any more, as a message: a worker's exception would reach the main process
+    wrapped in its traceback.
     """
 
     def __init__(self, feeder: BatchFeeder):
@@ -68,14 +70,17 @@ class MultiCropBatches(Dataset):
 
     def __getitem__(self, position: tuple[int, int]):
         epoch, batch = position
-        images, indices, failures = decode_batch(self.feeder, self.feeder.indices(epoch, batch))
+        try:
+            images, indices, failures = decode_batch(self.feeder, self.feeder.indices(epoch, batch))
+        except DatasetUnreadableError as error:
+            return None, [], str(error)
         params = np.stack([self.feeder.params(epoch, i) for i in indices])  # (B, V, P)
         sizes = self.feeder.crops.view_sizes()
         per_image = [resized_crops(img, p, sizes) for img, p in zip(images, params)]
         params = torch.from_numpy(params)
         views = [finish_views(torch.from_numpy(np.stack([crops[v] for crops in per_image])), params[:, v])
                  for v in range(len(sizes))]
-        return views, failures
+        return views, failures, None
 
 
 class _Positions(Sampler):
@@ -133,9 +138,11 @@ class TorchvisionEngine:
 
     def iterate(self, epoch: int, start: int):
         self.positions.epoch, self.positions.start, self.positions.stop = epoch, start, self.feeder.num_batches
-        for views, failures in self.loader:
+        for views, failures, unreadable in self.loader:
             for index, message in failures:
                 self.on_failure(index, message)
+            if unreadable is not None:
+                raise DatasetUnreadableError(unreadable)
             yield [v.to(self.device, self.dtype, non_blocking=True) for v in views]
 
     def close(self) -> None:

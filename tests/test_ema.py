@@ -175,7 +175,7 @@ def test_paths():
     "teachers, students, momentum, message",
     [
         ([torch.zeros(3)], [], 0.9, "1 teacher tensors but 0 student"),
-        ([torch.zeros(3)], [torch.zeros(4)], 0.9, r"teacher shape \(3,\) != student \(4,\)"),
+        ([torch.zeros(3)], [torch.zeros(4)], 0.9, r"teacher_params\[0\] has shape \(3,\), student_params\[0\] \(4,\)"),
         ([torch.zeros(3)], [torch.zeros(3)], 1.5, "momentum must be a number in"),
         ([torch.zeros(3)], [torch.zeros(3)], torch.zeros(2), "momentum tensor must be 0-d"),
     ],

@@ -24,11 +24,12 @@ def test_step_stats_average_finite_steps_and_track_runs_of_non_finite_ones():
         stats.update(torch.tensor(loss), torch.tensor(2 * loss), torch.tensor(0.5), skipped, nonfinite)
     first = stats.read()
     assert first == {"loss": 3.0, "teacher_entropy": 6.0, "grad_norm": 0.5, "skipped_steps": 4,
-                     "max_nonfinite_in_a_row": 2}
+                     "nonfinite_in_a_row": 0, "max_nonfinite_in_a_row": 2}
     stats.update(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), t, t)
     assert stats.read()["max_nonfinite_in_a_row"] == 1
     stats.update(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), t, t)
-    assert stats.read()["max_nonfinite_in_a_row"] == 2  # a run counts from its start, across reads
+    second = stats.read()  # a run counts from its start, across reads
+    assert second["max_nonfinite_in_a_row"] == second["nonfinite_in_a_row"] == 2
     assert math.isnan(StepStats(torch.device("cpu")).read()["loss"])
 
 
