@@ -1,13 +1,14 @@
 """DINO model benchmark: student forward+backward and teacher forward, ms, images/s and peak memory.
 
 One row per (arch, compile, attention backend, layout, mode):
-- backend: the model's `attention` ("sdpa", "xformers"), or SDPA pinned to one kernel ("sdpa-cudnn", "sdpa-flash",
-  "sdpa-efficient", "sdpa-math") with torch.nn.attention.sdpa_kernel. An unavailable one gets a row saying why.
+- backend: the model's `attention` ("sdpa", "xformers", "varlen": one varlen_attn call over all crops), or SDPA
+  pinned to one kernel ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math") with
+  torch.nn.attention.sdpa_kernel. An unavailable one gets a row saying why.
 - layout: "packed" = one backbone call over all crops (fastdino's multi-crop forward); "per-resolution" = one
   backbone call per resolution group, then one head call (the official DINO MultiCropWrapper).
-- compile: "eager"; "compiled" = torch.compile of each transformer block with automatic dynamic shapes (blocks
-  keep different numbers of images under stochastic depth: one graph serves them); "compiled-static" =
-  dynamic=False, one graph per block (the recompile limit is raised here to allow it).
+- compile: "eager"; "compiled" = torch.compile of each transformer block with automatic dynamic shapes (the
+  stochastic-depth scales are tensor arguments: one graph serves the blocks with drop path); "compiled-static" =
+  dynamic=False (the recompile limit is raised here to allow one graph per block).
 - mode: "student" = forward + backward over 2 global + N local crops (train mode, stochastic depth on);
   "teacher" = forward over the global crops under no_grad (eval mode).
 The speedup column is against the first row of the same arch and mode (per-resolution, eager, first backend).
@@ -50,7 +51,7 @@ def parse_args():
     parser.add_argument("--out-dim", type=int, default=65536, help="K, the head's prototypes")
     parser.add_argument("--drop-path-rate", type=float, default=0.1, help="student stochastic depth")
     parser.add_argument("--backends", nargs="+", default=["sdpa", "xformers"],
-                        choices=["sdpa", "xformers", *SDPA_KERNELS])
+                        choices=["sdpa", "xformers", "varlen", *SDPA_KERNELS])
     parser.add_argument("--layouts", nargs="+", default=["per-resolution", "packed"],
                         choices=["per-resolution", "packed"])
     parser.add_argument("--compile", nargs="+", choices=["eager", "compiled", "compiled-static"],
@@ -68,7 +69,7 @@ def per_resolution(model: DINOModel, crops: list[torch.Tensor]) -> torch.Tensor:
 
 
 def build_models(args, arch: str, patch_size: int, backend: str, compile_mode: str) -> tuple[DINOModel, DINOModel]:
-    attention = "xformers" if backend == "xformers" else "sdpa"
+    attention = backend if backend in ("xformers", "varlen") else "sdpa"
     backbone = build_backbone(arch, patch_size, img_size=args.global_size, drop_path_rate=args.drop_path_rate,
                               attention=attention)
     head = DINOHead(backbone.embed_dim, args.out_dim)

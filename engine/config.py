@@ -55,7 +55,7 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     """Stochastic depth rate of the student (the teacher shares the value; it only matters in training mode)."""
     attention: str = "auto"
-    """Attention backend: auto, xformers or sdpa (see engine/attention.py)."""
+    """Attention backend: auto, xformers, sdpa or varlen (one call over all crops, CUDA; see engine/attention.py)."""
     pos_embed_resample: str = "timm"
     """Position embeddings of other crop sizes: timm (bicubic, antialiased) or dino (the official code's)."""
     embed_dim: int | None = None
@@ -75,7 +75,7 @@ class ModelConfig:
         _check(self.img_size % self.patch_size == 0,
                f"model.img_size ({self.img_size}) must be a multiple of model.patch_size ({self.patch_size})")
         _check(0 <= self.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        _check_choice("model.attention", self.attention, ("auto", "xformers", "sdpa"))
+        _check_choice("model.attention", self.attention, ("auto", "xformers", "sdpa", "varlen"))
         _check_choice("model.pos_embed_resample", self.pos_embed_resample, ("timm", "dino"))
         for name in ("embed_dim", "depth", "num_heads"):
             value = getattr(self, name)

@@ -8,12 +8,11 @@ Multi-crop forward. `forward([crops...])` groups consecutive crops of the same r
 224² and N local 96² crops make two groups), embeds each group, and lays the tokens of all groups end to
 end as one (T, D) tensor, T = sum over groups of B·N. LayerNorm, qkv, projection and MLP run once on that
 tensor. Attention runs per group: each group's rows of the qkv output are a contiguous slice, viewed as
-(B, N, 3, H, hd) without a copy and given to SDPA (or xformers) as one dense call. Nothing is padded, and
-every shape depends only on the crop shapes and the drop-path rate (never on data), so per-block
-`torch.compile` and CUDA graphs apply. A block-diagonal packed attention over all groups
-(xformers BlockDiagonalMask, nested jagged SDPA, flex attention) would save one attention launch per block
-but needs a variable-length kernel that does not run on the CPU, and the dense per-group call keeps
-cuDNN/flash SDPA, the fastest kernels measured on the H100 (shared/gpu/README.md).
+(B, N, 3, H, hd) without a copy and given to SDPA (cuDNN first on Hopper, the fastest kernel measured on the
+H100: shared/gpu/README.md) or xformers as one dense call; the groups' outputs are concatenated, and in backward
+the qkv gradient is. `attention="varlen"` instead runs torch's variable-length attention once over every image
+of every group (CUDA only; engine/attention.py says why it is not the default yet). Nothing is padded, and
+every shape depends only on the crop shapes (never on data), so per-block `torch.compile` and CUDA graphs apply.
 
 Position embeddings for a grid other than the native one are resampled in one of two ways
 (`pos_embed_resample`): "timm" like timm's `dynamic_img_size` (`resample_abs_pos_embed`: bicubic, antialiased,
@@ -24,20 +23,27 @@ official step. Both are linear in `pos_embed`, so what is cached per grid is the
 gradients reach `pos_embed` as usual, and the cache never goes stale when the parameter changes (it depends only
 on the grid sizes).
 
-Stochastic depth skips the dropped images' compute as in DINOv2 (facebookresearch/dinov2:
-dinov2/layers/block.py, drop_add_residual_stochastic_depth): each residual branch runs on a random subset
-of each group's images, and its output is added back scaled by B / kept, so the expectation is the
-un-dropped block. The subset size is fixed by B and the rate, so shapes never depend on data. The rate
-grows with depth, so each student block keeps a different number of images; the counts reach each block
-as integer arguments (`Block.kept_images`), which torch.compile's default automatic dynamic shapes turn
-into symbols: `block.compile()` on every block gives one graph for the student's blocks 1.. (block 0 has
-rate 0) and one for the teacher. `dynamic=False` compiles one graph per block instead and needs
-`torch._dynamo.config.recompile_limit` above the depth.
+Precision. Under autocast the tokens leave the embedding in autocast's dtype (the CLS token and position
+embeddings are cast to it, as FSDP2's bf16 `param_dtype` casts them), and the residual stream stays there: every
+add, norm and matmul of a block moves 2-byte values. The LayerNorms keep their input's dtype (`LayerNorm`) with
+fp32 statistics; CUDA autocast would run them in fp32 and return fp32, the stream with them. So one process or
+DDP under autocast (fp32 master weights) and FSDP2 with bf16 parameters compute the same numbers.
+
+Stochastic depth is DINO's `drop_path` (facebookresearch/dino: vision_transformer.py): per image, block and
+residual branch, one uniform u, the branch kept when floor(keep + u) = 1 and then scaled by 1 / keep, so each
+block equals the un-dropped one in expectation. The scale is folded into the residual add (`torch.addcmul`, one
+kernel, which compile fuses further): nothing is gathered or copied, and every image goes through every branch.
+The per-row scales of all blocks come from one `torch.rand` at the start of the forward, laid out in the order in
+which the official per-resolution forward draws them, and enter each block as tensor arguments: the blocks hold
+no random state and no per-block constant, so all student blocks with drop path share one compiled graph, and an
+activation-checkpointed block recomputes with the same scales. The scale 1 / keep is rarely a bf16 number: a kept
+image gets one of its two neighbours in the stream's dtype, chosen from the same u with the probabilities that
+make the mean exactly 1 / keep (rounding it to the nearest would bias every branch by up to 0.4 % in bf16).
 """
+import contextlib
 import itertools
 import logging
-from functools import partial
-from typing import Callable
+import math
 
 import torch
 import torch.nn as nn
@@ -45,7 +51,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint
 
-from fastdino.engine.attention import BACKENDS, attention, attention_probs, select_attention_backend
+from fastdino.engine.attention import (BACKENDS, attention, attention_probs, select_attention_backend,
+                                       varlen_attention)
 from fastdino.engine.config import ARCHS
 
 logger = logging.getLogger(__name__)
@@ -58,33 +65,59 @@ Layout = tuple[tuple[int, int], ...]
 MODELS = {f"{arch}_patch{patch}": dict(patch_size=patch, **size) for arch, size in ARCHS.items() for patch in (16, 8)}
 
 
-def drop_add_residual(
-    x: torch.Tensor,
-    layout: Layout,
-    keep: tuple[int, ...],
-    branch: Callable[[torch.Tensor, Layout], torch.Tensor],
-) -> torch.Tensor:
-    """x + branch(x) with stochastic depth that skips the dropped images' compute.
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """torch.autocast's compute dtype on `device` when autocast is on there, else None (also for the meta device)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
-    For each group of `layout`, a random subset of keep[g] of its B images goes through `branch` (a function of
-    packed tokens and their layout); their output is added back scaled by B / keep[g], so the result equals
-    x + branch(x) in expectation. The other images' tokens pass through unchanged.
-    """
-    rows, kept_layout, offset = [], [], 0
-    for (b, n), k in zip(layout, keep):
-        images = torch.randperm(b, device=x.device)[:k]  # (kept,)
-        tokens = torch.arange(n, device=x.device)
-        rows.append((offset + images[:, None] * n + tokens).flatten())  # (kept*N,) row indices into x
-        kept_layout.append((k, n))
-        offset += b * n
-    out = branch(x.index_select(0, torch.cat(rows)), tuple(kept_layout))  # (sum kept*N, D)
-    for group_rows, group_out, (b, _), k in zip(rows, out.split([k * n for k, n in kept_layout]), layout, keep):
-        x = x.index_add(0, group_rows, group_out.to(x.dtype), alpha=b / k)
-    return x
+
+def without_autocast(device: torch.device):
+    """A context in which autocast is off on `device` (a no-op where it is not on)."""
+    return torch.autocast(device.type, enabled=False) if autocast_dtype(device) else contextlib.nullcontext()
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm in its input's dtype, also under autocast: statistics in fp32 (the CPU and CUDA kernels
+    accumulate bf16/fp16 inputs in fp32), weight and bias cast to the input's dtype as FSDP2's param_dtype casts
+    them, output in the input's dtype. (CUDA autocast runs layer_norm in fp32 and returns fp32; CPU autocast
+    leaves it to its input's dtype.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with without_autocast(x.device):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def residual_add(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x + branch, the branch scaled per row by `scale` (T, 1) for stochastic depth: one kernel either way."""
+    return x + branch if scale is None else torch.addcmul(x, branch, scale)
+
+
+def drop_path_constants(keep: list[float], dtype: torch.dtype, device=None) -> tuple[torch.Tensor, ...]:
+    """For keep probabilities keep[s]: (keep, cut, lo, hi), each (S, 1), for `drop_path_scales`. lo <= 1/keep < hi
+    are neighbours in `dtype` (lo = 1/keep when it is exact); a kept sample takes hi when u >= cut, which happens with
+    probability keep * p, p = (1/keep - lo) / (hi - lo), so that a scale's mean is keep * (lo + p (hi - lo)) = 1."""
+    inverse = 1 / torch.tensor(keep, dtype=torch.float64)
+    lo = inverse.to(dtype)
+    lo = torch.where(lo.double() > inverse, torch.nextafter(lo, torch.zeros_like(lo)), lo)
+    hi = torch.nextafter(lo, torch.full_like(lo, math.inf))
+    p_hi = (inverse - lo.double()) / (hi.double() - lo.double())
+    cut = 1 - torch.tensor(keep, dtype=torch.float64) * p_hi
+    keep32, cut32 = torch.tensor(keep, dtype=torch.float32), cut.float()
+    return tuple(t[:, None].to(device) for t in (keep32, cut32, lo, hi))
+
+
+def drop_path_scales(draws: torch.Tensor, keep: torch.Tensor, cut: torch.Tensor, lo: torch.Tensor,
+                     hi: torch.Tensor) -> torch.Tensor:
+    """Stochastic-depth scales (S, n) from uniform draws (S, n) in [0, 1): 0 where DINO's drop_path drops
+    (floor(keep + u) = 0, in fp32 as it computes it), else lo or hi (`drop_path_constants`), in their dtype."""
+    kept = draws + keep >= 1  # (S, n)
+    return torch.where(kept, torch.where(draws >= cut, hi, lo), 0)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over packed tokens, one dense attention call per resolution group."""
+    """Multi-head self-attention over packed tokens: one dense attention call per resolution group, or one
+    variable-length call over all of them (backend "varlen")."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -102,6 +135,8 @@ class Attention(nn.Module):
         return [g.view(b, n, 3, self.num_heads, self.head_dim).unbind(2) for (b, n), g in zip(layout, groups)]
 
     def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa") -> torch.Tensor:
+        if backend == "varlen":  # one call over every image of every group
+            return self.proj(varlen_attention(self.qkv(x), layout, self.num_heads))  # (T, D)
         outs = [attention(q, k, v, backend).flatten(0, 1).flatten(1) for q, k, v in self._qkv(x, layout)]
         return self.proj(torch.cat(outs) if len(outs) > 1 else outs[0])  # (T, D)
 
@@ -124,43 +159,31 @@ class Block(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        self.drop_path = drop_path
+        self.drop_path = drop_path  # the rate; VisionTransformer draws the scales (`drop_path_scales`)
         self.checkpointed = False  # activation checkpointing, set by VisionTransformer.checkpoint_blocks
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
+        self.norm1 = LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
+        self.norm2 = LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), device=device, dtype=dtype)
 
-    def _attn_branch(self, x: torch.Tensor, layout: Layout, backend: str) -> torch.Tensor:
-        return self.attn(self.norm1(x), layout, backend)
-
-    def _mlp_branch(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        return self.mlp(self.norm2(x))
-
-    def kept_images(self, layout: Layout) -> tuple[int, ...] | None:
-        """Per group, how many images go through the residual branches: int(B * (1 - drop_path)), at least 1,
-        in training with stochastic depth; None (all of them) otherwise."""
-        if not (self.training and self.drop_path > 0):
-            return None
-        return tuple(max(int(b * (1.0 - self.drop_path)), 1) for b, _ in layout)
-
     def forward(
-        self, x: torch.Tensor, layout: Layout, backend: str = "sdpa", keep: tuple[int, ...] | None = None
+        self,
+        x: torch.Tensor,
+        layout: Layout,
+        backend: str = "sdpa",
+        drop_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Packed tokens (T, D) -> (T, D). `keep` is `kept_images(layout)`, computed by the caller: as integer
-        arguments the counts become dynamic under torch.compile, so blocks with different drop-path rates
-        share one graph (float and int module attributes are specialised: one graph per block)."""
+        """Packed tokens (T, D) -> (T, D). `drop_scales`: the stochastic-depth scales (T, 1) of the attention and
+        the MLP branch (VisionTransformer draws them), None for no drop path."""
         if self.checkpointed and torch.is_grad_enabled():
-            # Backward reruns the block with the RNG state of this forward, so it drops the same images.
-            return checkpoint(self._forward, x, layout, backend, keep, use_reentrant=False)
-        return self._forward(x, layout, backend, keep)
+            return checkpoint(self._forward, x, layout, backend, drop_scales, use_reentrant=False)
+        return self._forward(x, layout, backend, drop_scales)
 
-    def _forward(self, x: torch.Tensor, layout: Layout, backend: str, keep: tuple[int, ...] | None) -> torch.Tensor:
-        if keep is not None:
-            x = drop_add_residual(x, layout, keep, partial(self._attn_branch, backend=backend))
-            return drop_add_residual(x, layout, keep, self._mlp_branch)
-        x = x + self._attn_branch(x, layout, backend)
-        return x + self._mlp_branch(x, layout)
+    def _forward(self, x: torch.Tensor, layout: Layout, backend: str,
+                 drop_scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        attn_scale, mlp_scale = drop_scales if drop_scales is not None else (None, None)
+        x = residual_add(x, self.attn(self.norm1(x), layout, backend), attn_scale)
+        return residual_add(x, self.mlp(self.norm2(x)), mlp_scale)
 
 
 POS_EMBED_RESAMPLERS = ("timm", "dino")
@@ -223,13 +246,14 @@ class VisionTransformer(nn.Module):
         )
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
         self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + 1, embed_dim, **dd))
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # DINO: linear in depth
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # DINO's rates, linear in depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rate, **dd) for rate in rates
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
+        self.norm = LayerNorm(embed_dim, eps=1e-6, **dd)
         self._pos_interp: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # grid -> (h*w, h0*w0) weights
         self._backend: dict[tuple[torch.device, torch.dtype], str] = {}  # resolved attention backend
+        self._drop_constants: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (keep, dtype, device) -> drop_path_constants
 
     def init_weights(self) -> None:
         """DINO's initialisation: trunc-normal(std .02) pos_embed, cls_token and Linear weights, zero biases,
@@ -256,48 +280,86 @@ class VisionTransformer(nn.Module):
         """Parameters excluded from weight decay by name (timm's convention); DINO also exempts biases and norms."""
         return {"pos_embed", "cls_token"}
 
-    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """Position embeddings for an h x w patch grid, (1, 1 + h*w, D)."""
+    def _pos_embed(self, pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Position embeddings `pos` (1, 1 + h0*w0, D) for an h x w patch grid, (1, 1 + h*w, D); resampled in fp32,
+        returned in pos's dtype."""
         h0, w0 = self.patch_embed.grid_size
         if (h, w) == (h0, w0):
-            return self.pos_embed
-        key = (h, w, self.pos_embed.device)
+            return pos
+        key = (h, w, pos.device)
         if key not in self._pos_interp:
-            self._pos_interp[key] = pos_embed_weights(h0, w0, h, w, self.pos_embed_resample, self.pos_embed.device)
-        patch_pos = self._pos_interp[key] @ self.pos_embed[0, 1:].float()  # (h*w, D)
-        return torch.cat([self.pos_embed[:, :1], patch_pos[None].to(self.pos_embed.dtype)], dim=1)
+            self._pos_interp[key] = pos_embed_weights(h0, w0, h, w, self.pos_embed_resample, pos.device)
+        with without_autocast(pos.device):
+            patch_pos = self._pos_interp[key] @ pos[0, 1:].float()  # (h*w, D)
+        return torch.cat([pos[:, :1], patch_pos[None].to(pos.dtype)], dim=1)
 
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+    def _embed(self, images: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, N, D), N = 1 + (H/p)(W/p), CLS first, position embeddings added."""
         x = self.patch_embed(images)  # (B, h, w, D)
         b, h, w, d = x.shape
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1)  # (B, N, D)
-        return x + self._pos_embed(h, w)
+        x = torch.cat([cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1)  # (B, N, D)
+        return x + self._pos_embed(pos_embed, h, w)
 
     def _tokens(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, Layout, str]:
-        """Packed tokens (T, D) of consecutive same-resolution crop groups, their layout, the attention backend."""
+        """Packed tokens (T, D) of consecutive same-resolution crop groups, their layout, the attention backend.
+
+        The tokens are in the compute dtype: autocast's, else the parameters'. The CLS token and position embeddings
+        are cast to it once for all groups, so their gradients add up in that dtype, as they do from FSDP2's
+        param_dtype copies (and as autocast's cached casts of the patch embedding's weights do)."""
         if not crops:
             raise ValueError("forward needs at least one crop, got an empty list")
+        dtype = autocast_dtype(crops[0].device) or self.pos_embed.dtype
+        cls_token, pos_embed = self.cls_token.to(dtype), self.pos_embed.to(dtype)
         groups = [list(g) for _, g in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
-        embedded = [self._embed(torch.cat(g) if len(g) > 1 else g[0]) for g in groups]  # each (B, N, D)
+        embedded = [self._embed(torch.cat(g) if len(g) > 1 else g[0], cls_token, pos_embed) for g in groups]
         tokens = torch.cat([e.flatten(0, 1) for e in embedded])  # (T, D)
-        return tokens, tuple((e.shape[0], e.shape[1]) for e in embedded), self._attention_backend(tokens)
+        layout = tuple((e.shape[0], e.shape[1]) for e in embedded)
+        return tokens, layout, self._attention_backend(tokens, layout)
 
-    def _attention_backend(self, tokens: torch.Tensor) -> str:
-        """The backend for this device and compute dtype, selected (and logged) the first time they are seen."""
-        device = tokens.device
-        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if autocast else tokens.dtype
+    def drop_scales(self, tokens: torch.Tensor, layout: Layout) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per block, the stochastic-depth scales (T, 1) of its attention and MLP branches for packed `tokens`
+        (T, D), in their dtype (`drop_path_scales`), or None: in eval mode, and for blocks of rate 0.
+
+        One uniform per image, block with drop path and branch, from one torch.rand laid out as the official code
+        draws them: its MultiCropWrapper runs the backbone once per resolution group, where each block draws one
+        per image of the group for its attention branch, then one per image for its MLP branch. (On the CPU, one
+        torch.rand of n + m values gives the numbers of torch.rand(n) then torch.rand(m).)
+        """
+        dropping = [i for i, block in enumerate(self.blocks) if self.training and block.drop_path > 0]
+        scales: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
+        if not dropping:
+            return scales
+        keep = [1 - self.blocks[i].drop_path for i in dropping for _ in ("attn", "mlp")]
+        key = (tuple(keep), tokens.dtype, tokens.device)
+        if key not in self._drop_constants:
+            self._drop_constants[key] = drop_path_constants(keep, tokens.dtype, tokens.device)
+        images = [b for b, _ in layout]
+        draws = torch.rand(len(keep) * sum(images), device=tokens.device).split([len(keep) * b for b in images])
+        draws = torch.cat([d.view(len(keep), -1) for d in draws], dim=1)  # (S, sum B), S = 2 * len(dropping)
+        per_image = drop_path_scales(draws, *self._drop_constants[key]).split(images, dim=1)
+        per_row = torch.cat([s[:, :, None].expand(-1, b, n).reshape(len(keep), b * n)
+                             for s, (b, n) in zip(per_image, layout)], dim=1)  # (S, T)
+        rows = per_row[:, :, None].unbind(0)  # S x (T, 1)
+        for j, i in enumerate(dropping):
+            scales[i] = rows[2 * j], rows[2 * j + 1]
+        return scales
+
+    def _attention_backend(self, tokens: torch.Tensor, layout: Layout) -> str:
+        """The backend for the tokens' device and dtype (the compute dtype), selected (and logged, with the SDPA
+        kernel of the largest group of `layout`) the first time they are seen."""
+        device, dtype = tokens.device, tokens.dtype
         if (device, dtype) not in self._backend:
             head_dim = self.embed_dim // self.num_heads
-            self._backend[device, dtype] = select_attention_backend(self.attention, device, dtype, head_dim)[0]
+            b, n = max(layout, key=lambda group: group[0] * group[1] ** 2)  # the most attention work
+            self._backend[device, dtype] = select_attention_backend(
+                self.attention, device, dtype, head_dim, shape=(b, n, self.num_heads, head_dim))[0]
         return self._backend[device, dtype]
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Final-norm CLS features (sum of the crops' batch sizes, D), in crop order."""
         tokens, layout, backend = self._tokens([x] if isinstance(x, torch.Tensor) else list(x))
-        for block in self.blocks:
-            tokens = block(tokens, layout, backend, block.kept_images(layout))
+        for block, scales in zip(self.blocks, self.drop_scales(tokens, layout)):
+            tokens = block(tokens, layout, backend, scales)
         groups = tokens.split([b * n for b, n in layout])
         cls = torch.cat([g.view(b, n, -1)[:, 0] for (b, n), g in zip(layout, groups)])  # (sum B, D)
         return self.norm(cls)  # LayerNorm is per token: norming only the CLS rows gives the same and is cheaper
@@ -306,8 +368,8 @@ class VisionTransformer(nn.Module):
         """Final-normed tokens (B, N, D) after each of the last n blocks, as in DINO's evaluation code."""
         tokens, layout, backend = self._tokens([x])
         outputs = []
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, layout, backend, block.kept_images(layout))
+        for i, (block, scales) in enumerate(zip(self.blocks, self.drop_scales(tokens, layout))):
+            tokens = block(tokens, layout, backend, scales)
             if i >= len(self.blocks) - n:
                 outputs.append(self.norm(tokens).view(*layout[0], -1))  # (B, N, D)
         return outputs
@@ -318,7 +380,7 @@ class VisionTransformer(nn.Module):
             raise RuntimeError("get_last_self_attention needs eval mode (drop path is random): call .eval() first")
         tokens, layout, backend = self._tokens([x])
         for block in self.blocks[:-1]:
-            tokens = block(tokens, layout, backend, block.kept_images(layout))
+            tokens = block(tokens, layout, backend)
         last = self.blocks[-1]
         return last.attn.attention_weights(last.norm1(tokens), layout)[0]
 

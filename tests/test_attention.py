@@ -1,8 +1,11 @@
-"""Attention backends: SDPA against the explicit softmax reference, and the backend selection logic.
+"""Attention backends: SDPA against the explicit softmax reference, the backend selection logic, and which SDPA
+kernel runs.
 
 xformers has no CPU operator (and is not installed here), so its paths are exercised with stand-in modules:
 one whose operator is missing ("No operator found", as on the project's H100 machine), one whose backward
-is missing, and one that works.
+is missing, and one that works. torch's varlen_attn has no CPU kernel either: its wiring (one call over all
+crops, the sequence offsets) is checked with a stand-in that computes each sequence with the reference, and its
+kernel on the GPU by tests/test_cuda.py.
 """
 import logging
 import sys
@@ -10,9 +13,12 @@ import types
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import assert_close
-from fastdino.engine.attention import attention, attention_probs, select_attention_backend
+from fastdino.engine import attention as attention_module
+from fastdino.engine.attention import attention, attention_probs, select_attention_backend, sequence_offsets
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4), torch.bfloat16: dict(atol=5e-3, rtol=5e-2)}
 
@@ -103,3 +109,114 @@ def test_explicit_sdpa_never_probes_xformers(monkeypatch):
 def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="'flash'"):
         select_attention_backend("flash")
+
+
+class SDPAKernels(TorchDispatchMode):
+    """Records the attention kernels that run, forward and backward, by their aten op names: "cudnn", "flash",
+    "efficient", "varlen" (torch's custom op), or "math" (SDPA's math path decomposes into a softmax)."""
+
+    KERNELS = {"_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_flash_attention": "flash",
+               "_scaled_dot_product_flash_attention_for_cpu": "flash",
+               "_scaled_dot_product_efficient_attention": "efficient", "_varlen_attn": "varlen",
+               "_softmax": "math", "_safe_softmax": "math"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []  # (kernel, "forward" | "backward")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        base = name.removesuffix("_backward")
+        if base in self.KERNELS:
+            self.seen.append((self.KERNELS[base], "backward" if base != name else "forward"))
+        return func(*args, **(kwargs or {}))
+
+
+def test_selection_names_the_sdpa_kernel_that_runs(caplog):
+    """The logged reason names the kernel SDPA dispatches to for the given shape, and that kernel is the one that
+    runs forward and backward (on the CPU: its fused flash kernel)."""
+    shape = (2, 17, 3, 16)  # (B, N, H, hd)
+    with caplog.at_level(logging.INFO, logger="fastdino.engine.attention"):
+        name, reason = select_attention_backend("sdpa", "cpu", torch.float32, 16, shape=shape)
+    assert name == "sdpa" and len(caplog.records) == 1 and reason in caplog.records[0].getMessage()
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    with SDPAKernels() as kernels:
+        attention(q, k, v, name).sum().backward()
+    ran = {kernel for kernel, _ in kernels.seen}
+    assert len(ran) == 1 and f"kernel {ran.pop()} for (B, N, H, hd) = {shape}" in reason
+    assert {phase for _, phase in kernels.seen} == {"forward", "backward"}
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "sdpa:cudnn,flash,efficient,math"), ((8, 0), "sdpa"),
+                                                  ((10, 0), "sdpa")])
+def test_cudnn_comes_first_on_hopper_only(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert attention_module._sdpa_backend(torch.device("cuda", 0)) == expected
+    assert attention_module._sdpa_backend(torch.device("cpu")) == "sdpa"
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):  # a caller's restriction stays
+        restricted = attention_module._sdpa_backend(torch.device("cuda", 0))
+    assert restricted == ("sdpa:flash,efficient" if capability == (9, 0) else "sdpa")
+
+
+def test_a_priority_backend_runs_its_kernels_in_order():
+    """A resolved "sdpa:..." backend only orders SDPA's kernels: where cuDNN cannot run (the CPU), the next one
+    does, and a list without it runs what it names (math here)."""
+    q, k, v = (torch.randn(2, 9, 3, 8, requires_grad=True) for _ in range(3))
+    expected = _reference(q, k, v)
+    for backend, kernel in (("sdpa:cudnn,flash,efficient,math", "flash"), ("sdpa:math", "math")):
+        with SDPAKernels() as kernels:
+            out = attention(q, k, v, backend)
+        assert {name for name, _ in kernels.seen} == {kernel}, backend
+        assert_close(out, expected, **TOL[torch.float32], name=backend)
+
+
+def test_varlen_is_explicit_only_and_says_why_it_cannot_run():
+    assert select_attention_backend("auto", "cpu", torch.float32)[0] == "sdpa"
+    with pytest.raises(ValueError, match="attention='varlen' is unavailable: torch varlen_attn does not run on cpu"):
+        select_attention_backend("varlen", "cpu", torch.float32)
+
+
+def test_sequence_offsets_of_a_packed_layout():
+    assert sequence_offsets(((2, 5), (3, 2)), torch.device("cpu")).tolist() == [0, 5, 10, 12, 14, 16]
+    assert sequence_offsets(((2, 5), (3, 2)), torch.device("cpu")).dtype == torch.int32
+
+
+def _install_fake_varlen(monkeypatch, calls: list):
+    """torch.nn.attention.varlen with a varlen_attn that attends within each sequence by the reference."""
+
+    def varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k):  # (T, H, hd) each
+        calls.append((tuple(q.shape), cu_seq_q.tolist(), max_q))
+        assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+        bounds = cu_seq_q.tolist()
+        return torch.cat([_reference(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(bounds, bounds[1:])])
+
+    module = types.ModuleType("torch.nn.attention.varlen")
+    module.varlen_attn = varlen_attn
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", module)
+
+
+def test_varlen_backend_is_one_call_per_block_equal_to_per_group_sdpa(monkeypatch):
+    """With a working varlen_attn, attention="varlen" runs one call per block over every image of every group, with
+    the images' offsets, and gives the per-group SDPA model's features and gradients."""
+    from fastdino.engine.vit import VisionTransformer
+
+    calls = []
+    _install_fake_varlen(monkeypatch, calls)
+    models = {}
+    for backend in ("sdpa", "varlen"):
+        torch.manual_seed(0)
+        models[backend] = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                            attention=backend)
+        models[backend].init_weights()
+    crops = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    outputs = {}
+    for backend, model in models.items():
+        out = model(crops)
+        out.square().sum().backward()
+        outputs[backend] = out
+    layout_offsets = sequence_offsets(((6, 17), (2, 5)), torch.device("cpu")).tolist()
+    assert calls[1:] == [((6 * 17 + 2 * 5, 2, 16), layout_offsets, 17)] * 2  # calls[0]: the probe
+    assert_close(outputs["varlen"], outputs["sdpa"], **TOL[torch.float32], name="varlen features")
+    for (name, p), q in zip(models["varlen"].named_parameters(), models["sdpa"].parameters()):
+        assert_close(p.grad, q.grad, **TOL[torch.float32], name=f"varlen grad {name}")

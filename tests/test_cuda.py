@@ -1,5 +1,6 @@
 """The training step where it only runs on a GPU: bf16 on CUDA in one process and under FSDP2 on one NCCL rank,
-per-block torch.compile on CUDA, and SDPA's fused backends for the model's attention (never the math path).
+per-block torch.compile on CUDA, SDPA's fused backends for the model's attention (never the math path; cuDNN on
+Hopper), torch's varlen attention, and the bf16 residual stream under CUDA autocast.
 
 Every test marked `gpu` here is named in benchmarks/gpu_check.py, which runs them whenever a GPU is lent. The
 FSDP2-on-one-rank test also runs on the CPU (gloo), so CI checks everything but the device.
@@ -149,3 +150,75 @@ def test_model_attention_never_takes_the_math_path_on_cuda():
         features.float().square().sum().backward()
     assert features.shape == (16, model.embed_dim) and torch.isfinite(features).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _vit_s16_step(attention: str, *, depth: int = 1):
+    """A ViT-S/16 (`depth` blocks, stochastic depth on) forward + backward under bf16 autocast on 2 global 224² and
+    2 local 96² crops of 4 images (attention over 197 and 37 tokens): the model, its features, the kernels run."""
+    from test_attention import SDPAKernels
+
+    from fastdino.engine.vit import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16", depth=depth, drop_path_rate=0.1, attention=attention).cuda()
+    crops = [torch.randn(4, 3, s, s, device="cuda") for s in (224, 224, 96, 96)]
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        model.eval()(crops)  # the backend is selected (its probes run) outside the recorded step
+    model.train()
+    torch.manual_seed(1)
+    with SDPAKernels() as kernels, torch.autocast("cuda", torch.bfloat16):
+        features = model(crops)
+        features.float().square().sum().backward()
+    return model, features, kernels.seen
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_vit_s16_attention_runs_cudnn_on_hopper():
+    """On an H100/H200 the model's SDPA attention runs cuDNN's kernel for ViT-S/16's global and local crops, forward
+    and backward, and the selection says so."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"not a Hopper GPU: {torch.cuda.get_device_name()}")
+    model, features, seen = _vit_s16_step("sdpa")
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert model._backend[device, torch.bfloat16] == "sdpa:cudnn,flash,efficient,math"
+    assert seen == [("cudnn", "forward")] * 2 + [("cudnn", "backward")] * 2, seen  # 2 groups
+    assert torch.isfinite(features).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_varlen_attention_runs_one_call_and_matches_sdpa():
+    """attention="varlen": one varlen_attn call per block over both groups, forward and backward, with the features
+    and gradients of the per-group SDPA model (bf16: kernels accumulate in another order)."""
+    reference, expected, _ = _vit_s16_step("sdpa", depth=2)
+    model, features, seen = _vit_s16_step("varlen", depth=2)
+    assert seen == [("varlen", "forward")] * 2 + [("varlen", "backward")] * 2, seen
+    assert_close(features.float(), expected.float(), atol=5e-3, rtol=5e-2, name="varlen features")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        scale = q.grad.abs().max().item()
+        assert_close(p.grad, q.grad, atol=5e-2 * scale, rtol=5e-2, name=f"varlen grad {name}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_residual_stream_is_bf16_under_cuda_autocast():
+    """CUDA autocast runs layer_norm in fp32 and returns fp32; the model's LayerNorms do not, so every block takes
+    and returns bf16, and the features equal a bf16-parameter model's (FSDP2's numerics) bit for bit."""
+    from fastdino.engine.vit import create_model
+
+    model = create_model("vit_small_patch16", depth=2, drop_path_rate=0.1).cuda()
+    low = create_model("vit_small_patch16", depth=2, drop_path_rate=0.1).cuda()
+    low.load_state_dict(model.state_dict())
+    low.to(torch.bfloat16)
+    crops = [torch.randn(4, 3, s, s, device="cuda") for s in (224, 224, 96, 96)]
+    dtypes = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, args, out: dtypes.append((args[0].dtype, out.dtype)))
+    torch.manual_seed(0)
+    with torch.autocast("cuda", torch.bfloat16):
+        features = model(crops)
+    torch.manual_seed(0)
+    expected = low([c.bfloat16() for c in crops])
+    assert dtypes == [(torch.bfloat16, torch.bfloat16)] * 2 and features.dtype == torch.bfloat16
+    assert torch.equal(features, expected)

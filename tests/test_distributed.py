@@ -1,6 +1,7 @@
 """2 gloo processes (FSDP2, then DDP, also with loss.fused_head) against 1 process on the same global batches: same
 losses, same student and teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close
-to it, and in fp16 skipping overflows alike on every rank; FSDP2 with compiled blocks, head and loss and checkpointed
+to it, with the backbone's numbers of DDP and one process under bf16 autocast, and in fp16 skipping overflows alike
+on every rank; FSDP2 with compiled blocks, head and loss and checkpointed
 blocks equal to it; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the uninterrupted one."""
 import dataclasses
 import json
@@ -72,6 +73,30 @@ def full_states(trainer) -> dict:
             "teacher": get_model_state_dict(trainer.teacher, options=options)}
 
 
+def bf16_backbones(cfg, mesh, crops: list[torch.Tensor], rank: int) -> dict:
+    """Per mode (one process, DDP, FSDP2) in bf16 with stochastic depth: the student backbone's features in a first
+    step on this rank's slice of `crops` (all ranks' gathered, as fp32), and the dtypes in and out of each block."""
+    results = {}
+    for mode in ("single", "ddp", "fsdp"):
+        parallel = dataclasses.replace(cfg.parallel, mode=mode, precision="bf16")
+        model = dataclasses.replace(cfg.model, drop_path_rate=0.2)
+        trainer = make_trainer(dataclasses.replace(cfg, parallel=parallel, model=model),
+                               mesh=None if mode == "single" else mesh)
+        backbone, seen = trainer.model.backbone, []
+        hooks = [block.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+                 for block in backbone.blocks]
+        hooks.append(backbone.register_forward_hook(lambda mod, args, out: seen.append(out.detach().float())))
+        torch.manual_seed(100 + rank)  # every mode draws the same stochastic depth
+        trainer.train_step(rank_slice(crops, rank, WORLD))
+        for hook in hooks:
+            hook.remove()
+        *block_dtypes, features = seen
+        gathered = [torch.zeros_like(features) for _ in range(WORLD)]
+        dist.all_gather(gathered, features)
+        results[mode] = {"features": torch.cat(gathered), "block_dtypes": block_dtypes}
+    return results
+
+
 def _compiled_trainer(cfg, mesh):
     """An FSDP2 trainer with model.compile=true and activation checkpointing on every block. Backend aot_eager:
     dynamo and AOTAutograd (graph breaks, FSDP2's hooks around the compiled forwards) without inductor's C++ builds,
@@ -108,6 +133,7 @@ def _worker(rank: int, store_path: str, out_dir: str):
         bf16 = make_trainer(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision="bf16")),
                             mesh=mesh)
         results["fsdp_bf16"] = {"losses": run_steps(bf16, batches, rank, WORLD), **full_states(bf16)}
+        results["bf16_backbones"] = bf16_backbones(cfg, mesh, batches[0], rank)
         fp16 = make_trainer(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, precision="fp16")),
                             mesh=mesh)
         fp16.loss_scale.scale.fill_(FP16_INIT_SCALE)
@@ -214,6 +240,18 @@ def test_bf16_mixed_precision_under_fsdp2(distributed_results, single_results):
     assert_close(actual, expected, rtol=3e-2, atol=0, name="bf16 losses")
     for model in ("student", "teacher"):
         assert {v.dtype for v in bf16[model].values()} == {torch.float32}, model
+
+
+@pytest.mark.slow
+def test_bf16_backbone_computes_the_same_in_every_mode(distributed_results):
+    """bf16 with stochastic depth: one process and DDP (autocast over fp32 weights) and FSDP2 (bf16 parameters, no
+    autocast) give the same backbone features bit for bit, with the residual stream in bf16 through every block."""
+    runs = distributed_results[0]["bf16_backbones"]
+    for mode, run in runs.items():
+        assert run["block_dtypes"] == [(torch.bfloat16, torch.bfloat16)] * 2, mode
+        assert torch.isfinite(run["features"]).all(), mode
+    assert torch.equal(runs["ddp"]["features"], runs["single"]["features"])
+    assert torch.equal(runs["fsdp"]["features"], runs["single"]["features"])
 
 
 @pytest.mark.slow

@@ -89,14 +89,15 @@ def test_vit_gives_fastdino_cls_features(resample):
 def paper_preset() -> C.TrainConfig:
     """The paper preset `vit_small16_imagenet` as shipped (per-tensor clipping at 3.0, the teacher temperature's
     30-epoch warmup moving once per epoch, the last layer frozen for epoch 0, 100 epochs, its lr, weight decay and
-    momentum schedules), only smaller: a tiny ViT on 32/16-px crops, K=64, batch 4. Stochastic depth is off, as
-    its random masks are drawn in another order by the official per-resolution forward; precision is fp32."""
+    momentum schedules, stochastic depth at 0.1), only smaller: a tiny ViT on 32/16-px crops, K=64, batch 4;
+    precision is fp32."""
     cfg = C.apply_overrides(C.vit_small16_imagenet(), overrides=[
         *(f"model.{k}={v}" for k, v in TINY_VIT.items()), "model.patch_size=8", "model.img_size=32",
-        "model.drop_path_rate=0.0", "head.out_dim=64", "head.hidden_dim=48", "head.bottleneck_dim=16",
+        "head.out_dim=64", "head.hidden_dim=48", "head.bottleneck_dim=16",
         "data.batch_size=4", "data.global_crops_size=32", "data.local_crops_number=2", "data.local_crops_size=16",
         "parallel.precision=fp32"])
     o, lo = cfg.optim, cfg.loss
+    assert cfg.model.drop_path_rate == 0.1
     assert (o.clip_grad, o.clip_grad_mode, o.freeze_last_layer_epochs) == (3.0, "per_tensor", 1)
     assert (lo.warmup_teacher_temp, lo.teacher_temp, lo.warmup_teacher_temp_epochs, lo.teacher_temp_schedule) == (
         0.04, 0.07, 30, "per_epoch")
@@ -120,7 +121,8 @@ def test_paper_preset_step_is_the_official_step(bench_e2e, monkeypatch):
     """6 steps over 3 epochs of 2 steps: the official train_one_epoch step and fastdino's Trainer step give the same
     loss, the same gradients to the optimizer (clipped per tensor, the last layer's dropped in epoch 0), the same
     center, and the same student and teacher. The teacher temperature changes at each epoch, and clipping scales
-    some tensors and leaves others."""
+    some tensors and leaves others. Stochastic depth is on: both steps start from the same RNG state, and fastdino
+    draws the official per-resolution forward's uniforms in its order, so the same images are dropped."""
     cfg = paper_preset()
     steps_per_epoch, steps = 2, 6
     trainer = Trainer(cfg, steps_per_epoch, device=torch.device("cpu"))
@@ -134,12 +136,23 @@ def test_paper_preset_step_is_the_official_step(bench_e2e, monkeypatch):
     official_norms = []  # the per-tensor norms official clip_gradients measured, per step
     clip_gradients = od.clip_gradients
     monkeypatch.setattr(od, "clip_gradients", lambda *a: official_norms.append(clip_gradients(*a)))
+    official_drops = []  # per official drop_path call: the number of samples it dropped
+    drop_path = od.drop_path
+
+    def counting_drop_path(x, drop_prob=0.0, training=False):
+        out = drop_path(x, drop_prob, training)
+        official_drops.append(int((out.flatten(1) == 0).all(1).sum()))
+        return out
+
+    monkeypatch.setattr(od, "drop_path", counting_drop_path)
 
     d = cfg.data
     sizes = [d.global_crops_size] * 2 + [d.local_crops_size] * d.local_crops_number
     for it in range(steps):
         crops = [torch.randn(d.batch_size, 3, s, s) for s in sizes]
+        rng = torch.get_rng_state()
         loss_official = od.train_step(run, crops, it, epoch=it // steps_per_epoch)
+        torch.set_rng_state(rng)
         trainer.train_step(crops)
         loss_ours = trainer.stats.read()["loss"]
         assert loss_ours == pytest.approx(loss_official, rel=1e-5), f"loss of step {it}"
@@ -153,6 +166,8 @@ def test_paper_preset_step_is_the_official_step(bench_e2e, monkeypatch):
                 assert_close(ours[name], grad, **TOL[torch.float32], name=f"step {it} gradient of {name}")
         assert_close(trainer.loss_fn.center, run.dino_loss.center, **TOL[torch.float32], name=f"step {it} center")
 
+    # 2 blocks (rates 0 and 0.1) and 2 resolution groups of 8 images: 2 draws of 8 per group and step
+    assert len(official_drops) == 4 * steps and 0 < sum(official_drops) < 8 * len(official_drops) / 2
     temps = [trainer.schedules.at(it).teacher_temp for it in range(steps)]
     assert temps[0] == temps[1] == 0.04 < temps[2] == temps[3] < temps[4] == temps[5]
     for it, norms in enumerate(official_norms):
@@ -211,5 +226,5 @@ def test_dino_resampling_is_the_official_interpolate_pos_encoding(patch, native,
     n = crop // patch
     tokens = torch.zeros(1, 1 + n * n, TINY_VIT["embed_dim"])
     with torch.no_grad():
-        assert_close(ours._pos_embed(n, n), official.interpolate_pos_encoding(tokens, crop, crop),
+        assert_close(ours._pos_embed(ours.pos_embed, n, n), official.interpolate_pos_encoding(tokens, crop, crop),
                      **TOL[torch.float32], name=f"position embeddings {native // patch} -> {n}")

@@ -1,4 +1,6 @@
 """ViT backbone: timm equivalence both ways, packed multi-crop forward, stochastic depth, meta build, compile."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,7 +9,8 @@ from torch._dynamo.utils import counters
 
 from _helpers import assert_close
 from fastdino.engine import vit as vit_module
-from fastdino.engine.vit import MODELS, Block, VisionTransformer, build_backbone, create_model, drop_add_residual
+from fastdino.engine.vit import (MODELS, Block, VisionTransformer, build_backbone, create_model, drop_path_constants,
+                                 drop_path_scales)
 
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=5e-4),
@@ -91,48 +94,103 @@ def test_drop_path_rate_zero_in_training_is_exact():
     assert torch.equal(train_out, model.eval()(crops))
 
 
-def test_drop_add_residual_skips_dropped_images_and_is_unbiased():
-    layout = ((5, 3), (4, 2))  # groups of (B images, N tokens)
-    x = torch.randn(5 * 3 + 4 * 2, 6)  # (T, D)
-    weight = torch.randn(6, 6)
+def _official_drop_path_masks(uniforms: torch.Tensor, keep: float) -> torch.Tensor:
+    """DINO's drop_path decision for uniforms u (fp32): floor(keep + u), as vision_transformer.py computes it."""
+    return (keep + uniforms).floor_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_drop_path_scales_drop_as_dino_with_mean_exactly_one(dtype):
+    """Over a fine grid of uniforms u (the expectation to ~1/n), the scales drop exactly where DINO's floor(keep + u)
+    is 0, take 1/keep's two neighbours in `dtype` elsewhere, and average to 1 per rate, in every dtype: rounding
+    1/keep to the nearest bf16 would be off by up to 4e-3, far above this grid's 1e-6 resolution."""
+    keep = [0.9, 0.95454545, 0.5, 0.7]  # DINO ViT-S rates 0.1 and 0.1 * 5/11; 1/0.5 is exact in every dtype
+    n = 2**18
+    grid = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).float()
+    boundary = torch.tensor([1 - k for k in keep], dtype=torch.float32)  # u at DINO's decision boundary ...
+    edges = torch.stack([torch.nextafter(boundary, torch.zeros(())), boundary, torch.nextafter(boundary,
+                                                                                               torch.ones(()))], 1)
+    draws = torch.cat([grid.expand(len(keep), n), edges], dim=1)  # (S, n + 3): ... and its fp32 neighbours
+    constants = drop_path_constants(keep, dtype)
+    scales = drop_path_scales(draws, *constants)  # (S, n + 3)
+    assert scales.dtype == dtype and scales.shape == draws.shape
+    _, _, lo, hi = constants
+    for s, k in enumerate(keep):
+        kept = _official_drop_path_masks(draws[s], k) == 1
+        assert torch.equal(scales[s] != 0, kept), f"keep {k}: not DINO's drop decision"
+        values = set(scales[s][kept].unique().tolist())
+        assert values <= {lo[s].item(), hi[s].item()} and lo[s].item() <= 1 / k < hi[s].item()
+        assert torch.nextafter(lo[s], torch.tensor(math.inf, dtype=dtype)) == hi[s], "lo, hi are not neighbours"
+        mean = scales[s, :n].double().mean().item()
+        assert mean == pytest.approx(1.0, abs=4 / n), f"keep {k}: mean scale {mean}"
+
+
+def test_training_drop_path_scales_are_per_image_and_off_in_eval():
+    """In training, each block with drop path gets two (T, 1) scales in the tokens' dtype, constant over each
+    image's tokens, random over images (a fraction near the rate dropped); block 0 (rate 0) and eval get None."""
+    model = _tiny(depth=3, drop_path_rate=0.4).train()  # rates 0, 0.2, 0.4
+    layout = ((300, 5), (500, 2))  # (B, N) per group
+    tokens = torch.empty(300 * 5 + 500 * 2, 32)  # (T, D)
+    torch.manual_seed(0)
+    scales = model.drop_scales(tokens, layout)
+    assert scales[0] is None and all(len(s) == 2 for s in scales[1:])
+    for block, rate in ((1, 0.2), (2, 0.4)):
+        for branch in scales[block]:
+            assert branch.shape == (300 * 5 + 500 * 2, 1)
+            groups = branch.split([300 * 5, 500 * 2])
+            per_image = [g.view(b, n) for g, (b, n) in zip(groups, layout)]
+            assert all(torch.equal(p, p[:, :1].expand_as(p)) for p in per_image), "scale varies within an image"
+            dropped = torch.cat([p[:, 0] for p in per_image]) == 0
+            # 800 images, binomial: 5 standard deviations of the dropped fraction
+            assert abs(dropped.float().mean().item() - rate) < 5 * math.sqrt(rate * (1 - rate) / 800), block
+    assert not torch.equal(scales[1][0], scales[1][1]) and not torch.equal(scales[1][0], scales[2][0])
+    torch.manual_seed(0)
+    again = model.drop_scales(tokens, layout)
+    assert all(torch.equal(a, b) for s, t in zip(scales[1:], again[1:]) for a, b in zip(s, t)), "not from the RNG"
+    assert model.eval().drop_scales(tokens, layout) == [None] * 3
+
+
+def test_block_with_drop_scales_is_the_scaled_residual():
+    """Block.forward with scales: x + s_attn * attn(norm1(x)), then + s_mlp * mlp(norm2(.)), row by row."""
+    block = _tiny(drop_path_rate=0.5).blocks[1].eval()
+    layout = ((3, 5), (2, 4))
+    x = torch.randn(3 * 5 + 2 * 4, 32)  # (T, D)
+    s_attn, s_mlp = torch.rand(x.shape[0], 1) * 2, torch.rand(x.shape[0], 1) * 2
+    h = x + s_attn * block.attn(block.norm1(x), layout)
+    expected = h + s_mlp * block.mlp(block.norm2(h))
+    assert_close(block(x, layout, "sdpa", (s_attn, s_mlp)), expected, **TOL[torch.float32], name="scaled block")
+
+
+def _block_dtypes(model: VisionTransformer) -> list:
     seen = []
-
-    def branch(tokens, kept_layout):
-        seen.append(kept_layout)
-        return tokens @ weight
-
-    dense = x + x @ weight  # the un-dropped residual
-    out = drop_add_residual(x, layout, (3, 2), branch)
-    assert seen == [((3, 3), (2, 2))]  # only the kept images are computed
-    offset = 0
-    for (b, n), keep in zip(layout, (3, 2)):
-        per_image = out[offset : offset + b * n].view(b, n, -1)
-        x_image = x[offset : offset + b * n].view(b, n, -1)
-        added = (per_image - x_image).abs().amax(dim=(1, 2)) > 0
-        assert int(added.sum()) == keep  # the others pass through untouched
-        scaled = x_image + (b / keep) * (x_image @ weight)
-        assert_close(per_image[added], scaled[added], **TOL[torch.float32], name="kept images")
-        offset += b * n
-    # In expectation the result is the un-dropped residual: 4000 draws, ~5 standard errors of tolerance.
-    mean = torch.stack([drop_add_residual(x, layout, (3, 2), lambda t, _: t @ weight) for _ in range(4000)]).mean(0)
-    assert_close(mean, dense, atol=0.1 * (x @ weight).abs().max().item(), rtol=0, name="expectation")
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+    return seen
 
 
-def test_kept_images_follow_the_drop_path_rate():
-    block = Block(32, 2, drop_path=0.4)
-    assert block.kept_images(((5, 3), (1, 2))) == (3, 1)  # int(B * 0.6), at least one
-    assert block.eval().kept_images(((5, 3),)) is None
-    assert Block(32, 2).kept_images(((5, 3),)) is None  # rate 0 in training: every image, no index ops
-
-
-def test_training_with_drop_path_runs_only_kept_images_through_blocks():
-    model = _tiny(drop_path_rate=0.5).train()
-    rows = []
-    model.blocks[-1].mlp.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
-    out = model(_crops(batch=4, n_local=2))
-    # last block: rate 0.5, global group (8 images x 17 tokens) keeps 4, local group (8 x 5) keeps 4
-    assert rows == [4 * 17 + 4 * 5]
-    assert out.shape == (4 * 4, 32) and torch.isfinite(out).all()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_residual_stream_equals_low_precision_parameters(dtype):
+    """Under autocast (fp32 weights, as one process and DDP train) the residual stream is in autocast's dtype from
+    the embedding on, and the features and every gradient are bit for bit those of the same model with parameters in
+    that dtype and no autocast (the numerics of FSDP2's param_dtype), stochastic depth included."""
+    autocast = _tiny(drop_path_rate=0.3, img_size=16, patch_size=4).train()
+    low = _tiny(drop_path_rate=0.3, img_size=16, patch_size=4).train()
+    low.load_state_dict(autocast.state_dict())
+    low.to(dtype)
+    crops = _crops(global_size=16, local_size=8, batch=3, n_local=2)  # native and resampled position embeddings
+    autocast_blocks, low_blocks = _block_dtypes(autocast), _block_dtypes(low)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=dtype):
+        features = autocast(crops)
+    torch.manual_seed(0)  # the same stochastic depth draws
+    expected = low([c.to(dtype) for c in crops])
+    assert autocast_blocks == low_blocks == [(dtype, dtype)] * len(autocast.blocks)
+    assert features.dtype == dtype and torch.equal(features, expected)
+    grad = torch.randn_like(features)
+    features.backward(grad)
+    expected.backward(grad)
+    for (name, p), q in zip(autocast.named_parameters(), low.parameters()):
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, q.grad.float()), name
 
 
 def test_last_self_attention_matches_timm_and_needs_eval():
@@ -203,9 +261,9 @@ def test_attention_backend_is_selected_once_per_device_and_dtype(monkeypatch):
     calls = []
     real = vit_module.select_attention_backend
 
-    def counting(*args):
-        calls.append(args)
-        return real(*args)
+    def counting(*args, **kwargs):
+        calls.append((*args, kwargs["shape"]))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(vit_module, "select_attention_backend", counting)
     model = _tiny(attention="sdpa").eval()
@@ -213,8 +271,10 @@ def test_attention_backend_is_selected_once_per_device_and_dtype(monkeypatch):
     model(x)
     model([x, x])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x)
-    assert calls == [("sdpa", torch.device("cpu"), torch.float32, 16), ("sdpa", torch.device("cpu"), torch.bfloat16, 16)]
+        model([x, torch.randn(3, 3, 16, 16)])
+    # the shape is the largest attention call's (B, N, H, hd): 17 tokens of 1 image before 5 tokens of 3
+    assert calls == [("sdpa", torch.device("cpu"), torch.float32, 16, (1, 17, 2, 16)),
+                     ("sdpa", torch.device("cpu"), torch.bfloat16, 16, (1, 17, 2, 16))]
 
 
 def test_bad_options_are_value_errors():
@@ -238,15 +298,14 @@ def test_block_compiles_with_static_shapes_and_matches_eager():
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=False)
     layout = ((4, 17), (6, 5))  # (B, N) per resolution group
     x = torch.randn(4 * 17 + 6 * 5, 32, requires_grad=True)  # (T, D)
-    block.eval()
-    expected = block(x, layout)
-    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
-    actual = compiled(x, layout)
-    (grad_actual,) = torch.autograd.grad(actual.square().sum(), x)
-    assert_close(actual, expected, **TOL[torch.float32], name="compiled block")
-    assert_close(grad_actual, grad_expected, **TOL[torch.float32], name="compiled block grad")
-    block.train()  # stochastic depth (randperm, index_add) traces into one graph too
-    assert compiled(x, layout, "sdpa", block.kept_images(layout)).shape == x.shape
+    scales = tuple(torch.rand(x.shape[0], 1) for _ in range(2))  # stochastic depth's (T, 1) scales
+    for drop_scales in (None, scales):
+        expected = block(x, layout, "sdpa", drop_scales)
+        (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+        actual = compiled(x, layout, "sdpa", drop_scales)
+        (grad_actual,) = torch.autograd.grad(actual.square().sum(), x)
+        assert_close(actual, expected, **TOL[torch.float32], name=f"compiled block, scales {drop_scales is not None}")
+        assert_close(grad_actual, grad_expected, **TOL[torch.float32], name="compiled block grad")
 
 
 def test_block_parameter_names_match_timm():
@@ -257,9 +316,9 @@ def test_block_parameter_names_match_timm():
 
 
 def test_per_block_compile_of_a_drop_path_student_needs_few_graphs():
-    """Blocks differ in drop-path rate, hence in kept images; passed as integer arguments, the counts become
-    dynamic, so the graph count does not grow with depth (dynamic=False: one graph per block). aot_eager, because AOT tracing is what
-    specialises a float rate read inside the block (Inductor does too; plain dynamo tracing does not)."""
+    """Blocks differ in drop-path rate, but their scales are tensor arguments and the blocks read no rate: every
+    student block with drop path shares one graph, whatever the depth. aot_eager, because AOT tracing is what
+    specialises a float read inside the block (Inductor does too; plain dynamo tracing does not)."""
     torch._dynamo.reset()
     counters.clear()
     model = _tiny(depth=8, drop_path_rate=0.1)
@@ -268,9 +327,6 @@ def test_per_block_compile_of_a_drop_path_student_needs_few_graphs():
     crops = _crops(batch=8)
     for _ in range(2):
         model.train()(crops).sum().backward()
-    # block 0 (rate 0), block 1 (counts first seen as constants), then at most one recompile per resolution
-    # group as its count changes and becomes a symbol: 4 graphs for 8 blocks
-    train_graphs = counters["stats"]["unique_graphs"]
-    assert train_graphs <= 2 + 2
+    assert counters["stats"]["unique_graphs"] == 2  # block 0 (rate 0, no scales), blocks 1-7 (scales)
     model.eval()(crops)
-    assert counters["stats"]["unique_graphs"] == train_graphs + 1  # the teacher's path
+    assert counters["stats"]["unique_graphs"] == 3  # eval mode (the teacher's path): one more
