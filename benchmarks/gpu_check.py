@@ -205,7 +205,11 @@ def fail(record: dict, summary: str | None = None) -> None:
         record["summary"] = summary
 
 
-KERNELS = pytest_step("kernels", KERNEL_TEST_FILES, smoke_selection=["-m", "gpu", *KERNEL_TEST_FILES])
+# The AOT report's test compiles on the CPU for both targets: CI runs it under both triton versions, the GPU has
+# better things to do with its seconds.
+KERNELS = pytest_step("kernels", [*KERNEL_TEST_FILES, "--deselect=tests/test_dino_loss.py::"
+                                                     "test_kernels_compile_for_h100"],
+                      smoke_selection=["-m", "gpu", *KERNEL_TEST_FILES])
 GPU_TEST_STEP = pytest_step("gpu_tests", ["-m", "gpu", "tests"], smoke_selection=["-m", "gpu", "tests"])
 DALI_TESTS = pytest_step("dali_tests", ["-m", "gpu", "tests/test_pipelines.py"], smoke_selection=None)
 
@@ -339,8 +343,8 @@ def train_step(name: str, archs: list[str], batches: list[int], smoke_providers:
         table = md.read_text() if md.exists() else (
             "| model | batch | data | provider | img/s | ms/step | TFLOP/s | MFU % | peak GiB | speedup | notes |\n"
             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|\n")
-        record["markdown"] = table + "".join(f"| {m} | {b} | device | {p} | – | – | – | – | – | – | {reason} |\n"
-                                             for m, b, p in missing)
+        record["markdown"] = table + "".join(
+            f"| {m} | {b} | device | {p} |{' – |' * 6} {reason} |\n" for m, b, p in missing)
         measured = [r for r in rows if number(r["img_per_s"]) == number(r["img_per_s"])]
         record["summary"] = "; ".join(
             f"{r['model']}@{r['batch']} {r['provider']} {number(r['img_per_s']):.0f} img/s "
