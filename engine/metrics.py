@@ -260,7 +260,7 @@ class MetricsWriter:
             return
         self.close()
         self.tensorboard = TensorBoard(self.tensorboard_dir, purge_step=step)
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text().splitlines() if self.path.is_file() else []:
             row = json.loads(line)
             if row["step"] >= step:
                 self.tensorboard.add_row(row)
