@@ -158,21 +158,6 @@ def row_config(args, arch: str, patch: int, batch: int) -> C.TrainConfig:
     return train_step_config(shape, 1, "auto", compile_="false")
 
 
-def official_args(cfg: C.TrainConfig, *, use_fp16: bool) -> official_dino.Args:
-    """main_dino.py arguments with the values of a fastdino TrainConfig (one process)."""
-    m, h, o, lo, d = cfg.model, cfg.head, cfg.optim, cfg.loss, cfg.data
-    sizes = {k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads") if getattr(m, k) is not None}
-    return official_dino.Args(
-        arch=m.arch, patch_size=m.patch_size, out_dim=h.out_dim, norm_last_layer=h.norm_last_layer,
-        momentum_teacher=o.teacher_momentum, use_bn_in_head=h.use_bn, warmup_teacher_temp=lo.warmup_teacher_temp,
-        teacher_temp=lo.teacher_temp, warmup_teacher_temp_epochs=round(lo.warmup_teacher_temp_epochs),
-        use_fp16=use_fp16, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end, clip_grad=o.clip_grad,
-        batch_size_per_gpu=d.batch_size, epochs=cfg.epochs, freeze_last_layer=round(o.freeze_last_layer_epochs),
-        lr=o.base_lr, warmup_epochs=round(o.warmup_epochs), min_lr=o.min_lr, drop_path_rate=m.drop_path_rate,
-        local_crops_number=d.local_crops_number, img_size=m.img_size, model_kwargs=sizes,
-        head_kwargs=dict(nlayers=h.nlayers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim))
-
-
 @dataclass
 class Provider:
     """A freshly built training setup of one provider."""
@@ -194,7 +179,8 @@ def build_provider(provider: str, cfg: C.TrainConfig, args, device: torch.device
     """The official step (official_dino.py) or fastdino's Trainer for `cfg`; schedules of `cfg.epochs` epochs of
     `steps_per_epoch` steps."""
     if provider == "official":
-        run = official_dino.build(official_args(cfg, use_fp16=args.official_fp16 == "on"), steps_per_epoch, device)
+        official_args = official_dino.args_from_config(cfg, use_fp16=args.official_fp16 == "on")
+        run = official_dino.build(official_args, steps_per_epoch, device)
         counter, losses, skipped = itertools.count(), [], [0]
 
         def step(crops):

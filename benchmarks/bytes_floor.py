@@ -1,14 +1,17 @@
 """What each kernel must move through HBM, and the time floor that puts on an H100 (3.35 TB/s) and an H200 (4.3 TB/s).
 
-Counts are the minimal HBM traffic of the kernels as written (kernels/dino_loss.py, kernels/ema.py,
-kernels/fused_head_loss.py): every input read once, every output written once; re-reads that the launch order keeps in
-L2 (the teacher rows and the center, read by every crop of an image) are not counted. The fused head is also
+Counts are the minimal HBM traffic of the kernels as written: every input read once, every output written once; re-reads
+that the launch order keeps in L2 (the teacher rows and the center, read by every crop of an image) are not counted. The
+loss and EMA counts come from the kernels themselves (kernels/dino_loss.py `dino_loss_launch_bytes`, kernels/ema.py
+`ema_launch_bytes`, which the step model uses too); the fused head's (kernels/fused_head_loss.py) are written here. The fused head is also
 compute-bound, so its matmul FLOPs and the bf16 dense floor (H100 989 TFLOP/s, H200 the same) are shown.
 
     python benchmarks/bytes_floor.py                          # B=64, 12 crops, K=65536, bf16, ViT-S/16 EMA
     python benchmarks/bytes_floor.py --batch 128 --dim 256
 """
 import argparse
+
+from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes
 
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.3e12}  # bytes/s (SXM datasheets)
 BF16_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s, H100 and H200 SXM
@@ -21,28 +24,22 @@ def parse_args():
     parser.add_argument("--K", type=int, default=65536)
     parser.add_argument("--dim", type=int, default=256, help="head bottleneck width (D)")
     parser.add_argument("--elem", type=int, default=2, help="bytes per element of logits/features (bf16: 2)")
-    parser.add_argument("--block-k", type=int, default=4096, help="loss chunk (MAX_BLOCK_K on CUDA)")
-    parser.add_argument("--block-t", type=int, default=256, help="teacher stats block (MAX_BLOCK_T)")
-    parser.add_argument("--teacher-rows", type=int, default=16, help="TEACHER_ROWS_PER_PROGRAM")
     parser.add_argument("--ema-params", type=float, default=44.0e6, help="parameters updated by the EMA")
     parser.add_argument("--ema-student-bytes", type=int, default=4, help="bytes per student parameter")
     return parser.parse_args()
 
 
 def rows(args):
-    """(kernel, what it moves, bytes, flops)."""
+    """(kernel, what it moves, bytes, flops); the loss and EMA counts are the kernels' own (`*_launch_bytes`)."""
     b, v, k, d, e = args.batch, args.ncrops, args.K, args.dim, args.elem
-    s, t = v * b * k * e, 2 * b * k * e  # student logits, teacher logits
     f32 = 4
-    n_chunks, n_blocks, n_groups = -(-k // args.block_k), -(-k // args.block_t), -(-2 * b // args.teacher_rows)
-    colsum_parts = n_groups * k * f32
+    loss = dino_loss_launch_bytes(b, v, k, e, e)
     out = [
-        ("teacher_stats", "read T, C; write colsum per row group, C copy, 3 partials",
-         t + 2 * k * f32 + colsum_parts + 3 * 2 * b * n_blocks * f32, 0),
+        ("teacher_stats", "read T, C; write colsum per row group, C copy, 3 partials", loss["_teacher_stats_kernel"], 0),
         ("loss fwd", "read S, T, C, colsum parts; write colsum, 3 partials per (row, chunk)",
-         s + t + k * f32 + colsum_parts + k * f32 + 3 * v * b * n_chunks * f32, 0),
-        ("loss finish", "read partials; write LSE, loss", 3 * v * b * n_chunks * f32 + v * b * f32, 0),
-        ("loss bwd", "read S, T, C, LSE; write dS", 2 * s + t + k * f32, 0),
+         loss["_dino_loss_fwd_kernel"], 0),
+        ("loss finish", "read partials; write LSE, loss", loss["_dino_loss_finish_kernel"], 0),
+        ("loss bwd", "read S, T, C, LSE; write dS", loss["_dino_loss_bwd_kernel"], 0),
     ]
     out.append(("loss fwd+bwd", "sum of the four above", sum(r[2] for r in out), 0))
     # Unfused head's last layer per step: normalise v for student and teacher (read v, write W) and the backward of
@@ -53,7 +50,7 @@ def rows(args):
                 fused_reads + k * d * e + k * f32, 2 * d * k * (2 * b * 2 + v * b)))
     out.append(("fused head+loss bwd", "read H, v again; write dH, dv",
                 fused_reads + (v * b * d + k * d) * e, 2 * d * k * (2 * b + 3 * v * b)))
-    ema_bytes = args.ema_params * (2 * 4 + args.ema_student_bytes)
+    ema_bytes = ema_launch_bytes(round(args.ema_params), 4, args.ema_student_bytes)["_ema_update_kernel"]
     out.append(("ema update", "read teacher (fp32), student; write teacher", ema_bytes, 0))
     return out
 

@@ -1,4 +1,5 @@
-"""`fastdino` on the command line: `train` runs here, knn / linear / attention / export / plot go to eval_cli.
+"""`fastdino` on the command line: `train` runs here, knn / linear / attention / export / plot go to eval_cli,
+`estimate` (the step model) to estimate_cli.
 
     fastdino train --output DIR [--max-steps N] [--minutes M] [--data PATH] [--preset P] [--config FILE.yaml]
                    [key=value ...]
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.base_lr=1e-3")
     for name, text in EVAL_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("estimate", help="peak memory, FLOPs and a roofline step time of a config, fastdino and the "
+                   "official step, without a GPU", add_help=False)
     return parser
 
 
@@ -100,6 +103,10 @@ def main(argv=None) -> int:
         from fastdino.engine.eval_cli import main as eval_main
 
         return eval_main(argv)
+    if argv and argv[0] == "estimate":
+        from fastdino.engine.estimate_cli import main as estimate_main
+
+        return estimate_main(argv[1:])
     parser = build_parser()
     # Overrides may come after options too (`... --minutes 4 optim.base_lr=1e-3`): argparse leaves those over.
     args, extra = parser.parse_known_args(argv)

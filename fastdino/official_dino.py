@@ -31,8 +31,8 @@ Changed, without changing the math or the work of a step:
   `out_features`, `num_classes`), `cudnn.benchmark`, seeding, and the returned per-tensor norms of
   `clip_gradients`, which train_one_epoch does not log.
 
-Used by benchmarks/bench_e2e.py and quality_run.py; tests/test_official_baseline.py checks that its loss, its
-features and a whole step agree with fastdino's.
+Used by benchmarks/bench_e2e.py, quality_run.py and the step model (engine/estimate.py);
+tests/test_official_baseline.py checks that its loss, its features and a whole step agree with fastdino's.
 """
 import math
 import warnings
@@ -431,6 +431,21 @@ class Args:
     img_size: int = 224
     model_kwargs: dict = field(default_factory=dict)
     head_kwargs: dict = field(default_factory=dict)
+
+
+def args_from_config(cfg, *, use_fp16: bool) -> Args:
+    """main_dino.py arguments with the values of a fastdino TrainConfig (one process, data.batch_size per GPU)."""
+    m, h, o, lo, d = cfg.model, cfg.head, cfg.optim, cfg.loss, cfg.data
+    sizes = {k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads") if getattr(m, k) is not None}
+    return Args(
+        arch=m.arch, patch_size=m.patch_size, out_dim=h.out_dim, norm_last_layer=h.norm_last_layer,
+        momentum_teacher=o.teacher_momentum, use_bn_in_head=h.use_bn, warmup_teacher_temp=lo.warmup_teacher_temp,
+        teacher_temp=lo.teacher_temp, warmup_teacher_temp_epochs=round(lo.warmup_teacher_temp_epochs),
+        use_fp16=use_fp16, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end, clip_grad=o.clip_grad,
+        batch_size_per_gpu=d.batch_size, epochs=cfg.epochs, freeze_last_layer=round(o.freeze_last_layer_epochs),
+        lr=o.base_lr, warmup_epochs=round(o.warmup_epochs), min_lr=o.min_lr, drop_path_rate=m.drop_path_rate,
+        local_crops_number=d.local_crops_number, img_size=m.img_size, model_kwargs=sizes,
+        head_kwargs=dict(nlayers=h.nlayers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim))
 
 
 @dataclass

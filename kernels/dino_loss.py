@@ -368,6 +368,28 @@ def _dino_loss_bwd(grad_loss, saved, student_temp, teacher_temp, ncrops, has_cen
     return grad
 
 
+def dino_loss_launch_bytes(batch: int, ncrops: int, n_cols: int, student_bytes: int, teacher_bytes: int) -> dict[str, int]:
+    """Minimal HBM traffic of each launch of one forward and backward at these shapes, {kernel name: bytes}:
+    every input read once and every output written once as the launchers above size them (fp32 workspaces);
+    re-reads that the launch order keeps in L2 (the teacher rows and the center, read by every crop of an
+    image) are not counted. S is (ncrops*batch, n_cols) of `student_bytes` per element, T (2*batch, n_cols)."""
+    cfg = _launch_settings(n_cols, MAX_BLOCK_K["cuda"], MAX_BLOCK_T)
+    s, t, f32 = ncrops * batch * n_cols * student_bytes, 2 * batch * n_cols * teacher_bytes, 4
+    n_groups = triton.cdiv(2 * batch, TEACHER_ROWS_PER_PROGRAM)
+    colsum_parts = n_groups * n_cols * f32
+    chunk_partials = 3 * ncrops * batch * cfg["n_chunks"] * f32
+    return {
+        # read T, C; write per-group column sums, the C snapshot, 3 partials per (teacher row, column block)
+        _teacher_stats_kernel.fn.__name__: t + 2 * n_cols * f32 + colsum_parts + 3 * 2 * batch * cfg["n_blocks"] * f32,
+        # read S, T, C, the column sum parts; write the column sums, 3 partials per (row, chunk)
+        _dino_loss_fwd_kernel.fn.__name__: s + t + n_cols * f32 + colsum_parts + n_cols * f32 + chunk_partials,
+        # read the partials; write the per-row LSE
+        _dino_loss_finish_kernel.fn.__name__: chunk_partials + ncrops * batch * f32,
+        # read S, T, C, LSE; write dS
+        _dino_loss_bwd_kernel.fn.__name__: 2 * s + t + n_cols * f32,
+    }
+
+
 class DINOLossFunction(torch.autograd.Function):
     """Fused DINO loss; forward saves per-row statistics, backward computes dS from them in one pass."""
 

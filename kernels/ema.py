@@ -207,6 +207,12 @@ def _launch_plan(plan: _LaunchPlan, momentum) -> None:
         )
 
 
+def ema_launch_bytes(numel: int, teacher_bytes: int, student_bytes: int) -> dict[str, int]:
+    """HBM traffic of the update of `numel` elements, {kernel name: bytes}: each teacher and student element read
+    once, each teacher element written once."""
+    return {_ema_update_kernel.fn.__name__: numel * (2 * teacher_bytes + student_bytes)}
+
+
 class EMAUpdate:
     """`ema_update_(teacher_params, student_params, momentum)` for two fixed lists of parameters, with the launch
     plan held here instead of looked up on every call: a call reads no tensor (no data pointer, no type), it checks

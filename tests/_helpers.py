@@ -33,3 +33,16 @@ def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
         return value
     d = value.shape[0] // 3
     return torch.cat([value[:d], value[2 * d:]])
+
+
+def help_without_torch(*argv: str) -> str:
+    """The output of `fastdino ARGV` (a --help) in a fresh interpreter; fails unless it left torch unimported."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from fastdino.engine.cli import main\n"
+             f"try:\n    main({list(argv)!r})\nexcept SystemExit:\n    pass\n"
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("torch not imported"), proc.stdout + proc.stderr
+    return proc.stdout

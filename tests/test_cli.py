@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from _helpers import help_without_torch
 from fastdino.engine.cli import EVAL_COMMANDS, build_parser
 
 # The tiny model of test_train.py, as command-line overrides, on a tiny dataset read in the main process.
@@ -28,7 +29,7 @@ def test_the_train_options_are_frozen():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     options = {opt for action in train._actions for opt in action.option_strings}
     assert options == {"-h", "--help", "--output", "--max-steps", "--minutes", "--data", "--preset", "--config"}
-    assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", *EVAL_COMMANDS}
+    assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", "estimate", *EVAL_COMMANDS}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -97,14 +98,10 @@ def test_unlabeled_flat_folder_trains_logs_the_last_step_and_says_why_knn_is_ski
 
 
 def test_help_names_every_command_and_the_default_preset_without_importing_torch():
-    probe = ("import sys; from fastdino.engine.cli import main\n"
-             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("torch not imported"), proc.stdout + proc.stderr
+    stdout = help_without_torch("--help")
     for name, text in EVAL_COMMANDS.items():
-        assert name in proc.stdout and text.replace("%%", "%")[:30] in " ".join(proc.stdout.split())
-    assert "default preset, demo" in " ".join(proc.stdout.split())
+        assert name in stdout and text.replace("%%", "%")[:30] in " ".join(stdout.split())
+    assert "default preset, demo" in " ".join(stdout.split())
     train_help = " ".join(fastdino("train", "--help").stdout.split())
     assert "(default: demo)" in train_help and "labels not needed" in train_help
 

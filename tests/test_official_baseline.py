@@ -124,7 +124,7 @@ def test_paper_preset_step_is_the_official_step(bench_e2e, monkeypatch):
     cfg = paper_preset()
     steps_per_epoch, steps = 2, 6
     trainer = Trainer(cfg, steps_per_epoch, device=torch.device("cpu"))
-    run = od.build(bench_e2e.official_args(cfg, use_fp16=False), steps_per_epoch, "cpu")
+    run = od.build(od.args_from_config(cfg, use_fp16=False), steps_per_epoch, "cpu")
     missing, unexpected = run.student.load_state_dict(trainer.model.state_dict(), strict=False)
     assert missing == ["head.last_layer.weight_g"] and not unexpected  # the official fixed gain, 1
     run.teacher.load_state_dict(run.student.state_dict())
@@ -180,7 +180,7 @@ def test_weight_decay_groups_are_the_official_ones(bench_e2e):
     trainer = Trainer(cfg, 2, device=torch.device("cpu"))
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     ours = {names[id(p)] for p in param_groups(trainer.model)[0]["params"]}
-    official = od.build(bench_e2e.official_args(cfg, use_fp16=False), 2, "cpu").student
+    official = od.build(od.args_from_config(cfg, use_fp16=False), 2, "cpu").student
     names = {id(p): n for n, p in official.named_parameters()}
     theirs = {names[id(p)] for p in od.get_params_groups(official)[0]["params"]}
     assert ours == theirs
@@ -192,7 +192,7 @@ def test_flop_count_is_the_matmul_work_of_the_baseline_step(bench_e2e):
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = paper_preset()
-    run = od.build(bench_e2e.official_args(cfg, use_fp16=False), 2, "cpu")
+    run = od.build(od.args_from_config(cfg, use_fp16=False), 2, "cpu")
     sizes = [32, 32, 16, 16]
     batch = 3
     crops = [torch.randn(batch, 3, s, s) for s in sizes]
