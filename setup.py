@@ -34,11 +34,13 @@ setup(
         "pillow",
         "safetensors",
         "pyyaml",
+        "matplotlib",  # fastdino plot
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
-        "test": ["pytest", "setuptools>=64", "nvidia-dali-cuda130"],
+        "tensorboard": ["tensorboard"],  # event files in DIR/tb (logging.tensorboard=auto turns them on)
+        "test": ["pytest", "setuptools>=64", "nvidia-dali-cuda130", "tensorboard"],
     },
     entry_points={"console_scripts": ["fastdino = fastdino.engine.cli:main"]},
 )

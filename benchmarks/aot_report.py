@@ -1,88 +1,134 @@
-"""Ahead-of-time report of the Triton kernels for sm_90 (H100/H200), on any machine: no GPU needed.
+"""Ahead-of-time report of fastdino's Triton kernels as the training step launches them, for sm_90 (H100/H200) and
+sm_80 (A100), on any machine: no GPU needed.
 
-Each kernel of fastdino.kernels is compiled with `triton.compile(..., target=GPUTarget("cuda", 90, 32))` for the
-constexprs a K=65536 bf16 run launches with (pointers and row strides marked 16-divisible, as Triton specialises them
-at launch), then `cuobjdump --dump-resource-usage` from the Triton wheel reads registers and spills from the cubin,
-and the PTX gives the global loads/stores and how many of them are 128-bit (`.v4` of 32-bit words).
+Each entry of LAUNCHES calls a public launcher (`dino_loss`, `ema_update_`, ...) the way the step does, at the step's
+shapes, on fake CUDA tensors (torch's FakeTensorMode: shapes, dtypes, strides and storage offsets, no memory).
+Triton's own launch path then runs as at a real launch: its binder specialises every argument from its value (ints
+equal to 1 or divisible by 16, pointers 16-byte aligned; a fake tensor's address is its storage offset in bytes, as
+on a fresh allocation, which CUDA's caching allocator aligns to 512 bytes) and the kernel compiles for the target a
+stand-in driver names; only the launch itself is skipped. `cuobjdump --dump-resource-usage` (from the Triton wheel)
+reads registers and spills off the cubin, and the PTX gives the global loads/stores and how many are 128-bit.
 
-    python benchmarks/aot_report.py                 # the table
-    python benchmarks/aot_report.py --check         # also fail unless every kernel compiles without spills and
-                                                    # the EMA's full blocks use 128-bit accesses (tests run this)
-Run it without TRITON_INTERPRET (the kernels must be real JIT functions).
+    python benchmarks/aot_report.py                    # sm_90 and sm_80
+    python benchmarks/aot_report.py --arch 90 --check  # also fail on spills, or on EMA accesses that are not
+                                                       # 128-bit exactly when aligned (the tests run this)
+Run it without TRITON_INTERPRET (the kernels must be real JIT functions). To report a new kernel, add an entry to
+LAUNCHES: a label and a function that calls its public launcher on `fake_cuda` tensors, backward included.
 """
 import argparse
-import importlib
+import contextlib
+import math
 import os
 import re
 import subprocess
 import tempfile
+import warnings
 
+import torch
 import triton
-import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
-F32 = "fp32"
-
-
-def _ptrs(names, kind):
-    return {n: kind for n in names}
-
-
-def kernel_specs():
-    """(label, kernel, signature, constexprs, num_warps) for every kernel and the variants a run uses."""
-    dl = importlib.import_module("fastdino.kernels.dino_loss")
-    ema = importlib.import_module("fastdino.kernels.ema")
-    teacher = {"t_ptr": "*bf16", **_ptrs(["c_ptr", "colsum_part_ptr", "c_copy_ptr", "part_a_ptr", "part_b_ptr",
-                                          "part_c_ptr"], "*fp32"),
-               "n_rows": "i32", "n_cols": "i32", "stride_t_row": "i32", "inv_teacher_temp": F32, "n_blocks": "i32",
-               "rows_per_group": "i32"}
-    fwd = {**_ptrs(["s_ptr", "t_ptr"], "*bf16"),
-           **_ptrs(["c_ptr", "part_max_ptr", "part_sumexp_ptr", "part_wx_ptr", "t_shift_ptr", "t_scale_ptr",
-                    "t_entropy_ptr", "part_a_ptr", "part_b_ptr", "part_c_ptr", "colsum_part_ptr", "colsum_ptr"],
-                   "*fp32"),
-           **_ptrs(["n_batch", "n_crops", "n_cols", "n_chunks", "n_blocks", "n_groups", "stride_s_row",
-                    "stride_t_row"], "i32"),
-           **_ptrs(["inv_student_temp", "inv_teacher_temp"], F32)}
-    finish = {**_ptrs(["part_max_ptr", "part_sumexp_ptr", "part_wx_ptr", "t_scale_ptr", "t_entropy_ptr", "lse_ptr",
-                       "loss_ptr", "entropy_ptr"], "*fp32"),
-              **_ptrs(["n_batch", "n_rows", "n_chunks"], "i32"), "loss_scale": F32}
-    bwd = {**_ptrs(["s_ptr", "t_ptr"], "*bf16"), "c_ptr": "*fp32", "grad_ptr": "*bf16",
-           **_ptrs(["lse_ptr", "t_shift_ptr", "t_scale_ptr", "grad_loss_ptr"], "*fp32"),
-           **_ptrs(["n_batch", "n_crops", "n_cols", "stride_s_row", "stride_t_row", "stride_grad_row"], "i32"),
-           **_ptrs(["inv_student_temp", "inv_teacher_temp", "grad_scale"], F32)}
-    settings = dl._launch_settings(65536, dl.MAX_BLOCK_K["cuda"], dl.MAX_BLOCK_T)
-    block_k, warps = settings["block_k"], settings["num_warps"]
-    specs = []
-    for label, has_center, is_probs, even in [("center", True, False, True), ("probs", False, True, True),
-                                              ("center, masked", True, False, False)]:
-        specs += [
-            (f"teacher_stats ({label})", dl._teacher_stats_kernel, teacher,
-             dict(HAS_CENTER=has_center, IS_PROBS=is_probs, BLOCK_R=dl.TEACHER_BLOCK_R, BLOCK_T=settings["block_t"]),
-             dl.TEACHER_NUM_WARPS),
-            (f"loss fwd ({label})", dl._dino_loss_fwd_kernel, fwd,
-             dict(HAS_CENTER=has_center, IS_PROBS=is_probs, EVEN_K=even, BLOCK_K=block_k,
-                  BLOCK_P=settings["block_blocks"]), warps),
-            (f"loss finish ({label})", dl._dino_loss_finish_kernel, finish,
-             dict(IS_PROBS=is_probs, BLOCK_R=dl.FINISH_BLOCK_R, BLOCK_P=settings["block_chunks"]), 4),
-            (f"loss bwd ({label})", dl._dino_loss_bwd_kernel, bwd,
-             dict(HAS_CENTER=has_center, IS_PROBS=is_probs, EVEN_K=even, BLOCK_K=block_k), warps),
-        ]
-    ema_sig = {"table_ptr": "*i32", "addr_ptr": "*i64", "numel_ptr": "*i64", "weight": F32, "momentum_ptr": "*fp32"}
-    for label, student, aligned in [("fp32/fp32, aligned", tl.float32, True), ("fp32/bf16, aligned", tl.bfloat16, True),
-                                    ("fp32/fp32, unaligned", tl.float32, False)]:
-        specs.append((f"ema ({label})", ema._ema_update_kernel, ema_sig,
-                      dict(T_DTYPE=tl.float32, S_DTYPE=student, MOMENTUM_FROM_PTR=True, ALIGNED=aligned,
-                           BLOCK=ema.BLOCK), ema.NUM_WARPS))
-    return specs
+# The step the numbers describe: ViT-S/16 at batch 128 per GPU, 2 global + 10 local crops, K=65536 prototypes.
+BATCH, CROPS, K = 128, 12, 65536
+STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
+ARCHS = {90: "sm_90 (H100/H200)", 80: "sm_80 (A100)"}
 
 
-def compile_sm90(kernel, signature, constexprs, num_warps):
-    aligned = [n for n, t in signature.items() if t.startswith("*") or n.startswith("stride") or n == "n_cols"]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                    constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+def fake_cuda(*shape, dtype=torch.float32, requires_grad=False) -> torch.Tensor:
+    """A CUDA tensor without memory (call inside the report's FakeTensorMode)."""
+    return torch.empty(shape, device="cuda", dtype=dtype, requires_grad=requires_grad)
+
+
+def backward(output: torch.Tensor) -> None:
+    """Runs the backward of the autograd node that made `output` (a loss) with gradient 1 for it. The autograd
+    engine itself needs a CUDA device for CUDA tensors, so the node is applied directly."""
+    node = output.grad_fn
+    node.apply(torch.ones_like(output), *[None] * (len(node._input_metadata) - 1))  # one gradient per output
+
+
+def loss_launch(teacher_is_probs: bool = False, n_cols: int = K):
+    def launch():
+        from fastdino.kernels import dino_loss
+
+        student = fake_cuda(CROPS * BATCH, n_cols, dtype=torch.bfloat16, requires_grad=True)  # (V*B, K)
+        teacher = fake_cuda(2 * BATCH, n_cols, dtype=torch.bfloat16)  # (2*B, K)
+        center = None if teacher_is_probs else fake_cuda(1, n_cols)
+        loss, _ = dino_loss(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP, CROPS,
+                            teacher_is_probs=teacher_is_probs, impl="triton")
+        backward(loss)
+    return launch
+
+
+def ema_launch(student_dtype: torch.dtype, aligned: bool = True):
+    """The trainer's EMAUpdate over the parameters of ViT-S/16 + its DINO head, fp32 teacher, a 0-d momentum tensor;
+    unaligned: each tensor a view one element into a larger buffer. (Not `ema_update_`: its plan cache is keyed on
+    data pointers, which fake tensors do not have.)"""
+    def launch():
+        from fastdino.engine.head import DINOHead
+        from fastdino.engine.vit import build_backbone
+        from fastdino.kernels import EMAUpdate
+
+        with torch.device("meta"):
+            backbone = build_backbone("vit_small", 16)
+            shapes = [p.shape for m in (backbone, DINOHead(backbone.embed_dim, K)) for p in m.parameters()]
+
+        def tensors(dtype):
+            offset = 0 if aligned else 1
+            return [fake_cuda(math.prod(s) + offset, dtype=dtype)[offset:].view(s) for s in shapes]
+        EMAUpdate(tensors(torch.float32), tensors(student_dtype), impl="triton")(fake_cuda())
+    return launch
+
+
+# (label, launch). The kernels helper's entries go here too: one line per launcher variant the step uses.
+LAUNCHES = [
+    ("loss, centering", loss_launch()),
+    ("loss, teacher probabilities", loss_launch(teacher_is_probs=True)),
+    ("loss, centering, K=65520 (masked)", loss_launch(n_cols=65520)),
+    ("loss, centering, K=65000 (rows unaligned)", loss_launch(n_cols=65000)),
+    ("ema fp32/fp32, aligned", ema_launch(torch.float32)),
+    ("ema fp32/bf16, aligned", ema_launch(torch.bfloat16)),
+    ("ema fp32/fp32, unaligned", ema_launch(torch.float32, aligned=False)),
+]
+
+
+class StandInDriver:
+    """What Triton's launch path asks the active driver for (device, stream, target), without a GPU. The device
+    index is the arch: Triton caches its binder, and with it the target, per device."""
+
+    def __init__(self, arch: int):
+        self.arch, self.target = arch, GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def compile_only(compiled: list):
+    """Every `kernel[grid](...)` runs Triton's launch path up to the compiled kernel, which goes into `compiled` as
+    (kernel name, CompiledKernel), and does not launch; tensors are fake CUDA tensors."""
+    run = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    JITFunction.run = compile_instead
+    try:
+        with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
+            warnings.simplefilter("ignore")  # FakeTensor.data_ptr() is deprecated; its offset is what we want
+            yield
+    finally:
+        JITFunction.run = run
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -105,25 +151,41 @@ def global_accesses(ptx: str) -> dict:
     return dict(loads=len(loads), loads_128=wide(loads), stores=len(stores), stores_128=wide(stores))
 
 
+def report(arch: int, launches: list) -> list[str]:
+    """Prints the table of `launches` for `arch`; returns what --check fails on."""
+    print(f"# {ARCHS[arch]} | triton {triton.__version__} | torch {torch.__version__} | as launched at batch "
+          f"{BATCH}, {CROPS} crops, K={K}, bf16 logits; EMA over ViT-S/16 + head")
+    print(f"{'launch':42} | {'kernel':26} | warps | regs | spill B | ld.global (128-bit) | st.global (128-bit)")
+    failures = []
+    driver.set_active(StandInDriver(arch))
+    for label, launch in launches:
+        compiled = []
+        with compile_only(compiled):
+            launch()
+        for name, kernel in dict(compiled).items():  # one row per kernel (a launcher may call one twice)
+            regs, spills = resource_usage(kernel.asm["cubin"])
+            acc = global_accesses(kernel.asm["ptx"])
+            print(f"{label:42} | {name.removeprefix('_'):26} | {kernel.metadata.num_warps:5} | {regs:4} | "
+                  f"{spills:7} | {acc['loads']:10} ({acc['loads_128']:4}) | {acc['stores']:10} "
+                  f"({acc['stores_128']:4})")
+            if spills:
+                failures.append(f"sm_{arch} {label} {name}: {spills} bytes of spills")
+            if label.startswith("ema") and ("unaligned" in label) == (acc["stores_128"] > 0):
+                failures.append(f"sm_{arch} {label}: 128-bit stores {acc['stores_128']}, expected them only "
+                                f"when aligned")
+    return failures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS, reverse=True))
+    parser.add_argument("--only", nargs="+", default=None, help="launches whose label contains one of these")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):
-        raise SystemExit("unset TRITON_INTERPRET: the report compiles the kernels for sm_90")
-    print(f"# sm_90 (GPUTarget('cuda', 90, 32)) | triton {triton.__version__} | K=65536, bf16 loss, fp32 EMA teacher")
-    print(f"{'kernel':36} | warps | regs | spill B | ld.global (128-bit) | st.global (128-bit)")
-    failures = []
-    for label, kernel, signature, constexprs, num_warps in kernel_specs():
-        compiled = compile_sm90(kernel, signature, constexprs, num_warps)
-        regs, spills = resource_usage(compiled.asm["cubin"])
-        acc = global_accesses(compiled.asm["ptx"])
-        print(f"{label:36} | {num_warps:5} | {regs:4} | {spills:7} | {acc['loads']:10} ({acc['loads_128']:4}) | "
-              f"{acc['stores']:10} ({acc['stores_128']:4})")
-        if spills:
-            failures.append(f"{label}: {spills} bytes of spills")
-        if label.startswith("ema") and ("unaligned" in label) == (acc["stores_128"] > 0):
-            failures.append(f"{label}: 128-bit stores {acc['stores_128']}, expected them only when aligned")
+        raise SystemExit("unset TRITON_INTERPRET: the report compiles the kernels for the GPU")
+    launches = [(label, launch) for label, launch in LAUNCHES if not args.only or any(o in label for o in args.only)]
+    failures = [f for arch in args.arch for f in report(arch, launches)]
     if args.check and failures:
         raise SystemExit("\n".join(failures))
     print("compiled")

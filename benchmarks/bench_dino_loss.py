@@ -60,7 +60,7 @@ def head_table(args, device, dtype):
     def fused(h_s, v_s, h_t, v_t, center):
         return dino_loss_fused_head(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
 
-    table = Table(["B", "provider", "p50_ms", "p20_ms", "p80_ms", "speedup", "peak_GiB"])
+    table = Table(["B", "provider", "p50_ms", "p20_ms", "p80_ms", "speedup", "peak_GiB"], args.csv)
     for batch in args.batch:
         h_s = torch.nn.functional.normalize(torch.randn(args.ncrops * batch, args.dim, device=device), dim=-1)
         h_s = h_s.to(dtype).requires_grad_(True)
@@ -79,12 +79,11 @@ def head_table(args, device, dtype):
             table.add(B=batch, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80, speedup=baseline / p50,
                       peak_GiB=peak_memory_gib(full, str(device)))
             h_s.grad = v_s.grad = None
-    table.write_csv(args.csv)
 
 
 def host_table(args, device, dtype, dino_loss):
     """Host us per call of the triton provider, launches mocked (see the module docstring)."""
-    table = Table(["B", "mode", "host_p50_us", "host_p20_us", "host_p80_us"])
+    table = Table(["B", "mode", "host_p50_us", "host_p20_us", "host_p80_us"], args.csv)
     for batch in args.batch:
         student = torch.randn(args.ncrops * batch, args.K, device=device).to(dtype).requires_grad_(True)
         teacher = torch.randn(2 * batch, args.K, device=device).to(dtype)
@@ -100,7 +99,6 @@ def host_table(args, device, dtype, dino_loss):
         for mode, fn in (("fwd", forward), ("full", full)):
             p50, p20, p80 = host_us(fn, reps=args.reps)
             table.add(B=batch, mode=mode, host_p50_us=p50, host_p20_us=p20, host_p80_us=p80)
-    table.write_csv(args.csv)
 
 
 def backward_ms(make_loss, device, reps, warmup=3):
@@ -144,7 +142,7 @@ def main():
         "compile": compiled_ref,
         "triton": lambda *a: dino_loss(*a, impl="triton"),
     }
-    table = Table(["B", "provider", "mode", "p50_ms", "p20_ms", "p80_ms", "GB/s", "speedup", "peak_GiB"])
+    table = Table(["B", "provider", "mode", "p50_ms", "p20_ms", "p80_ms", "GB/s", "speedup", "peak_GiB"], args.csv)
     for batch in args.batch:
         rows_s, rows_t = args.ncrops * batch, 2 * batch
         student = torch.randn(rows_s, args.K, device=device, dtype=dtype, requires_grad=True)
@@ -183,7 +181,6 @@ def main():
                 table.add(B=batch, provider=provider, mode=mode, p50_ms=p50, p20_ms=p20, p80_ms=p80,
                           **{"GB/s": bytes_per_mode[mode] / p50 / 1e6},
                           speedup=baseline[mode] / p50 if mode in baseline else "", peak_GiB=peak)
-    table.write_csv(args.csv)
 
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ def main():
     print(f"# K={args.out_dim}, crops 2x{args.global_size}² + {args.local_crops}x{args.local_size}², "
           f"peak bf16 matmul {peak_tflops or float('nan'):.0f} TFLOP/s, official fp16 {args.official_fp16}")
     started = time.perf_counter()
-    table, rows_md, flops_md = Table(COLUMNS), [], []
+    table, rows_md, flops_md = Table(COLUMNS, args.csv), [], []
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_")) if "jpeg" in args.sources else None
     try:
         folder, jpeg_notes = jpeg_folder(args, tmp) if tmp is not None else (None, "")
@@ -368,8 +368,7 @@ def main():
 
 
 def save(table: Table, rows: list[dict], args, peak_tflops: float | None, flops: list[str], jpeg_notes: str) -> str:
-    """Write the rows so far to --csv and --markdown; returns the markdown."""
-    table.write_csv(args.csv)
+    """Write the rows so far to --markdown (the table wrote --csv); returns the markdown."""
     markdown = to_markdown(rows, args, peak_tflops, flops, jpeg_notes)
     if args.markdown:
         Path(args.markdown).write_text(markdown)

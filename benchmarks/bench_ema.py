@@ -75,7 +75,7 @@ def main():
           f"parameters, momentum {'0-d tensor' if args.tensor_momentum else 'float'}")
 
     if args.host:
-        table = Table(["tensors", "api", "momentum", "host_p50_us", "host_p20_us", "host_p80_us"])
+        table = Table(["tensors", "api", "momentum", "host_p50_us", "host_p20_us", "host_p80_us"], args.csv)
         checked = EMAUpdate(teacher, student, impl="triton")  # the default: storage moves followed per call
         trainers = EMAUpdate(teacher, student, impl="triton", check_storage=False)  # checked at log steps instead
         for api, update in (("ema_update_", lambda m: ema_update_(teacher, student, m, impl="triton")),
@@ -84,7 +84,6 @@ def main():
                 p50, p20, p80 = host_us(lambda: update(m))
                 table.add(tensors=len(shapes), api=api, momentum=kind, host_p50_us=p50, host_p20_us=p20,
                           host_p80_us=p80)
-        table.write_csv(args.csv)
         return
 
     updates = {
@@ -93,7 +92,7 @@ def main():
         "foreach": lambda: ema_update_ref(teacher, student, momentum),
         "triton": lambda: ema_update_(teacher, student, momentum, impl="triton"),
     }
-    table = Table(["params_M", "provider", "p50_ms", "p20_ms", "p80_ms", "GB/s", "speedup"])
+    table = Table(["params_M", "provider", "p50_ms", "p20_ms", "p80_ms", "GB/s", "speedup"], args.csv)
     flat, flat_dst = torch.empty(numel, device=device), torch.empty(numel, device=device)
     p50, p20, p80 = measure_ms(lambda: flat_dst.copy_(flat), str(device), reps=args.reps)
     table.add(params_M=numel / 1e6, provider="copy", p50_ms=p50, p20_ms=p20, p80_ms=p80,
@@ -108,7 +107,6 @@ def main():
             baseline = p50
         table.add(params_M=numel / 1e6, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80,
                   **{"GB/s": bytes_moved / p50 / 1e6}, speedup=baseline / p50 if baseline else "")
-    table.write_csv(args.csv)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def main():
           f"K={args.out_dim}, drop_path_rate={args.drop_path_rate}")
     sizes = [args.global_size] * args.global_crops + [args.local_size] * args.local_crops
     crops = [torch.randn(args.batch, 3, s, s, device=args.device) for s in sizes]
-    table, baselines = Table(COLUMNS), {}
+    table, baselines = Table(COLUMNS, args.csv), {}
     for arch_name, patch_size in itertools.product(args.arch, args.patch_size):
         arch = f"{arch_name.removeprefix('vit_')}/{patch_size}"
         for compile_mode, backend in itertools.product(args.compile, args.backends):
@@ -144,7 +144,6 @@ def main():
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    table.write_csv(args.csv)
 
 
 if __name__ == "__main__":

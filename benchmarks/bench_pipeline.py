@@ -187,7 +187,7 @@ def main():
         step_alone = (time.perf_counter() - start) / args.batches
         print(f"# stand-in step alone: {step_alone * 1e3:.1f} ms")
     table = Table(["provider", "device", "workers", "batch", "img_per_s", "ms_per_batch", "speedup",
-                   "step_slowdown_pct"])
+                   "step_slowdown_pct"], args.csv)
     rates = {}
     try:
         for provider in args.providers:
@@ -214,7 +214,6 @@ def main():
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    table.write_csv(args.csv)
 
 
 if __name__ == "__main__":

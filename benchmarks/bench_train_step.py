@@ -99,7 +99,8 @@ def main():
               f"{args.steps} timed steps")
     sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
     crops = [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes]
-    table = Table(["loss_impl", "compile", "mode", "ms/step", "img/s/proc", "img/s", "peak GiB"]) if rank == 0 else None
+    table = Table(["loss_impl", "compile", "mode", "ms/step", "img/s/proc", "img/s", "peak GiB"],
+                  args.csv) if rank == 0 else None
     for impl, compile_ in itertools.product(args.loss_impl.split(","), args.compile.split(",")):
         cfg = config(args, world_size, impl, compile_=compile_, activation_checkpointing=args.activation_checkpointing,
                      cuda_graph=args.cuda_graph, head_dim=args.head_dim)
@@ -124,8 +125,6 @@ def main():
             table.add(**{"loss_impl": impl, "compile": trainer.compile, "mode": trainer.mode, "ms/step": ms,
                          "img/s/proc": args.batch_size / ms * 1e3, "img/s": world_size * args.batch_size / ms * 1e3,
                          "peak GiB": peak})
-    if table is not None:
-        table.write_csv(args.csv)
     if mesh is not None:
         torch.distributed.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: the header, the timer and the result table.
+"""Shared pieces of the benchmark scripts: the header, the timer and the result table (saved row by row).
 
 Every script prints the device, the library versions and the dtype first, then one row per measurement.
 Timing uses triton.testing.do_bench on the GPU (median and 20/80 % quantiles over many runs); on the CPU a plain
@@ -100,10 +100,11 @@ def peak_memory_gib(fn: Callable[[], object], device: str) -> float:
 
 
 class Table:
-    """Rows printed as they come, in aligned columns, and optionally written to CSV at the end."""
+    """Rows printed as they come, in aligned columns, and written to `csv_path` (when given) after each one, so that
+    a run stopped part-way keeps every row it finished."""
 
-    def __init__(self, columns: list[str]):
-        self.columns = columns
+    def __init__(self, columns: list[str], csv_path: str | None = None):
+        self.columns, self.csv_path = columns, csv_path
         self.rows: list[dict] = []
         print(" | ".join(f"{c:>12}" for c in columns))
 
@@ -111,10 +112,8 @@ class Table:
         self.rows.append(row)
         cells = [f"{row[c]:>12.4g}" if isinstance(row[c], float) else f"{str(row[c]):>12}" for c in self.columns]
         print(" | ".join(cells), flush=True)
-
-    def write_csv(self, path: str | None) -> None:
-        if path:
-            with open(path, "w", newline="") as f:
+        if self.csv_path:
+            with open(self.csv_path, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.columns)
                 writer.writeheader()
                 writer.writerows(self.rows)

@@ -1,23 +1,28 @@
-"""One prepared GPU check: every GPU-only test and every GPU figure of fastdino, as steps that each have their own
-time limit, ending in one markdown table and one JSON file.
+"""One prepared GPU check: every GPU-only test and every GPU figure of fastdino, as steps in priority order that each
+save their results as they go, ending in one markdown table and one JSON file.
 
-A GPU is lent to some sessions only, for 15 minutes in all (DEVELOPERS.md says when and how to run this). The check
-comes in two stages, each one device call (`benchmarks/gpu_check.sh` wraps them):
-- stage 1 (<= 8 min on a cold H200, the install included): the GPU-only tests (named in GPU_TESTS; on the GPU a
-  skip fails the check), the kernel test files on CUDA (compiled Triton instead of the interpreter), the DINO loss,
-  fused-head (fused vs unfused head + loss: time and peak memory at B=128) and EMA benchmarks, the train-step table
-  (fastdino against the official formulation in one process: img/s, MFU, peak GiB) and a short quality run on the
-  CIFAR-10 subset carried in .gpu_data/ (k-NN before and after);
-- stage 2 (after the DALI wheels came over in parts): the DALI tests, the multi-crop pipeline benchmark from JPEG
-  and the end-to-end train step from JPEG.
-Each step is a subprocess; a step that fails or runs out of time is recorded and the next one starts. A step never
-starts with less time than the later steps of its stage need at least (`min_s`), so one hang cannot eat the stage.
-After every step the table and the JSON are rewritten under --out, so even a killed call returns what it has; the
-table is printed last.
+A GPU is lent to some sessions only, for 15 minutes in all, the machine's start included (DEVELOPERS.md says when
+and how to run this). Two self-contained plans, each one stage of steps within one budget:
+- stage 1, the first call of a loan (`gpu_check.sh 1`, 540 s): first, in this order, the kernels' correctness on CUDA
+  (compiled Triton against the torch references, fp32/fp16/bf16, the step's shapes), the train-step table at batch
+  128 (the official formulation, fastdino eager, fastdino compiled: img/s, MFU, peak GiB), the same at batch 64, the
+  DINO loss, fused-head and EMA benchmarks; then, with what is left: the GPU-only tests at large, a short quality
+  run on the CIFAR-10 subset carried in .gpu_data/ (k-NN before and after), the ViT-S/8 and ViT-B/16 rows;
+- stage 2, DALI, on a loan of its own (its wheels come in 60 MiB parts, one call each, then `gpu_check.sh 2 K`,
+  200 s): the DALI tests, the multi-crop pipeline from JPEG and the end-to-end step from JPEG.
+Budget rule: each step has a slot (seconds reserved for it) and a limit (the most it may run). It may use its slot
+plus whatever the earlier steps left, up to its limit, but never the slots of the steps after it; steps with no
+slot (the "fill" steps) run only on what is left. The slots add up to at most the stage budget (`--plan` prints the
+table). Every step is a subprocess stopped at its deadline, and saves as it goes (pytest through the pytest_results
+plugin, one JSON line per test; the benchmarks row by row), so a stopped step still returns what it finished; the
+table marks what it did not (the train-step table keeps a row for every (model, batch, provider) slot). All steps
+share one compile cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR in /tmp), so no step compiles twice. After every
+step the table and the JSON are rewritten under --out; the table is printed last.
 
-    python benchmarks/gpu_check.py prepare [--dali]   # here, before the device calls: .gpu_data/ (see DEVELOPERS.md)
-    bash benchmarks/gpu_check.sh 1                    # on the GPU machine: install, then stage 1 into $OUT
-    python benchmarks/gpu_check.py --smoke --out DIR  # CPU, tiny shapes, both stages (tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py prepare [--dali]    # here, before the device calls: .gpu_data/ (DEVELOPERS.md)
+    bash benchmarks/gpu_check.sh 1                     # on the GPU machine: stage 1 into $OUT
+    python benchmarks/gpu_check.py --plan              # the budget table of both stages
+    python benchmarks/gpu_check.py --smoke             # CPU, tiny shapes, the real plan (tests/test_gpu_check.py)
 """
 import argparse
 import csv
@@ -34,9 +39,8 @@ import tarfile
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Callable
 
@@ -44,45 +48,54 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".gpu_data"  # git-ignored; what the device calls carry
 CIFAR = DATA / "cifar10"
 DALI = DATA / "dali"
+SOURCE = DATA / "source.json"  # the commit the tree was prepared at; carried by every call
 DALI_VERSION = "2.4.0"
-PART_MIB = 50
-FIRST_PART_MIB = 40  # + the CIFAR-10 subset (18 MiB) + the tree (< 1 MiB) stays under a call's 64 MiB
+PART_MIB = 60  # + the tree (< 1 MiB) and source.json stays under a call's 64 MiB
 IMAGE_HAS = ("numpy", "six", "packaging", "typing_extensions", "wheel", "PyYAML", "pyyaml")  # the GPU image's
+COMPILE_CACHE = Path("/tmp/fastdino_compile_cache")  # on the GPU machine; lasts while it stays warm
 
-# Every test marked `gpu`, by function (all its parametrizations), and the stage that runs it. The check fails when
+# Every test marked `gpu`, by function (all its parametrizations), and the step that runs it. The check fails when
 # a gpu-marked test is missing here or a name here matches no test, so a new GPU test cannot be forgotten.
 GPU_TESTS = {
-    "tests/test_cuda.py::test_bf16_step_on_cuda_follows_fp32": 1,
-    "tests/test_cuda.py::test_fsdp2_on_one_rank_matches_one_process": 1,
-    "tests/test_cuda.py::test_compiled_blocks_match_eager_on_cuda": 1,
-    "tests/test_cuda.py::test_each_fused_sdpa_backend_runs_vit_s16_attention": 1,
-    "tests/test_cuda.py::test_model_attention_never_takes_the_math_path_on_cuda": 1,
-    "tests/test_cuda.py::test_vit_s16_attention_runs_cudnn_on_hopper": 1,
-    "tests/test_cuda.py::test_varlen_attention_runs_one_call_and_matches_sdpa": 1,
-    "tests/test_cuda.py::test_residual_stream_is_bf16_under_cuda_autocast": 1,
-    "tests/test_cuda_graph.py::test_captured_graphs_equal_the_default_step_on_gpu": 1,
-    "tests/test_dino_loss.py::test_matches_reference": 1,
-    "tests/test_dino_loss.py::test_full_size_k_default_blocks": 1,
-    "tests/test_dino_loss.py::test_teacher_probabilities": 1,
-    "tests/test_pipelines.py::test_dali_on_the_gpu_agrees_with_the_reference": 2,
+    "tests/test_kernels_at_step_shapes.py::test_dino_loss_at_the_step_shapes": "kernels",
+    "tests/test_kernels_at_step_shapes.py::test_ema_at_the_step_shapes": "kernels",
+    "tests/test_dino_loss.py::test_matches_reference": "kernels",
+    "tests/test_dino_loss.py::test_full_size_k_default_blocks": "kernels",
+    "tests/test_dino_loss.py::test_teacher_probabilities": "kernels",
+    "tests/test_cuda.py::test_bf16_step_on_cuda_follows_fp32": "gpu_tests",
+    "tests/test_cuda.py::test_fsdp2_on_one_rank_matches_one_process": "gpu_tests",
+    "tests/test_cuda.py::test_compiled_blocks_match_eager_on_cuda": "gpu_tests",
+    "tests/test_cuda.py::test_each_fused_sdpa_backend_runs_vit_s16_attention": "gpu_tests",
+    "tests/test_cuda.py::test_model_attention_never_takes_the_math_path_on_cuda": "gpu_tests",
+    "tests/test_cuda.py::test_vit_s16_attention_runs_cudnn_on_hopper": "gpu_tests",
+    "tests/test_cuda.py::test_varlen_attention_runs_one_call_and_matches_sdpa": "gpu_tests",
+    "tests/test_cuda.py::test_residual_stream_is_bf16_under_cuda_autocast": "gpu_tests",
+    "tests/test_cuda_graph.py::test_captured_graphs_equal_the_default_step_on_gpu": "gpu_tests",
+    "tests/test_pipelines.py::test_dali_on_the_gpu_agrees_with_the_reference": "dali_tests",
 }
-# Test files whose every test runs on CUDA tensors when there is a GPU: their fp32/fp16 cases then run the compiled
-# kernels, which CI only runs in the interpreter.
-CUDA_TEST_FILES = ["tests/test_dino_loss.py", "tests/test_ema.py"]
+# The kernel test files, run whole on CUDA by the first step (their fp32/fp16 cases then run compiled kernels,
+# which CI runs in the interpreter only); the step-shape tests first.
+KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py", "tests/test_dino_loss.py", "tests/test_ema.py",
+                     "tests/test_fused_head_loss.py"]
 # The short quality run: the paper's ViT-S/16 recipe on the CIFAR-10 subset (32-px images, upscaled by the crops).
 QUALITY_SUBSET = dict(train=1000, val=200)  # images per class
 TARGETS = {"loss": "<= 0.15 ms (fwd+bwd, B=64)",
            "head": "fused <= unfused time, >= 400 MB less peak (fwd+bwd, B=128)", "ema": "<= 0.2 ms, one launch",
-           "train_step": ">= 2,500 img/s, <= 12 GiB (ViT-S/16, batch 128)", "pipeline": ">= 3,000 img/s (DALI)",
-           "e2e_jpeg": ">= 2,000 img/s", "gpu_tests": "all pass, none skipped", "dali_tests": "all pass, none skipped"}
+           "train_step_b128": ">= 2,500 img/s, <= 12 GiB (ViT-S/16, batch 128)", "pipeline": ">= 3,000 img/s (DALI)",
+           "e2e_jpeg": ">= 2,000 img/s", "kernels": "all pass", "gpu_tests": "all pass, none skipped",
+           "dali_tests": "all pass, none skipped"}
+STAGE_BUDGET_S = {1: 540, 2: 200}  # each within its device call's timeout_s (DEVELOPERS.md)
+POLL_S = 0.25
 
 
 @dataclass
 class Context:
     smoke: bool
     work: Path
-    """Scratch folder for the steps' CSV / XML / JSON files (not returned: $OUT takes 8 files at most)."""
+    """Scratch folder for the steps' CSV / JSONL files (not returned: $OUT takes 8 files at most)."""
     env: dict
+    rehearse: dict[str, int] = field(default_factory=dict)
+    """step name -> saved rows after which that step is stopped as at its limit (a dress rehearsal of a kill)."""
 
 
 @dataclass
@@ -92,14 +105,17 @@ class Step:
     what: str
     command: Callable[[Context, float], list[str] | None]
     """argv of the step given its time limit in seconds; None: not run in this mode (the reason is `skip_reason`)."""
+    slot_s: float
+    """Seconds reserved for it in the stage budget (0: a fill step, run on what the others leave)."""
     limit_s: float
-    """Longest it may run on the GPU."""
+    """The most it may run."""
     min_s: float
-    """Least time worth starting it with: earlier steps leave at least this much to it."""
+    """Least time worth starting it with."""
     summarize: Callable[[Context, dict], None] = lambda ctx, record: None
     """Reads the step's output files into record["summary"] / ["figures"] / ["markdown"]; may set status failed."""
+    saved: Callable[[Context], int] = lambda ctx: 0
+    """Rows (tests, table rows) it has saved so far."""
     skip_reason: str = ""
-    smoke_limit_s: float = 120
 
 
 def python(*args) -> list[str]:
@@ -114,73 +130,91 @@ def cpu_args(ctx: Context) -> list[str]:
     return ["--device", "cpu", "--dtype", "float32"] if ctx.smoke else []
 
 
+def lines_in(path: Path) -> int:
+    return sum(1 for _ in open(path)) if path.exists() else 0
+
+
 # ------------------------------------------------------------------------------------------------------- tests
 
-def pytest_command(ctx: Context, stage: int) -> list[str] | None:
-    """Every gpu-marked test in tests/ (on the GPU those of other stages deselected, in a smoke run all of them, by
-    the stage-1 step), results into a JUnit XML file."""
-    if ctx.smoke and stage != 1:
-        return None
-    others = [name for name, s in GPU_TESTS.items() if s != stage and not ctx.smoke]
-    return python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests",
-                  f"--junitxml={ctx.work / f'gpu_tests_{stage}.xml'}", *(f"--deselect={n}" for n in others))
+def pytest_step(name: str, selection: list[str], smoke_selection: list[str] | None):
+    """(command, summarize, saved) of a pytest step (results one JSON line per test, benchmarks/pytest_results.py):
+    on the GPU the tests `selection` picks less those GPU_TESTS names for other steps; in a smoke run
+    `smoke_selection` (None: not run; gpu-marked tests skip on the CPU, and the CPU suite runs the rest)."""
+    results = lambda ctx: ctx.work / f"{name}.jsonl"  # noqa: E731
 
+    def command(ctx: Context, limit_s: float) -> list[str] | None:
+        if ctx.smoke and smoke_selection is None:
+            return None
+        others = [] if ctx.smoke else [f"--deselect={n}" for n, step in GPU_TESTS.items() if step != name]
+        return python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.pytest_results",
+                      "--results-jsonl", results(ctx), *(smoke_selection if ctx.smoke else selection), *others)
 
-def junit_results(path: Path) -> list[tuple[str, str, str]]:
-    """(node id, status, message) of every test case of a JUnit XML file; status passed/failed/skipped."""
-    results = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        module, name = case.get("classname", ""), case.get("name", "")
-        node = f"{module.replace('.', '/')}.py::{name}"
-        status, message = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                status = "skipped" if child.tag == "skipped" else "failed"
-                message = (child.get("message") or "").split("\n")[0][:200]
-        results.append((node, status, message))
-    return results
-
-
-def summarize_gpu_tests(stage: int):
     def summarize(ctx: Context, record: dict) -> None:
-        xml = ctx.work / f"gpu_tests_{stage}.xml"
-        if not xml.exists():
-            record["status"] = "failed"
-            return
-        results = junit_results(xml)
-        functions = {node.split("[")[0] for node, _, _ in results}
-        problems = [f"gpu-marked but not named in gpu_check.GPU_TESTS: {f}" for f in sorted(functions - set(GPU_TESTS))]
-        problems += [f"named in gpu_check.GPU_TESTS but no such test: {name}"
-                     for name, s in GPU_TESTS.items() if (s == stage or ctx.smoke) and name not in functions]
-        counts = {s: sum(1 for _, status, _ in results if status == s) for s in ("passed", "failed", "skipped")}
-        bad = [(n, s, m) for n, s, m in results if s == "failed" or (s == "skipped" and not ctx.smoke)]
-        problems += [f"{status}: {node} ({message})" for node, status, message in bad]
-        record["figures"] = {"tests": [dict(node=n, status=s, message=m) for n, s, m in results], **counts}
-        record["summary"] = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
-                             + (" (no GPU: skips expected)" if ctx.smoke else ""))
-        if problems:
-            record["status"] = "failed"
-            record["problems"] = problems
-    return summarize
+        summarize_tests(ctx, record, results(ctx), name)
+
+    return command, summarize, lambda ctx: max(lines_in(results(ctx)) - 1, 0)
 
 
-def cuda_tests_command(ctx: Context, limit_s: float) -> list[str] | None:
-    if ctx.smoke:
-        return None
-    return python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", *CUDA_TEST_FILES,
-                  f"--junitxml={ctx.work / 'cuda_tests.xml'}")
+def read_results(path: Path) -> tuple[list[str], list[str], dict[str, dict]]:
+    """(collected node ids, gpu-marked node ids, results by node id) of a pytest_results file."""
+    collected, gpu, results = [], [], {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        if "collected" in record:
+            collected, gpu = record["collected"], record["gpu"]
+        else:
+            results[record["node"]] = record
+    return collected, gpu, results
 
 
-def summarize_cuda_tests(ctx: Context, record: dict) -> None:
-    xml = ctx.work / "cuda_tests.xml"
-    if not xml.exists():
-        record["status"], record["summary"] = "failed", "no results"
+def summarize_tests(ctx: Context, record: dict, path: Path, step: str) -> None:
+    """Counts, problems and status of a pytest step. On the GPU a failure, a skipped gpu-marked test or a test never
+    run (the step stopped first) fails it. The gpu-marked tests it collected must be named in GPU_TESTS for it;
+    gpu_tests collects every gpu-marked test of tests/ (before deselecting other steps'): each must be named there,
+    and each name must be a test."""
+    collected, gpu, results = read_results(path)
+    if not collected and not results:
+        fail(record, "no results (pytest did not get past collection)")
         return
-    results = junit_results(xml)
-    counts = {s: sum(1 for _, status, _ in results if status == s) for s in ("passed", "failed", "skipped")}
-    record["figures"] = counts
-    record["summary"] = f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
-    record["problems"] = [f"{s}: {n} ({m})" for n, s, m in results if s != "passed"]
+    functions = {node.split("[")[0] for node in gpu}
+    sees_all = step == "gpu_tests"
+    problems = [f"gpu-marked but not named in gpu_check.GPU_TESTS: {f}" for f in sorted(functions - set(GPU_TESTS))]
+    problems += [f"gpu-marked test of this step named for step {GPU_TESTS[f]} in GPU_TESTS: {f}"
+                 for f in sorted(functions & set(GPU_TESTS)) if not sees_all and GPU_TESTS[f] != step]
+    problems += [f"named in gpu_check.GPU_TESTS but no such test: {n}" for n, s in GPU_TESTS.items()
+                 if (sees_all or s == step) and n not in functions]
+    gpu_nodes = set(gpu)
+    not_run = [n for n in collected if n not in results]
+    counts = {s: sum(r["status"] == s for r in results.values()) for s in ("passed", "failed", "skipped")}
+    for r in results.values():
+        if r["status"] == "failed" or (r["status"] == "skipped" and r["node"] in gpu_nodes and not ctx.smoke):
+            problems.append(f"{r['status']}: {r['node']} ({r['message']})")
+    if not_run and not ctx.smoke:
+        problems.append(f"{len(not_run)} tests not run (the step stopped first), e.g. {not_run[0]}")
+    record["figures"] = {"tests": list(results.values()), "not_run": not_run, **counts}
+    record["summary"] = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+                         + (f", {len(not_run)} not run" if not_run else "")
+                         + (" (no GPU: skips expected)" if ctx.smoke else ""))
+    if problems:
+        fail(record)
+        record["problems"] = problems
+
+
+def fail(record: dict, summary: str | None = None) -> None:
+    """Marks a step's record failed, unless it already says why it did not finish (timeout)."""
+    if record["status"] == "ok":
+        record["status"] = "failed"
+    if summary is not None:
+        record["summary"] = summary
+
+
+# The AOT report's test compiles on the CPU for both targets: CI runs it under both triton versions, the GPU has
+# better things to do with its seconds.
+KERNELS = pytest_step("kernels", [*KERNEL_TEST_FILES, "--deselect=tests/test_dino_loss.py::"
+                                                     "test_kernels_compile_for_h100"],
+                      smoke_selection=["-m", "gpu", *KERNEL_TEST_FILES])
+GPU_TEST_STEP = pytest_step("gpu_tests", ["-m", "gpu", "tests"], smoke_selection=["-m", "gpu", "tests"])
+DALI_TESTS = pytest_step("dali_tests", ["-m", "gpu", "tests/test_pipelines.py"], smoke_selection=None)
 
 
 # -------------------------------------------------------------------------------------------------- benchmarks
@@ -210,9 +244,13 @@ def csv_markdown(title: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def csv_rows(name: str) -> Callable[[Context], int]:
+    return lambda ctx: len(read_csv(ctx.work / f"{name}.csv"))
+
+
 def loss_command(ctx: Context, limit_s: float) -> list[str]:
     shape = (["--batch", "1", "--K", "64", "--ncrops", "4", "--providers", "torch", "triton", "--reps", "2"]
-             if ctx.smoke else ["--batch", "64", "128"])
+             if ctx.smoke else ["--batch", "64", "128", "--providers", "triton", "torch", "compile"])
     return bench("bench_dino_loss.py", *shape, *cpu_args(ctx), "--csv", ctx.work / "loss.csv")
 
 
@@ -239,7 +277,7 @@ def summarize_head(ctx: Context, record: dict) -> None:
     record["figures"] = {"rows": rows}
     record["markdown"] = csv_markdown("Head last layer + loss, fused vs unfused (bench_dino_loss.py --head)", rows)
     if set(by) != {"unfused", "fused_head"}:
-        record["status"], record["summary"] = "failed", "no fused/unfused rows"
+        fail(record, "no fused/unfused rows")
         return
     ms = {p: number(r["p50_ms"]) for p, r in by.items()}
     gib = {p: number(r["peak_GiB"]) for p, r in by.items()}
@@ -249,8 +287,10 @@ def summarize_head(ctx: Context, record: dict) -> None:
 
 
 def ema_command(ctx: Context, limit_s: float) -> list[str]:
+    # torch.compile of the official loop last: its cold compile is the longest part
     shape = (["--arch", "vit_tiny", "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32",
-              "--providers", "loop", "foreach", "--reps", "2"] if ctx.smoke else ["--tensor-momentum"])
+              "--providers", "loop", "foreach", "--reps", "2"] if ctx.smoke
+             else ["--tensor-momentum", "--providers", "loop", "triton", "foreach", "compile"])
     return bench("bench_ema.py", *shape, *cpu_args(ctx), "--csv", ctx.work / "ema.csv")
 
 
@@ -265,45 +305,68 @@ def summarize_ema(ctx: Context, record: dict) -> None:
     record["markdown"] = csv_markdown("EMA update (bench_ema.py)", rows)
 
 
-SMOKE_E2E = ["--archs", "vit_tiny/8", "--embed-dim", "64", "--depth", "2", "--num-heads", "2", "--batch", "2",
-             "--out-dim", "256", "--local-crops", "2", "--global-size", "32", "--local-size", "16", "--steps", "1",
-             "--warmup", "1"]
+# The train-step rows: a tiny ViT on the CPU in smoke runs (the same rows, labelled with the smoke shapes).
+TRAIN_STEP_PROVIDERS = ["official", "fastdino", "fastdino-compile"]
+SMOKE_E2E = dict(archs=["vit_tiny/8"], batch=[2], args=["--embed-dim", "64", "--depth", "2", "--num-heads", "2",
+                 "--out-dim", "256", "--local-crops", "2", "--global-size", "32", "--local-size", "16", "--steps", "1",
+                 "--warmup", "1"])
+ROW_MARGIN_S = 10  # bench_e2e starts no row in the step's last seconds (the table printout follows)
 
 
-def train_step_command(name: str, archs: list[str], smoke: bool = True):
-    """The train-step table of `archs` from device-resident crops into NAME.csv / NAME.md; bench_e2e starts no row
-    after the time limit less a row's length, and saves the table after every row. `smoke`: also in smoke runs."""
-    def command(ctx: Context, limit_s: float) -> list[str] | None:
-        common = ["--sources", "device", "--csv", ctx.work / f"{name}.csv", "--markdown", ctx.work / f"{name}.md"]
+def train_step(name: str, archs: list[str], batches: list[int], smoke_providers: list[str] | None):
+    """(command, summarize, saved) of bench_e2e's train-step table for `archs` x `batches` x the providers, data on
+    the device, into NAME.csv / NAME.md (saved after every row). Rows bench_e2e did not reach keep their slot in
+    the table, with the reason. `smoke_providers`: the providers of a smoke run (None: not run in smoke runs)."""
+    def plan(ctx: Context) -> tuple[list[str], list[int], list[str]]:
         if ctx.smoke:
-            return bench("bench_e2e.py", *SMOKE_E2E, "--providers", "official", "fastdino", *cpu_args(ctx),
-                         *common) if smoke else None
-        return bench("bench_e2e.py", "--archs", *archs, "--batch", "64", "128", "--providers", "official",
-                     "fastdino", "fastdino-compile", "--time-limit", f"{max(limit_s - 60, 10) / 60:.2f}", *common)
-    return command
+            return SMOKE_E2E["archs"], SMOKE_E2E["batch"], smoke_providers
+        return archs, batches, TRAIN_STEP_PROVIDERS
 
+    def command(ctx: Context, limit_s: float) -> list[str] | None:
+        if ctx.smoke and smoke_providers is None:
+            return None
+        models, sizes, providers = plan(ctx)
+        shape = [*SMOKE_E2E["args"], *cpu_args(ctx)] if ctx.smoke else [
+            "--time-limit", f"{max(limit_s - ROW_MARGIN_S, 1) / 60:.2f}"]
+        return bench("bench_e2e.py", "--archs", *models, "--batch", *map(str, sizes), "--providers", *providers,
+                     "--sources", "device", *shape, "--csv", ctx.work / f"{name}.csv",
+                     "--markdown", ctx.work / f"{name}.md")
 
-def summarize_e2e(csv_name: str, md_name: str, data: str):
     def summarize(ctx: Context, record: dict) -> None:
-        rows = read_csv(ctx.work / csv_name)
+        rows = read_csv(ctx.work / f"{name}.csv")
+        have = {(r["model"], r["batch"], r["provider"]) for r in rows}
+        models, sizes, providers = plan(ctx)
+        missing = [(m, str(b), p) for m, b, p in product(models, sizes, providers) if (m, str(b), p) not in have]
+        why = {"timeout": "not measured: the step stopped at its limit", "failed": "not measured: the step failed"}
+        reason = why.get(record["status"], "not measured")
+        rows += [dict(model=m, batch=b, data="device", provider=p, img_per_s="", peak_gib="", mfu_pct="",
+                      notes=reason) for m, b, p in missing]
         record["figures"] = {"rows": rows}
-        md = ctx.work / md_name
-        record["markdown"] = md.read_text() if md.exists() else ""
-        parts = []
-        for r in rows:
-            if r["data"] == data and number(r["img_per_s"]) == number(r["img_per_s"]):
-                parts.append(f"{r['model']}@{r['batch']} {r['provider']} {number(r['img_per_s']):.0f} img/s "
-                             f"{number(r['peak_gib']):.1f} GiB MFU {number(r['mfu_pct']):.0f} %")
-        skipped = sum(1 for r in rows if number(r["img_per_s"]) != number(r["img_per_s"]))
-        record["summary"] = "; ".join(parts[:6]) + (f"; {skipped} rows not measured (see notes)" if skipped else "")
-        if not parts:
-            record["status"] = "failed"
-    return summarize
+        md = ctx.work / f"{name}.md"
+        table = md.read_text() if md.exists() else (
+            "| model | batch | data | provider | img/s | ms/step | TFLOP/s | MFU % | peak GiB | speedup | notes |\n"
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+        record["markdown"] = table + "".join(
+            f"| {m} | {b} | device | {p} |{' – |' * 6} {reason} |\n" for m, b, p in missing)
+        measured = [r for r in rows if number(r["img_per_s"]) == number(r["img_per_s"])]
+        record["summary"] = "; ".join(
+            f"{r['model']}@{r['batch']} {r['provider']} {number(r['img_per_s']):.0f} img/s "
+            f"{number(r['peak_gib']):.1f} GiB MFU {number(r['mfu_pct']):.0f} %" for r in measured[:6]) + (
+            f"; {len(rows) - len(measured)} of {len(rows)} rows not measured (see notes)"
+            if len(measured) < len(rows) else "")
+        if not measured:
+            fail(record)
+    return command, summarize, csv_rows(name)
 
 
-def quality_command(ctx: Context, limit_s: float) -> list[str]:
-    """quality_run.py on the carried CIFAR-10 subset for the time the step has left, less start-up, the throughput
-    probe and two k-NN passes (≈ 75 s on the H200, an estimate)."""
+TRAIN_STEP_B128 = train_step("train_step_b128", ["vit_small/16"], [128], smoke_providers=TRAIN_STEP_PROVIDERS)
+TRAIN_STEP_B64 = train_step("train_step_b64", ["vit_small/16"], [64], smoke_providers=["official", "fastdino"])
+TRAIN_STEP_MORE = train_step("train_step_more", ["vit_small/8", "vit_base/16"], [128, 64], smoke_providers=None)
+
+
+def quality_command(ctx: Context, limit_s: float) -> list[str] | None:
+    """quality_run.py on the carried CIFAR-10 subset for the time the step has, less start-up, the throughput
+    probe and two k-NN passes (≈ 75 s on the H200 with the compile cache warm, an estimate)."""
     results = ctx.work / "quality.jsonl"
     if ctx.smoke:  # no --data: quality_run makes its small synthetic set
         return bench("quality_run.py", "--device", "cpu", "--dtype", "float32", "--arch", "vit_tiny", "--patch-size",
@@ -313,7 +376,7 @@ def quality_command(ctx: Context, limit_s: float) -> list[str]:
                      "fastdino", "--results", results)
     if not (CIFAR / "train.tar").exists():
         return None
-    minutes = max(limit_s - 75, 30) / 60
+    minutes = max(limit_s - 75, 20) / 60
     return bench("quality_run.py", "--data", CIFAR, "--providers", "fastdino", "--minutes", f"{minutes:.2f}",
                  "--evals", "1", "--batch", "128", "--workers", "16", "--results", results)
 
@@ -323,8 +386,7 @@ def summarize_quality(ctx: Context, record: dict) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     record["figures"] = {"rows": rows}
     if len(rows) < 2:
-        record["status"] = "failed"
-        record["summary"] = "no k-NN before/after"
+        fail(record, f"no k-NN before/after ({len(rows)} evaluations)")
         return
     first, last = rows[0], rows[-1]
     record["summary"] = (f"k-NN top-1 {first['knn_top1']:.1f} % -> {last['knn_top1']:.1f} % after "
@@ -352,17 +414,30 @@ def summarize_pipeline(ctx: Context, record: dict) -> None:
         else "no rows"
     record["markdown"] = csv_markdown("Multi-crop pipeline from JPEG (bench_pipeline.py)", rows)
     if not rows:
-        record["status"] = "failed"
+        fail(record)
 
 
 def e2e_jpeg_command(ctx: Context, limit_s: float) -> list[str]:
     common = ["--sources", "jpeg", "--csv", ctx.work / "e2e_jpeg.csv", "--markdown", ctx.work / "e2e_jpeg.md"]
     if ctx.smoke:
-        return bench("bench_e2e.py", *SMOKE_E2E, "--jpeg-archs", "vit_tiny/8", "--jpeg-images", "8", "--jpeg-unique",
-                     "4", "--workers", "0", "--providers", "fastdino", *cpu_args(ctx), *common)
+        return bench("bench_e2e.py", "--archs", *SMOKE_E2E["archs"], "--batch", *map(str, SMOKE_E2E["batch"]),
+                     *SMOKE_E2E["args"], "--jpeg-archs", "vit_tiny/8", "--jpeg-images", "8", "--jpeg-unique", "4",
+                     "--workers", "0", "--providers", "fastdino", *cpu_args(ctx), *common)
     return bench("bench_e2e.py", "--archs", "vit_small/16", "--jpeg-archs", "vit_small/16", "--batch", "128",
                  "--providers", "official", "fastdino", "--data-backend", "dali", "--jpeg-images", "4096",
                  "--jpeg-unique", "512", "--time-limit", f"{max(limit_s - 40, 10) / 60:.2f}", *common)
+
+
+def summarize_e2e_jpeg(ctx: Context, record: dict) -> None:
+    rows = read_csv(ctx.work / "e2e_jpeg.csv")
+    md = ctx.work / "e2e_jpeg.md"
+    record["figures"] = {"rows": rows}
+    record["markdown"] = md.read_text() if md.exists() else ""
+    measured = [r for r in rows if number(r["img_per_s"]) == number(r["img_per_s"])]
+    record["summary"] = "; ".join(f"{r['provider']} {number(r['img_per_s']):.0f} img/s ({r['notes']})"
+                                  for r in measured) or "no rows"
+    if not measured:
+        fail(record)
 
 
 def install_command(ctx: Context, limit_s: float) -> list[str] | None:
@@ -371,41 +446,49 @@ def install_command(ctx: Context, limit_s: float) -> list[str] | None:
     return python("-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", ROOT)
 
 
+# The plan, in priority order per stage: (name, stage, what, command, slot_s, limit_s, min_s, ...). Slot and limit
+# are estimates for a cold H200 with 16 cores, compile warm-ups included; they wait for a lent GPU to be checked.
+# A new step is one line here (slot 0 unless it must come before the fill steps).
+INSTALL_WHAT = "pip install -e . against the machine's torch"
 STEPS = [
-    Step("install", 1, "pip install -e . against the machine's torch", install_command, 60, 10,
-         skip_reason="smoke: the package is installed already"),
-    Step("gpu_tests", 1, "every gpu-marked test of stage 1 (GPU_TESTS)", lambda ctx, s: pytest_command(ctx, 1),
-         120, 30, summarize_gpu_tests(1)),
-    Step("cuda_tests", 1, f"{' '.join(CUDA_TEST_FILES)} on CUDA (compiled kernels)", cuda_tests_command, 75, 20,
-         summarize_cuda_tests, skip_reason="smoke: the CPU suite runs these files"),
-    Step("loss", 1, "bench_dino_loss.py: torch (official formulation), compile, triton", loss_command, 90, 20,
-         summarize_loss),
-    Step("head", 1, "bench_dino_loss.py --head: fused head + loss vs unfused, B=128", head_command, 45, 15,
-         summarize_head),
-    Step("ema", 1, "bench_ema.py: official loop, compile, foreach, triton", ema_command, 45, 15, summarize_ema),
-    Step("train_step", 1, "bench_e2e.py: official vs fastdino (eager, compiled), ViT-S/16, data on the GPU",
-         train_step_command("train_step", ["vit_small/16"]), 180, 60,
-         summarize_e2e("train_step.csv", "train_step.md", "device")),
-    Step("quality", 1, "quality_run.py: ViT-S/16 on the CIFAR-10 subset, k-NN before/after", quality_command, 180,
-         120, summarize_quality, skip_reason="no .gpu_data/cifar10: run `gpu_check.py prepare` and carry it"),
-    Step("install", 2, "pip install -e . against the machine's torch", install_command, 60, 10,
-         skip_reason="smoke: the package is installed already"),
-    Step("dali_tests", 2, "every gpu-marked test of stage 2 (DALI's mixed decoder)",
-         lambda ctx, s: pytest_command(ctx, 2), 60, 20, summarize_gpu_tests(2),
-         skip_reason="smoke: gpu_tests collected every stage's tests"),
-    Step("pipeline", 2, "bench_pipeline.py: official PIL, torchvision, DALI from JPEG", pipeline_command, 90, 40,
-         summarize_pipeline),
-    Step("e2e_jpeg", 2, "bench_e2e.py from JPEG: official PIL loader vs fastdino + DALI", e2e_jpeg_command, 120, 60,
-         summarize_e2e("e2e_jpeg.csv", "e2e_jpeg.md", "jpeg")),
-    Step("train_step_more", 2, "bench_e2e.py as train_step, ViT-S/8 and ViT-B/16, while time is left",
-         train_step_command("train_step_more", ["vit_small/8", "vit_base/16"], smoke=False), 120, 30,
-         summarize_e2e("train_step_more.csv", "train_step_more.md", "device"),
-         skip_reason="smoke: train_step ran the same command"),
+    Step("install", 1, INSTALL_WHAT, install_command, 15, 40, 5, skip_reason="smoke: the package is installed"),
+    Step("kernels", 1, f"{', '.join(KERNEL_TEST_FILES)} on CUDA (compiled kernels vs the references)", KERNELS[0],
+         75, 110, 20, KERNELS[1], KERNELS[2]),
+    Step("train_step_b128", 1, "bench_e2e.py at batch 128: official, fastdino eager, compiled; ViT-S/16, data on "
+         "the GPU", TRAIN_STEP_B128[0], 180, 240, 60, TRAIN_STEP_B128[1], TRAIN_STEP_B128[2]),
+    Step("train_step_b64", 1, "the same at batch 64", TRAIN_STEP_B64[0], 90, 120, 30, TRAIN_STEP_B64[1],
+         TRAIN_STEP_B64[2]),
+    Step("loss", 1, "bench_dino_loss.py: triton, torch (official formulation), compile", loss_command, 45, 70, 15,
+         summarize_loss, csv_rows("loss")),
+    Step("head", 1, "bench_dino_loss.py --head: fused head + loss vs unfused, B=128", head_command, 20, 40, 10,
+         summarize_head, csv_rows("head")),
+    Step("ema", 1, "bench_ema.py: official loop, triton, foreach, compile", ema_command, 30, 50, 10, summarize_ema,
+         csv_rows("ema")),
+    Step("gpu_tests", 1, "the other gpu-marked tests (GPU_TESTS)", GPU_TEST_STEP[0], 0, 150, 30, GPU_TEST_STEP[1],
+         GPU_TEST_STEP[2]),
+    Step("quality", 1, "quality_run.py: ViT-S/16 on the CIFAR-10 subset, k-NN before/after", quality_command, 0,
+         200, 100, summarize_quality, lambda ctx: lines_in(ctx.work / "quality.jsonl"),
+         skip_reason="no .gpu_data/cifar10: run `gpu_check.py prepare` and carry it"),
+    Step("train_step_more", 1, "the train-step table for ViT-S/8 and ViT-B/16 at batch 128 and 64",
+         TRAIN_STEP_MORE[0], 0, 150, 45, TRAIN_STEP_MORE[1], TRAIN_STEP_MORE[2],
+         skip_reason="smoke: train_step_b128 ran the same command"),
+    Step("install", 2, INSTALL_WHAT, install_command, 10, 30, 5, skip_reason="smoke: the package is installed"),
+    Step("dali_tests", 2, "the gpu-marked DALI tests (the mixed decoder)", DALI_TESTS[0], 40, 80, 15,
+         DALI_TESTS[1], DALI_TESTS[2], skip_reason="smoke: gpu_tests collected every gpu-marked test"),
+    Step("pipeline", 2, "bench_pipeline.py: official PIL, torchvision, DALI from JPEG", pipeline_command, 50, 80,
+         30, summarize_pipeline, csv_rows("pipeline")),
+    Step("e2e_jpeg", 2, "bench_e2e.py from JPEG: official PIL loader vs fastdino + DALI", e2e_jpeg_command, 100,
+         130, 60, summarize_e2e_jpeg, csv_rows("e2e_jpeg")),
 ]
-STAGE_BUDGET_S = {1: 470, 2: 200}  # stage 1 <= 8 min with start-up; stage 2 fits what stage 1 leaves of 15 min
 
 
 # ---------------------------------------------------------------------------------------------------- running
+
+def deadline(steps: list[Step], i: int, now: float, budget_s: float) -> float:
+    """When step i, started `now` seconds into the stage, must end: its limit, but never into the slots of the steps
+    after it."""
+    return min(now + steps[i].limit_s, budget_s - sum(s.slot_s for s in steps[i + 1:]))
+
 
 def run_step(step: Step, ctx: Context, limit_s: float, log) -> dict:
     argv = step.command(ctx, limit_s)
@@ -413,65 +496,101 @@ def run_step(step: Step, ctx: Context, limit_s: float, log) -> dict:
         return not_run(step, step.skip_reason)
     record = dict(not_run(step, ""), status="ok", limit_s=round(limit_s))
     record["command"] = " ".join(str(a) for a in argv)
-    header = f"\n===== {step.name} (limit {limit_s:.0f} s): {record['command']}\n"
-    if not ctx.smoke:
-        log.write(header)
+    print(f"[gpu_check] {step.name}: {step.what} (limit {limit_s:.0f} s)", flush=True)
+    log.write(f"\n===== {step.name} (limit {limit_s:.0f} s): {record['command']}\n")
     start = time.perf_counter()
-    # A new session, so that a timeout kills the step's whole process tree (DataLoader workers, compile workers).
+    # A new session, so that a stop kills the step's whole process tree (DataLoader workers, compile workers).
     proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=ctx.env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     lines: list[str] = []
 
     def pump():
-        """On the GPU the output goes to the log and stdout as it comes (a call killed mid-step still shows it);
-        in a smoke run, where two steps run at once, it is written in one piece at the end."""
+        """The output goes to the log and stdout as it comes: a call killed mid-step still shows it."""
         for raw in proc.stdout:
             lines.append(raw.decode(errors="replace"))
-            if not ctx.smoke:
-                log.write(lines[-1])
-                sys.stdout.write(lines[-1])
-                sys.stdout.flush()
+            log.write(lines[-1])
+            sys.stdout.write(lines[-1])
+            sys.stdout.flush()
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        timed_out = True
+    stop_after = ctx.rehearse.get(step.name)
+    stopped = None
+    while proc.poll() is None:
+        if time.perf_counter() - start >= limit_s:
+            stopped = f"stopped at its limit ({limit_s:.0f} s)"
+        elif stop_after is not None and step.saved(ctx) >= stop_after:
+            stopped = f"rehearsal: stopped as at its limit after {stop_after} saved rows"
+            record["rehearsal"] = True
+        if stopped:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
+        time.sleep(POLL_S)
     reader.join(timeout=10)  # a grandchild that left the session may hold the pipe open: do not wait for it
-    text = "".join(lines)
-    if ctx.smoke:
-        log.write(header + text)
     log.flush()
     record["seconds"] = round(time.perf_counter() - start, 1)
     record["returncode"] = proc.returncode
-    if proc.returncode != 0:
+    if stopped:
+        record["status"], record["stopped"] = "timeout", stopped
+    elif proc.returncode != 0:
         record["status"] = "failed"
     try:
         step.summarize(ctx, record)
-    except (OSError, KeyError, ValueError, IndexError, ET.ParseError) as err:  # a broken output file
+    except (OSError, KeyError, ValueError, IndexError, json.JSONDecodeError) as err:  # a broken output file
         record["problems"].append(f"reading the results: {type(err).__name__}: {err}")
-        record["status"] = "failed"
-    if record["problems"] and record["status"] == "ok":
-        record["status"] = "failed"
-    if timed_out:
-        record["status"] = "timeout"  # what the summary found missing follows from it
+    if record["problems"]:
+        fail(record)
+    if stopped:
+        record["summary"] = f"{stopped}; {step.saved(ctx)} rows saved: {record['summary']}"
     if record["status"] != "ok":
-        record["output_tail"] = text[-3000:]
+        record["output_tail"] = "".join(lines)[-3000:]
     return record
 
 
+def run_plan(steps: list[Step], ctx: Context, log, budget_s: float, save: Callable[[list[dict]], object]) -> list:
+    """The steps one after the other, each until its `deadline`; a step with less than its `min_s` left is not run.
+    The results are saved after each step."""
+    records, started = [], time.perf_counter()
+    for i, step in enumerate(steps):
+        now = time.perf_counter() - started
+        end = deadline(steps, i, now, budget_s)
+        if end - now < step.min_s:
+            reserved = sum(s.slot_s for s in steps[i + 1:])
+            record = not_run(step, f"stage budget spent ({budget_s - now:.0f} s left, {reserved:.0f} s of them "
+                                   f"reserved for later steps)")
+        else:
+            record = run_step(step, ctx, end - now, log)
+        print(f"[gpu_check] {step.name}: {record['status']} in {record['seconds']:.0f} s  {record['summary']}",
+              flush=True)
+        records.append(record)
+        save(records)
+    return records
+
+
+def plan_table(stage: int, budget_s: float | None = None) -> str:
+    """The budget of a stage as markdown: each step's slot and limit, and when it starts and ends at the latest
+    (every step before it running to its deadline). `--plan` prints it; DEVELOPERS.md and RESULTS.md quote it."""
+    steps = [s for s in STEPS if s.stage == stage]
+    budget_s = STAGE_BUDGET_S[stage] if budget_s is None else budget_s
+    lines = [f"stage {stage}: budget {budget_s:.0f} s, slots {sum(s.slot_s for s in steps):.0f} s", "",
+             "| step | slot s | limit s | min s | latest start s | latest end s |", "|---|---:|---:|---:|---:|---:|"]
+    now = 0.0
+    for i, step in enumerate(steps):
+        end = deadline(steps, i, now, budget_s)
+        runs = end - now >= step.min_s
+        lines.append(f"| {step.name} | {step.slot_s:.0f} | {step.limit_s:.0f} | {step.min_s:.0f} | "
+                     f"{now:.0f} | {end if runs else now:.0f}{'' if runs else ' (not run)'} |")
+        now = end if runs else now
+    return "\n".join(lines) + "\n"
+
+
 def environment(smoke: bool) -> dict:
-    """Device, driver and library versions, read without initialising CUDA in this process."""
+    """Device, driver and library versions (read without initialising CUDA in this process) and the source: the
+    commit `prepare` recorded in .gpu_data/source.json (what travels to the GPU machine is a copy of the tree,
+    without .git), checked against the files here; else git's."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "smoke": smoke}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        info["commit"] = "unknown"
+    info["source"] = source_info()
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
@@ -487,10 +606,36 @@ def environment(smoke: bool) -> dict:
     return info
 
 
+def tree_digest(files: list[str]) -> str:
+    """sha256 over the paths and contents of `files` (relative to ROOT; a missing file counts as missing)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        path = ROOT / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
+    return digest.hexdigest()
+
+
+def git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def source_info(path: Path = SOURCE) -> str:
+    """"commit abc1234" (+ ", dirty" and whether the tree still matches what `prepare` saw) for the table."""
+    if path.is_file():
+        source = json.loads(path.read_text())
+        same = tree_digest(source["files"]) == source["digest"]
+        return (f"commit {source['commit']}{', dirty' if source['dirty'] else ''} (prepared {source['prepared']}"
+                f"{'' if same else '; the tree here differs from it'})")
+    commit = git("rev-parse", "--short", "HEAD")
+    return f"commit {commit}{', dirty' if git('status', '--porcelain') else ''}" if commit else "commit unknown"
+
+
 def to_markdown(info: dict, records: list[dict], stages: list[int]) -> str:
     lines = [f"### GPU check, stage {'+'.join(map(str, stages))}{' (smoke, CPU)' if info['smoke'] else ''}", "",
-             f"- device: {info['device']}; torch, triton: {info['torch_triton']}; {info['date']}; "
-             f"commit {info['commit']}",
+             f"- device: {info['device']}; torch, triton: {info['torch_triton']}; {info['date']}; {info['source']}",
              f"- command: `{info['command']}`", "",
              "| step | status | s | result | target |", "|---|---|---:|---|---|"]
     for r in records:
@@ -502,73 +647,35 @@ def to_markdown(info: dict, records: list[dict], stages: list[int]) -> str:
 
 
 def check(args) -> int:
-    out = Path(args.out)
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_out_"))
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    cache = work / "compile_cache" if args.smoke else COMPILE_CACHE
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+               TRITON_CACHE_DIR=str(cache / "triton"), TORCHINDUCTOR_FX_GRAPH_CACHE="1",
+               TORCHINDUCTOR_AUTOGRAD_CACHE="1")
     if args.smoke:
         env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    ctx = Context(smoke=args.smoke, work=work, env=env)
+    ctx = Context(smoke=args.smoke, work=work, env=env, rehearse=dict(args.rehearse_stop))
     info = environment(args.smoke)
     info["command"] = "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])
     stages = [1, 2] if args.smoke and args.stage is None else [args.stage or 1]
-    steps = [s for s in STEPS if s.stage in stages and (not args.only or s.name in args.only)]
-    budget = sum(STAGE_BUDGET_S[s] for s in stages) if args.budget_s is None else args.budget_s
+    records = []
     try:
         with open(out / "gpu_check.log", "w") as log:
-            if args.smoke:
-                records = smoke_steps(steps, ctx, log)
-                write_results(out, info, records, stages)
-            else:
-                records = gpu_steps(steps, ctx, log, budget, lambda done: write_results(out, info, done, stages))
+            for stage in stages:
+                steps = [s for s in STEPS if s.stage == stage and (not args.only or s.name in args.only)]
+                budget = STAGE_BUDGET_S[stage] if args.budget_s is None else args.budget_s
+                done = list(records)
+                records = done + run_plan(steps, ctx, log, budget,
+                                          lambda new: write_results(out, info, done + new, stages))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     markdown = write_results(out, info, records, stages)
-    print("\n" + markdown, flush=True)
-    ok = all(r["status"] == "ok" or (r["status"] == "not run" and args.smoke) for r in records)
+    print(f"\n[gpu_check] results in {out}\n\n" + markdown, flush=True)
+    ok = all(r["status"] == "ok" or (args.smoke and r["status"] == "not run") or r.get("rehearsal")
+             for r in records)
     return 0 if ok else 1
-
-
-def gpu_steps(steps: list[Step], ctx: Context, log, budget_s: float, save: Callable[[list[dict]], object]) -> list:
-    """The steps one after the other, each within its own limit and within what the budget leaves once the later
-    steps have their `min_s` (but never under its own `min_s` while that much is left); results saved after each."""
-    records, started = [], time.perf_counter()
-    for i, step in enumerate(steps):
-        left = budget_s - (time.perf_counter() - started)
-        limit = min(step.limit_s, max(step.min_s, left - sum(s.min_s for s in steps[i + 1:])), left)
-        if limit < step.min_s:
-            record = not_run(step, f"stage budget spent ({left:.0f} s left)")
-        else:
-            print(f"[gpu_check] {step.name}: {step.what} (limit {limit:.0f} s)", flush=True)
-            record = run_step(step, ctx, limit, log)
-        print(f"[gpu_check] {step.name}: {record['status']} in {record['seconds']:.0f} s  {record['summary']}",
-              flush=True)
-        records.append(record)
-        save(records)
-    return records
-
-
-def smoke_steps(steps: list[Step], ctx: Context, log) -> list[dict]:
-    """The steps two at a time (nothing is timed on the CPU; CI has two cores), each with its smoke limit."""
-    lock = threading.Lock()
-
-    class Log:  # each step writes its output in one piece
-        def write(self, text):
-            with lock:
-                log.write(text)
-
-        def flush(self):
-            with lock:
-                log.flush()
-
-    def run(step):
-        record = run_step(step, ctx, step.smoke_limit_s, Log())
-        print(f"[gpu_check] {step.name}: {record['status']} in {record['seconds']:.0f} s  {record['summary']}",
-              flush=True)
-        return record
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(run, steps))
 
 
 def not_run(step: Step, reason: str) -> dict:
@@ -608,11 +715,11 @@ def prepare_cifar(source: Path, per_class: dict[str, int], dest: Path = CIFAR, s
               f"{(dest / f'{split}.tar').stat().st_size / 2**20:.1f} MiB")
 
 
-def prepare_dali(version: str = DALI_VERSION, dest: Path = DALI, first_part_mib: int = FIRST_PART_MIB) -> None:
+def prepare_dali(version: str = DALI_VERSION, dest: Path = DALI, part_mib: int = PART_MIB) -> None:
     """NVIDIA DALI and the libraries it needs, as wheels for the GPU machine (Python 3.12, x86-64, CUDA 13) in one
-    tar split into dest/c0/part (first_part_mib MiB: it rides with stage 1), c1/part, ... (PART_MIB MiB each).
-    Each cK/offset holds the bytes before part K (gpu_check.sh checks that nothing was lost between calls); the
-    last folder also holds SHA256, the whole tar's checksum. As ../shared/gpu/pack_dali.sh (seen working there)."""
+    tar split into dest/c0/part, c1/part, ... (part_mib MiB each, one per device call). Each cK/offset holds the bytes
+    before part K (gpu_check.sh checks that nothing was lost between calls); the last folder also holds SHA256, the
+    whole tar's checksum. As ../shared/gpu/pack_dali.sh (seen working there)."""
     platforms = [f"--platform={p}" for p in ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
                                              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -629,7 +736,7 @@ def prepare_dali(version: str = DALI_VERSION, dest: Path = DALI, first_part_mib:
         shutil.rmtree(dest, ignore_errors=True)
         digest, offset, k = hashlib.sha256(), 0, 0
         with open(archive, "rb") as f:
-            while chunk := f.read((first_part_mib if k == 0 else PART_MIB) * 2**20):
+            while chunk := f.read(part_mib * 2**20):
                 (dest / f"c{k}").mkdir(parents=True)
                 (dest / f"c{k}" / "part").write_bytes(chunk)
                 (dest / f"c{k}" / "offset").write_text(f"{offset}\n")
@@ -639,15 +746,35 @@ def prepare_dali(version: str = DALI_VERSION, dest: Path = DALI, first_part_mib:
         print(f"{dest}: parts c0..c{k - 1} ({offset / 2**20:.0f} MiB in all); the last one is c{k - 1}")
 
 
+def prepare_source(dest: Path = SOURCE) -> dict:
+    """dest: the commit, whether the tree differs from it, and a digest of the tracked files as they are now."""
+    files = git("ls-files").splitlines()
+    source = dict(commit=git("rev-parse", "--short", "HEAD") or "unknown", dirty=bool(git("status", "--porcelain")),
+                  prepared=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  files=files, digest=tree_digest(files))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(source, indent=1))
+    print(f"{dest}: commit {source['commit']}{' (dirty)' if source['dirty'] else ''}, {len(files)} files")
+    return source
+
+
 def prepare(args) -> int:
     if ".gpu_data/" not in (ROOT / ".gitignore").read_text().split():
         raise SystemExit(".gpu_data/ must be in .gitignore: the device calls carry it, git must not track it")
     if not (Path(args.cifar) / "train.tar.gz").is_file():
         raise SystemExit(f"no CIFAR-10 tars in {args.cifar} (train.tar.gz, val.tar.gz): pass --cifar DIR")
+    prepare_source()
     prepare_cifar(Path(args.cifar), QUALITY_SUBSET)
     if args.dali:
         prepare_dali()
     return 0
+
+
+def step_rows(text: str) -> tuple[str, int]:
+    name, _, rows = text.partition(":")
+    if name not in {s.name for s in STEPS} or not rows.isdigit():
+        raise argparse.ArgumentTypeError(f"--rehearse-stop takes STEP:ROWS with a step of the plan, got {text!r}")
+    return name, int(rows)
 
 
 def main(argv=None) -> int:
@@ -658,14 +785,22 @@ def main(argv=None) -> int:
                       help="folder with CIFAR-10's train.tar.gz and val.tar.gz")
     prep.add_argument("--dali", action="store_true", help="also the DALI parts for stage 2 (downloads ~260 MB)")
     parser.add_argument("--stage", type=int, choices=[1, 2], default=None, help="default: 1 (smoke: both)")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter: checks the script")
-    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"), help="folder for the table, "
-                        "the JSON and the log (default $OUT)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter: the real plan")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for the table, the JSON and the log "
+                        "(default $OUT, else a new temporary folder)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these steps")
     parser.add_argument("--budget-s", type=float, default=None, help="seconds for the stage (default: "
                         + ", ".join(f"stage {k} {v}" for k, v in STAGE_BUDGET_S.items()) + ")")
+    parser.add_argument("--rehearse-stop", nargs="+", type=step_rows, default=[], metavar="STEP:ROWS",
+                        help="stop STEP as at its limit once it has saved ROWS rows (the smoke test's rehearsal)")
+    parser.add_argument("--plan", action="store_true", help="print each stage's budget table and exit")
     args = parser.parse_args(argv)
-    return prepare(args) if args.command == "prepare" else check(args)
+    if args.command == "prepare":
+        return prepare(args)
+    if args.plan:
+        print("\n".join(plan_table(stage) for stage in STAGE_BUDGET_S))
+        return 0
+    return check(args)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 #!/bin/bash
 # The GPU check on the device machine; DEVELOPERS.md gives each device call (command, carry, timeout).
-#   bash benchmarks/gpu_check.sh 1         stage 1: DALI part 0 into /tmp when carried, then gpu_check.py --stage 1
-#                                          (install fastdino, tests, kernels, train step, quality run)
-#   bash benchmarks/gpu_check.sh part K    append DALI part K (carried .gpu_data/dali/cK) to /tmp/dali.tar
-#   bash benchmarks/gpu_check.sh 2 K       append the last part K, check and install DALI into /tmp/site, then
-#                                          stage 2 (DALI tests, pipeline, end to end from JPEG)
+#   bash benchmarks/gpu_check.sh 1         stage 1: gpu_check.py --stage 1 (install fastdino, kernel tests, the
+#                                          train-step table, loss / head / EMA, then GPU tests, quality run, ...)
+#   bash benchmarks/gpu_check.sh part K    stage 2, calls 1..: append DALI part K (carried .gpu_data/dali/cK) to
+#                                          /tmp/dali.tar (K = 0 starts it)
+#   bash benchmarks/gpu_check.sh 2 K       stage 2, last call: append the last part K, check and install DALI into
+#                                          /tmp/site, then gpu_check.py --stage 2 (DALI tests, pipeline, end to end
+#                                          from JPEG)
 # /tmp lasts only while the machine stays warm (30 s after a call): the part calls go back to back, each checks
 # that the parts before it are all there. Results go to $OUT (gpu_check.md, .json, .log); the table prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu_check_out}
 
 append_part() {  # K: append .gpu_data/dali/cK/part if /tmp/dali.tar holds exactly the parts before it
   local k=$1 dir=.gpu_data/dali/c$1 have
@@ -19,7 +20,7 @@ append_part() {  # K: append .gpu_data/dali/cK/part if /tmp/dali.tar holds exact
   have=$(stat -c %s /tmp/dali.tar 2>/dev/null || echo 0)
   if [ "$have" != "$(cat "$dir/offset")" ]; then
     echo "DALI part $k: /tmp/dali.tar holds $have bytes, not the $(cat "$dir/offset") of parts 0..$((k - 1))" \
-         "(the machine was given back between calls): start again from stage 1 or part 0"
+         "(the machine was given back between calls): start stage 2 again from part 0"
     return 1
   fi
   cat "$dir/part" >> /tmp/dali.tar && echo "DALI part $k appended: $(stat -c %s /tmp/dali.tar) bytes"
@@ -27,8 +28,7 @@ append_part() {  # K: append .gpu_data/dali/cK/part if /tmp/dali.tar holds exact
 
 case "${1:-}" in
   1)
-    [ -d .gpu_data/dali/c0 ] && append_part 0
-    exec python3 benchmarks/gpu_check.py --stage 1 --out "$OUT" ;;
+    exec python3 benchmarks/gpu_check.py --stage 1 ;;  # into $OUT (else a temporary folder)
   part)
     append_part "${2:?part number}" ;;
   2)
@@ -41,7 +41,7 @@ case "${1:-}" in
     else
       echo "DALI is incomplete in /tmp/dali.tar: stage 2 runs without it, and its DALI steps fail"
     fi
-    exec python3 benchmarks/gpu_check.py --stage 2 --out "$OUT" ;;
+    exec python3 benchmarks/gpu_check.py --stage 2 ;;
   *)
     echo "usage: bash benchmarks/gpu_check.sh 1 | part K | 2 K" >&2; exit 2 ;;
 esac

@@ -65,6 +65,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -216,9 +217,10 @@ def probe(provider: str, cfg: C.TrainConfig, args, device: torch.device, source)
         release_memory(device)
 
 
-def train(provider: str, cfg: C.TrainConfig, args, device: torch.device, source, knn: KNN,
-          num_images: int) -> list[dict]:
-    """Train `provider` for the budget (or --train-steps), evaluating on the way; returns the result rows."""
+def train(provider: str, cfg: C.TrainConfig, args, device: torch.device, source, knn: KNN, num_images: int,
+          save: Callable[[dict], None]) -> None:
+    """Train `provider` for the budget (or --train-steps), evaluating on the way; each result row goes to `save` as
+    soon as it is measured (a run stopped part-way keeps its evaluations)."""
     batch = cfg.data.batch_size
     img_per_s = float("nan")
     if args.train_steps:
@@ -237,9 +239,10 @@ def train(provider: str, cfg: C.TrainConfig, args, device: torch.device, source,
     kind, folder = source
     clock = Clock()
     stream, loader, notes = batch_stream("jpeg", kind, cfg, args, device, folder)
-    rows, loss, step, printed = [], float("nan"), 0, 0.0
+    loss, step, printed, evaluated_at = float("nan"), 0, 0.0, None
 
     def evaluate():
+        nonlocal evaluated_at
         clock.pause()
         result = knn(built.teacher_backbone)
         row = dict(provider=provider, notes=f"{built.notes}, {notes}", step=step, total_steps=total_steps,
@@ -248,7 +251,8 @@ def train(provider: str, cfg: C.TrainConfig, args, device: torch.device, source,
                    budget_minutes=None if args.train_steps else args.minutes)
         print(f"  {provider} step {step}/{total_steps} at {row['minutes']:.2f} min: loss {loss:.4f}, k-NN top-1 "
               f"{row['knn_top1']:.2f}% top-5 {row['knn_top5']:.2f}%", flush=True)
-        rows.append(row)
+        save(row)
+        evaluated_at = step
         clock.resume()
 
     try:
@@ -271,12 +275,11 @@ def train(provider: str, cfg: C.TrainConfig, args, device: torch.device, source,
             if progress >= next_eval / args.evals:
                 evaluate()
                 next_eval = math.floor(progress * args.evals) + 1
-        if rows[-1]["step"] != step:
+        if evaluated_at != step:
             evaluate()
     finally:
         if loader is not None:
             loader.close()
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -314,14 +317,15 @@ def main():
         train_split = resolve_split(data, "train")
         knn = KNN(data, args, cfg, device)
         num_images = sum(len(labels) for _, labels in knn.splits["train"])
-        with open(args.results, "a") as results:
+        with open(args.results, "a", buffering=1) as results:  # line-buffered: each row on disk as written
+
+            def save(row: dict) -> None:
+                row.update(command=command, device=device_name, data=data,
+                           date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                results.write(json.dumps(row) + "\n")
+
             for provider in args.providers:
-                for row in train(provider, cfg, args, device, data_source(provider, train_split, tmp), knn,
-                                 num_images):
-                    row.update(command=command, device=device_name, data=data,
-                               date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-                    results.write(json.dumps(row) + "\n")
-                results.flush()
+                train(provider, cfg, args, device, data_source(provider, train_split, tmp), knn, num_images, save)
                 release_memory(device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

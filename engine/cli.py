@@ -392,7 +392,7 @@ def evaluate_at_end(trainer, output: Path) -> dict | None:
     k-NN (eval.KNNDataError) skips it with one line; returns None then."""
     from fastdino.engine.eval import KNNDataError, knn_accuracy
     from fastdino.engine.model import build_model, initial_state
-    from fastdino.engine.visualize import save_attention_png
+    from fastdino.engine.visualize import first_val_image, save_attention_png
     from fastdino.pipelines import resolve_split
 
     cfg = trainer.cfg
@@ -411,16 +411,21 @@ def evaluate_at_end(trainer, output: Path) -> dict | None:
         results = None
     if trainer.rank != 0:
         return results
-    val = Path(resolve_split(cfg.data.path, "val"))
-    images = sorted(p for p in val.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if val.is_dir() else []
-    png = save_attention_png(trained, images[0], output / "attention.png") if images else None
-    if results is not None:
-        trainer.metrics_writer().replace({**row, "knn_top1_untrained": results["untrained"]["top1"]})
-        print(f"k-NN top-1 on {val} (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): untrained "
-              f"{results['untrained']['top1']:.1f}% -> trained {results['trained']['top1']:.1f}% "
-              f"(top-5 {results['untrained']['top5']:.1f}% -> {results['trained']['top5']:.1f}%)")
-    if png is not None:
-        print(f"attention maps of {images[0].name}: {png}")
+    image = first_val_image(cfg.data.path)
+    png = save_attention_png(trained, image, output / "attention.png") if image is not None else None
+    writer = trainer.metrics_writer()
+    try:
+        if results is not None:
+            writer.replace({**row, "knn_top1_untrained": results["untrained"]["top1"]})
+            print(f"k-NN top-1 on {resolve_split(cfg.data.path, 'val')} (k={cfg.eval.knn_k}, "
+                  f"T={cfg.eval.knn_temperature}): untrained {results['untrained']['top1']:.1f}% -> trained "
+                  f"{results['trained']['top1']:.1f}% (top-5 {results['untrained']['top5']:.1f}% -> "
+                  f"{results['trained']['top5']:.1f}%)")
+        if png is not None:
+            trainer.attention_to_tensorboard(writer, trained)
+            print(f"attention maps of {image.name}: {png}")
+    finally:
+        writer.close()
     return results
 
 

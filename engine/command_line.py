@@ -24,7 +24,7 @@ EVAL_COMMANDS = {
     "linear": "linear probe on frozen features (DINO eval_linear; resumes from --output)",
     "attention": "PNG of the last block's per-head CLS attention and 60%% masks",
     "export": "write features and labels to .safetensors or .npz",
-    "plot": "PNG curves of loss, teacher entropy and k-NN top-1 from DIR/metrics.jsonl",
+    "plot": "one figure (PNG and SVG) of every metric of DIR/metrics.jsonl; several DIRs overlaid",
 }
 
 

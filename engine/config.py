@@ -265,6 +265,18 @@ class EvalConfig:
         _check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
 
 
+TENSORBOARD_CHOICES = ("auto", "true", "false")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: str = "auto"
+    """TensorBoard event files in DIR/tb/ (every metrics.jsonl column): auto = when the package is installed."""
+
+    def __post_init__(self):
+        _check_choice("logging.tensorboard", self.tensorboard, TENSORBOARD_CHOICES)
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -283,6 +295,8 @@ class TrainConfig:
     """When to save and how many to keep."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation during and after training."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Where metrics go besides DIR/metrics.jsonl."""
     epochs: int = 100
     """Length of the run; all schedules span it (unless `minutes` is set)."""
     minutes: float | None = None
@@ -314,14 +328,15 @@ class TrainConfig:
                "loss.fused_head=false")
 
 
-# Settings a resumed run may change (prefixes of dotted keys): when to stop, how often to log, evaluate and save,
-# where the data lies and how many workers read it, and how the run maps onto the hardware (the checkpoint reshards).
+# Settings a resumed run may change (prefixes of dotted keys): when to stop, how often and where to log, when to
+# evaluate and save, where the data lies and how many workers read it, and how the run maps onto the hardware (the
+# checkpoint reshards).
 # Any other difference from the run's config.json would resume silently wrong (new random blocks, other schedules,
 # another loss), so it is refused.
 # How the same step is computed may change too (kernels, compilation, recomputation): only rounding differs.
 MAY_CHANGE_ON_RESUME = ("max_steps", "log_every", "eval.", "checkpoint.", "data.path", "data.num_workers",
                         "parallel.", "model.attention", "model.compile", "model.activation_checkpointing",
-                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "max_nonfinite_in_a_row")
+                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "max_nonfinite_in_a_row", "logging.")
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:

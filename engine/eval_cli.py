@@ -33,7 +33,7 @@ from fastdino.engine.command_line import (
 )
 from fastdino.engine.eval import POOLINGS, distributed_rank_world, export_features, knn_evaluate
 from fastdino.engine.linear import linear_probe
-from fastdino.engine.visualize import plot_run, save_attention_png
+from fastdino.engine.visualize import plot_runs, save_attention_png
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="cls", choices=POOLINGS, help="cls = final-norm CLS (the k-NN feature)")
 
     p = sub.add_parser("plot", help=EVAL_COMMANDS["plot"])
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="DIR", help="run folders (their metrics.jsonl)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="PATH: writes PATH.png and PATH.svg (default DIR/plots/metrics, or FIRST_DIR/plots/compared "
+                        "for several runs)")
     return parser
 
 
@@ -113,7 +116,7 @@ def _error(message: str) -> int:
 
 def _run(args) -> int:
     if args.command == "plot":
-        for path in plot_run(args.run_dir):
+        for path in plot_runs(args.run_dirs, args.output).paths:
             print(path)
         return 0
     device = _device(args.device)

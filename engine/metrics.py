@@ -1,11 +1,13 @@
 """What a run reports: on-device step accumulators, throughput and ETA, peak memory, the progress line,
-DIR/metrics.jsonl, the teacher-collapse watch, and the plain statement at the end of a run.
+DIR/metrics.jsonl (and its TensorBoard mirror, DIR/tb/), the teacher-collapse watch, and the plain statement at the end
+of a run.
 
 The step never reads a tensor on the host. `StepStats` adds each step's loss, teacher entropy and skip flag into
 one small device tensor; `read` (the only host sync, once every `log_every` steps) sums it over ranks and resets
 it. Keys of a metrics row are the flat names of the run-directory contract (step, epoch, loss, lr, wd,
 teacher_momentum, teacher_temp, teacher_entropy, img_per_s, max_memory_gib, ...), one JSON object per line.
 """
+import importlib.util
 import json
 import logging
 import math
@@ -15,6 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -158,24 +161,71 @@ class CollapseWatch:
         return None
 
 
-class MetricsWriter:
-    """Progress lines on the log and rows in DIR/metrics.jsonl (rank 0 only)."""
+def resolve_tensorboard(choice: str, output_dir: Path | None) -> Path | None:
+    """DIR/tb for logging.tensorboard = `choice` ("auto": when the tensorboard package is installed), or None; the
+    choice is logged once. An explicit "true" without the package is a ValueError naming it."""
+    if choice == "false" or output_dir is None:
+        return None
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if not installed:
+        if choice == "true":
+            raise ValueError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard, or "
+                             "fastdino[tensorboard]); or set logging.tensorboard=auto or false")
+        logger.info("TensorBoard: off (logging.tensorboard=auto and the tensorboard package is not installed)")
+        return None
+    logger.info("TensorBoard: event files in %s (tensorboard --logdir %s)", output_dir / "tb", output_dir.parent)
+    return output_dir / "tb"
 
-    def __init__(self, path: Path | None, total_steps: int):
+
+class TensorBoard:
+    """Event files (torch's SummaryWriter) mirroring metrics.jsonl: every numeric column of a row is a scalar at the
+    row's step; images too (the attention maps of each k-NN pass). Opened at `purge_step`, it first hides what
+    earlier writers in the folder logged at that step and after (TensorBoard's own purge on restart), so that rows
+    metrics.jsonl dropped or replaced are gone here too."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def add_row(self, row: dict) -> None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, row["step"])
+        self.writer.flush()
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        """`image`: a PIL RGB image."""
+        self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MetricsWriter:
+    """Progress lines on the log and rows in DIR/metrics.jsonl, mirrored to TensorBoard event files in
+    `tensorboard_dir` when given (rank 0 only)."""
+
+    def __init__(self, path: Path | None, total_steps: int, tensorboard_dir: Path | None = None):
         self.path = path
         self.total_steps = total_steps
+        self.tensorboard_dir = tensorboard_dir if path is not None else None
+        self.tensorboard: TensorBoard | None = None
 
     def drop_after(self, step: int) -> None:
         """Remove rows logged after `step` (a resumed run logs them again), a `partial` row at `step` (the row of
         a run stopped between two log steps: the resumed run's next row covers its steps) and a line cut short by
-        a kill."""
+        a kill; TensorBoard drops the same."""
         if self.path is None:
             return
         if not self.path.is_file():  # created now, so that every run leaves one, even one that logs no row
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch()
+            self._tensorboard_from(step + 1)
             return
-        self._keep(lambda row: row["step"] < step or (row["step"] == step and not row.get("partial")))
+        dropped = self._keep(lambda row: row["step"] < step or (row["step"] == step and not row.get("partial")))
+        self._tensorboard_from(step if any(row["step"] == step for row in dropped) else step + 1)
 
     def replace(self, row: dict) -> None:
         """Append `row` in place of the rows of the same step with the same keys (a rerun's end-of-run k-NN)."""
@@ -183,20 +233,39 @@ class MetricsWriter:
             return
         if self.path.is_file():
             self._keep(lambda old: old["step"] != row["step"] or old.keys() != row.keys())
+        self._tensorboard_from(row["step"])
         self.append(row)
 
-    def _keep(self, keep) -> None:
-        """Rewrite the file with the rows `keep` accepts, atomically: a full disk leaves the old file whole."""
+    def _keep(self, keep) -> list[dict]:
+        """Rewrite the file with the rows `keep` accepts, atomically: a full disk leaves the old file whole.
+        Returns the rows dropped."""
         from fastdino.files import atomic_write
 
-        kept = []
+        kept, dropped = [], []
         for line in self.path.read_text().splitlines():
             try:
-                if keep(json.loads(line)):
-                    kept.append(line)
+                row = json.loads(line)
             except json.JSONDecodeError:
                 logger.warning("dropping a truncated line of %s", self.path)
+                continue
+            if keep(row):
+                kept.append(line)
+            else:
+                dropped.append(row)
         atomic_write(self.path, lambda tmp: tmp.write_text("".join(row + "\n" for row in kept)))
+        return dropped
+
+    def _tensorboard_from(self, step: int) -> None:
+        """A new TensorBoard writer that purges what was logged at `step` and after, then holds again the rows
+        metrics.jsonl keeps from `step` on."""
+        if self.tensorboard_dir is None:
+            return
+        self.close()
+        self.tensorboard = TensorBoard(self.tensorboard_dir, purge_step=step)
+        for line in self.path.read_text().splitlines() if self.path.is_file() else []:
+            row = json.loads(line)
+            if row["step"] >= step:
+                self.tensorboard.add_row(row)
 
     def write(self, row: dict) -> None:
         """Log a training row's progress line and append the row."""
@@ -211,6 +280,24 @@ class MetricsWriter:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self._tensorboard() is not None:
+            self.tensorboard.add_row(row)
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        """An image (PIL) at `step` in TensorBoard, when it is on."""
+        if self._tensorboard() is not None:
+            self.tensorboard.add_image(tag, image, step)
+
+    def _tensorboard(self) -> TensorBoard | None:
+        """The open TensorBoard writer (opened now if need be: nothing to purge), or None when it is off."""
+        if self.tensorboard is None and self.tensorboard_dir is not None:
+            self.tensorboard = TensorBoard(self.tensorboard_dir, purge_step=None)
+        return self.tensorboard
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def format_row(row: dict, total_steps: int) -> str:

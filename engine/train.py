@@ -45,6 +45,7 @@ from fastdino.engine.metrics import (
     Throughput,
     format_knn_row,
     max_memory_gib,
+    resolve_tensorboard,
 )
 from fastdino.engine.parallelize import (
     DynamicLossScale,
@@ -127,6 +128,8 @@ class Trainer:
         self.untrained_knn: dict | None = None  # k-NN of the initial weights when the time budget measured it
         self.throughput: Throughput | None = None  # the clock of the running `train`
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        tensorboard_dir = resolve_tensorboard(cfg.logging.tensorboard, self.output_dir)  # on every rank: one error
+        self.tensorboard_dir = tensorboard_dir if self.rank == 0 else None
         length = (f"steps from a {cfg.minutes:g}-min time budget" if cfg.minutes is not None
                   else f"{self.schedules.total_steps} steps")
         logger.info("mode %s, precision %s, %d process(es), %.1fM parameters, %s (%d per epoch)",
@@ -261,8 +264,14 @@ class Trainer:
         every `log_every` steps, run the periodic k-NN, checkpoint every `checkpoint.every_steps` (epoch ends when 0)
         and at the end, and after the step at which `stop` reports a signal (see stop.py), which then ends the
         run. Returns the logged training rows (rank 0; empty elsewhere)."""
-        cfg = self.cfg
         writer = self.metrics_writer()
+        try:
+            return self._train(loader, stop, writer)
+        finally:
+            writer.close()
+
+    def _train(self, loader, stop: StopRequest | None, writer: MetricsWriter) -> list[dict]:
+        cfg = self.cfg
         writer.drop_after(self.step)
         collapse = CollapseWatch(cfg.head.out_dim, patience_steps=max(self.steps_per_epoch, 5 * cfg.log_every))
         self.throughput = Throughput(self.step, self.trained_seconds)
@@ -301,9 +310,10 @@ class Trainer:
         return self.step % self.cfg.log_every == 0 and stop.agreed(self.mesh.get_group(), self.device)
 
     def metrics_writer(self) -> MetricsWriter:
-        """The writer of DIR/metrics.jsonl (a no-op on ranks other than 0 and without an output folder)."""
+        """The writer of DIR/metrics.jsonl and its TensorBoard mirror (a no-op on ranks other than 0 and without an
+        output folder); close it when done."""
         return MetricsWriter(self.output_dir / "metrics.jsonl" if self._writes() else None,
-                             self.schedules.total_steps)
+                             self.schedules.total_steps, self.tensorboard_dir)
 
     def training_seconds(self) -> float:
         """Wall time spent training in this output folder so far, over every resumed run, evaluations left out."""
@@ -320,15 +330,25 @@ class Trainer:
 
     def _periodic_knn(self, writer: MetricsWriter) -> None:
         with self.throughput.paused():
+            backbone = self.teacher_backbone()
             try:
-                row = self.evaluate_knn(self.teacher_backbone())
+                row = self.evaluate_knn(backbone)
             except KNNDataError as error:  # the data will not change: off for the rest of the run
                 logger.warning("periodic k-NN off: %s", error)
                 self.knn_every_steps = 0
                 return
-        if self.rank == 0:
-            logger.info(format_knn_row(row, self.cfg.eval.knn_k))
-            writer.append(row)
+            if self.rank == 0:
+                logger.info(format_knn_row(row, self.cfg.eval.knn_k))
+                writer.append(row)
+                self.attention_to_tensorboard(writer, backbone)
+
+    def attention_to_tensorboard(self, writer: MetricsWriter, backbone: torch.nn.Module) -> None:
+        """The attention maps of the val split's first image (when it is a folder) in TensorBoard, at this step."""
+        from fastdino.engine.visualize import attention_image, first_val_image
+
+        image = first_val_image(self.cfg.data.path) if writer.tensorboard_dir is not None else None
+        if image is not None:
+            writer.add_image("attention", attention_image(backbone, image)[0], self.step)
 
     def evaluate_knn(self, teacher_backbone: torch.nn.Module) -> dict:
         """k-NN of `teacher_backbone` (see `teacher_backbone()`) on the val split, collective: a metrics row with

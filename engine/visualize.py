@@ -1,4 +1,5 @@
-"""Pictures, drawn with PIL only: self-attention maps of a backbone and line charts of a run's metrics.
+"""Pictures: self-attention maps of a backbone (pixel grids, drawn with PIL) and figures of runs' metrics
+(matplotlib).
 
 Attention maps follow DINO's `visualize_attention.py` (Caron et al. 2021, Sec. 4.2.2 and Fig. 3): the CLS
 query's attention over the patches in each head of the last block, and per head the mask of the highest-
@@ -8,6 +9,7 @@ import colorsys
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +22,11 @@ from fastdino.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
-PLOTTED_METRICS = ("loss", "teacher_entropy", "knn_top1")
 # Each picture of the attention grid is drawn at least this tall or wide (patches stay sharp blocks), so a map of
 # a 32-px image is readable; larger images keep their size.
 MIN_PANEL_PX = 224
 _BAND_PX = 28  # the column titles above the grid and the caption below it
-_REFERENCE_COLOR = (150, 150, 150)
-# Anchors of matplotlib's viridis colormap at 0, 1/4, 1/2, 3/4, 1, linearly interpolated between.
-_LINE_COLOR = (31, 119, 180)
-_VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]) / 255.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def load_image(image, shorter_side: int | None = None) -> torch.Tensor:
@@ -145,8 +143,8 @@ def attention_grid(image: torch.Tensor, attn: torch.Tensor, masks: torch.Tensor,
     return canvas
 
 
-def save_attention_png(backbone, image, output_png, *, threshold: float = 0.6, image_size: int | None = None) -> Path:
-    """Write `attention_grid` of `image` (path or (3, H, W) tensor in [0, 1]) to `output_png`.
+def attention_image(backbone, image, *, threshold: float = 0.6, image_size: int | None = None):
+    """(`attention_grid` of `image` (path or (3, H, W) tensor in [0, 1]), its (heads, h, w) attention, the size fed).
 
     As DINO's visualize_attention does, the image is first resized, here so that its shorter side is
     `image_size` (default: the size the backbone was trained at), and center-cropped to multiples of the patch
@@ -159,11 +157,26 @@ def save_attention_png(backbone, image, output_png, *, threshold: float = 0.6, i
     if side:
         image = crop_to_patches(image, backbone.patch_size)
     attn, masks = cls_attention(backbone, image, threshold)
-    grid = attention_grid(image, attn, masks, threshold)
+    return attention_grid(image, attn, masks, threshold), attn, tuple(image.shape[-2:])
+
+
+def save_attention_png(backbone, image, output_png, *, threshold: float = 0.6, image_size: int | None = None) -> Path:
+    """Write `attention_image` of `image` to `output_png`; returns the path."""
+    grid, attn, (height, width) = attention_image(backbone, image, threshold=threshold, image_size=image_size)
     path = atomic_write(output_png, lambda tmp: grid.save(tmp, format="PNG"))
-    logger.info("wrote %d-head attention maps of a %dx%d input to %s", attn.shape[0], image.shape[-1],
-                image.shape[-2], path)
+    logger.info("wrote %d-head attention maps of a %dx%d input to %s", attn.shape[0], width, height, path)
     return path
+
+
+def first_val_image(data_path) -> Path | None:
+    """The image the runs draw attention maps of: the first image file of the dataset's val split, when that split
+    is a folder (None otherwise)."""
+    from fastdino.pipelines import resolve_split
+
+    val = Path(resolve_split(data_path, "val"))
+    if not val.is_dir():
+        return None
+    return next(iter(sorted(p for p in val.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)), None)
 
 
 def _upsample(t: torch.Tensor, scale: int) -> torch.Tensor:
@@ -173,11 +186,10 @@ def _upsample(t: torch.Tensor, scale: int) -> torch.Tensor:
 
 def _colormap(values: torch.Tensor) -> torch.Tensor:
     """(..., H, W) values in [0, 1] -> (..., 3, H, W) viridis RGB."""
-    pos = values.clamp(0, 1) * (len(_VIRIDIS) - 1)
-    lo = pos.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    frac = (pos - lo)[..., None]
-    rgb = _VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac  # (..., H, W, 3)
-    return rgb.movedim(-1, -3)
+    from matplotlib import colormaps
+
+    rgb = colormaps["viridis"](values.clamp(0, 1).numpy())[..., :3]  # (..., H, W, 3)
+    return torch.from_numpy(rgb).float().movedim(-1, -3)
 
 
 def read_metrics(path) -> list[dict]:
@@ -199,65 +211,119 @@ def read_metrics(path) -> list[dict]:
     return records
 
 
-def plot_run(run_dir) -> list[Path]:
-    """PNG line charts of loss, teacher_entropy and knn_top1 vs step from RUN_DIR/metrics.jsonl, written to
-    RUN_DIR/plots/<metric>.png (metrics the run never logged are skipped); the k-NN chart has the untrained
-    network's accuracy as a grey reference line when the run measured it. Returns the paths written."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    written = []
-    for key in PLOTTED_METRICS:
-        points = [(r["step"], float(r[key])) for r in records
-                  if r.get(key) is not None and math.isfinite(float(r[key]))]
-        untrained = [r["knn_top1_untrained"] for r in records if key == "knn_top1" and "knn_top1_untrained" in r]
-        reference = ("untrained network", float(untrained[-1])) if untrained else None
-        if points:
-            chart = line_chart(points, title=f"{key} vs step ({run_dir.name})", xlabel="step", reference=reference)
-            written.append(atomic_write(run_dir / "plots" / f"{key}.png", lambda tmp: chart.save(tmp, format="PNG")))
-    if not written:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no finite {', '.join(PLOTTED_METRICS)} values to plot")
-    return written
+# Columns of metrics rows that are axes or bookkeeping, not curves; every other numeric column is a panel.
+NOT_METRICS = {"step", "epoch", "images_seen", "minutes", "eta_s", "partial"}
+REFERENCE_SUFFIX = "_untrained"  # knn_top1_untrained: a dashed reference line in the knn_top1 panel
+SMOOTHING = 0.6  # TensorBoard's default: debiased exponential moving average with this weight
+MIN_POINTS_TO_SMOOTH = 10  # fewer points are drawn as they are, with markers
+PANEL_COLUMNS = 3
 
 
-def line_chart(points, *, title: str, xlabel: str, size=(640, 400),
-               reference: tuple[str, float] | None = None) -> Image.Image:
-    """A PIL line chart of (x, y) points, with 5 labelled ticks per axis; `reference` = (label, y) adds a
-    labelled grey horizontal line."""
-    width, height = size
-    left, right, top, bottom = 72, 20, 32, 48
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = _font(13)
-    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
-    (x0, x1), (y0, y1) = _span(xs), _span(ys + ([reference[1]] if reference else []))
+@dataclass
+class RunPlot:
+    paths: list[Path]
+    """The PNG and the SVG written."""
+    panels: dict[str, list[str]]
+    """Metric of each panel, in figure order -> the runs drawn in it."""
 
-    def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
 
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        tx, ty = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
-        px, _ = to_px(tx, y0)
-        _, py = to_px(x0, ty)
-        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px, height - bottom + 6), f"{tx:.4g}", fill="black", font=font, anchor="ma")
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.text((left - 6, py), f"{ty:.4g}", fill="black", font=font, anchor="rm")
-    _text(draw, (width / 2, 8), title, font, anchor="ma")
-    _text(draw, (width / 2, height - 16), xlabel, font, anchor="ma")
-    if reference:
-        label, value = reference
-        _, py = to_px(x0, value)
-        draw.line([left + 1, py, width - right - 1, py], fill=_REFERENCE_COLOR, width=2)
-        _text(draw, (left + 6, py - 3), f"{label}: {value:.4g}", font, anchor="ld", fill=_REFERENCE_COLOR)
-    pixels = [to_px(x, y) for x, y in zip(xs, ys)]
-    if len(pixels) > 1:
-        draw.line(pixels, fill=_LINE_COLOR, width=2)
-    else:  # one point has no line: mark it
-        (px, py), = pixels
-        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=_LINE_COLOR)
-    return img
+def plot_runs(run_dirs, output=None) -> RunPlot:
+    """One figure of the metrics.jsonl of each run in `run_dirs`, written as OUTPUT.png and OUTPUT.svg (default
+    DIR/plots/metrics for one run, FIRST_DIR/plots/compared for several): a panel per numeric column any run logged
+    (a run without it is left out of that panel), the runs overlaid in one colour each with a legend, a shared step
+    axis with the epochs above it (when the runs agree on the steps per epoch), the raw curve faint behind a light
+    smoothing, and a grid."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise ValueError("plot needs at least one run folder")
+    rows = {name: read_metrics(d / "metrics.jsonl") for name, d in zip(_run_names(run_dirs), run_dirs)}
+    runs = {name: _series(run_rows) for name, run_rows in rows.items()}
+    metrics = list(dict.fromkeys(m for series in runs.values() for m in series
+                                 if not (m.endswith(REFERENCE_SUFFIX) and m.removesuffix(REFERENCE_SUFFIX) in series)))
+    if not metrics:
+        raise ValueError(f"no numeric metrics to plot in {', '.join(str(d / 'metrics.jsonl') for d in run_dirs)}")
+    columns = min(PANEL_COLUMNS, len(metrics))
+    lines = math.ceil(len(metrics) / columns)
+    fig = Figure(figsize=(4.4 * columns, 2.9 * lines + 0.5), layout="constrained")
+    axes = fig.subplots(lines, columns, sharex=True, squeeze=False).ravel()
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    panels = {}
+    for ax, metric in zip(axes, metrics):
+        panels[metric] = []
+        for (name, series), color in zip(runs.items(), colors):
+            if metric in series:
+                _draw(ax, series[metric], color)
+                panels[metric].append(name)
+            if metric + REFERENCE_SUFFIX in series:
+                ax.axhline(series[metric + REFERENCE_SUFFIX][-1][1], color=color, linestyle="--", linewidth=1)
+        ax.set_title(metric + (f" (dashed: {REFERENCE_SUFFIX[1:]})" if any(
+            metric + REFERENCE_SUFFIX in series for series in runs.values()) else ""), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))  # no offset text over the epochs
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    for ax in axes[len(metrics) - columns:len(metrics)]:  # the lowest panel of each column
+        ax.set_xlabel("step")
+        ax.tick_params(labelbottom=True)
+    steps_per_epoch = _steps_per_epoch(list(rows.values()))
+    if steps_per_epoch:
+        for ax in axes[:columns]:
+            epochs = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch,
+                                                           lambda e: e * steps_per_epoch))
+            epochs.set_xlabel("epoch", fontsize=9)
+    handles = [Line2D([], [], color=c, linewidth=2) for c in colors]
+    fig.legend(handles, list(runs), loc="outside upper center", ncols=min(len(runs), 4), frameon=False)
+    stem = Path(output) if output is not None else run_dirs[0] / "plots" / ("metrics" if len(runs) == 1 else
+                                                                             "compared")
+    stem = stem.with_suffix("") if stem.suffix.lower() in (".png", ".svg") else stem
+    paths = [atomic_write(stem.with_suffix(f".{fmt}"), lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=150))
+             for fmt in ("png", "svg")]
+    return RunPlot(paths, panels)
+
+
+def _series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) points of every numeric, finite column of a run's rows, in step order."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in sorted(rows, key=lambda r: r["step"]):
+        for key, value in row.items():
+            if key not in NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                series.setdefault(key, []).append((row["step"], float(value)))
+    return series
+
+
+def _draw(ax, points: list[tuple[int, float]], color: str) -> None:
+    steps, values = [p[0] for p in points], [p[1] for p in points]
+    if len(points) < MIN_POINTS_TO_SMOOTH:
+        ax.plot(steps, values, color=color, marker="o", markersize=3.5, linewidth=1.5)
+        return
+    ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+    smoothed, mean = [], 0.0
+    for i, value in enumerate(values, start=1):  # debiased EMA (TensorBoard's smoothing)
+        mean = SMOOTHING * mean + (1 - SMOOTHING) * value
+        smoothed.append(mean / (1 - SMOOTHING ** i))
+    ax.plot(steps, smoothed, color=color, linewidth=1.8)
+
+
+def _run_names(run_dirs: list[Path]) -> list[str]:
+    """The folder names, or parent/name where two runs share a name."""
+    names = [d.resolve().name for d in run_dirs]
+    return [f"{d.resolve().parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(run_dirs, names)]
+
+
+def _steps_per_epoch(runs: list[list[dict]]) -> float | None:
+    """Steps per epoch the runs share (from their rows' step / epoch), or None when they differ or cannot say."""
+    ratios = []
+    for rows in runs:
+        rows = [r for r in rows if r.get("epoch")]
+        if not rows:
+            return None
+        ratios.append(rows[-1]["step"] / rows[-1]["epoch"])
+    return ratios[0] if max(ratios) <= 1.01 * min(ratios) else None
 
 
 def _font(size: int):
@@ -272,10 +338,3 @@ def _text(draw, xy, text: str, font, *, anchor: str, fill="black") -> None:
     size = getattr(font, "size", 10)
     text = text.replace(" ", " " * max(1, math.ceil(size / 3 / max(space, 1))))
     draw.text(xy, text, fill=fill, font=font, anchor=anchor)
-
-
-def _span(values) -> tuple[float, float]:
-    """(min, max) of values, widened when they are all equal so the axis has a length."""
-    lo, hi = min(values), max(values)
-    pad = 0.5 * abs(lo) + 0.5 if lo == hi else 0.0
-    return lo - pad, hi + pad

@@ -25,7 +25,9 @@ from . import _launch
 from .reference import ema_update_ref
 
 BLOCK = 4096
-NUM_WARPS = 4
+# 16 elements per thread: under triton 3.6 (the GPU machine's) 4 warps took 144-178 registers, 2 blocks per SM; 8 warps
+# take 80-82 there, 55-80 under 3.8 (benchmarks/aot_report.py), with the same 4096 elements in flight per block.
+NUM_WARPS = 8
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -132,12 +134,12 @@ class _LaunchPlan:
         for (t_dtype, s_dtype), members in groups.items():
             addrs = [p.data_ptr() for i in members for p in (teachers[i], students[i])]
             numels = [teachers[i].numel() for i in members]
-            blocks = torch.tensor([math.ceil(n / BLOCK) for n in numels], dtype=torch.int64)
-            idx = torch.repeat_interleave(torch.arange(len(numels)), blocks)
-            if len(idx) == 0:  # only empty tensors
+            # Built from Python lists (shapes known without running a tensor op, so the AOT report can build it
+            # on fake tensors): one (tensor, block) row per program.
+            rows = [(i, b) for i, n in enumerate(numels) for b in range(math.ceil(n / BLOCK))]
+            if not rows:  # only empty tensors
                 continue
-            first_program = torch.cumsum(blocks, 0) - blocks  # (n_tensors,) index of each tensor's first program
-            table = torch.stack([idx, torch.arange(len(idx)) - first_program[idx]], dim=1).to(torch.int32)
+            table = torch.tensor(rows, dtype=torch.int32)  # (n_programs, 2)
             addr = torch.tensor(addrs, dtype=torch.int64).reshape(-1, 2)  # (n_tensors, 2) teacher, student
             self.launches.append(dict(
                 grid=(table.shape[0],), table=table.to(device), addr=addr.to(device),

@@ -74,6 +74,7 @@ def test_yaml_file_is_read(tmp_path):
     ("optim.clip_grad_mode=per_param", "optim.clip_grad_mode must be one of"),
     ("loss.teacher_temp_schedule=per_batch", "loss.teacher_temp_schedule must be one of"),
     ("eval.knn_every_epochs=-1", "eval.knn_every_epochs must be >= 0, got -1.0"),
+    ("logging.tensorboard=maybe", "logging.tensorboard must be one of ['auto', 'true', 'false'], got 'maybe'"),
     ("optim=3", "optim must be a mapping"),
     ("no_equals_sign", "override must look like section.key=value"),
 ])

@@ -109,12 +109,15 @@ def test_attention_writes_the_png(run_dir, tmp_path, capsys):
     assert Image.open(tmp_path / "attn.png").size == (4 * 2 * IMAGE * 7, 2 * IMAGE * 7 + 2 * 28)
 
 
-def test_plot_prints_the_pngs(tmp_path, capsys):
+def test_plot_prints_the_figures(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)})
                                                       for s in range(5)))
     code, out, err = _run(capsys, "plot", tmp_path)
     assert code == 0, err
-    assert out.split() == [str(tmp_path / "plots" / "loss.png")]
+    assert out.split() == [str(tmp_path / "plots" / "metrics.png"), str(tmp_path / "plots" / "metrics.svg")]
+    code, out, err = _run(capsys, "plot", tmp_path, tmp_path, "--output", tmp_path / "both")
+    assert code == 0, err
+    assert out.split() == [str(tmp_path / "both.png"), str(tmp_path / "both.svg")]
 
 
 def test_checkpoint_of_another_architecture(run_dir, dataset, capsys):

@@ -59,7 +59,9 @@ def test_fused_head_under_bf16_autocast_follows_the_unfused_step():
     unfused head's do; one step's loss and gradients agree to bf16 rounding."""
     options = ("parallel.precision=bf16", "optim.freeze_last_layer_epochs=0")
     fused, unfused = run(True, *options, steps=1), run(False, *options, steps=1)
-    assert_close(fused["losses"], unfused["losses"], atol=0, rtol=5e-3, name="bf16 loss")
+    # The two paths round the bf16 logits at different points (stored (V*B, K) vs recomputed per chunk): the
+    # losses agree to about one bf16 ulp of the loss, not better.
+    assert_close(fused["losses"], unfused["losses"], atol=0, rtol=torch.finfo(torch.bfloat16).eps, name="bf16 loss")
     for i, (a, b) in enumerate(zip(fused["grads"][0], unfused["grads"][0])):
         scale = b.abs().max()  # bf16 rounding is relative to the tensor's magnitude, not each element's
         assert_close(a / scale, b / scale, atol=3e-2, rtol=0, name=f"bf16 gradient {i}")

@@ -1,4 +1,4 @@
-"""Attention maps (threshold masks, PNG grid) and run plots, all drawn with PIL."""
+"""Attention maps (threshold masks, the PIL grid) and the matplotlib figure of runs' metrics."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdino.engine.visualize import (cls_attention, normalize_image, plot_run, save_attention_png,
+from fastdino.engine.visualize import (cls_attention, normalize_image, plot_runs, save_attention_png,
                                        threshold_masks)
 from fastdino.engine.vit import build_backbone
 
@@ -90,40 +90,44 @@ def _write_metrics(run_dir, lines):
     (run_dir / "metrics.jsonl").write_text("\n".join(lines))
 
 
-def test_plot_run_draws_the_logged_curves(tmp_path):
-    lines = [json.dumps({"step": s, "epoch": 0, "loss": 10 - s / 10, "teacher_entropy": math.log(16) - s / 100,
-                         "lr": 1e-4}) for s in range(0, 100, 10)]
-    lines[4] = json.dumps({**json.loads(lines[4]), "knn_top1": 12.5})
-    lines[9] = json.dumps({**json.loads(lines[9]), "knn_top1": 31.0, "loss": float("nan")})
-    _write_metrics(tmp_path / "run", lines + ['{"step": 100, "lo'])  # killed mid-write
-    paths = plot_run(tmp_path / "run")
-    assert [p.name for p in paths] == ["loss.png", "teacher_entropy.png", "knn_top1.png"]
-    for p in paths:
-        png = np.asarray(Image.open(p))
-        assert png.shape == (400, 640, 3)
-        assert (png == (31, 119, 180)).all(axis=2).any(), f"{p.name}: no curve drawn"
+def _rows(steps, **columns):
+    """Metrics rows at `steps` (8 steps per epoch), each column a function of the step."""
+    return [json.dumps({"step": s, "epoch": s / 8, **{k: f(s) for k, f in columns.items()}}) for s in steps]
 
 
-def test_plot_run_errors(tmp_path):
+def test_plot_runs_overlays_runs_with_a_panel_per_metric_present(tmp_path):
+    """Two runs with partly different columns (b logs a loss term a does not, a logs k-NN b does not): one panel per
+    metric in order of appearance, each run drawn only where it has the metric; PNG and SVG written."""
+    a = _rows(range(0, 200, 10), loss=lambda s: 9 - s / 50, teacher_entropy=lambda s: 5 - s / 100,
+              lr=lambda s: 1e-4 * s)
+    a[5] = json.dumps({**json.loads(a[5]), "knn_top1": 20.0, "knn_top1_untrained": 12.0})
+    a[19] = json.dumps({**json.loads(a[19]), "knn_top1": 31.0, "loss": float("nan")})
+    _write_metrics(tmp_path / "a", a + ['{"step": 200, "lo'])  # killed mid-write
+    _write_metrics(tmp_path / "b", _rows(range(0, 120, 10), loss=lambda s: 8 - s / 40, lr=lambda s: 2e-4,
+                                         **{"loss/dino": lambda s: 7 - s / 40}))
+    plot = plot_runs([tmp_path / "a", tmp_path / "b"])
+    assert plot.panels == {"loss": ["a", "b"], "teacher_entropy": ["a"], "lr": ["a", "b"], "knn_top1": ["a"],
+                           "loss/dino": ["b"]}
+    assert [p.name for p in plot.paths] == ["compared.png", "compared.svg"]
+    assert all(p.parent == tmp_path / "a" / "plots" for p in plot.paths)
+    width, height = Image.open(plot.paths[0]).size
+    assert width > height > 400  # 3 x 2 panels at 150 dpi
+    assert "<svg" in plot.paths[1].read_text()[:500]
+
+
+def test_a_run_with_one_logged_step_plots(tmp_path):
+    _write_metrics(tmp_path / "run", _rows([2], loss=lambda s: 6.2, knn_top1=lambda s: 10.0))
+    plot = plot_runs([tmp_path / "run"], output=tmp_path / "out" / "fig.png")
+    assert plot.panels == {"loss": ["run"], "knn_top1": ["run"]}
+    assert [p.name for p in plot.paths] == ["fig.png", "fig.svg"] and all(p.is_file() for p in plot.paths)
+
+
+def test_plot_runs_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics file"):
-        plot_run(tmp_path)
-    _write_metrics(tmp_path / "a", ['{"step": 1, "lr": 0.1}'])
-    with pytest.raises(ValueError, match="no finite loss, teacher_entropy, knn_top1 values"):
-        plot_run(tmp_path / "a")
+        plot_runs([tmp_path])
+    _write_metrics(tmp_path / "a", ['{"step": 1, "epoch": 0.1, "partial": true}'])
+    with pytest.raises(ValueError, match="no numeric metrics to plot"):
+        plot_runs([tmp_path / "a"])
     _write_metrics(tmp_path / "b", ['{"step": 1, "lo', '{"step": 2, "loss": 1.0}'])
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: not JSON"):
-        plot_run(tmp_path / "b")
-
-
-def test_knn_chart_has_the_untrained_reference_and_titles_keep_their_spaces(tmp_path):
-    from fastdino.engine.visualize import line_chart
-
-    _write_metrics(tmp_path / "run", [json.dumps({"step": 10, "knn_top1": 40.0, "knn_top1_untrained": 25.0})])
-    (path,) = plot_run(tmp_path / "run")
-    png = np.asarray(Image.open(path))
-    grey_rows = (png == (150, 150, 150)).all(axis=2).sum(axis=1)
-    assert grey_rows.max() > 400  # a grey line across the plot
-    title = np.asarray(line_chart([(0, 1.0)], title="a b c", xlabel="x"))[4:28]  # the title band
-    ink_columns = np.flatnonzero((title < 128).all(axis=2).any(axis=0))
-    gaps = np.diff(ink_columns) - 1
-    assert (gaps >= 7).sum() == 2  # two word gaps over half the 13-px font (PIL's own space leaves 5 px)
+        plot_runs([tmp_path / "b"])

@@ -18,6 +18,9 @@ TOL = {
     # to ~1e-4 relative on the CLS row; float64 checks the gradient path itself.
     torch.float64: dict(atol=1e-8, rtol=1e-6),
 }
+# A float64 model whose position embeddings are resampled: timm interpolates them in float32 (as ours does), so
+# what depends on them agrees to float32 rounding of the embedding (|pos_embed| ~1 after the +1 below), not better.
+RESAMPLED_F64_TOL = dict(atol=2 * torch.finfo(torch.float32).eps, rtol=2 * torch.finfo(torch.float32).eps)
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
@@ -72,11 +75,11 @@ def test_resampled_pos_embed_gets_timms_gradient_on_every_call():
     for call in ("first", "cached"):
         ours.zero_grad()
         ours(x).square().sum().backward()
-        assert_close(ours.pos_embed.grad, ref.pos_embed.grad, **TOL[torch.float64], name=f"pos_embed grad, {call}")
+        assert_close(ours.pos_embed.grad, ref.pos_embed.grad, **RESAMPLED_F64_TOL, name=f"pos_embed grad, {call}")
     with torch.no_grad():
         ours.pos_embed.add_(1.0)  # the cache holds interpolation weights, not values: a new parameter is seen
         ref.pos_embed.add_(1.0)
-    assert_close(ours.eval()(x), ref.eval()(x), **TOL[torch.float64], name="features after a parameter update")
+    assert_close(ours.eval()(x), ref.eval()(x), **RESAMPLED_F64_TOL, name="features after a parameter update")
 
 
 def test_packed_multi_crop_equals_each_crop_alone():
