@@ -66,15 +66,15 @@ def ema_launch(student_dtype: torch.dtype, aligned: bool = True):
     """The trainer's EMAUpdate over the parameters of ViT-S/16 + its DINO head, fp32 teacher, a 0-d momentum tensor;
     unaligned: each tensor a view one element into a larger buffer. (Not `ema_update_`: its plan cache is keyed on
     data pointers, which fake tensors do not have.)"""
+    from fastdino.engine.head import DINOHead
+    from fastdino.engine.vit import build_backbone
+    from fastdino.kernels import EMAUpdate
+
+    with torch.device("meta"):  # built here, outside the report's FakeTensorMode, which cannot run `.tolist()`
+        backbone = build_backbone("vit_small", 16)
+        shapes = [p.shape for m in (backbone, DINOHead(backbone.embed_dim, K)) for p in m.parameters()]
+
     def launch():
-        from fastdino.engine.head import DINOHead
-        from fastdino.engine.vit import build_backbone
-        from fastdino.kernels import EMAUpdate
-
-        with torch.device("meta"):
-            backbone = build_backbone("vit_small", 16)
-            shapes = [p.shape for m in (backbone, DINOHead(backbone.embed_dim, K)) for p in m.parameters()]
-
         def tensors(dtype):
             offset = 0 if aligned else 1
             return [fake_cuda(math.prod(s) + offset, dtype=dtype)[offset:].view(s) for s in shapes]
