@@ -67,7 +67,9 @@ class ModelConfig:
     compile: str = "auto"
     """torch.compile of each block, the head and the loss: auto (on for CUDA, off elsewhere), true or false."""
     activation_checkpointing: str = "none"
-    """Blocks whose activations are recomputed in backward to save memory: none, all, or every-N (every N-th)."""
+    """Blocks whose activations are recomputed in backward to save memory: none, all, every-N (every N-th), or
+    selective (every block keeps its matmul and attention outputs and recomputes the rest: norms, GELU, casts,
+    adds; engine/parallelize.py, `selective_checkpoint_contexts`)."""
 
     def __post_init__(self):
         _check_choice("model.arch", self.arch, ARCHS)
@@ -85,13 +87,14 @@ class ModelConfig:
 
 
 def checkpoint_every(spec: str) -> int:
-    """model.activation_checkpointing as a block period: none -> 0, all -> 1, every-N -> N."""
-    if spec in ("none", "all"):
-        return int(spec == "all")
+    """model.activation_checkpointing as a block period: none -> 0, all and selective -> 1, every-N -> N."""
+    if spec in ("none", "all", "selective"):
+        return int(spec != "none")
     number = spec.removeprefix("every-")
     if number != spec and number.isdigit() and int(number) > 0:
         return int(number)
-    raise ValueError(f"model.activation_checkpointing must be none, all or every-N with N >= 1, got {spec!r}")
+    raise ValueError(f"model.activation_checkpointing must be none, all, selective or every-N with N >= 1, "
+                     f"got {spec!r}")
 
 
 @dataclass

@@ -385,6 +385,9 @@ def _fake_cuda(gpu: GPU):
         stack.enter_context(warnings.catch_warnings())
         # The EMA's launch plan reads data pointers (0 for fake tensors; the launches are recorded, not run).
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+        # torch >= 2.12: selective checkpointing's kept outputs bypass the saved-tensor hooks above (`_Backward`),
+        # as wanted (the checkpoint releases them itself), and torch warns that a later release will not.
+        warnings.filterwarnings("ignore", message="A saved_tensors_hooks context", category=FutureWarning)
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stack.enter_context(trace)
         stack.enter_context(backward.hooks())

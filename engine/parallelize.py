@@ -2,6 +2,12 @@
 in which precision. Applied in torchtitan's order (torchtitan/models/llama3/infra/parallelize.py): activation
 checkpointing, then per-block torch.compile, then FSDP2.
 
+Activation checkpointing (`apply_ac`) wraps a student block's forward in torch's non-reentrant checkpoint: all of
+its activations recomputed in backward (`all`, `every-N`), or, `selective`, a torch selective-checkpoint policy
+(`selective_checkpoint_contexts`, in the manner of torchtitan's op-level SAC) that keeps the outputs of the
+matmuls and of attention and recomputes the memory-bound rest (LayerNorm, GELU, casts, the groups' concatenation,
+the residual adds): the recompute costs bytes, not FLOPs.
+
 Compile (`apply_compile`): each block's, the head's and the torch loss's `forward` is replaced by its
 `torch.compile(..., fullgraph=True)`, in place. The modules keep their parameter names (state dicts, DCP and the
 EMA see the same model), and FSDP2's hooks, which run in `__call__` around `forward`, stay outside the graphs. All
@@ -16,7 +22,9 @@ Precision is decided in `resolve_precision` only: bf16 compute with fp32 master 
 reduction on CUDA (`MixedPrecisionPolicy` under FSDP2, autocast otherwise), fp32 on the CPU, fp16 with
 `DynamicLossScale` on request.
 """
+import functools
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +32,11 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import varlen  # noqa: F401 (registers torch_attn::_varlen_attn, named in _ATTENTION)
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+
+from fastdino.engine.config import checkpoint_every
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +88,51 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
     return enabled
 
 
-def apply_ac(model: nn.Module, every: int) -> nn.Module:
-    """Activation checkpointing of every `every`-th block of a DINOModel's backbone (1 = all, 0 = none)."""
-    model.backbone.checkpoint_blocks(every)
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+              torch.ops.torch_attn._varlen_attn.default}
+
+
+def selective_checkpoint_contexts(matmuls: int):
+    """torch.utils.checkpoint's context_fn for `model.activation_checkpointing=selective`, for one call of a block
+    with `matmuls` matmuls (its nn.Linear layers): the contexts of a policy that keeps the outputs of attention
+    (torch's SDPA kernels, varlen, xformers' kernels, with their log-sum-exp) and of every matmul but the last,
+    and recomputes everything else.
+
+    The last matmul (the MLP's fc2) feeds only the residual add, which keeps nothing for backward, so backward
+    never reads its output, and the recompute, which stops once it has rebuilt what backward reads (early stop),
+    ends before it. The attention projection's output, which also feeds only its residual add, is kept: the add's
+    output is LayerNorm's input in backward, and rebuilding it from the kept projection is one add, where keeping
+    the add's output instead would recompute the projection (eager reruns every op up to the early stop).
+    What a block keeps, in (tokens x width) units: qkv 3, attention 1, projection 1, fc1 4, plus its input (the
+    previous block's output), against 19 without checkpointing. Matmuls are told apart by their order in the
+    block, counted per pass (forward, recompute) as torchtitan's op-level SAC counts its mm's."""
+    seen = Counter()
+
+    def policy(ctx, func, *args, **kwargs):
+        if func in _ATTENTION or func.namespace.startswith("xformers"):
+            return CheckpointPolicy.MUST_SAVE
+        if func in _MATMULS:
+            seen[ctx.is_recompute] += 1
+            if seen[ctx.is_recompute] < matmuls:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_ac(model: nn.Module, spec: str) -> nn.Module:
+    """Activation checkpointing of a DINOModel's backbone blocks by `model.activation_checkpointing` `spec`: none,
+    all, every-N (every N-th block) or selective (every block, by `selective_checkpoint_contexts`)."""
+    every = checkpoint_every(spec)
+    context_fn = noop_context_fn
+    if spec == "selective":
+        matmuls = sum(isinstance(m, nn.Linear) for m in model.backbone.blocks[0].modules())
+        context_fn = functools.partial(selective_checkpoint_contexts, matmuls)  # fresh matmul counts per call
+    model.backbone.checkpoint_blocks(every, context_fn)
     return model
 
 

@@ -34,7 +34,7 @@ from fastdino.engine.checkpoint import (
     set_rng_states,
 )
 from fastdino.engine.clipping import clip_gradients_
-from fastdino.engine.config import TrainConfig, checkpoint_every, to_dict
+from fastdino.engine.config import TrainConfig, to_dict
 from fastdino.engine.cuda_graph import PostBackwardGraphs
 from fastdino.engine.eval import KNNDataError, knn_accuracy
 from fastdino.engine.loss import DINOLoss
@@ -162,7 +162,7 @@ class Trainer:
         with torch.device("meta"):
             student, teacher = build_model(self.cfg, student=True), build_model(self.cfg, student=False)
         teacher.requires_grad_(False)
-        apply_ac(student, checkpoint_every(self.cfg.model.activation_checkpointing))
+        apply_ac(student, self.cfg.model.activation_checkpointing)
         if self.compile:
             apply_compile(student)
             apply_compile(teacher)

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from fastdino.engine.attention import (BACKENDS, attention, attention_probs, select_attention_backend,
                                        varlen_attention)
@@ -160,7 +160,7 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.drop_path = drop_path  # the rate; VisionTransformer draws the scales (`drop_path_scales`)
-        self.checkpointed = False  # activation checkpointing, set by VisionTransformer.checkpoint_blocks
+        self.checkpoint_context_fn = None  # activation checkpointing's context_fn, set by checkpoint_blocks; None = off
         self.norm1 = LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
         self.norm2 = LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
@@ -174,16 +174,25 @@ class Block(nn.Module):
         drop_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Packed tokens (T, D) -> (T, D). `drop_scales`: the stochastic-depth scales (T, 1) of the attention and
-        the MLP branch (VisionTransformer draws them), None for no drop path."""
-        if self.checkpointed and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, layout, backend, drop_scales, use_reentrant=False)
-        return self._forward(x, layout, backend, drop_scales)
+        the MLP branch (VisionTransformer draws them), None for no drop path.
 
-    def _forward(self, x: torch.Tensor, layout: Layout, backend: str,
-                 drop_scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        Activation checkpointing covers all but the last residual add: that add keeps only its scale for backward,
+        and inside the checkpoint the scale would be a saved tensor that the recompute must rebuild, so the
+        recompute (which stops once it has rebuilt every saved tensor) would run the MLP's last matmul again."""
         attn_scale, mlp_scale = drop_scales if drop_scales is not None else (None, None)
+        if self.checkpoint_context_fn is not None and torch.is_grad_enabled():
+            # Dynamo takes a user function or functools.partial as context_fn, not torch's default passed explicitly.
+            policy = {} if self.checkpoint_context_fn is noop_context_fn else {"context_fn": self.checkpoint_context_fn}
+            x, mlp = checkpoint(self._attention_and_mlp, x, layout, backend, attn_scale, use_reentrant=False, **policy)
+        else:
+            x, mlp = self._attention_and_mlp(x, layout, backend, attn_scale)
+        return residual_add(x, mlp, mlp_scale)
+
+    def _attention_and_mlp(self, x: torch.Tensor, layout: Layout, backend: str,
+                           attn_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream after the attention branch's residual add, and the MLP branch's output on it."""
         x = residual_add(x, self.attn(self.norm1(x), layout, backend), attn_scale)
-        return residual_add(x, self.mlp(self.norm2(x)), mlp_scale)
+        return x, self.mlp(self.norm2(x))
 
 
 POS_EMBED_RESAMPLERS = ("timm", "dino")
@@ -270,11 +279,12 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def checkpoint_blocks(self, every: int) -> None:
+    def checkpoint_blocks(self, every: int, context_fn=noop_context_fn) -> None:
         """Activation checkpointing of every `every`-th block (blocks every-1, 2*every-1, ...; 1 = all, 0 = none):
-        their activations are recomputed in backward instead of kept from forward."""
+        their activations are recomputed in backward instead of kept from forward, all of them, or those that
+        `context_fn` (torch.utils.checkpoint's: e.g. a selective-checkpoint policy's contexts) does not keep."""
         for i, block in enumerate(self.blocks):
-            block.checkpointed = every > 0 and (i + 1) % every == 0
+            block.checkpoint_context_fn = context_fn if every > 0 and (i + 1) % every == 0 else None
 
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay by name (timm's convention); DINO also exempts biases and norms."""

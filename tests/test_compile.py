@@ -1,9 +1,13 @@
 """The step as a compiled program: per-block torch.compile (inductor on the CPU) with no graph break, and
 activation checkpointing equal to none (loss and every gradient)."""
 import copy
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastdino.engine.head import DINOHead
 from fastdino.engine.model import DINOModel
@@ -64,17 +68,75 @@ def assert_same_step(actual, expected, tol):
         assert_close(actual[1][name], grad, **tol, name=f"grad {name}")
 
 
-@pytest.mark.parametrize("spec_every, checkpointed", [(1, [True, True, True]), (2, [False, True, False]),
-                                                      (0, [False, False, False])])
-def test_activation_checkpointing_equals_none(spec_every, checkpointed):
-    """Checkpointed blocks recompute their forward in backward, with the same dropped images (drop path 0.2):
-    the loss and every gradient are those without checkpointing."""
+def checkpointed(model: DINOModel) -> list[bool]:
+    return [block.checkpoint_context_fn is not None for block in model.backbone.blocks]
+
+
+@pytest.mark.parametrize("spec, blocks", [("all", [True, True, True]), ("every-2", [False, True, False]),
+                                          ("none", [False, False, False]), ("selective", [True, True, True])])
+def test_activation_checkpointing_equals_none(spec, blocks):
+    """Checkpointed blocks recompute their forward (all of it, or what the selective policy does not keep) in
+    backward, with the same dropped images (drop path 0.2): the loss and every gradient are those without
+    checkpointing."""
     images = crops()
     model = tiny_dino()
     expected = loss_and_grads(model, loss_module(), images)
-    apply_ac(model, spec_every)
-    assert [block.checkpointed for block in model.backbone.blocks] == checkpointed
+    apply_ac(model, spec)
+    assert checkpointed(model) == blocks
     assert_same_step(loss_and_grads(model, loss_module(), images), expected, TOL[torch.float32])
+
+
+class _Allocations(TorchDispatchMode):
+    """Follows the storages of every op's outputs: `live_bytes` is what of them is still held."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: list[weakref.ref] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.storages += [weakref.ref(t.untyped_storage()) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+    def live_bytes(self, excluding: list[torch.Tensor]) -> int:
+        outside = {id(t.untyped_storage()) for t in excluding}
+        live = {id(s): s.nbytes() for ref in self.storages if (s := ref()) is not None}  # ids of live objects: unique
+        return sum(n for key, n in live.items() if key not in outside)
+
+
+def block_memory_and_flops(spec: str) -> tuple[int, int]:
+    """For one fp32 block with stochastic depth on two crop groups under `spec`: the bytes its forward allocated
+    that are still held after it (kept for backward, and its output), and the FLOPs of forward and backward."""
+    torch.manual_seed(0)
+    model = tiny_dino(depth=2, drop_path_rate=0.5)
+    apply_ac(model, spec)
+    block = model.backbone.blocks[1]
+    x = torch.randn(sum(b * n for b, n in LAYOUT), block.norm1.normalized_shape[0], requires_grad=True)
+    scales = tuple(torch.rand(x.shape[0], 1).round() * 2 for _ in range(2))
+    with FlopCounterMode(display=False) as flops:
+        with _Allocations() as allocations:
+            out = block(x, LAYOUT, "sdpa", scales)
+        kept = allocations.live_bytes(excluding=[*block.parameters(), x, *scales])
+        out.sum().backward()
+    return kept, flops.get_total_flops()
+
+
+LAYOUT = ((3, 17), (4, 5))  # two crop groups of (images, tokens)
+
+
+def test_selective_checkpointing_keeps_matmul_and_attention_outputs_only():
+    """The selective policy keeps, of a block's forward, the qkv, attention, projection and fc1 outputs (3 + 1 +
+    1 + 4 token x width units, plus attention's log-sum-exp) and recomputes the rest (the norms, GELU, the
+    concatenation, the residual adds); none keeps more, all keeps nothing but the output. Backward recomputes no
+    matmul and no attention: the FLOPs are those without checkpointing (all's recompute has more)."""
+    width, heads, tokens = 32, 2, sum(b * n for b, n in LAYOUT)
+    (none_kept, none_flops), (all_kept, all_flops), (kept, flops) = map(block_memory_and_flops,
+                                                                        ("none", "all", "selective"))
+    unit = tokens * width * 4  # a (tokens, width) fp32 tensor
+    assert kept == (3 + 1 + 1 + 4) * unit + tokens * heads * 4 + unit  # + the fp32 log-sum-exp + the output
+    assert all_kept == unit
+    assert none_kept > kept + 6 * unit  # the norms' outputs, GELU's output, the concatenation, the first add
+    assert flops == none_flops < all_flops
 
 
 def test_compile_choice():
@@ -102,15 +164,17 @@ def test_auto_loss_impl_is_resolved_before_compile():
     assert loss_fn.resolve_impl(torch.device("cpu")) == "torch" and loss_fn.impl == "torch"
 
 
-def test_compiled_block_equals_eager_with_checkpointing_and_drop_path():
-    """A block compiled by inductor on the CPU with fullgraph=True (a graph break would raise), checkpointed and
-    with stochastic depth: two steps' losses, centers and gradients equal eager's, the second without recompiling.
-    One block only, as inductor's C++ builds take ~30 s of CPU per block graph: all blocks share the block's code,
-    and the head and the loss are traced by test_head_and_loss_trace_without_graph_break."""
+@pytest.mark.parametrize("spec", ["all", "selective"])
+def test_compiled_block_equals_eager_with_checkpointing_and_drop_path(spec):
+    """A block compiled by inductor on the CPU with fullgraph=True (a graph break would raise), checkpointed (all,
+    or by the selective policy, which inductor's partitioner applies) and with stochastic depth: two steps' losses,
+    centers and gradients equal eager's, the second without recompiling. One block only, as inductor's C++ builds
+    take ~30 s of CPU per block graph: all blocks share the block's code, and the head and the loss are traced by
+    test_head_and_loss_trace_without_graph_break."""
     images = crops()
     eager = tiny_dino(depth=1)
     eager.backbone.blocks[0].drop_path = 0.2  # a 1-block ViT has rate 0 (rates grow from 0 with depth)
-    apply_ac(eager, 1)
+    apply_ac(eager, spec)
     compiled, eager_loss, compiled_loss = copy.deepcopy(eager), loss_module(), loss_module()
     compile_forward(compiled.backbone.blocks[0])  # as apply_compile does for every block
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -133,7 +197,7 @@ def test_compiled_blocks_head_and_loss_without_graph_break(monkeypatch):
     monkeypatch.setattr(torch, "compile", aot_eager_compile)
     images = crops()
     eager = tiny_dino(depth=2)
-    apply_ac(eager, 2)
+    apply_ac(eager, "every-2")
     compiled, eager_loss, compiled_loss = copy.deepcopy(eager), loss_module(), loss_module()
     apply_compile(compiled)
     compile_forward(compiled_loss)
@@ -143,17 +207,18 @@ def test_compiled_blocks_head_and_loss_without_graph_break(monkeypatch):
                          loss_and_grads(eager, eager_loss, images, seed), TOL[torch.float32])
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # fp32: test_distributed (FSDP2)
-def test_trainer_with_compile_and_checkpointing_equals_eager(monkeypatch, precision):
-    """model.compile=true and activation_checkpointing=all wired through the Trainer (single process, autocast
-    in bf16 / fp16 with loss scaling): three steps give eager's losses, student and teacher (backend aot_eager)."""
+@pytest.mark.parametrize("precision, spec", [("bf16", "all"), ("fp16", "all"), ("bf16", "selective")])  # fp32: FSDP2
+def test_trainer_with_compile_and_checkpointing_equals_eager(monkeypatch, precision, spec):
+    """model.compile=true and activation_checkpointing=all or selective wired through the Trainer (single process,
+    autocast in bf16 / fp16 with loss scaling): three steps give eager's losses, student and teacher (backend
+    aot_eager; test_distributed.py has FSDP2 and DDP)."""
     from test_train import make_trainer, synthetic_batches, tiny_config
 
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend="aot_eager", **kwargs))
     overrides = ["model.drop_path_rate=0.2", f"parallel.precision={precision}"]
     runs = []
-    for extra in ([], ["model.compile=true", "model.activation_checkpointing=all"]):
+    for extra in ([], ["model.compile=true", f"model.activation_checkpointing={spec}"]):
         cfg = tiny_config(*overrides, *extra)
         torch.manual_seed(0)
         trainer = make_trainer(cfg)
@@ -163,7 +228,7 @@ def test_trainer_with_compile_and_checkpointing_equals_eager(monkeypatch, precis
             losses.append(trainer.stats.read()["loss"])
         runs.append((trainer, torch.tensor(losses)))
     (eager, eager_losses), (compiled, compiled_losses) = runs
-    assert compiled.compile and all(block.checkpointed for block in compiled.model.backbone.blocks)
+    assert compiled.compile and all(checkpointed(compiled.model))
     assert_close(compiled_losses, eager_losses, **TOL[torch.float32], name="losses")
     for name, params in (("student", "params"), ("teacher", "teacher_params")):
         for i, (a, e) in enumerate(zip(getattr(compiled, params), getattr(eager, params), strict=True)):

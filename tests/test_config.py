@@ -68,7 +68,7 @@ def test_yaml_file_is_read(tmp_path):
     ("data.local_crops_scale=[0.5, 0.1]", "data.local_crops_scale must be"),
     ("parallel.precision=fp8", "parallel.precision must be one of"),
     ("model.compile=maybe", "model.compile must be one of ['auto', 'true', 'false'], got 'maybe'"),
-    ("model.activation_checkpointing=every-0", "model.activation_checkpointing must be none, all or every-N"),
+    ("model.activation_checkpointing=every-0", "model.activation_checkpointing must be none, all, selective or every-N"),
     ("model.pos_embed_resample=bilinear", "model.pos_embed_resample must be one of"),
     ("minutes=-2", "minutes must be > 0 or null, got -2.0"),
     ("optim.clip_grad_mode=per_param", "optim.clip_grad_mode must be one of"),

@@ -78,10 +78,17 @@ def test_flops_are_what_flop_counter_mode_counts_in_real_cpu_steps():
 
 
 def test_checkpointing_trades_activations_for_recomputation():
-    plain, recomputed = (estimate_step(tiny(f"model.activation_checkpointing={ac}"), which=("fastdino",))["fastdino"]
-                         for ac in ("none", "all"))
-    assert recomputed["peak_by_role_gib"]["activations"] < plain["peak_by_role_gib"]["activations"]
+    """all recomputes the student's blocks (FLOPs again) and keeps the least; selective recomputes no matmul and no
+    attention (the FLOPs of none) and keeps less than none: the model costs the recompute and drops what the
+    checkpoints do not keep."""
+    plain, recomputed, selective = (
+        estimate_step(tiny(f"model.activation_checkpointing={ac}"), which=("fastdino",))["fastdino"]
+        for ac in ("none", "all", "selective"))
+    activations = [run["peak_by_role_gib"]["activations"] for run in (recomputed, selective, plain)]
+    assert activations == sorted(activations) and len(set(activations)) == 3
     assert 1.0 < recomputed["gflop_per_image"] / plain["gflop_per_image"] < 1.5  # the student forward again
+    assert selective["gflop_per_image"] == plain["gflop_per_image"]
+    assert plain["gbytes"] < selective["gbytes"] < recomputed["gbytes"]  # the recomputed norms, GELU, adds, casts
 
 
 def test_bad_arguments_are_value_errors_naming_them():
