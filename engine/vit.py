@@ -65,9 +65,13 @@ Layout = tuple[tuple[int, int], ...]
 MODELS = {f"{arch}_patch{patch}": dict(patch_size=patch, **size) for arch, size in ARCHS.items() for patch in (16, 8)}
 
 
+# Device types autocast knows, read once: torch 2.11's dynamo cannot trace `torch.amp.is_autocast_available`.
+AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(t))
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """torch.autocast's compute dtype on `device` when autocast is on there, else None (also for the meta device)."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    if device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 

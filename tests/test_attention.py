@@ -219,4 +219,8 @@ def test_varlen_backend_is_one_call_per_block_equal_to_per_group_sdpa(monkeypatc
     assert calls[1:] == [((6 * 17 + 2 * 5, 2, 16), layout_offsets, 17)] * 2  # calls[0]: the probe
     assert_close(outputs["varlen"], outputs["sdpa"], **TOL[torch.float32], name="varlen features")
     for (name, p), q in zip(models["varlen"].named_parameters(), models["sdpa"].parameters()):
-        assert_close(p.grad, q.grad, **TOL[torch.float32], name=f"varlen grad {name}")
+        # Relative to the gradient's norm: the fake varlen attends by the naive reference, SDPA by its CPU kernel,
+        # and their fp32 differences (~1e-6) grow through two blocks' backward to ~1e-4 of the norm (torch 2.11 and
+        # 2.14); elementwise, small entries of summed gradients (biases) are cancellations that a fixed rtol fails.
+        error = torch.linalg.vector_norm(p.grad - q.grad) / torch.linalg.vector_norm(q.grad)
+        assert error <= 5e-4, f"varlen grad {name}: relative error {error:.2e}"
