@@ -1,8 +1,8 @@
 """2 gloo processes (FSDP2, then DDP, also with loss.fused_head) against 1 process on the same global batches: same
 losses, same student and teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close
 to it, with the backbone's numbers of DDP and one process under bf16 autocast, and in fp16 skipping overflows alike
-on every rank; FSDP2 with compiled blocks, head and loss and checkpointed
-blocks equal to it; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the uninterrupted one."""
+on every rank; FSDP2 with compiled blocks, head and loss and checkpointed (all, selective)
+blocks, and DDP with selective checkpointing, equal to it; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the uninterrupted one."""
 import dataclasses
 import json
 
@@ -97,14 +97,14 @@ def bf16_backbones(cfg, mesh, crops: list[torch.Tensor], rank: int) -> dict:
     return results
 
 
-def _compiled_trainer(cfg, mesh):
-    """An FSDP2 trainer with model.compile=true and activation checkpointing on every block. Backend aot_eager:
-    dynamo and AOTAutograd (graph breaks, FSDP2's hooks around the compiled forwards) without inductor's C++ builds,
-    whose numerics test_compile.py checks."""
+def _compiled_trainer(cfg, mesh, checkpointing: str):
+    """An FSDP2 trainer with model.compile=true and activation checkpointing (all or selective) on every block.
+    Backend aot_eager: dynamo and AOTAutograd (graph breaks, FSDP2's hooks around the compiled forwards, the
+    selective policy's tags) without inductor's C++ builds, whose numerics test_compile.py checks."""
     compile_ = torch.compile
     torch.compile = lambda fn, **kwargs: compile_(fn, backend="aot_eager", **kwargs)
     try:
-        model = dataclasses.replace(cfg.model, compile="true", activation_checkpointing="all")
+        model = dataclasses.replace(cfg.model, compile="true", activation_checkpointing=checkpointing)
         return make_trainer(dataclasses.replace(cfg, model=model), mesh=mesh)
     finally:
         torch.compile = compile_
@@ -145,8 +145,15 @@ def _worker(rank: int, store_path: str, out_dir: str):
         gathered = [torch.zeros_like(mine) for _ in range(WORLD)]
         dist.all_gather(gathered, mine)
         results["fsdp_fp16"] = {"skips_then_scale": gathered, "student": full_states(fp16)["student"]}
-        compiled = _compiled_trainer(cfg, mesh)
-        results["fsdp_compiled"] = {"losses": run_steps(compiled, batches, rank, WORLD), **full_states(compiled)}
+        for checkpointing in ("all", "selective"):
+            compiled = _compiled_trainer(cfg, mesh, checkpointing)
+            results[f"fsdp_compiled_{checkpointing}"] = {"losses": run_steps(compiled, batches, rank, WORLD),
+                                                         **full_states(compiled)}
+        ddp_selective = make_trainer(dataclasses.replace(
+            cfg, parallel=dataclasses.replace(cfg.parallel, mode="ddp"),
+            model=dataclasses.replace(cfg.model, activation_checkpointing="selective")), mesh=mesh)
+        results["ddp_selective"] = {"losses": run_steps(ddp_selective, batches, rank, WORLD),
+                                    **full_states(ddp_selective)}
         per_tensor = make_trainer(per_tensor_config(), mesh=mesh)
         results["fsdp_per_tensor"] = {"losses": run_steps(per_tensor, batches, rank, WORLD), **full_states(per_tensor)}
         poisoned = [c.clone() for c in batches[0]]
@@ -211,9 +218,15 @@ def test_fused_head_on_two_ranks_matches_one_unfused_process(distributed_results
 
 
 @pytest.mark.slow
-def test_compile_and_activation_checkpointing_under_fsdp2(distributed_results, single_results):
-    compiled = distributed_results[0]["fsdp_compiled"]
-    _compare(compiled, single_results, f"fsdp x{WORLD} compiled and checkpointed")
+@pytest.mark.parametrize("checkpointing", ["all", "selective"])
+def test_compile_and_activation_checkpointing_under_fsdp2(distributed_results, single_results, checkpointing):
+    compiled = distributed_results[0][f"fsdp_compiled_{checkpointing}"]
+    _compare(compiled, single_results, f"fsdp x{WORLD} compiled and checkpointed ({checkpointing})")
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_under_ddp(distributed_results, single_results):
+    _compare(distributed_results[0]["ddp_selective"], single_results, f"ddp x{WORLD} selective checkpointing")
 
 
 @pytest.mark.slow
