@@ -49,7 +49,7 @@ def parse_args():
     parser.add_argument("--loss-impl", default="auto", help="comma-separated: auto, torch, triton")
     parser.add_argument("--mode", default="auto", choices=C.PARALLEL_MODES)
     parser.add_argument("--compile", default="auto", help="comma-separated model.compile values: auto, true, false")
-    parser.add_argument("--activation-checkpointing", default="none", help="none, all or every-N")
+    parser.add_argument("--activation-checkpointing", default="none", help="none, all, every-N or selective")
     parser.add_argument("--cuda-graph", action="store_true", help="optim.cuda_graph: the update as CUDA graphs")
     parser.add_argument("--head-dim", type=int, default=None, help="head.hidden_dim and head.bottleneck_dim")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")

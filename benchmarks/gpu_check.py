@@ -5,7 +5,8 @@ A GPU is lent to some sessions only, for 15 minutes in all, the machine's start 
 and how to run this). Two self-contained plans, each one stage of steps within one budget:
 - stage 1, the first call of a loan (`gpu_check.sh 1`, 540 s): first, in this order, the kernels' correctness on CUDA
   (compiled Triton against the torch references, fp32/fp16/bf16, the step's shapes), the train-step table at batch
-  128 (the official formulation, fastdino eager, fastdino compiled: img/s, MFU, peak GiB), the same at batch 64, the
+  128 (the official formulation, fastdino eager, with selective activation checkpointing, compiled: img/s, MFU, peak
+  GiB), the same at batch 64 (not selective), the
   DINO loss, fused-head and EMA benchmarks; then, with what is left: the GPU-only tests at large, a short quality
   run on the CIFAR-10 subset carried in .gpu_data/ (k-NN before and after), the ViT-S/8 and ViT-B/16 rows;
 - stage 2, DALI, on a loan of its own (its wheels come in 60 MiB parts, one call each, then `gpu_check.sh 2 K`,
@@ -307,20 +308,24 @@ def summarize_ema(ctx: Context, record: dict) -> None:
 
 # The train-step rows: a tiny ViT on the CPU in smoke runs (the same rows, labelled with the smoke shapes).
 TRAIN_STEP_PROVIDERS = ["official", "fastdino", "fastdino-compile"]
+# Batch 128 also runs selective checkpointing (issue 22's <= 12 GiB), before the compiled row: an eager row takes
+# seconds, the compiled one its compile, which could take the step's limit.
+TRAIN_STEP_B128_PROVIDERS = ["official", "fastdino", "fastdino-selective", "fastdino-compile"]
 SMOKE_E2E = dict(archs=["vit_tiny/8"], batch=[2], args=["--embed-dim", "64", "--depth", "2", "--num-heads", "2",
                  "--out-dim", "256", "--local-crops", "2", "--global-size", "32", "--local-size", "16", "--steps", "1",
                  "--warmup", "1"])
 ROW_MARGIN_S = 10  # bench_e2e starts no row in the step's last seconds (the table printout follows)
 
 
-def train_step(name: str, archs: list[str], batches: list[int], smoke_providers: list[str] | None):
-    """(command, summarize, saved) of bench_e2e's train-step table for `archs` x `batches` x the providers, data on
+def train_step(name: str, archs: list[str], batches: list[int], smoke_providers: list[str] | None,
+               providers: list[str] = TRAIN_STEP_PROVIDERS):
+    """(command, summarize, saved) of bench_e2e's train-step table for `archs` x `batches` x `providers`, data on
     the device, into NAME.csv / NAME.md (saved after every row). Rows bench_e2e did not reach keep their slot in
     the table, with the reason. `smoke_providers`: the providers of a smoke run (None: not run in smoke runs)."""
     def plan(ctx: Context) -> tuple[list[str], list[int], list[str]]:
         if ctx.smoke:
             return SMOKE_E2E["archs"], SMOKE_E2E["batch"], smoke_providers
-        return archs, batches, TRAIN_STEP_PROVIDERS
+        return archs, batches, providers
 
     def command(ctx: Context, limit_s: float) -> list[str] | None:
         if ctx.smoke and smoke_providers is None:
@@ -359,7 +364,8 @@ def train_step(name: str, archs: list[str], batches: list[int], smoke_providers:
     return command, summarize, csv_rows(name)
 
 
-TRAIN_STEP_B128 = train_step("train_step_b128", ["vit_small/16"], [128], smoke_providers=TRAIN_STEP_PROVIDERS)
+TRAIN_STEP_B128 = train_step("train_step_b128", ["vit_small/16"], [128], smoke_providers=TRAIN_STEP_B128_PROVIDERS,
+                             providers=TRAIN_STEP_B128_PROVIDERS)
 TRAIN_STEP_B64 = train_step("train_step_b64", ["vit_small/16"], [64], smoke_providers=["official", "fastdino"])
 TRAIN_STEP_MORE = train_step("train_step_more", ["vit_small/8", "vit_base/16"], [128, 64], smoke_providers=None)
 
@@ -454,10 +460,11 @@ STEPS = [
     Step("install", 1, INSTALL_WHAT, install_command, 15, 40, 5, skip_reason="smoke: the package is installed"),
     Step("kernels", 1, f"{', '.join(KERNEL_TEST_FILES)} on CUDA (compiled kernels vs the references)", KERNELS[0],
          75, 110, 20, KERNELS[1], KERNELS[2]),
-    Step("train_step_b128", 1, "bench_e2e.py at batch 128: official, fastdino eager, compiled; ViT-S/16, data on "
-         "the GPU", TRAIN_STEP_B128[0], 180, 240, 60, TRAIN_STEP_B128[1], TRAIN_STEP_B128[2]),
-    Step("train_step_b64", 1, "the same at batch 64", TRAIN_STEP_B64[0], 90, 120, 30, TRAIN_STEP_B64[1],
-         TRAIN_STEP_B64[2]),
+    Step("train_step_b128", 1, "bench_e2e.py at batch 128: official, fastdino eager, selective checkpointing, "
+         "compiled; ViT-S/16, data on the GPU", TRAIN_STEP_B128[0], 180, 240, 60, TRAIN_STEP_B128[1],
+         TRAIN_STEP_B128[2]),
+    Step("train_step_b64", 1, "the same at batch 64, without selective checkpointing", TRAIN_STEP_B64[0], 90, 120,
+         30, TRAIN_STEP_B64[1], TRAIN_STEP_B64[2]),
     Step("loss", 1, "bench_dino_loss.py: triton, torch (official formulation), compile", loss_command, 45, 70, 15,
          summarize_loss, csv_rows("loss")),
     Step("head", 1, "bench_dino_loss.py --head: fused head + loss vs unfused, B=128", head_command, 20, 40, 10,

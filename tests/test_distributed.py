@@ -1,8 +1,9 @@
 """2 gloo processes (FSDP2, then DDP, also with loss.fused_head) against 1 process on the same global batches: same
 losses, same student and teacher, with global-norm and with per-tensor clipping; FSDP2 in bf16 mixed precision close
 to it, with the backbone's numbers of DDP and one process under bf16 autocast, and in fp16 skipping overflows alike
-on every rank; FSDP2 with compiled blocks, head and loss and checkpointed (all, selective)
-blocks, and DDP with selective checkpointing, equal to it; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the uninterrupted one."""
+on every rank; FSDP2 with compiled blocks, head and loss and checkpointed (all, selective) blocks, and DDP with
+selective checkpointing, equal to it; and an FSDP2 run saved (sharded DCP) and resumed mid-way ends like the
+uninterrupted one."""
 import dataclasses
 import json
 

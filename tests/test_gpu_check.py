@@ -27,7 +27,7 @@ def gpu_check():
 @pytest.mark.slow
 def test_smoke_mode_runs_the_real_plan_and_a_stopped_step_keeps_its_rows(gpu_check, tmp_path):
     """The dress rehearsal: every step of both stages in plan order with the real budgets on tiny shapes; the
-    batch-128 train-step step is stopped as at its limit after two rows (the compiled row, last, still compiling)."""
+    batch-128 train-step step is stopped as at its limit after two rows (the selective and compiled rows unmeasured)."""
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out",
                              str(tmp_path), "--rehearse-stop", "train_step_b128:2"],
                             capture_output=True, text=True, timeout=900)
@@ -44,10 +44,11 @@ def test_smoke_mode_runs_the_real_plan_and_a_stopped_step_keeps_its_rows(gpu_che
     stopped = steps["train_step_b128"]
     assert stopped["status"] == "timeout" and stopped["rehearsal"], stopped
     rows = {r["provider"]: r for r in stopped["figures"]["rows"]}
-    assert set(rows) == set(gpu_check.TRAIN_STEP_PROVIDERS), "every batch-128 slot has a row"
+    assert set(rows) == set(gpu_check.TRAIN_STEP_B128_PROVIDERS), "every batch-128 slot has a row"
     assert all(float(rows[p]["img_per_s"]) > 0 for p in ("official", "fastdino")), rows
-    assert rows["fastdino-compile"]["notes"] == "not measured: the step stopped at its limit", rows
-    assert "| fastdino-compile | – |" in stopped["markdown"]
+    for provider in ("fastdino-selective", "fastdino-compile"):
+        assert rows[provider]["notes"] == "not measured: the step stopped at its limit", rows
+        assert f"| {provider} | – |" in stopped["markdown"]
 
     table = (tmp_path / "gpu_check.md").read_text()
     assert result.stdout.rstrip().endswith(table.rstrip()), "the table must be the last thing printed"
