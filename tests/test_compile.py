@@ -139,6 +139,35 @@ def test_selective_checkpointing_keeps_matmul_and_attention_outputs_only():
     assert flops == none_flops < all_flops
 
 
+def test_compiled_selective_block_saves_what_the_policy_keeps(monkeypatch):
+    """Under torch.compile the partitioner applies the selective policy's tags: the compiled block saves for backward
+    the qkv, attention, projection and fc1 outputs (and the log-sum-exp), as the eager block keeps (its output is
+    not saved: the last residual add is outside the checkpoint). Backend aot_eager, whose partitioner is
+    inductor's; the saved tensors are those the compiled autograd function packs."""
+    torch.manual_seed(0)
+    model = tiny_dino(depth=2, drop_path_rate=0.5)
+    apply_ac(model, "selective")
+    block = model.backbone.blocks[1]
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend="aot_eager", **kwargs))
+    compile_forward(block)
+    width, heads = block.norm1.normalized_shape[0], block.attn.num_heads
+    x = torch.randn(sum(b * n for b, n in LAYOUT), width, requires_grad=True)
+    scales = tuple(torch.rand(x.shape[0], 1).round() * 2 for _ in range(2))
+    outside = {id(t.untyped_storage()) for t in [*block.parameters(), x, *scales]}
+    saved = {}
+
+    def pack(t):
+        if id(t.untyped_storage()) not in outside:
+            saved[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, LAYOUT, "sdpa", scales)
+    unit = x.shape[0] * width * 4
+    assert sum(saved.values()) == (3 + 1 + 1 + 4) * unit + x.shape[0] * heads * 4
+
+
 def test_compile_choice():
     assert resolve_compile("auto", torch.device("cpu")) is False
     assert resolve_compile("auto", torch.device("cuda")) is True
