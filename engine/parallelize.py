@@ -107,9 +107,10 @@ def selective_checkpoint_contexts(matmuls: int):
     ends before it. The attention projection's output, which also feeds only its residual add, is kept: the add's
     output is LayerNorm's input in backward, and rebuilding it from the kept projection is one add, where keeping
     the add's output instead would recompute the projection (eager reruns every op up to the early stop).
-    What a block keeps, in (tokens x width) units: qkv 3, attention 1, projection 1, fc1 4, plus its input (the
-    previous block's output), against 19 without checkpointing. Matmuls are told apart by their order in the
-    block, counted per pass (forward, recompute) as torchtitan's op-level SAC counts its mm's."""
+    What a block keeps, in (tokens x width) units: qkv 3, attention 1, projection 1, fc1 4, against 16 without
+    checkpointing (the norms' outputs, the concatenation, the first add's output, GELU's 4 besides), its input
+    kept either way. Matmuls are told apart by their order in the block, counted per pass (forward, recompute) as
+    torchtitan's op-level SAC counts its mm's."""
     seen = Counter()
 
     def policy(ctx, func, *args, **kwargs):
