@@ -1,6 +1,7 @@
 """The training step where it only runs on a GPU: bf16 on CUDA in one process and under FSDP2 on one NCCL rank,
 per-block torch.compile on CUDA, SDPA's fused backends for the model's attention (never the math path; cuDNN on
-Hopper), torch's varlen attention, and the bf16 residual stream under CUDA autocast.
+Hopper), torch's varlen attention, the bf16 residual stream under CUDA autocast, and selective activation
+checkpointing.
 
 Every test marked `gpu` here is named in benchmarks/gpu_check.py, which runs them whenever a GPU is lent. The
 FSDP2-on-one-rank test also runs on the CPU (gloo), so CI checks everything but the device.
@@ -222,3 +223,51 @@ def test_residual_stream_is_bf16_under_cuda_autocast():
     expected = low([c.bfloat16() for c in crops])
     assert dtypes == [(torch.bfloat16, torch.bfloat16)] * 2 and features.dtype == torch.bfloat16
     assert torch.equal(features, expected)
+
+
+def _checkpointed_vit_s16_step(spec: str, depth: int = 2):
+    """A ViT-S/16 (`depth` blocks, stochastic depth on, SDPA attention) forward + backward under bf16 autocast with
+    model.activation_checkpointing=`spec`, on 2 global 224² and 2 local 96² crops of 16 images: the model, its
+    features, the attention kernels run, the bytes the forward left allocated, the peak over the step."""
+    from types import SimpleNamespace
+
+    from test_attention import SDPAKernels
+
+    from fastdino.engine.parallelize import apply_ac
+    from fastdino.engine.vit import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16", depth=depth, drop_path_rate=0.1, attention="sdpa").cuda()
+    apply_ac(SimpleNamespace(backbone=model), spec)
+    crops = [torch.randn(16, 3, s, s, device="cuda") for s in (224, 224, 96, 96)]
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        model.eval()(crops)  # the backend is selected (its probes run) outside the measured step
+    model.train()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.manual_seed(1)
+    with SDPAKernels() as kernels, torch.autocast("cuda", torch.bfloat16):
+        features = model(crops)
+        kept = torch.cuda.memory_allocated() - before
+        features.float().square().sum().backward()
+    return model, features, kernels.seen, kept, torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_selective_checkpointing_on_cuda_recomputes_no_attention_and_keeps_less():
+    """model.activation_checkpointing=selective on CUDA (bf16, the SDPA kernel chosen: cuDNN on Hopper): the features
+    and gradients of no checkpointing; the same attention kernels, none recomputed in backward; and per block at
+    least 7 (tokens x width) units less left allocated by the forward (LayerNorm's two outputs, the groups'
+    concatenation, the first residual add, GELU's 4, against the projection's output kept), and a lower peak."""
+    reference, expected, seen_none, kept_none, peak_none = _checkpointed_vit_s16_step("none")
+    model, features, seen, kept, peak = _checkpointed_vit_s16_step("selective")
+    assert seen == seen_none, (seen, seen_none)
+    assert torch.equal(features, expected)  # the forward is the same computation
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        scale = q.grad.abs().max().item()  # attention's backward kernels may accumulate in another order
+        assert_close(p.grad, q.grad, atol=1e-2 * scale, rtol=1e-2, name=f"selective grad {name}")
+    unit = 16 * (2 * 197 + 2 * 37) * model.embed_dim * 2  # bf16 (tokens, width)
+    assert kept_none - kept >= 7 * len(model.blocks) * unit, (kept_none, kept, unit)
+    assert peak < peak_none, (peak, peak_none)
