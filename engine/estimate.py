@@ -29,6 +29,10 @@ fused AdamW) and the second step is measured (optimizer state exists, as in a ru
   why `torch.distributed._tools.mem_tracker.MemTracker` is not used: it learns forward from backward through
   module backward hooks, which only torch's engine calls; the allocation tracker here (`_StepTrace`, a
   TorchDispatchMode) follows the same storages.
+- Activation checkpointing (model.activation_checkpointing) is torch's own: a checkpointed block's recompute runs
+  inside backward under the tracker, so its ops are costed there, while the outputs a selective policy kept are
+  answered from the checkpoint's cache (not costed again) and, like the recomputed tensors, freed as torch frees
+  them (after the block's backward nodes ran).
 
 What the model ignores: kernel launch latency and host time (see `aten_ops`), caches (every op goes to HBM), kernel
 fusion (the step is eager: model.compile and optim.cuda_graph are set off), communication and FSDP2 sharding (one
