@@ -90,8 +90,8 @@ class StepStats:
         return {"values": self.values}
 
     def load_state_dict(self, state: dict) -> None:
-        values = state["values"]  # a checkpoint from before TERMS has the FIELDS only: their sums start at 0
-        self.values.zero_()
+        values = state["values"].clone()  # DCP may hand back `self.values` itself, loaded in place
+        self.values.zero_()  # a checkpoint from before TERMS has the FIELDS only: the terms' sums start at 0
         self.values[:len(values)].copy_(values)
 
 
