@@ -5,6 +5,7 @@ tests compare against; keep these restatements literal.
 """
 import math
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -237,3 +238,26 @@ def ssl_losses(student_global_logits, student_local_logits, teacher_cls_probs, s
                                                        masks_weight=masks_weight)
                                    * loss_scales * (1.0 / n_global_crops))  # :322-340
     return terms
+
+
+class DINOHead(torch.nn.Module):
+    """dinov2/layers/dino_head.py:12-58 (use_bn=False, mlp_bias=True)."""
+
+    def __init__(self, in_dim, out_dim, nlayers=3, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        layers = [torch.nn.Linear(in_dim, hidden_dim), torch.nn.GELU()]
+        for _ in range(nlayers - 2):
+            layers += [torch.nn.Linear(hidden_dim, hidden_dim), torch.nn.GELU()]
+        layers.append(torch.nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = torch.nn.Sequential(*layers)
+        with warnings.catch_warnings():  # dinov2 uses the deprecated weight_norm, whose keys its checkpoints have
+            warnings.simplefilter("ignore", FutureWarning)
+            self.last_layer = torch.nn.utils.weight_norm(torch.nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.weight_g.data.fill_(1)
+
+    def forward(self, x):
+        x = self.mlp(x)
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+        x = torch.nn.functional.normalize(x, dim=-1, p=2, eps=eps)
+        return self.last_layer(x)

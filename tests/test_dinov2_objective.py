@@ -207,3 +207,42 @@ def test_outputs_of_the_packed_forward():
     views = 2 + cfg.data.local_crops_number
     assert out.cls.shape == (views * 4, cfg.head.out_dim) and out.cls_tokens.shape == (views * 4, 32)
     assert out.patches.shape == (masks.upperbound, cfg.head.out_dim)
+
+
+def test_head_with_a_trainable_gain_loads_dinov2s_head_and_computes_the_same():
+    from fastdino.engine import DINOHead
+
+    theirs = ref.DINOHead(32, 64, hidden_dim=48, bottleneck_dim=16)
+    with torch.no_grad():
+        theirs.last_layer.weight_g.uniform_(0.5, 2.0)  # a gain that has trained
+    ours = DINOHead(32, 64, norm_last_layer=False, hidden_dim=48, bottleneck_dim=16)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(5, 32)
+    mine, expected = ours(x), theirs(x)
+    assert_close(mine, expected, atol=1e-6, rtol=1e-5, name="head")
+    mine.square().sum().backward()
+    expected.square().sum().backward()
+    assert_close(ours.last_layer.weight_g.grad, theirs.last_layer.weight_g.grad, atol=1e-6, rtol=1e-4, name="gain")
+
+
+def test_a_resumed_dinov2_run_equals_the_uninterrupted_one(tmp_path):
+    from test_distributed import _Position
+
+    cfg = tiny_config(*DINOV2, "model.drop_path_rate=0.1")
+    batches = synthetic_batches(cfg, 4)
+    whole = make_trainer(cfg)
+    for i, crops in enumerate(batches):
+        whole.train_step(crops, batch_masks(cfg, i))
+    first = make_trainer(cfg, output_dir=tmp_path)
+    for i, crops in enumerate(batches[:2]):
+        first.train_step(crops, batch_masks(cfg, i))
+    first.save_checkpoint(_Position())
+    resumed = make_trainer(cfg, output_dir=tmp_path)
+    assert resumed.resume(_Position()) and resumed.step == 2
+    resumed.restore_rng()
+    for i, crops in enumerate(batches[2:], start=2):
+        resumed.train_step(crops, batch_masks(cfg, i))
+    assert torch.equal(resumed.ibot_fn.center, whole.ibot_fn.center)
+    assert torch.equal(resumed.loss_fn.center, whole.loss_fn.center)
+    for (name, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
+        assert torch.equal(a, b), name

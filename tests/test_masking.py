@@ -89,7 +89,7 @@ def test_masks_travel_with_the_batch_seeded_and_resumable(source, backend):
 def test_both_paths_and_worker_counts_give_the_same_masks(source):
     batches = [_epoch_masks(build_loader(source, CROPS, 4, backend=backend, num_workers=workers, seed=1,
                                          masking=MASKING))
-               for backend, workers in (("torchvision", 0), ("torchvision", 2), ("dali", 0))]
+               for backend, workers in (("torchvision", 0), ("torchvision", 2), ("dali", 0), ("dali", 4))]
     for other in batches[1:]:
         for a, b in zip(batches[0], other, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
