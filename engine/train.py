@@ -1,4 +1,5 @@
-"""The DINO training loop: `Trainer` builds student, teacher, loss and optimizer; `train_step` is the algorithm;
+"""The DINO training loop: `Trainer` builds student, teacher, loss and optimizer; `train_step` is the algorithm
+(DINO's, or with loss.ibot_weight / loss.koleo_weight DINOv2's sum of named terms, `_dinov2_loss`);
 `train` runs steps, logs, checkpoints and resumes. Launch with `fastdino train ...` or
 `torchrun --nproc_per_node=N -m fastdino train ...` (see cli.py).
 
@@ -305,14 +306,18 @@ class Trainer:
         loss over the global and local pairs (normalised by the number of pairs, as DINOLoss and DINOv2), plus
         ibot_weight * iBOT (the student's masked global-crop patches against the teacher's, per crop and then over
         the 2B crops) plus koleo_weight * KoLeo (summed over the two global crops, each over the rank's B images).
-        Returns the loss and the (4,) terms of StepStats.TERMS (unweighted; 0 for a term that is off)."""
+        Returns the loss and the (4,) terms of StepStats.TERMS (unweighted; 0 for a term that is off).
+
+        One difference: without local crops dinov2 divides its DINO term by 3 (ssl_meta_arch.py:147,
+        max(n_local_crops * 2, 1) + 2 pairs), DINOLoss by the 2 pairs there are."""
         ibot, koleo, cfg = self.ibot_fn, self.koleo_fn, self.cfg
         index = masks.indices if masks is not None else None
+        fused = cfg.loss.fused_head  # KoLeo with the fused DINO head + loss (config.py refuses it with iBOT)
         with torch.no_grad():  # KoLeo alone: the teacher's CLS outputs only
             teacher = (self.teacher(crops[:2], patch_index=index) if index is not None
-                       else Outputs(self.teacher(crops[:2]), None, None))
+                       else Outputs(self.teacher(crops[:2], bottleneck=fused), None, None))
         student = self.student(crops, masks=masks.masks if masks is not None else None, patch_index=index,
-                               cls_tokens=koleo is not None)
+                               cls_tokens=koleo is not None, bottleneck=fused)
         dino = self._loss(student.cls, teacher.cls, teacher_temp)
         loss, zero = dino, torch.zeros((), device=dino.device)
         ibot_loss = koleo_loss = patch_entropy = zero

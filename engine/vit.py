@@ -394,6 +394,8 @@ class VisionTransformer(nn.Module):
         cls = self.norm(cls)  # LayerNorm is per token: norming only the CLS rows gives the same and is cheaper
         if patch_index is None:
             return cls
+        if patch_index.ndim != 1 or patch_index.dtype != torch.int64:
+            raise ValueError(f"patch_index must be 1-D int64, got {patch_index.dtype} {tuple(patch_index.shape)}")
         n_patches = layout[0][1] - 1
         rows = patch_index + patch_index // n_patches + 1  # past each image's CLS row, in group 0's rows
         return cls, self.norm(groups[0].index_select(0, rows))

@@ -246,3 +246,15 @@ def test_a_resumed_dinov2_run_equals_the_uninterrupted_one(tmp_path):
     assert torch.equal(resumed.loss_fn.center, whole.loss_fn.center)
     for (name, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_koleo_with_the_fused_dino_head_follows_the_unfused_step():
+    losses = {}
+    for fused in ("false", "true"):
+        cfg = tiny_config("loss.koleo_weight=0.1", "model.drop_path_rate=0.0", f"loss.fused_head={fused}")
+        trainer = make_trainer(cfg)
+        for crops in synthetic_batches(cfg, 2):
+            trainer.train_step(crops)
+        losses[fused] = trainer.stats.read()
+    for name in ("loss", "dino_loss", "koleo_loss"):
+        assert losses["true"][name] == pytest.approx(losses["false"][name], rel=1e-4), name
