@@ -258,3 +258,19 @@ def test_koleo_with_the_fused_dino_head_follows_the_unfused_step():
         losses[fused] = trainer.stats.read()
     for name in ("loss", "dino_loss", "koleo_loss"):
         assert losses["true"][name] == pytest.approx(losses["false"][name], rel=1e-4), name
+
+
+def test_compiled_blocks_and_heads_give_the_eager_dinov2_step():
+    """model.compile (on by default on CUDA) with iBOT's shared and separate heads: backend aot_eager, as in
+    test_distributed.py (dynamo + AOTAutograd without inductor's C++ builds)."""
+    from test_distributed import _compiled_trainer
+
+    for separate in ("false", "true"):
+        cfg = tiny_config(*DINOV2, f"head.ibot_separate={separate}")
+        eager, compiled = make_trainer(cfg), _compiled_trainer(cfg, None)
+        for i, crops in enumerate(synthetic_batches(cfg, 2)):
+            eager.train_step(crops, batch_masks(cfg, i))
+            compiled.train_step(crops, batch_masks(cfg, i))
+        expected, actual = eager.stats.read(), compiled.stats.read()
+        for name in eager.loss_terms() + ["loss"]:
+            assert actual[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), (separate, name)
