@@ -483,15 +483,16 @@ def dinov2_vit_small14() -> TrainConfig:
     shared head, half the global crops masked at ratios 0.1-0.5) + KoLeo (0.1) with centering, K = 65536, 2 x 224 +
     8 x 98 px crops at scales (0.32, 1) / (0.05, 0.32), global batch 1024, lr 4e-3 * sqrt(batch / 1024) with 10
     warmup epochs, min lr 1e-6, weight decay 0.04 -> 0.4, teacher momentum 0.992 -> 1, teacher temperature 0.04 ->
-    0.07 over 30 epochs, clip 3 (global norm: dinov2 clips each FSDP unit's norm), layer decay 0.9, patch
-    embedding lr x 0.2, last layer frozen 1 epoch, 100 epochs, the heads' last-layer gain trained (dinov2 leaves
-    `weight_g` trainable: head.norm_last_layer=false), drop path 0.3.
+    0.07 over 30 epochs, layer decay 0.9, patch embedding lr x 0.2, last layer frozen 1 epoch, 100 epochs, the heads'
+    last-layer gain trained (dinov2 leaves `weight_g` trainable: head.norm_last_layer=false), drop path 0.3, clip 3.
 
     What differs from DINOv2 until the DINOv2 backbone features land in engine/vit.py: local crops are 98 px, not
     96 (crops here must be multiples of the patch, 98 = 7 x 14); the backbone has no LayerScale (dinov2 1e-5), no
     register tokens, and DINO's position-embedding resampling (dinov2: interpolate_offset 0.1, no antialias, as
     `pos_embed_resample=dino`) with a 224-px native grid (dinov2 ViT-S/14 is built for 518 px); stochastic depth
-    is linear in depth, not uniform. The augmentations are DINO's, which dinov2/data/augmentations.py repeats."""
+    is linear in depth, not uniform. And in the step: the gradient norm is clipped over all gradients together
+    (dinov2 clips the backbone's and each head's on its own, train.py:250-259). The augmentations are DINO's, which
+    dinov2/data/augmentations.py repeats."""
     return TrainConfig(
         model=ModelConfig(arch="vit_small", patch_size=14, img_size=224, drop_path_rate=0.3,
                           pos_embed_resample="dino"),
