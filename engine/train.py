@@ -169,7 +169,8 @@ class Trainer:
                                          else cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum,
                                          impl=cfg.loss.ibot_impl,
                                          process_group=mesh.get_group() if mesh is not None else None).to(device)
-            self.ibot_fn.resolve_impl(device)
+            if self.compile and self.ibot_fn.resolve_impl(device) == "torch":  # fuses log-softmax, product, sum
+                self.ibot_fn.forward_masked = torch.compile(self.ibot_fn.forward_masked, fullgraph=True)
         if cfg.loss.koleo_weight > 0:
             self.koleo_fn = KoLeoLoss()
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
