@@ -71,6 +71,7 @@ GPU_TESTS = {
     "tests/test_cuda.py::test_varlen_attention_runs_one_call_and_matches_sdpa": "gpu_tests",
     "tests/test_cuda.py::test_residual_stream_is_bf16_under_cuda_autocast": "gpu_tests",
     "tests/test_cuda_graph.py::test_captured_graphs_equal_the_default_step_on_gpu": "gpu_tests",
+    "tests/test_dinov2_objective.py::test_dinov2_step_on_cuda_bf16_compiled_follows_fp32_eager": "gpu_tests",
     "tests/test_pipelines.py::test_dali_on_the_gpu_agrees_with_the_reference": "dali_tests",
 }
 # The kernel test files, run whole on CUDA by the first step (their fp32/fp16 cases then run compiled kernels,

@@ -274,3 +274,25 @@ def test_compiled_blocks_and_heads_give_the_eager_dinov2_step():
         expected, actual = eager.stats.read(), compiled.stats.read()
         for name in eager.loss_terms() + ["loss"]:
             assert actual[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), (separate, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dinov2_step_on_cuda_bf16_compiled_follows_fp32_eager():
+    """On CUDA: bf16 autocast, Inductor-compiled blocks, heads and iBOT loss, the Triton DINO loss; every term
+    follows an fp32 eager run of the same batches and masks within bf16 rounding (test_cuda.py's tolerance)."""
+    from test_cuda import BF16_LOSS_RTOL, config, trainer_on
+
+    cfg = config(*DINOV2, "optim.base_lr=5e-4")
+    batches, terms = synthetic_batches(cfg, 3), {}
+    for precision, compiled in (("fp32", "false"), ("bf16", "true")):
+        trainer = trainer_on(C.apply_overrides(cfg, overrides=[f"parallel.precision={precision}",
+                                                               f"model.compile={compiled}"]), "cuda")
+        rows = []
+        for i, crops in enumerate(batches):
+            trainer.train_step([c.cuda() for c in crops], batch_masks(cfg, i).to("cuda"))
+            rows.append(trainer.stats.read())
+        names = ["loss", "dino_loss", "ibot_loss", "koleo_loss"]  # not the entropy of a teacher at temperature 0.02
+        terms[precision] = torch.tensor([[row[k] for k in names] for row in rows])
+    assert torch.isfinite(terms["bf16"]).all(), terms["bf16"]
+    assert_close(terms["bf16"], terms["fp32"], atol=1e-3, rtol=BF16_LOSS_RTOL, name="bf16 compiled terms")
