@@ -375,7 +375,7 @@ class TrainConfig:
                "optim.cuda_graph=true does not capture the iBOT and KoLeo terms' statistics yet: set "
                "optim.cuda_graph=false or loss.ibot_weight=loss.koleo_weight=0")
         _check(self.loss.koleo_weight == 0 or self.data.batch_size >= 2,
-               "loss.koleo_weight > 0 needs data.batch_size >= 2 per rank (a nearest neighbour in the batch)")
+               "loss.koleo_weight > 0 needs data.batch_size >= 2 (a nearest neighbour in each rank's batch)")
 
 
 # Settings a resumed run may change (prefixes of dotted keys): when to stop, how often and where to log, when to

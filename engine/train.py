@@ -172,6 +172,9 @@ class Trainer:
             if self.compile and self.ibot_fn.resolve_impl(device) == "torch":  # fuses log-softmax, product, sum
                 self.ibot_fn.forward_masked = torch.compile(self.ibot_fn.forward_masked, fullgraph=True)
         if cfg.loss.koleo_weight > 0:
+            if cfg.data.batch_size // self.world_size < 2:
+                raise ValueError(f"loss.koleo_weight > 0 needs 2 images per rank or more (a nearest neighbour in the "
+                                 f"rank's batch); data.batch_size={cfg.data.batch_size} on {self.world_size} ranks")
             self.koleo_fn = KoLeoLoss()
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)

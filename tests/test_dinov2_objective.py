@@ -296,3 +296,16 @@ def test_dinov2_step_on_cuda_bf16_compiled_follows_fp32_eager():
         terms[precision] = torch.tensor([[row[k] for k in names] for row in rows])
     assert torch.isfinite(terms["bf16"]).all(), terms["bf16"]
     assert_close(terms["bf16"], terms["fp32"], atol=1e-3, rtol=BF16_LOSS_RTOL, name="bf16 compiled terms")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["loss.ibot_weight=1", "loss.fused_head=true"], "not yet the iBOT term"),
+    (["loss.koleo_weight=0.1", "optim.cuda_graph=true"], "cuda_graph"),
+    (["optim.layer_decay=0.9", "optim.cuda_graph=true"], "one lr for every parameter"),
+    (["loss.koleo_weight=0.1", "data.batch_size=1"], "nearest neighbour"),
+    (["loss.ibot_mask_ratio=[0.6, 0.2]"], "ibot_mask_ratio"),
+    (["optim.lr_scaling=cubic"], "lr_scaling"),
+])
+def test_config_refuses_what_the_dinov2_step_cannot_do(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(*overrides)
