@@ -128,7 +128,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (dinov2's name)
                       n_masked_patches_tensor: torch.Tensor | None = None) -> None:
         """Start the center update from the teacher logits (S, M, K) (dinov2 passes S = 1): the mean over M, summed
         over S, all-reduced over ranks; applied by `apply_center_update`. With `n_masked_patches_tensor` ((1,) or
-        0-d), only the first that many of the M rows count (a padded input)."""
+        0-d), only the first that many of the M rows count (a padded input), and none leaves the center as it is."""
         self.reduce_center_update(teacher_patch_tokens, n_masked_patches_tensor)
 
     @torch.no_grad()
@@ -146,6 +146,8 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (dinov2's name)
             count = n_masked_patches_tensor.reshape(()).to(t.device)
             valid = torch.arange(t.shape[1], device=t.device) < count
             row_means = (t * valid[:, None]).sum(1) / count.clamp_min(1)
+            # No masked patch (tiny crops): the center stays, where dinov2's mean of nothing would be NaN.
+            row_means = torch.where(count > 0, row_means, self.center.reshape(1, -1))
         self.async_batch_center = torch.sum(row_means, dim=0, keepdim=True)  # (1, K)
         if _distributed():
             self.reduce_handle = dist.all_reduce(self.async_batch_center, group=self.process_group, async_op=True)

@@ -160,3 +160,11 @@ def test_koleo_is_fp32_and_finite_for_a_duplicated_fp16_image():
 def test_koleo_batch_of_one_is_a_clear_error():
     with pytest.raises(ValueError, match="B >= 2"):
         KoLeoLoss()(torch.randn(1, 8))
+
+
+def test_center_stays_when_no_patch_is_masked():
+    loss = iBOTPatchLoss(5)
+    loss.center.fill_(0.3)
+    loss.update_center(torch.randn(1, 4, 5), n_masked_patches_tensor=torch.tensor([0]))
+    loss.apply_center_update()
+    assert torch.allclose(loss.center, torch.full((1, 1, 5), 0.3))
