@@ -67,7 +67,9 @@ MODELS = {f"{arch}_patch{patch}": dict(patch_size=patch, **size) for arch, size 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """torch.autocast's compute dtype on `device` when autocast is on there, else None (also for the meta device)."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    # Only CPU and CUDA have autocast here (not the meta device). Not torch.amp.is_autocast_available: torch 2.11's
+    # dynamo cannot trace it, and the compiled blocks' LayerNorm asks.
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
