@@ -73,6 +73,7 @@ GPU_TESTS = {
     "tests/test_cuda.py::test_residual_stream_is_bf16_under_cuda_autocast": "gpu_tests",
     "tests/test_cuda.py::test_selective_checkpointing_on_cuda_recomputes_no_attention_and_keeps_less": "gpu_tests",
     "tests/test_cuda_graph.py::test_captured_graphs_equal_the_default_step_on_gpu": "gpu_tests",
+    "tests/test_dinov2_objective.py::test_dinov2_step_on_cuda_bf16_compiled_follows_fp32_eager": "gpu_tests",
     "tests/test_pipelines.py::test_dali_on_the_gpu_agrees_with_the_reference": "dali_tests",
 }
 # The kernel test files, run whole on CUDA by the first step (their fp32/fp16 cases then run compiled kernels,
@@ -288,6 +289,23 @@ def summarize_head(ctx: Context, record: dict) -> None:
                          f"{gib['unfused']:.3g} GiB ({(gib['unfused'] - gib['fused_head']) * 1024:.0f} MiB less)")
 
 
+def ibot_command(ctx: Context, limit_s: float) -> list[str]:
+    shape = (["--batch", "1", "--K", "64", "--dim", "8", "--grid", "4", "--providers", "torch", "--reps", "2"]
+             if ctx.smoke else ["--batch", "128"])
+    return bench("bench_ibot_loss.py", *shape, *cpu_args(ctx), "--csv", ctx.work / "ibot.csv")
+
+
+def summarize_ibot(ctx: Context, record: dict) -> None:
+    rows = read_csv(ctx.work / "ibot.csv")
+    record["figures"] = {"rows": rows}
+    record["markdown"] = csv_markdown("iBOT term, DINOv2's formulation (bench_ibot_loss.py)", rows)
+    if not rows:
+        fail(record, "no rows")
+        return
+    record["summary"] = "; ".join(f"B={r['B']} M={r['M']} {r['provider']} fwd+bwd {number(r['p50_ms']):.3g} ms, "
+                                  f"peak {number(r['peak_GiB']):.3g} GiB" for r in rows)
+
+
 def ema_command(ctx: Context, limit_s: float) -> list[str]:
     # torch.compile of the official loop last: its cold compile is the longest part
     shape = (["--arch", "vit_tiny", "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32",
@@ -472,6 +490,8 @@ STEPS = [
          summarize_head, csv_rows("head")),
     Step("ema", 1, "bench_ema.py: official loop, triton, foreach, compile", ema_command, 30, 50, 10, summarize_ema,
          csv_rows("ema")),
+    Step("ibot_torch", 1, "bench_ibot_loss.py: the iBOT term in DINOv2's formulation (torch, compile), B=128",
+         ibot_command, 0, 40, 10, summarize_ibot, csv_rows("ibot")),
     Step("gpu_tests", 1, "the other gpu-marked tests (GPU_TESTS)", GPU_TEST_STEP[0], 0, 150, 30, GPU_TEST_STEP[1],
          GPU_TEST_STEP[2]),
     Step("quality", 1, "quality_run.py: ViT-S/16 on the CIFAR-10 subset, k-NN before/after", quality_command, 0,

@@ -296,11 +296,13 @@ def checkpoint_after_failure(trainer, loader) -> str:
 def build_train_loader(cfg: C.TrainConfig, train_split: str, device: torch.device, *, rank: int = 0,
                        world_size: int = 1):
     """The multi-crop loader of this rank's share of each global batch of `train_split`."""
+    from fastdino.engine.train import masking_config
     from fastdino.pipelines import build_loader
 
     d = cfg.data  # a MultiCropConfig with the dataset and loader settings
     return build_loader(train_split, d, d.batch_size // world_size, rank=rank, world_size=world_size,
-                        seed=cfg.seed, backend=d.backend, device=str(device), num_workers=d.num_workers)
+                        seed=cfg.seed, backend=d.backend, device=str(device), num_workers=d.num_workers,
+                        masking=masking_config(cfg))
 
 
 def with_dataset(cfg: C.TrainConfig, rank: int) -> C.TrainConfig:

@@ -33,6 +33,7 @@ PARALLEL_MODES = ("auto", "fsdp", "ddp", "single")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CLIP_GRAD_MODES = ("global", "per_tensor")
 TEACHER_TEMP_SCHEDULES = ("per_step", "per_epoch")
+LR_SCALINGS = ("linear_256", "sqrt_1024")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -111,10 +112,16 @@ class HeadConfig:
     """Width of the head's hidden layers."""
     bottleneck_dim: int = 256
     """Width of the L2-normalised bottleneck before the prototypes."""
+    ibot_separate: bool = False
+    """With loss.ibot_weight > 0: a head of its own for the patch tokens (DINOv2 ibot.separate_head), same sizes."""
+    ibot_out_dim: int | None = None
+    """Prototypes of the separate iBOT head; null = out_dim."""
 
     def __post_init__(self):
         for name in ("out_dim", "nlayers", "hidden_dim", "bottleneck_dim"):
             _check(getattr(self, name) > 0, f"head.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.ibot_out_dim is None or self.ibot_out_dim > 0,
+               f"head.ibot_out_dim must be > 0 or null, got {self.ibot_out_dim}")
 
 
 @dataclass
@@ -138,6 +145,16 @@ class LossConfig:
     fused_head: bool = False
     """Fold the head's last layer into the loss (kernels/fused_head_loss.py): the (V*B, K) logits and the normalised
     weight never exist in memory (any parallel.mode). Needs head.norm_last_layer and teacher_norm=centering."""
+    ibot_weight: float = 0.0
+    """Weight of iBOT's masked-patch loss (DINOv2: 1.0); 0 = off: no masks, no mask token, no patch tokens."""
+    koleo_weight: float = 0.0
+    """Weight of the KoLeo regulariser on the student's global-crop CLS features (DINOv2: 0.1); 0 = off."""
+    ibot_impl: str = "auto"
+    """iBOT loss implementation: auto (torch until the fused kernel lands) or torch (DINOv2's formulation)."""
+    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)
+    """Range of the masked share of a masked global crop's patches (DINOv2 ibot.mask_ratio_min_max)."""
+    ibot_mask_probability: float = 0.5
+    """Share of the global crops that are masked (DINOv2 ibot.mask_sample_probability)."""
 
     def __post_init__(self):
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -154,12 +171,25 @@ class LossConfig:
         _check(not self.fused_head or self.teacher_norm == "centering",
                "loss.fused_head=true needs loss.teacher_norm=centering (Sinkhorn-Knopp needs the teacher logits): "
                "set loss.fused_head=false")
+        for name in ("ibot_weight", "koleo_weight"):
+            _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        _check_choice("loss.ibot_impl", self.ibot_impl, ("auto", "torch"))
+        self.ibot_mask_ratio = tuple(self.ibot_mask_ratio)
+        low, high = self.ibot_mask_ratio
+        _check(len(self.ibot_mask_ratio) == 2 and 0 <= low <= high <= 1,
+               f"loss.ibot_mask_ratio must be (low, high) with 0 <= low <= high <= 1, got {self.ibot_mask_ratio}")
+        _check(0 < self.ibot_mask_probability <= 1,
+               f"loss.ibot_mask_probability must be in (0, 1], got {self.ibot_mask_probability}")
+        _check(not (self.fused_head and self.ibot_weight > 0),
+               "loss.fused_head=true folds the DINO head's last layer only, not yet the iBOT term: set "
+               "loss.fused_head=false or loss.ibot_weight=0")
 
 
 @dataclass
 class OptimConfig:
     base_lr: float = 5e-4
-    """Peak AdamW learning rate for a global batch of 256; the run uses base_lr * batch_size / 256."""
+    """Peak AdamW learning rate for a global batch of 256 (or 1024: see lr_scaling); by default the run uses
+    base_lr * batch_size / 256."""
     min_lr: float = 1e-6
     """Learning rate at the end of the cosine decay."""
     warmup_epochs: float = 10
@@ -180,6 +210,14 @@ class OptimConfig:
     """The head's last layer gets no update for this many epochs (DINO: helps the first epoch)."""
     cuda_graph: bool = False
     """Replay the step's part after backward (clip, AdamW, EMA, center, counters) as CUDA graphs (CUDA only)."""
+    lr_scaling: str = "linear_256"
+    """Peak lr from base_lr: linear_256 = base_lr * batch / 256 (DINO), sqrt_1024 = base_lr * sqrt(batch / 1024)
+    (DINOv2 scaling_rule sqrt_wrt_1024)."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay (DINOv2 layerwise_decay 0.9): block i of L gets lr * decay^(L - i), the embeddings and
+    tokens decay^(L + 1), the final norm and the heads 1; 1 = off."""
+    patch_embed_lr_mult: float = 1.0
+    """Extra lr factor of the patch embedding (DINOv2 patch_embed_lr_mult 0.2); 1 = off."""
 
     def __post_init__(self):
         _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
@@ -190,6 +228,12 @@ class OptimConfig:
         for name in ("teacher_momentum", "teacher_momentum_end"):
             _check(0 <= getattr(self, name) <= 1, f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
         _check_choice("optim.clip_grad_mode", self.clip_grad_mode, CLIP_GRAD_MODES)
+        _check_choice("optim.lr_scaling", self.lr_scaling, LR_SCALINGS)
+        for name in ("layer_decay", "patch_embed_lr_mult"):
+            _check(0 < getattr(self, name) <= 1, f"optim.{name} must be in (0, 1], got {getattr(self, name)}")
+        _check(not self.cuda_graph or (self.layer_decay == 1 and self.patch_embed_lr_mult == 1),
+               "optim.cuda_graph=true sets one lr for every parameter: set optim.layer_decay=1 and "
+               "optim.patch_embed_lr_mult=1, or optim.cuda_graph=false")
 
 
 @dataclass(frozen=True)
@@ -329,6 +373,12 @@ class TrainConfig:
         _check(not self.loss.fused_head or self.head.norm_last_layer,
                "loss.fused_head=true folds a unit-gain last layer into the loss: set head.norm_last_layer=true or "
                "loss.fused_head=false")
+        dinov2_terms = self.loss.ibot_weight > 0 or self.loss.koleo_weight > 0
+        _check(not (self.optim.cuda_graph and dinov2_terms),
+               "optim.cuda_graph=true does not capture the iBOT and KoLeo terms' statistics yet: set "
+               "optim.cuda_graph=false or loss.ibot_weight=loss.koleo_weight=0")
+        _check(self.loss.koleo_weight == 0 or self.data.batch_size >= 2,
+               "loss.koleo_weight > 0 needs data.batch_size >= 2 (a nearest neighbour in each rank's batch)")
 
 
 # Settings a resumed run may change (prefixes of dotted keys): when to stop, how often and where to log, when to
@@ -431,7 +481,39 @@ def demo() -> TrainConfig:
     )
 
 
-PRESETS = {"demo": demo, "small": small, "vit_small16_imagenet": vit_small16_imagenet}
+def dinov2_vit_small14() -> TrainConfig:
+    """DINOv2's default recipe (dinov2/configs/ssl_default_config.yaml) at ViT-S/14: DINO + iBOT (weight 1,
+    shared head, half the global crops masked at ratios 0.1-0.5) + KoLeo (0.1) with centering, K = 65536, 2 x 224 +
+    8 x 98 px crops at scales (0.32, 1) / (0.05, 0.32), global batch 1024, lr 4e-3 * sqrt(batch / 1024) with 10
+    warmup epochs, min lr 1e-6, weight decay 0.04 -> 0.4, teacher momentum 0.992 -> 1, teacher temperature 0.04 ->
+    0.07 over 30 epochs, layer decay 0.9, patch embedding lr x 0.2, last layer frozen 1 epoch, 100 epochs, the heads'
+    last-layer gain trained (dinov2 leaves `weight_g` trainable: head.norm_last_layer=false), drop path 0.3, clip 3.
+
+    What differs from DINOv2 until the DINOv2 backbone features land in engine/vit.py: local crops are 98 px, not
+    96 (crops here must be multiples of the patch, 98 = 7 x 14); the backbone has no LayerScale (dinov2 1e-5), no
+    register tokens, and DINO's position-embedding resampling (dinov2: interpolate_offset 0.1, no antialias, as
+    `pos_embed_resample=dino`) with a 224-px native grid (dinov2 ViT-S/14 is built for 518 px); stochastic depth
+    is linear in depth, not uniform. And in the step: the gradient norm is clipped over all gradients together
+    (dinov2 clips the backbone's and each head's on its own, train.py:250-259). The augmentations are DINO's, which
+    dinov2/data/augmentations.py repeats."""
+    return TrainConfig(
+        model=ModelConfig(arch="vit_small", patch_size=14, img_size=224, drop_path_rate=0.3,
+                          pos_embed_resample="dino"),
+        head=HeadConfig(out_dim=65536, norm_last_layer=False),
+        loss=LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
+                        ibot_weight=1.0, koleo_weight=0.1),
+        optim=OptimConfig(base_lr=4e-3, lr_scaling="sqrt_1024", min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
+                          weight_decay_end=0.4, teacher_momentum=0.992, clip_grad=3.0, freeze_last_layer_epochs=1,
+                          layer_decay=0.9, patch_embed_lr_mult=0.2),
+        data=DataConfig(batch_size=1024, global_crops_size=224, global_crops_scale=(0.32, 1.0), local_crops_number=8,
+                        local_crops_size=98, local_crops_scale=(0.05, 0.32)),
+        epochs=100,
+        checkpoint=CheckpointConfig(every_steps=2500),
+    )
+
+
+PRESETS = {"demo": demo, "small": small, "vit_small16_imagenet": vit_small16_imagenet,
+           "dinov2_vit_small14": dinov2_vit_small14}
 
 
 def preset(name: str) -> TrainConfig:

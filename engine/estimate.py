@@ -438,6 +438,23 @@ def _crops(cfg: TrainConfig, trace: _StepTrace) -> list[torch.Tensor]:
     return crops
 
 
+def _masks(cfg: TrainConfig, trace: _StepTrace):
+    """With iBOT, the batch's masks at their static upper bound of masked patches (shapes are all the model reads),
+    counted as inputs; else None."""
+    from fastdino.engine.train import masking_config
+    from fastdino.pipelines.masking import MaskBatch
+
+    masking = masking_config(cfg)
+    if masking is None:
+        return None
+    n_crops, bound = 2 * cfg.data.batch_size, masking.upper_bound(2 * cfg.data.batch_size)
+    masks = MaskBatch(torch.zeros(n_crops, masking.n_tokens, dtype=torch.bool, device="cuda"),
+                      torch.zeros(bound, dtype=torch.int64, device="cuda"), torch.zeros(bound, device="cuda"),
+                      torch.full((1,), bound, device="cuda"), bound)
+    trace.assign([masks.masks, masks.indices, masks.weights, masks.n_masked], "inputs")
+    return masks
+
+
 def _summary(trace: _StepTrace, batch: int, gpu: GPU, extra: dict) -> dict:
     ops = sorted(trace.by_op.items(), key=lambda item: -item[1].bytes)
     aten = {name: e for name, e in ops if name.startswith("aten.")}
@@ -503,8 +520,8 @@ def _fastdino_step(cfg: TrainConfig, gpu: GPU) -> dict:
     with _fake_cuda(gpu) as (trace, launches):
         trainer = Trainer(cfg, steps_per_epoch, device=torch.device("cuda"))
         trainer.step = math.ceil(cfg.optim.freeze_last_layer_epochs) * steps_per_epoch  # the full update
-        crops = _crops(cfg, trace)
-        _second_step(trace, launches, lambda i: trainer.train_step(crops), trainer.loss_fn, trainer.student,
+        crops, masks = _crops(cfg, trace), _masks(cfg, trace)
+        _second_step(trace, launches, lambda i: trainer.train_step(crops, masks), trainer.loss_fn, trainer.student,
                      trainer.teacher, trainer.optimizer)
         return _summary(trace, cfg.data.batch_size, gpu, {"precision": trainer.precision.name})
 

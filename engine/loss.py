@@ -33,7 +33,9 @@ def _check_temperature(name: str, value) -> None:
 
 @torch.no_grad()
 def sinkhorn_knopp_teacher(teacher_output: torch.Tensor, teacher_temp: float,
-                           n_iterations: int = SINKHORN_ITERATIONS, process_group=None) -> torch.Tensor:
+                           n_iterations: int = SINKHORN_ITERATIONS, process_group=None, *,
+                           valid: torch.Tensor | None = None,
+                           n_samples: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher probabilities by Sinkhorn-Knopp (SwAV, Caron et al. 2020, Sec. 3.1; DINOv2 `sinkhorn_knopp_teacher`).
 
     teacher_output (2*B, K) logits on this rank. Alternately rescales exp(logits / teacher_temp) so that every
@@ -45,21 +47,30 @@ def sinkhorn_knopp_teacher(teacher_output: torch.Tensor, teacher_temp: float,
     samples. The per-prototype normalisation that follows cancels any per-prototype factor, including DINOv2's
     division by the global sum (hence dropped), so Q is unchanged, but exp never overflows (DINOv2 gives inf, then
     NaN, once logits / teacher_temp > 88) and a prototype's weights no longer sink into fp32 subnormals.
+
+    valid (rows,) bool: the rows that are samples (iBOT's padded masked patches); the others get probability 0.
+    n_samples: the number of samples over all ranks (a device tensor: iBOT's all-reduced masked-patch count);
+    default rows * world size. Only the scale of the intermediate sums depends on it.
     """
     world_size = dist.get_world_size(process_group) if _distributed() else 1
     logits = teacher_output.float() / teacher_temp  # (2*B, K)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None], -math.inf)
     prototype_max = logits.amax(dim=0, keepdim=True)  # (1, K)
     if world_size > 1:
         dist.all_reduce(prototype_max, op=dist.ReduceOp.MAX, group=process_group)
+    prototype_max = prototype_max.nan_to_num(neginf=0.0)  # no valid row anywhere: exp(-inf) = 0, not NaN
     q = torch.exp(logits - prototype_max)  # (2*B, K)
-    n_samples, n_prototypes = q.shape[0] * world_size, q.shape[1]
+    n_prototypes = q.shape[1]
+    if n_samples is None:
+        n_samples = q.shape[0] * world_size
     # A sample whose weights all underflowed keeps weight 0 instead of turning into 0/0 = NaN.
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(n_iterations):
         per_prototype = q.sum(dim=0, keepdim=True)  # (1, K)
         if world_size > 1:
             dist.all_reduce(per_prototype, group=process_group)
-        q /= per_prototype
+        q /= per_prototype.clamp_min_(tiny)  # 0 only when no rank has a valid row
         q /= n_prototypes
         q /= q.sum(dim=1, keepdim=True).clamp_min_(tiny)  # per sample, local
         q /= n_samples

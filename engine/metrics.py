@@ -33,16 +33,22 @@ class StepStats:
 
     FIELDS = ("loss_sum", "entropy_sum", "finite_steps", "skipped_steps", "nonfinite_in_a_row",
               "max_nonfinite_in_a_row", "grad_norm")
+    # The DINOv2 objective's named terms (engine/train.py: Trainer.loss_terms), summed like the loss, after FIELDS.
+    TERMS = ("dino_loss", "ibot_loss", "koleo_loss", "teacher_patch_entropy")
 
     def __init__(self, device: torch.device):
-        self.values = torch.zeros(len(self.FIELDS), device=device)
+        self.values = torch.zeros(len(self.FIELDS) + len(self.TERMS), device=device)
 
     def update(self, loss: torch.Tensor, entropy: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor,
-               nonfinite: torch.Tensor) -> None:
-        """Add one step (0-d device tensors; `skipped` and `nonfinite` are bool). No host sync."""
+               nonfinite: torch.Tensor, terms: torch.Tensor | None = None) -> None:
+        """Add one step (0-d device tensors; `skipped` and `nonfinite` are bool; `terms` the (len(TERMS),) values
+        of the named loss terms, or None). No host sync."""
         v = dict(zip(self.FIELDS, self.values.unbind()))
         in_a_row = (v["nonfinite_in_a_row"] + 1) * nonfinite
-        self.values.copy_(torch.stack([  # in place: a CUDA graph of the step keeps writing this tensor
+        term_sums = self.values[len(self.FIELDS):]
+        if terms is not None:
+            term_sums = term_sums + torch.where(nonfinite, 0.0, terms.float())
+        self.values.copy_(torch.cat([torch.stack([  # in place: a CUDA graph of the step keeps writing this tensor
             v["loss_sum"] + torch.where(nonfinite, 0.0, loss.float()),
             v["entropy_sum"] + torch.where(nonfinite, 0.0, entropy.float()),
             v["finite_steps"] + ~nonfinite,
@@ -50,7 +56,7 @@ class StepStats:
             in_a_row,
             torch.maximum(v["max_nonfinite_in_a_row"], in_a_row),
             grad_norm.float(),
-        ]))
+        ]), term_sums]))
 
     def read(self, process_group=None, *, reset: bool = True) -> dict[str, float]:
         """Means since the last read and the counters, reduced over ranks (collective when torch.distributed is
@@ -58,15 +64,20 @@ class StepStats:
         values = self.values.clone()
         if dist.is_available() and dist.is_initialized():
             # loss_sum, entropy_sum; nonfinite_in_a_row, max_nonfinite_in_a_row
-            sums, in_a_row = values[:2].clone(), values[4:6].clone()
+            sums, in_a_row = torch.cat([values[:2], values[len(self.FIELDS):]]), values[4:6].clone()
             dist.all_reduce(sums, group=process_group)
             dist.all_reduce(in_a_row, op=dist.ReduceOp.MAX, group=process_group)  # losses are per rank
-            values[:2], values[4:6] = sums / dist.get_world_size(process_group), in_a_row
-        raw = dict(zip(self.FIELDS, values.tolist()))  # host sync: once per log step
+            sums /= dist.get_world_size(process_group)
+            values[:2], values[len(self.FIELDS):], values[4:6] = sums[:2], sums[2:], in_a_row
+        listed = values.tolist()  # host sync: once per log step
+        raw = dict(zip(self.FIELDS, listed))
         if reset:
-            self.values.mul_(torch.tensor([0, 0, 0, 0, 1, 0, 1], device=self.values.device))
+            keep = [0, 0, 0, 0, 1, 0, 1] + [0] * len(self.TERMS)
+            self.values.mul_(torch.tensor(keep, device=self.values.device))
         finite = raw["finite_steps"]
-        return {
+        terms = {name: value / finite if finite else math.nan
+                 for name, value in zip(self.TERMS, listed[len(self.FIELDS):])}
+        return {**terms,
             "loss": raw["loss_sum"] / finite if finite else math.nan,
             "teacher_entropy": raw["entropy_sum"] / finite if finite else math.nan,
             "grad_norm": raw["grad_norm"],
@@ -79,7 +90,9 @@ class StepStats:
         return {"values": self.values}
 
     def load_state_dict(self, state: dict) -> None:
-        self.values.copy_(state["values"])
+        values = state["values"].clone()  # DCP may hand back `self.values` itself, loaded in place
+        self.values.zero_()  # a checkpoint from before TERMS has the FIELDS only: the terms' sums start at 0
+        self.values[:len(values)].copy_(values)
 
 
 def max_memory_gib(device: torch.device) -> float:
@@ -129,7 +142,9 @@ class CollapseWatch:
 
     LOW, HIGH = 0.05, 0.95  # fractions of ln K
 
-    def __init__(self, out_dim: int, patience_steps: int):
+    def __init__(self, out_dim: int, patience_steps: int, what: str = "teacher output"):
+        """`what`: the distribution watched, named in the warning (iBOT's: "teacher patch")."""
+        self.what = what
         self.log_k = math.log(out_dim)
         self.patience_steps = patience_steps
         self.since: dict[str, int] = {}
@@ -154,7 +169,7 @@ class CollapseWatch:
             start = self.since.setdefault(mode, step)
             if step - start >= self.patience_steps and mode not in self.warned:
                 self.warned.add(mode)
-                return (f"teacher output entropy {entropy:.3f} has been near "
+                return (f"{self.what} entropy {entropy:.3f} has been near "
                         f"{'0' if mode == 'one prototype' else f'ln K = {self.log_k:.2f}'} since step {start}: "
                         f"the teacher looks collapsed ({mode}); try a lower teacher temperature, a higher "
                         f"teacher momentum or a smaller head.out_dim")
@@ -306,7 +321,9 @@ def format_row(row: dict, total_steps: int) -> str:
     return (f"step {row['step']}/{total_steps} | epoch {row['epoch']:.2f} | {row['img_per_s']:.0f} img/s | "
             f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | wd {row['wd']:.3f} | "
             f"momentum {row['teacher_momentum']:.4f} | teacher temp {row['teacher_temp']:.4f} | "
-            f"teacher entropy {row['teacher_entropy']:.3f} | grad norm {row['grad_norm']:.3f} | "
+            f"teacher entropy {row['teacher_entropy']:.3f} | "
+            + "".join(f"{name.replace('_', ' ')} {row[name]:.4f} | " for name in StepStats.TERMS if name in row)
+            + f"grad norm {row['grad_norm']:.3f} | "
             f"skipped {row['skipped_steps']} | mem {row['max_memory_gib']:.2f} GiB | "
             f"ETA {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
 

@@ -5,6 +5,8 @@ The initial weights come from one unsharded CPU model seeded with `cfg.seed`, so
 of ranks (DTensor random init on the CPU draws the same values on every shard), and the untrained baseline of the
 k-NN evaluation is exactly the network training started from.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -13,36 +15,83 @@ from fastdino.engine.head import DINOHead
 from fastdino.engine.vit import build_backbone
 
 
-class DINOModel(nn.Module):
-    """Backbone + head over all crops in one pass, like DINO's MultiCropWrapper (same `backbone.`/`head.` keys)."""
+class Outputs(NamedTuple):
+    """What the DINOv2 objective takes from one packed forward (DINOModel.forward with patch_index or cls_tokens)."""
 
-    def __init__(self, backbone: nn.Module, head: DINOHead):
+    cls: torch.Tensor
+    """(V*B, K) head outputs of the CLS tokens, in crop order."""
+    patches: torch.Tensor | None
+    """(M, K) iBOT head outputs of the patch tokens at `patch_index`, or None."""
+    cls_tokens: torch.Tensor | None
+    """(V*B, D) final-norm backbone CLS features (KoLeo's input), or None."""
+
+
+class DINOModel(nn.Module):
+    """Backbone + head over all crops in one pass, like DINO's MultiCropWrapper (same `backbone.`/`head.` keys);
+    with `ibot_head`, DINOv2's separate iBOT head for the patch tokens (else they share `head`, DINOv2's default)."""
+
+    def __init__(self, backbone: nn.Module, head: DINOHead, ibot_head: DINOHead | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.ibot_head = ibot_head
 
     def init_weights(self) -> None:
         self.backbone.init_weights()
         self.head.init_weights()
+        if self.ibot_head is not None:
+            self.ibot_head.init_weights()
 
-    def forward(self, crops: torch.Tensor | list[torch.Tensor], *, bottleneck: bool = False) -> torch.Tensor:
+    def forward(self, crops: torch.Tensor | list[torch.Tensor], *, bottleneck: bool = False,
+                masks: torch.Tensor | None = None, patch_index: torch.Tensor | None = None,
+                cls_tokens: bool = False) -> torch.Tensor | Outputs:
         """Crops [(B, C, H, W)] * V -> (V*B, K), in crop order; with `bottleneck`, the head's (V*B, bottleneck_dim)
-        features before its last layer (see DINOHead.forward)."""
-        return self.head(self.backbone(crops), bottleneck=bottleneck)
+        features before its last layer (see DINOHead.forward).
+
+        DINOv2: `masks` (2B, N) bool replace the global crops' masked patch embeddings by the mask token;
+        `patch_index` (M,) picks the global crops' patch tokens for the iBOT head (see VisionTransformer.forward),
+        `cls_tokens` asks for the backbone's CLS features; with either, returns `Outputs`. A shared head runs once
+        over the CLS and patch rows together, as DINOv2's."""
+        if patch_index is None and not cls_tokens:
+            return self.head(self.backbone(crops, masks=masks) if masks is not None else self.backbone(crops),
+                             bottleneck=bottleneck)
+        if patch_index is None:
+            tokens, patch_tokens = self.backbone(crops, masks=masks), None
+        else:
+            tokens, patch_tokens = self.backbone(crops, masks=masks, patch_index=patch_index)
+        patches = None
+        if patch_tokens is None:
+            cls = self.head(tokens, bottleneck=bottleneck)
+        elif self.ibot_head is not None:
+            cls, patches = self.head(tokens, bottleneck=bottleneck), self.ibot_head(patch_tokens)
+        else:
+            cls, patches = self.head(torch.cat([tokens, patch_tokens]), bottleneck=bottleneck).split(
+                [tokens.shape[0], patch_tokens.shape[0]])
+        return Outputs(cls, patches, tokens if cls_tokens else None)
+
+    def cancel_last_layer_gradients(self) -> None:
+        """Drop the heads' last-layer gradients (frozen for the first epochs); the trainer decides when."""
+        self.head.cancel_last_layer_gradients()
+        if self.ibot_head is not None:
+            self.ibot_head.cancel_last_layer_gradients()
 
 
 def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel:
     """Backbone + head from the config; the teacher has no stochastic depth. The head's parameters are created,
     not set: build under `torch.device("meta")` and load `initial_state(cfg)`, or call `init_weights()`."""
     m = cfg.model
+    ibot = cfg.loss.ibot_weight > 0
     backbone = build_backbone(m.arch, m.patch_size, img_size=m.img_size,
                               drop_path_rate=m.drop_path_rate if student else 0.0, attention=m.attention,
                               pos_embed_resample=m.pos_embed_resample, embed_dim=m.embed_dim, depth=m.depth,
-                              num_heads=m.num_heads)
+                              num_heads=m.num_heads, mask_token=ibot)
     h = cfg.head
-    head = DINOHead(backbone.embed_dim, h.out_dim, use_bn=h.use_bn, norm_last_layer=h.norm_last_layer,
-                    nlayers=h.nlayers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim)
-    return DINOModel(backbone, head)
+
+    def head(out_dim: int) -> DINOHead:
+        return DINOHead(backbone.embed_dim, out_dim, use_bn=h.use_bn, norm_last_layer=h.norm_last_layer,
+                        nlayers=h.nlayers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim)
+
+    return DINOModel(backbone, head(h.out_dim), head(h.ibot_out_dim or h.out_dim) if ibot and h.ibot_separate else None)
 
 
 def initial_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:

@@ -139,7 +139,7 @@ def apply_ac(model: nn.Module, spec: str) -> nn.Module:
 
 def apply_compile(model: nn.Module) -> nn.Module:
     """Compile each block and the head of a DINOModel in place."""
-    for module in [*model.backbone.blocks, model.head]:
+    for module in [*model.backbone.blocks, model.head, *([model.ibot_head] if model.ibot_head is not None else [])]:
         compile_forward(module)
     return model
 
@@ -159,6 +159,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPoli
     for block in model.backbone.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=True)
     fully_shard(model.head, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not trains)
+    if model.ibot_head is not None:
+        fully_shard(model.ibot_head, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not trains)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not trains)
     return model
 

@@ -46,6 +46,13 @@ def warmup_cosine(start: float, peak: float, end: float, step: int, warmup_steps
     return cosine(peak, end, step - warmup_steps, total_steps - warmup_steps)
 
 
+def peak_lr(cfg: TrainConfig) -> float:
+    """The lr after the warmup: base_lr scaled by the global batch (optim.lr_scaling)."""
+    if cfg.optim.lr_scaling == "sqrt_1024":
+        return cfg.optim.base_lr * math.sqrt(cfg.data.batch_size / 1024)
+    return cfg.optim.base_lr * cfg.data.batch_size / 256
+
+
 @dataclass(frozen=True)
 class ScheduleValues:
     lr: float
@@ -67,7 +74,7 @@ class Schedules:
     warmup_steps: int
     """Learning-rate warmup length."""
     peak_lr: float
-    """Learning rate after the warmup (base_lr scaled by the global batch)."""
+    """Learning rate after the warmup (base_lr scaled by the global batch, `peak_lr`)."""
     min_lr: float
     """Learning rate at the end."""
     weight_decay: tuple[float, float]
@@ -105,7 +112,7 @@ class Schedules:
         return cls(
             total_steps=total_steps,
             warmup_steps=in_steps("optim.warmup_epochs", cfg.optim.warmup_epochs),
-            peak_lr=cfg.optim.base_lr * cfg.data.batch_size / 256,
+            peak_lr=peak_lr(cfg),
             min_lr=cfg.optim.min_lr,
             weight_decay=(cfg.optim.weight_decay, cfg.optim.weight_decay_end),
             teacher_momentum=(cfg.optim.teacher_momentum, cfg.optim.teacher_momentum_end),

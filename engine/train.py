@@ -1,4 +1,5 @@
-"""The DINO training loop: `Trainer` builds student, teacher, loss and optimizer; `train_step` is the algorithm;
+"""The DINO training loop: `Trainer` builds student, teacher, loss and optimizer; `train_step` is the algorithm
+(DINO's, or with loss.ibot_weight / loss.koleo_weight DINOv2's sum of named terms, `_dinov2_loss`);
 `train` runs steps, logs, checkpoints and resumes. Launch with `fastdino train ...` or
 `torchrun --nproc_per_node=N -m fastdino train ...` (see cli.py).
 
@@ -37,6 +38,8 @@ from fastdino.engine.clipping import clip_gradients_
 from fastdino.engine.config import TrainConfig, to_dict
 from fastdino.engine.cuda_graph import PostBackwardGraphs
 from fastdino.engine.eval import KNNDataError, knn_accuracy
+from fastdino.engine.ibot_loss import iBOTPatchLoss
+from fastdino.engine.koleo_loss import KoLeoLoss
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.metrics import (
     CollapseWatch,
@@ -60,10 +63,11 @@ from fastdino.engine.parallelize import (
     resolve_mode,
     resolve_precision,
 )
-from fastdino.engine.model import build_model, initial_state
+from fastdino.engine.model import Outputs, build_model, initial_state
 from fastdino.engine.schedules import Schedules
 from fastdino.engine.stop import StopRequest
 from fastdino.kernels import EMAUpdate
+from fastdino.pipelines.masking import MaskBatch, MaskingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +76,52 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """AdamW groups: decayed weights first (the weight-decay schedule sets group 0), then biases and norms without
-    decay. As in the official get_params_groups, the CLS token and position embeddings are decayed."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        exempt = name.endswith(".bias") or param.ndim <= 1
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+def masking_config(cfg: TrainConfig) -> MaskingConfig | None:
+    """The iBOT masks a run's loader draws with every batch (None without iBOT)."""
+    if cfg.loss.ibot_weight == 0:
+        return None
+    return MaskingConfig(grid=cfg.data.global_crops_size // cfg.model.patch_size,
+                         ratio_min_max=cfg.loss.ibot_mask_ratio, probability=cfg.loss.ibot_mask_probability)
+
+
+ENTROPY_ROWS = 256  # about how many masked patches the logged teacher patch entropy is the mean over
+
+
+BACKBONE_EMBEDDINGS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
+
+
+def lr_multiplier(name: str, num_blocks: int, layer_decay: float, patch_embed_lr_mult: float) -> float:
+    """DINOv2's per-parameter lr factor (dinov2/utils/param_groups.py: get_vit_lr_decay_rate, with the patch
+    embedding's extra factor): a backbone parameter of block i gets layer_decay^(L - i), the embeddings and tokens
+    layer_decay^(L + 1), the backbone's final norm 1; the heads 1."""
+    if not name.startswith("backbone."):
+        return 1.0
+    name = name.removeprefix("backbone.")
+    layer = num_blocks + 1
+    if any(part in name for part in BACKBONE_EMBEDDINGS):
+        layer = 0
+    elif name.startswith("blocks."):
+        layer = int(name.split(".")[1]) + 1
+    factor = layer_decay ** (num_blocks + 1 - layer)
+    return factor * patch_embed_lr_mult if "patch_embed" in name else factor
+
+
+def param_groups(model: torch.nn.Module, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups: decayed weights, then biases and norms without decay, each split by lr factor (`lr_multiplier`,
+    1 for all unless layer decay or the patch-embedding factor is set), each group with its `lr_multiplier` and
+    `wd_multiplier` (1 or 0) for the schedules. As in the official get_params_groups, the CLS token and position
+    embeddings are decayed."""
+    num_blocks = len(model.backbone.blocks)
+    groups: dict[tuple[float, float], list] = {}
+    for wd_multiplier in (1.0, 0.0):  # decayed groups first
+        for name, param in model.named_parameters():
+            exempt = name.endswith(".bias") or param.ndim <= 1
+            if exempt == (wd_multiplier == 0.0):
+                lr_mult = lr_multiplier(name, num_blocks, layer_decay, patch_embed_lr_mult)
+                groups.setdefault((wd_multiplier, lr_mult), []).append(param)
+    return [{"params": params, "lr_multiplier": lr_mult, "wd_multiplier": wd_multiplier,
+             **({} if wd_multiplier else {"weight_decay": 0.0})}
+            for (wd_multiplier, lr_mult), params in groups.items()]
 
 
 class Trainer:
@@ -108,7 +150,9 @@ class Trainer:
         self.model = self.student.module if self.mode == "ddp" else self.student  # the DINOModel itself
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.teacher_params = list(self.teacher.parameters())
-        self.optimizer = torch.optim.AdamW(param_groups(self.model), lr=self.schedules.peak_lr, fused=True)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.layer_decay,
+                                                        cfg.optim.patch_embed_lr_mult),
+                                           lr=self.schedules.peak_lr, fused=True)
         self._init_optimizer_state()
         # Its launch plan is built at the first step; storage moves are checked at log steps (`_log`), not per step.
         self.ema = EMAUpdate(self.teacher_params, self.params, check_storage=False)
@@ -119,8 +163,22 @@ class Trainer:
                                 process_group=mesh.get_group() if mesh is not None else None).to(device)
         if self.compile and self.loss_fn.resolve_impl(device) == "torch":  # the Triton loss is one fused launch
             compile_forward(self.loss_fn)
+        self.ibot_fn = self.koleo_fn = None  # DINOv2's extra terms, built when their weights are > 0
+        if cfg.loss.ibot_weight > 0:
+            self.ibot_fn = iBOTPatchLoss(cfg.head.ibot_out_dim if cfg.head.ibot_separate and cfg.head.ibot_out_dim
+                                         else cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum,
+                                         impl=cfg.loss.ibot_impl,
+                                         process_group=mesh.get_group() if mesh is not None else None).to(device)
+            if self.compile and self.ibot_fn.resolve_impl(device) == "torch":  # fuses log-softmax, product, sum
+                self.ibot_fn.forward_masked = torch.compile(self.ibot_fn.forward_masked, fullgraph=True)
+        if cfg.loss.koleo_weight > 0:
+            if cfg.data.batch_size // self.world_size < 2:
+                raise ValueError(f"loss.koleo_weight > 0 needs 2 images per rank or more (a nearest neighbour in the "
+                                 f"rank's batch); data.batch_size={cfg.data.batch_size} on {self.world_size} ranks")
+            self.koleo_fn = KoLeoLoss()
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
+        self.patch_collapse: CollapseWatch | None = None  # the iBOT teacher's, set by `train`
         self.graphs = PostBackwardGraphs(self) if cfg.optim.cuda_graph else None
         self.step = 0
         self.next_step_rng = None  # (cpu, cuda) RNG states set right before the next step (resume, time budget)
@@ -197,39 +255,106 @@ class Trainer:
     def epoch(self) -> int:
         return self.step // self.steps_per_epoch
 
-    def train_step(self, crops: list[torch.Tensor]) -> None:
-        """One DINO step on this rank's crops (2 global first, then the local ones, each (B, 3, H, W))."""
+    def train_step(self, crops: list[torch.Tensor], masks: MaskBatch | None = None) -> None:
+        """One step on this rank's crops (2 global first, then the local ones, each (B, 3, H, W)); with iBOT,
+        `masks` are the global crops' (default: the batch's own, `crops.masks` of a CropBatch)."""
         values = self.schedules.at(self.step)
         if self.graphs is not None:
             self.graphs.set_schedule(values)
         else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = values.lr
-            self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
+            for i, group in enumerate(self.optimizer.param_groups):
+                group["lr"] = values.lr * group.get("lr_multiplier", 1.0)
+                wd_multiplier = group.get("wd_multiplier", float(i == 0))  # groups saved before the multipliers
+                if wd_multiplier:
+                    group["weight_decay"] = values.weight_decay * wd_multiplier
         center = self.loss_fn.center.clone()
+        ibot_center = self.ibot_fn.center.clone() if self.ibot_fn is not None else None
 
         fused = self.cfg.loss.fused_head  # the models stop at the bottleneck; the loss applies the last layers
         with self._autocast():
-            with torch.no_grad():
-                teacher_out = self.teacher(crops[:2], bottleneck=fused)  # (2*B, K), fused: (2*B, D)
-            student_out = self.student(crops, bottleneck=fused)  # (V*B, K), fused: (V*B, D)
-            loss = self._loss(student_out, teacher_out, values.teacher_temp)
+            if self.ibot_fn is None and self.koleo_fn is None:  # DINO: the official step
+                with torch.no_grad():
+                    teacher_out = self.teacher(crops[:2], bottleneck=fused)  # (2*B, K), fused: (2*B, D)
+                student_out = self.student(crops, bottleneck=fused)  # (V*B, K), fused: (V*B, D)
+                loss = self._loss(student_out, teacher_out, values.teacher_temp)
+                terms = None
+            else:
+                loss, terms = self._dinov2_loss(crops, self._masks(crops, masks), values.teacher_temp)
         (loss * self.loss_scale.scale if self.loss_scale else loss).backward()
 
         if values.freeze_last_layer:
-            self.model.head.cancel_last_layer_gradients()
+            self.model.cancel_last_layer_gradients()
         if self.graphs is not None:
             self.graphs.run(loss, center, frozen=values.freeze_last_layer)
         else:
-            self.after_backward(loss.detach(), self.loss_fn.last_teacher_entropy, center, values.teacher_momentum)
+            self.after_backward(loss.detach(), self.loss_fn.last_teacher_entropy, center, values.teacher_momentum,
+                                terms=terms, ibot_center=ibot_center)
         self.step += 1
 
+    def _masks(self, crops, masks: MaskBatch | None) -> MaskBatch | None:
+        if self.ibot_fn is None:
+            return None
+        masks = masks if masks is not None else getattr(crops, "masks", None)
+        if masks is None:
+            raise ValueError("loss.ibot_weight > 0 needs the global crops' iBOT masks with every batch: a loader "
+                             "built with masking=trainer.masking_config(), or train_step(crops, masks)")
+        return masks
+
+    def masking_config(self) -> MaskingConfig | None:
+        """The masks the loader must draw for this run (None without iBOT)."""
+        return masking_config(self.cfg)
+
+    def _dinov2_loss(self, crops: list[torch.Tensor], masks: MaskBatch | None,
+                     teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINOv2's objective (dinov2/train/ssl_meta_arch.py: forward_backward) as a sum of named terms: the DINO
+        loss over the global and local pairs (normalised by the number of pairs, as DINOLoss and DINOv2), plus
+        ibot_weight * iBOT (the student's masked global-crop patches against the teacher's, per crop and then over
+        the 2B crops) plus koleo_weight * KoLeo (summed over the two global crops, each over the rank's B images).
+        Returns the loss and the (4,) terms of StepStats.TERMS (unweighted; 0 for a term that is off).
+
+        One difference: without local crops dinov2 divides its DINO term by 3 (ssl_meta_arch.py:147,
+        max(n_local_crops * 2, 1) + 2 pairs), DINOLoss by the 2 pairs there are."""
+        ibot, koleo, cfg = self.ibot_fn, self.koleo_fn, self.cfg
+        index = masks.indices if masks is not None else None
+        fused = cfg.loss.fused_head  # KoLeo with the fused DINO head + loss (config.py refuses it with iBOT)
+        with torch.no_grad():  # KoLeo alone: the teacher's CLS outputs only
+            teacher = (self.teacher(crops[:2], patch_index=index) if index is not None
+                       else Outputs(self.teacher(crops[:2], bottleneck=fused), None, None))
+        student = self.student(crops, masks=masks.masks if masks is not None else None, patch_index=index,
+                               cls_tokens=koleo is not None, bottleneck=fused)
+        dino = self._loss(student.cls, teacher.cls, teacher_temp)
+        loss, zero = dino, torch.zeros((), device=dino.device)
+        ibot_loss = koleo_loss = patch_entropy = zero
+        if ibot is not None:
+            valid = masks.valid
+            if cfg.loss.teacher_norm == "sinkhorn_knopp":
+                probs = ibot.sinkhorn_knopp_teacher(teacher.patches, teacher_temp, masks.n_masked, valid=valid)
+            else:
+                probs = ibot.softmax_center_teacher(teacher.patches[None], teacher_temp)[0]  # center (1, 1, K)
+                ibot.update_center(teacher.patches[None], masks.n_masked)
+                ibot.apply_center_update()  # now, not at the next step: a checkpoint in between holds it
+            ibot_loss = ibot.forward_masked(student.patches, probs, masks.masks, masks_weight=masks.weights)
+            with torch.no_grad():  # on every stride-th row: a full (M, K) pass would cost as much as the softmax
+                stride = max(1, masks.upperbound // ENTROPY_ROWS)
+                sampled = valid[::stride]
+                patch_entropy = ((torch.special.entr(probs[::stride]).sum(-1) * sampled).sum()
+                                 / sampled.sum().clamp_min(1))
+            loss = loss + cfg.loss.ibot_weight * ibot_loss
+        if koleo is not None:
+            global_tokens = student.cls_tokens[:2 * crops[0].shape[0]]
+            koleo_loss = sum(koleo(c) for c in global_tokens.chunk(2))  # never between the crops of one image
+            loss = loss + cfg.loss.koleo_weight * koleo_loss
+        return loss, torch.stack([dino.detach().float(), ibot_loss.detach().float(), koleo_loss.detach().float(),
+                                  patch_entropy.float().reshape(())])
+
     def after_backward(self, loss: torch.Tensor, entropy: torch.Tensor, center: torch.Tensor, teacher_momentum, *,
-                       lr: torch.Tensor | None = None, weight_decay: torch.Tensor | None = None) -> None:
+                       lr: torch.Tensor | None = None, weight_decay: torch.Tensor | None = None,
+                       terms: torch.Tensor | None = None, ibot_center: torch.Tensor | None = None) -> None:
         """Unscale, clip, AdamW, EMA, center and counters: device work only, state changed in place, so that
         optim.cuda_graph can capture it (cuda_graph.py). `loss` and `entropy` are the step's, `center` the center
         before this step's loss (restored on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs'
-        inputs) AdamW's decoupled weight decay is applied here, before its update, instead of by AdamW."""
+        inputs) AdamW's decoupled weight decay is applied here, before its update, instead of by AdamW. `terms`: the
+        named loss terms (StepStats.TERMS); `ibot_center`: the iBOT center before this step (restored on a skip)."""
         if self.loss_scale:
             self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
         grad_norm = clip_gradients_(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_grad_mode)
@@ -244,12 +369,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=self.graphs is None)  # graphs read the gradients where they are
         self.ema(torch.where(skipped, 1.0, teacher_momentum))
         self.loss_fn.center.copy_(torch.where(skipped, center, self.loss_fn.center))
+        if ibot_center is not None:
+            self.ibot_fn.center.copy_(torch.where(skipped, ibot_center, self.ibot_fn.center))
         if self.loss_scale:
             self.loss_scale.update(skipped)
         nonfinite = ~torch.isfinite(loss)  # per rank; StepStats.read takes the max over ranks
         if self.loss_scale is None:  # with fp16 loss scaling, a skip with a finite loss is an overflow
             nonfinite |= skipped
-        self.stats.update(loss, entropy, grad_norm, skipped, nonfinite)
+        self.stats.update(loss, entropy, grad_norm, skipped, nonfinite, terms)
 
     def _loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """DINOLoss of the logits, or with loss.fused_head of the bottleneck features and the last layers' weights."""
@@ -273,7 +400,10 @@ class Trainer:
     def _train(self, loader, stop: StopRequest | None, writer: MetricsWriter) -> list[dict]:
         cfg = self.cfg
         writer.drop_after(self.step)
-        collapse = CollapseWatch(cfg.head.out_dim, patience_steps=max(self.steps_per_epoch, 5 * cfg.log_every))
+        patience = max(self.steps_per_epoch, 5 * cfg.log_every)
+        collapse = CollapseWatch(cfg.head.out_dim, patience_steps=patience)
+        self.patch_collapse = (CollapseWatch(self.ibot_fn.patch_out_dim, patience, what="teacher patch")
+                               if self.ibot_fn is not None else None)
         self.throughput = Throughput(self.step, self.trained_seconds)
         rows = []
         self.student.train()
@@ -302,6 +432,13 @@ class Trainer:
             stop.agreed(self.mesh.get_group(), self.device)
         self.trained_seconds, self.throughput = self.throughput.trained_seconds(), None
         return [row for row in rows if row]
+
+    def loss_terms(self) -> list[str]:
+        """The named loss terms of this run's metrics rows: none for DINO alone (its loss is the `loss` column)."""
+        if self.ibot_fn is None and self.koleo_fn is None:
+            return []
+        return ["dino_loss"] + (["ibot_loss", "teacher_patch_entropy"] if self.ibot_fn is not None else []) + (
+            ["koleo_loss"] if self.koleo_fn is not None else [])
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """One process reads its flag after every step; ranks combine theirs at log steps only (stop.py)."""
@@ -401,6 +538,8 @@ class Trainer:
             "images_seen": self.step * self.cfg.data.batch_size, "img_per_s": img_per_s,
             "max_memory_gib": max_memory_gib(self.device), "eta_s": eta_s,
         }
+        for name in self.loss_terms():
+            row[name] = stats[name]
         if partial:
             row["partial"] = True
         if stats["max_nonfinite_in_a_row"] >= self.cfg.max_nonfinite_in_a_row:
@@ -417,6 +556,10 @@ class Trainer:
         warning = collapse.check(self.step, row["teacher_entropy"])
         if warning and self.rank == 0:
             logger.warning(warning)
+        if self.patch_collapse is not None:
+            warning = self.patch_collapse.check(self.step, row["teacher_patch_entropy"])
+            if warning and self.rank == 0:
+                logger.warning(warning)
         if self.rank != 0:
             return {}
         writer.write(row)
@@ -434,7 +577,8 @@ class Trainer:
             "student": ModelState(self.student),
             "teacher": ModelState(self.teacher),
             "optimizer": OptimizerState(self.student, self.optimizer),
-            "loss": {"center": self.loss_fn.center},
+            "loss": {"center": self.loss_fn.center,
+                     **({"ibot_center": self.ibot_fn.center} if self.ibot_fn is not None else {})},
             "train_state": TrainState(self),
             "dataloader": PerRank(loader, self.rank),
         }

@@ -235,9 +235,12 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         attention: str = "auto",
         pos_embed_resample: str = "timm",
+        mask_token: bool = False,
         device=None,
         dtype=None,
     ):
+        """`mask_token`: a learned (1, D) token that replaces the masked patch embeddings of `forward(masks=)`
+        (DINOv2's `mask_token`, iBOT)."""
         super().__init__()
         if attention not in BACKENDS:
             raise ValueError(f"attention must be one of {BACKENDS}, got {attention!r}")
@@ -259,6 +262,7 @@ class VisionTransformer(nn.Module):
         )
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
         self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + 1, embed_dim, **dd))
+        self.mask_token = nn.Parameter(torch.empty(1, embed_dim, **dd)) if mask_token else None
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # DINO's rates, linear in depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rate, **dd) for rate in rates
@@ -273,6 +277,8 @@ class VisionTransformer(nn.Module):
         unit LayerNorms; the patch-embedding conv keeps PyTorch's default init, as in DINO."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.zeros_(self.mask_token)  # as DINOv2
         self.patch_embed.proj.reset_parameters()
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -307,14 +313,20 @@ class VisionTransformer(nn.Module):
             patch_pos = self._pos_interp[key] @ pos[0, 1:].float()  # (h*w, D)
         return torch.cat([pos[:, :1], patch_pos[None].to(pos.dtype)], dim=1)
 
-    def _embed(self, images: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, N, D), N = 1 + (H/p)(W/p), CLS first, position embeddings added."""
+    def _embed(self, images: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor,
+               masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, N, D), N = 1 + (H/p)(W/p), CLS first, position embeddings added; the
+        patch embeddings where `masks` (B, N - 1) is True replaced by the mask token first (as DINOv2)."""
         x = self.patch_embed(images)  # (B, h, w, D)
         b, h, w, d = x.shape
-        x = torch.cat([cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)], dim=1)  # (B, N, D)
+        x = x.reshape(b, h * w, d)
+        if masks is not None:
+            x = torch.where(masks[..., None], self.mask_token.to(x.dtype)[None], x)
+        x = torch.cat([cls_token.expand(b, -1, -1), x], dim=1)  # (B, N, D)
         return x + self._pos_embed(pos_embed, h, w)
 
-    def _tokens(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, Layout, str]:
+    def _tokens(self, crops: list[torch.Tensor],
+                masks: torch.Tensor | None = None) -> tuple[torch.Tensor, Layout, str]:
         """Packed tokens (T, D) of consecutive same-resolution crop groups, their layout, the attention backend.
 
         The tokens are in the compute dtype: autocast's, else the parameters'. The CLS token and position embeddings
@@ -325,7 +337,10 @@ class VisionTransformer(nn.Module):
         dtype = autocast_dtype(crops[0].device) or self.pos_embed.dtype
         cls_token, pos_embed = self.cls_token.to(dtype), self.pos_embed.to(dtype)
         groups = [list(g) for _, g in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
-        embedded = [self._embed(torch.cat(g) if len(g) > 1 else g[0], cls_token, pos_embed) for g in groups]
+        if masks is not None:
+            self._check_masks(masks, groups[0])
+        embedded = [self._embed(torch.cat(g) if len(g) > 1 else g[0], cls_token, pos_embed, masks if i == 0 else None)
+                    for i, g in enumerate(groups)]
         tokens = torch.cat([e.flatten(0, 1) for e in embedded])  # (T, D)
         layout = tuple((e.shape[0], e.shape[1]) for e in embedded)
         return tokens, layout, self._attention_backend(tokens, layout)
@@ -369,14 +384,35 @@ class VisionTransformer(nn.Module):
                 self.attention, device, dtype, head_dim, shape=(b, n, self.num_heads, head_dim))[0]
         return self._backend[device, dtype]
 
-    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Final-norm CLS features (sum of the crops' batch sizes, D), in crop order."""
-        tokens, layout, backend = self._tokens([x] if isinstance(x, torch.Tensor) else list(x))
+    def _check_masks(self, masks: torch.Tensor, first_group: list[torch.Tensor]) -> None:
+        b = sum(c.shape[0] for c in first_group)
+        n = (first_group[0].shape[-2] // self.patch_size) * (first_group[0].shape[-1] // self.patch_size)
+        if self.mask_token is None:
+            raise ValueError("masks need a mask token: build the backbone with mask_token=True")
+        if masks.shape != (b, n) or masks.dtype != torch.bool:
+            raise ValueError(f"masks must be bool ({b}, {n}) (the first resolution group's images x patches), got "
+                             f"{masks.dtype} {tuple(masks.shape)}")
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor], *, masks: torch.Tensor | None = None,
+                patch_index: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Final-norm CLS features (sum of the crops' batch sizes, D), in crop order.
+
+        masks (B0, N0) bool: the first resolution group's (the global crops') patches to replace by the mask token.
+        patch_index (M,) int64: flat indices into that group's (B0 * N0) patch tokens; then returns (CLS features,
+        final-norm patch tokens (M, D) at those positions), both from the one packed forward."""
+        tokens, layout, backend = self._tokens([x] if isinstance(x, torch.Tensor) else list(x), masks)
         for block, scales in zip(self.blocks, self.drop_scales(tokens, layout)):
             tokens = block(tokens, layout, backend, scales)
         groups = tokens.split([b * n for b, n in layout])
         cls = torch.cat([g.view(b, n, -1)[:, 0] for (b, n), g in zip(layout, groups)])  # (sum B, D)
-        return self.norm(cls)  # LayerNorm is per token: norming only the CLS rows gives the same and is cheaper
+        cls = self.norm(cls)  # LayerNorm is per token: norming only the CLS rows gives the same and is cheaper
+        if patch_index is None:
+            return cls
+        if patch_index.ndim != 1 or patch_index.dtype != torch.int64:
+            raise ValueError(f"patch_index must be 1-D int64, got {patch_index.dtype} {tuple(patch_index.shape)}")
+        n_patches = layout[0][1] - 1
+        rows = patch_index + patch_index // n_patches + 1  # past each image's CLS row, in group 0's rows
+        return cls, self.norm(groups[0].index_select(0, rows))
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Final-normed tokens (B, N, D) after each of the last n blocks, as in DINO's evaluation code."""
@@ -419,6 +455,7 @@ def build_backbone(
     embed_dim: int | None = None,
     depth: int | None = None,
     num_heads: int | None = None,
+    mask_token: bool = False,
 ) -> VisionTransformer:
     """DINO backbone `arch` (one of ARCHS: vit_tiny / vit_small / vit_base / vit_large) with any patch size,
     initialised; `embed_dim`, `depth` and `num_heads` resize it (None keeps the arch's).
@@ -435,6 +472,7 @@ def build_backbone(
                              f"got {value!r}")
     resized = {k: v for k, v in resized.items() if v is not None}
     model = VisionTransformer(**{**ARCHS[arch], **resized}, patch_size=patch_size, img_size=img_size,
-                              drop_path_rate=drop_path_rate, attention=attention, pos_embed_resample=pos_embed_resample)
+                              drop_path_rate=drop_path_rate, attention=attention, pos_embed_resample=pos_embed_resample,
+                              mask_token=mask_token)
     model.init_weights()
     return model

@@ -8,4 +8,5 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "DatasetUnreadableError": "sources", "ImageSource": "sources", "epoch_batches": "sources",
     "open_source": "sources", "resolve_split": "sources",
     "default_dataset_dir": "synthetic", "make_shapes_dataset": "synthetic",
+    "CropBatch": "masking", "MaskBatch": "masking", "MaskingConfig": "masking", "MaskingGenerator": "masking",
 })

@@ -21,6 +21,7 @@ from fastdino.pipelines.augment import (BLUR_SIGMA_COL, BRIGHTNESS, CONTRAST, FL
                                         X0, X1, Y0, Y1)
 from fastdino.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, MultiCropConfig
 from fastdino.pipelines.feeder import BatchFeeder
+from fastdino.pipelines.masking import CropBatch
 from fastdino.pipelines.sources import DECODE_ERRORS, decode_rgb
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the one being consumed
 
 
 def multicrop_graph(feeder: BatchFeeder, crops: MultiCropConfig, *, gpu: bool, py_workers: int, half: bool):
-    """The pipeline body (called inside `pipeline_def`): returns V outputs (B, 3, S, S).
+    """The pipeline body (called inside `pipeline_def`): returns V outputs (B, 3, S, S), then with masking the
+    (B, 2, N) masks (CPU).
 
     py_workers > 0 runs the feeder in that many worker processes, each with up to two batches in flight.
     """
@@ -38,8 +40,11 @@ def multicrop_graph(feeder: BatchFeeder, crops: MultiCropConfig, *, gpu: bool, p
     import nvidia.dali.types as types
 
     parallel = dict(parallel=True, prefetch_queue_depth=2 * py_workers) if py_workers > 0 else {}
-    encoded, params = fn.external_source(source=feeder, num_outputs=2, batch=True, batch_info=True,
-                                         dtype=[types.UINT8, types.FLOAT], ndim=[1, 2], **parallel)
+    masking = feeder.masking is not None  # a third output: the masks, drawn by the feeder (in its workers)
+    outputs = fn.external_source(source=feeder, num_outputs=3 if masking else 2, batch=True, batch_info=True,
+                                 dtype=[types.UINT8, types.FLOAT, types.UINT8][:3 if masking else 2],
+                                 ndim=[1, 2, 2][:3 if masking else 2], **parallel)
+    encoded, params = outputs[:2]
     # jpeg_fancy_upsampling: the chroma upsampling of libjpeg-turbo (and PIL), so that both devices and the
     # fallback decode the same pixels.
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
@@ -61,7 +66,7 @@ def multicrop_graph(feeder: BatchFeeder, crops: MultiCropConfig, *, gpu: bool, p
         views.append(fn.crop_mirror_normalize(x, mirror=fn.cast(params[v, FLIP], dtype=types.INT32),
                                               mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                                               dtype=types.FLOAT16 if half else types.FLOAT, output_layout="CHW"))
-    return tuple(views)
+    return tuple(views) + tuple(outputs[2:])
 
 
 def build_pipeline(feeder: BatchFeeder, crops: MultiCropConfig, *, device: torch.device, num_threads: int,
@@ -148,12 +153,18 @@ class DaliEngine:
             except (RuntimeError, OSError) as err:  # OSError: a file read by the feeder in this process
                 self._recover(epoch, batch, err)
                 continue
-            views = [self._to_torch(out) for out in outputs]
+            n_views = self.crops.num_views
+            views = [self._to_torch(out) for out in outputs[:n_views]]
+            masks = None
+            if len(outputs) > n_views:  # (B, 2, N) per image -> (2B, N) crop-major, as the views
+                per_image = torch.from_numpy(outputs[n_views].as_array())
+                masks = self.feeder.mask_batch(per_image.transpose(0, 1).flatten(0, 1).bool())
+                masks = masks.to(self.device, non_blocking=True)
             batch += 1
             self.next = (epoch, batch)
             if batch == self.feeder.num_batches:
                 self._end_epoch(epoch)
-            yield views
+            yield CropBatch(views, masks)
 
     def _to_torch(self, output) -> torch.Tensor:
         tensor = output.as_tensor()

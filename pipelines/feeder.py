@@ -7,6 +7,7 @@ import numpy as np
 
 from fastdino.pipelines.augment import view_params
 from fastdino.pipelines.config import MultiCropConfig
+from fastdino.pipelines.masking import MaskBatch, MaskingConfig, batch_rng, draw_masks
 from fastdino.pipelines.sources import DatasetUnreadableError, ImageSource, epoch_batches
 
 
@@ -18,13 +19,14 @@ class BatchFeeder:
     """
 
     def __init__(self, source: ImageSource, crops: MultiCropConfig, batch_size: int, *, seed: int, rank: int,
-                 world_size: int):
+                 world_size: int, masking: MaskingConfig | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.source, self.crops, self.batch_size = source, crops, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.masking = masking
         self.num_batches = len(epoch_batches(len(source), batch_size, seed=seed, epoch=0, rank=rank,
                                              world_size=world_size))
         self.bad: set[int] = set()
@@ -57,11 +59,24 @@ class BatchFeeder:
         height, width = self.source.sizes[index]
         return view_params(self.seed, epoch, int(index), int(height), int(width), self.crops)
 
+    def masks(self, epoch: int, batch: int) -> np.ndarray | None:
+        """(2B, N) bool iBOT masks of batch `batch` of `epoch`'s global crops (crop-major), None without masking."""
+        if self.masking is None:
+            return None
+        return draw_masks(self.masking, 2 * self.batch_size, batch_rng(self.seed, self.rank, epoch, batch))
+
+    def mask_batch(self, masks) -> MaskBatch | None:
+        """`masks` (2B, N) padded to the run's static upper bound (masking.MaskBatch)."""
+        if masks is None:
+            return None
+        return MaskBatch.from_masks(masks, self.masking.upper_bound(2 * self.batch_size))
+
     def __call__(self, info):
         """DALI batch source: encoded images (list of (nbytes,) uint8) and (B, V, NUM_PARAMS) parameters.
 
         DALI counts epochs from 0 at pipeline build and iterations from 0 in each; DALI epoch k is our epoch
         first[0] + k, starting at batch first[1] when k == 0. The loader rebuilds the pipeline to jump elsewhere.
+        With masking, a third output: the (B, 2, N) uint8 masks of each image's two global crops.
         """
         epoch = self.first[0] + info.epoch_idx
         batch = info.iteration + (self.first[1] if info.epoch_idx == 0 else 0)
@@ -69,4 +84,8 @@ class BatchFeeder:
             raise StopIteration
         indices = self.indices(epoch, batch)
         encoded = [np.frombuffer(self.source.read(i), dtype=np.uint8) for i in indices]
-        return encoded, np.stack([self.params(epoch, i) for i in indices])
+        params = np.stack([self.params(epoch, i) for i in indices])
+        if self.masking is None:
+            return encoded, params
+        masks = self.masks(epoch, batch).reshape(2, self.batch_size, -1).transpose(1, 0, 2)  # per image
+        return encoded, params, np.ascontiguousarray(masks, dtype=np.uint8)

@@ -8,6 +8,7 @@ from PIL import Image
 
 from fastdino.pipelines.config import MultiCropConfig
 from fastdino.pipelines.feeder import BatchFeeder
+from fastdino.pipelines.masking import MaskingConfig
 from fastdino.pipelines.sources import ImageSource, open_source
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def _probe_jpeg() -> bytes:
 
 class MultiCropLoader:
     """Batches of multi-crop views of one rank: iterating yields a list of 2 + N tensors (B, 3, S, S) on `device`,
-    ImageNet-normalised, global views first.
+    ImageNet-normalised, global views first (a `masking.CropBatch`: with masking, its `masks` are the global crops'
+    iBOT masks, on `device`).
 
     Position: iteration runs from the current (epoch, batch) to the end of that epoch, then moves to
     (epoch + 1, 0). `set_epoch(e)` moves to (e, 0) unless the loader already stands in epoch e (so that a loaded
@@ -140,12 +142,14 @@ class MultiCropLoader:
 
 def build_loader(source: str | Path | ImageSource, crops: MultiCropConfig, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, backend: str = "auto", device: str | torch.device = "cpu",
-                 num_workers: int = 2, dtype: torch.dtype = torch.float32) -> MultiCropLoader:
+                 num_workers: int = 2, dtype: torch.dtype = torch.float32,
+                 masking: MaskingConfig | None = None) -> MultiCropLoader:
     """The multi-crop loader of `rank` over `source` (a path as `resolve_split` returns, or an opened source).
 
     batch_size is per rank; len(loader) = images // (batch_size * world_size) batches per epoch (drop last).
     num_workers: DataLoader workers (torchvision) or DALI CPU threads, with num_workers // 4 processes reading
     files (0 = read in the main process). The backend choice and its reason are logged once, here.
+    masking: draw DINOv2's block masks of the global crops with every batch (pipelines/masking.py).
     """
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
@@ -159,7 +163,7 @@ def build_loader(source: str | Path | ImageSource, crops: MultiCropConfig, batch
     name, reason = select_backend(backend, device)
     if not isinstance(source, ImageSource):
         source = open_source(str(source), num_threads=max(4, num_workers))
-    feeder = BatchFeeder(source, crops, batch_size, seed=seed, rank=rank, world_size=world_size)
+    feeder = BatchFeeder(source, crops, batch_size, seed=seed, rank=rank, world_size=world_size, masking=masking)
     loader = MultiCropLoader(feeder, name, device=device, dtype=dtype, num_workers=num_workers)
     where = "GPU" if device.type == "cuda" else "CPU"
     logger.info("data: backend %s on the %s (%s); %d images in %s, %d batches of %d per rank and epoch, %d views",

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastdino.pipelines.augment import X0, X1, Y0, Y1, finish_views
 from fastdino.pipelines.feeder import BatchFeeder
+from fastdino.pipelines.masking import CropBatch
 from fastdino.pipelines.sources import DECODE_ERRORS, DatasetUnreadableError, decode_rgb
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def decode_batch(feeder: BatchFeeder, indices: np.ndarray):
 class MultiCropBatches(Dataset):
     """Map-style dataset whose items are whole batches: item (epoch, batch) -> (views, failures, unreadable).
 
-    views: list of V float32 tensors (B, 3, S, S), global views first. unreadable: None, or (views None) why no
+    views: a CropBatch of V float32 tensors (B, 3, S, S), global views first, with the global crops' iBOT masks
+    (drawn here, in the worker) when the feeder masks. unreadable: None, or (views None) why no
     image of the dataset can be read any more, as a message: a worker's exception would reach the main process
     wrapped in its traceback.
     """
@@ -80,7 +82,7 @@ class MultiCropBatches(Dataset):
         params = torch.from_numpy(params)
         views = [finish_views(torch.from_numpy(np.stack([crops[v] for crops in per_image])), params[:, v])
                  for v in range(len(sizes))]
-        return views, failures, None
+        return CropBatch(views, self.feeder.mask_batch(self.feeder.masks(epoch, batch))), failures, None
 
 
 class _Positions(Sampler):
@@ -143,7 +145,8 @@ class TorchvisionEngine:
                 self.on_failure(index, message)
             if unreadable is not None:
                 raise DatasetUnreadableError(unreadable)
-            yield [v.to(self.device, self.dtype, non_blocking=True) for v in views]
+            masks = views.masks.to(self.device, non_blocking=True) if views.masks is not None else None
+            yield CropBatch([v.to(self.device, self.dtype, non_blocking=True) for v in views], masks)
 
     def close(self) -> None:
         self._shut_down()

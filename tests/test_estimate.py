@@ -129,3 +129,12 @@ def test_help_states_the_assumptions_without_importing_torch():
     text = " ".join(help_without_torch("estimate", "--help").split())
     for fact in ("HBM x 0.75", "peak x 0.60", "H100", "H200", "A100", "fp16 autocast", "flash attention"):
         assert fact in text, fact
+
+
+def test_ibot_term_is_modelled_without_a_host_read():
+    """The DINOv2 step (masks at their static upper bound) reads nothing back; iBOT adds memory and time."""
+    plain, ibot = (estimate_step(tiny(f"loss.ibot_weight={w}", "loss.koleo_weight=0.1"), which=("fastdino",))["fastdino"]
+                   for w in (0, 1))
+    assert ibot["host_reads"] == plain["host_reads"] == 0
+    assert ibot["peak_gib"] > plain["peak_gib"] and ibot["step_ms"] > plain["step_ms"]
+    assert ibot["by_op"]["aten._log_softmax"]["count"] > plain["by_op"].get("aten._log_softmax", {"count": 0})["count"]

@@ -24,13 +24,35 @@ def test_step_stats_average_finite_steps_and_track_runs_of_non_finite_ones():
         stats.update(torch.tensor(loss), torch.tensor(2 * loss), torch.tensor(0.5), skipped, nonfinite)
     first = stats.read()
     assert first == {"loss": 3.0, "teacher_entropy": 6.0, "grad_norm": 0.5, "skipped_steps": 4,
-                     "nonfinite_in_a_row": 0, "max_nonfinite_in_a_row": 2}
+                     "nonfinite_in_a_row": 0, "max_nonfinite_in_a_row": 2, **dict.fromkeys(StepStats.TERMS, 0.0)}
     stats.update(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), t, t)
     assert stats.read()["max_nonfinite_in_a_row"] == 1
     stats.update(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), t, t)
     second = stats.read()  # a run counts from its start, across reads
     assert second["max_nonfinite_in_a_row"] == second["nonfinite_in_a_row"] == 2
     assert math.isnan(StepStats(torch.device("cpu")).read()["loss"])
+
+
+def test_step_stats_average_the_named_terms_over_finite_steps_and_load_older_state():
+    stats = StepStats(torch.device("cpu"))
+    t, f = torch.tensor(True), torch.tensor(False)
+    for terms, nonfinite in (([1.0, 2.0, 3.0, 4.0], f), ([float("nan")] * 4, t), ([3.0, 4.0, 5.0, 6.0], f)):
+        stats.update(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), nonfinite, nonfinite,
+                     torch.tensor(terms))
+    read = stats.read()
+    assert [read[name] for name in StepStats.TERMS] == [2.0, 3.0, 4.0, 5.0]
+    older = torch.arange(len(StepStats.FIELDS), dtype=torch.float32)  # a checkpoint from before the terms
+    stats.load_state_dict({"values": older})
+    assert torch.equal(stats.values[:len(older)], older) and not stats.values[len(older):].any()
+
+
+def test_progress_line_shows_the_terms_of_the_row():
+    row = {"step": 1, "epoch": 0.1, "img_per_s": 10.0, "loss": 1.0, "lr": 1e-3, "wd": 0.04, "teacher_momentum": 0.99,
+           "teacher_temp": 0.04, "teacher_entropy": 2.0, "grad_norm": 1.0, "skipped_steps": 0, "max_memory_gib": 1.0,
+           "eta_s": 5}
+    assert "ibot loss" not in format_row(row, 10)
+    line = format_row({**row, "dino_loss": 0.5, "ibot_loss": 0.25, "teacher_patch_entropy": 3.0}, 10)
+    assert "dino loss 0.5000 | ibot loss 0.2500 | teacher patch entropy 3.0000 |" in line
 
 
 def test_collapse_watch_warns_once_after_patience():
