@@ -267,7 +267,7 @@ def test_compiled_blocks_and_heads_give_the_eager_dinov2_step():
 
     for separate in ("false", "true"):
         cfg = tiny_config(*DINOV2, f"head.ibot_separate={separate}")
-        eager, compiled = make_trainer(cfg), _compiled_trainer(cfg, None)
+        eager, compiled = make_trainer(cfg), _compiled_trainer(cfg, None, "all")
         for i, crops in enumerate(synthetic_batches(cfg, 2)):
             eager.train_step(crops, batch_masks(cfg, i))
             compiled.train_step(crops, batch_masks(cfg, i))
