@@ -35,13 +35,13 @@ def rows(args):
     f32 = 4
     loss = dino_loss_launch_bytes(b, v, k, e, e)
     out = [
-        ("teacher_stats", "read T, C; write colsum per row group, C copy, 3 partials", loss["_teacher_stats_kernel"], 0),
-        ("loss fwd", "read S, T, C, colsum parts; write colsum, 3 partials per (row, chunk)",
+        ("loss fwd", "read S, T, C; write C copy, colsum per image group, chunk partials",
          loss["_dino_loss_fwd_kernel"], 0),
-        ("loss finish", "read partials; write LSE, loss", loss["_dino_loss_finish_kernel"], 0),
+        ("loss combine", "read partials; write colsum, LSE, teacher stats, image terms",
+         loss["_dino_loss_combine_kernel"], 0),
         ("loss bwd", "read S, T, C, LSE; write dS", loss["_dino_loss_bwd_kernel"], 0),
     ]
-    out.append(("loss fwd+bwd", "sum of the four above", sum(r[2] for r in out), 0))
+    out.append(("loss fwd+bwd", "sum of the three above", sum(r[2] for r in out), 0))
     # Unfused head's last layer per step: normalise v for student and teacher (read v, write W) and the backward of
     # normalize (read v, dW; write dv), besides the logits that the loss reads.
     out.append(("head weight norm (unfused)", "F.normalize(v) fwd x2 + bwd", (2 * 2 + 3) * k * d * e, 0))

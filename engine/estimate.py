@@ -318,12 +318,11 @@ def _dtype_bytes(tl_dtype) -> int:
 
 def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> None:
     """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`). The
-    loss's statistics and finish kernels take the shapes of the forward kernel launched between them."""
+    loss's combine kernel takes the shapes of the forward kernel launched right before it."""
     from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes
     from fastdino.kernels.ema import BLOCK
 
     loss_bytes = None
-    pending = []
     for name, args in launches:
         if name == "_ema_update_kernel":  # whole blocks per program: the last block of each tensor is counted full
             numel = args["table_ptr"].shape[0] * BLOCK
@@ -332,12 +331,8 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
         elif name in ("_dino_loss_fwd_kernel", "_dino_loss_bwd_kernel"):
             loss_bytes = dino_loss_launch_bytes(args["n_batch"], args["n_crops"], args["n_cols"],
                                                 args["s_ptr"].element_size(), args["t_ptr"].element_size())
-            for waiting in pending + [name]:
-                trace.add(f"triton.{waiting}", loss_bytes[waiting])
-            pending = []
-        elif name == "_teacher_stats_kernel":
-            pending.append(name)
-        elif name == "_dino_loss_finish_kernel":  # launched right after the forward kernel
+            trace.add(f"triton.{name}", loss_bytes[name])
+        elif name == "_dino_loss_combine_kernel":  # launched right after the forward kernel
             trace.add(f"triton.{name}", loss_bytes[name])
         else:
             raise NotImplementedError(f"the step model has no byte count for the Triton kernel {name}")
