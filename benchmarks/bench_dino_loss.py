@@ -11,7 +11,7 @@ device copy of an S-sized buffer (read + write), the practical bandwidth ceiling
     python benchmarks/bench_dino_loss.py --batch 64 --device cpu --host     # host us per call, launches mocked
 
 `--head` compares the head's last layer + loss: `unfused` (F.linear(H, F.normalize(v)) for student and teacher, then
-`dino_loss`) against `fused_head` (`dino_loss_fused_head`, no logits in memory), fwd+bwd time and peak memory.
+`dino_loss`) against `fused_head` (`fused_head_loss`, no logits in memory), fwd+bwd time and peak memory.
 
     python benchmarks/bench_dino_loss.py --head --batch 128                   # GPU: fused vs unfused head + loss
 
@@ -49,7 +49,7 @@ def head_table(args, device, dtype):
     """Last layer + loss, fwd+bwd: unfused (logits and normalised weights in memory) against fused_head."""
     import torch.nn.functional as F
 
-    from fastdino.kernels import dino_loss, dino_loss_fused_head
+    from fastdino.kernels import dino_loss, fused_head_loss
 
     def unfused(h_s, v_s, h_t, v_t, center):
         student = F.linear(h_s, F.normalize(v_s, dim=1))  # (V*B, K)
@@ -58,7 +58,7 @@ def head_table(args, device, dtype):
         return dino_loss(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
 
     def fused(h_s, v_s, h_t, v_t, center):
-        return dino_loss_fused_head(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
+        return fused_head_loss(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, ncrops=args.ncrops)[0]
 
     table = Table(["B", "provider", "p50_ms", "p20_ms", "p80_ms", "speedup", "peak_GiB"], args.csv)
     for batch in args.batch:
