@@ -319,7 +319,7 @@ def _dtype_bytes(tl_dtype) -> int:
 def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> None:
     """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`). The
     loss's combine kernel takes the shapes of the forward kernel launched right before it."""
-    from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes
+    from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes, fused_head_loss_launch_cost
     from fastdino.kernels.ema import BLOCK
 
     loss_bytes = None
@@ -334,6 +334,13 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
             trace.add(f"triton.{name}", loss_bytes[name])
         elif name == "_dino_loss_combine_kernel":  # launched right after the forward kernel
             trace.add(f"triton.{name}", loss_bytes[name])
+        elif name in ("_fused_head_loss_fwd_kernel", "_fused_head_loss_bwd_kernel"):
+            features = args["hs_ptr"]
+            nbytes, flops = fused_head_loss_launch_cost(
+                "crops" if args["CROPS"] else "rows", args["n_images"], args["n_crops"], args["n_cols"],
+                args["n_dim"], features.element_size(), args["vs_ptr"].element_size(),
+                args["col_stop"] - args["col_start"] if "col_stop" in args else None)[name]
+            trace.add(f"triton.{name}", nbytes, flops, features.dtype)
         else:
             raise NotImplementedError(f"the step model has no byte count for the Triton kernel {name}")
 
@@ -346,6 +353,16 @@ def _patched(obj, name: str, value):
         yield
     finally:
         setattr(obj, name, saved)
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    """What the launch costs read of a tensor argument of a recorded Triton launch."""
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
 
 
 @contextlib.contextmanager
@@ -361,7 +378,10 @@ def _fake_cuda(gpu: GPU):
 
     def launch(kernel, *args, grid=None, warmup=False, **kwargs):
         names = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.__code__.co_varnames
-        launches.append((kernel.fn.__name__, dict(zip(names, args)) | kwargs))
+        # Tensors as their shape and dtype only: a kept reference would keep the buffer alive in the memory model.
+        described = {name: _TensorInfo(a.shape, a.dtype) if isinstance(a, torch.Tensor) else a
+                     for name, a in zip(names, args)}
+        launches.append((kernel.fn.__name__, described | kwargs))
 
     trace = _StepTrace(gpu)
     backward = _Backward(trace)
@@ -511,6 +531,26 @@ def _official_step(cfg: TrainConfig, gpu: GPU) -> dict:
 
 
 FORMULATIONS = {"fastdino": _fastdino_step, "official": _official_step}
+
+
+def estimate_ops(build, run, gpu: str = "h100") -> dict:
+    """The same model for any CUDA computation, not only the training step (benchmarks/model_head_loss.py):
+    `build()` returns its inputs (CUDA tensors, created inside the model's fake CUDA, counted as "inputs"), and
+    `run(*inputs)` runs it, backward included (`.backward()` on its result). Returns what `estimate_step` returns
+    per formulation (peak_gib with the inputs, step_ms, by_op, peak_by_role_gib, ...); "inputs_gib" is what the
+    inputs hold, so peak_gib - inputs_gib is the computation's own memory (gradients of the inputs included)."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
+    with _fake_cuda(GPUS[gpu]) as (trace, launches):
+        inputs = build()
+        trace.assign(inputs, "inputs")
+        inputs_gib = trace.totals["inputs"] / GIB
+        trace.start_measuring()
+        trace.phase = "forward"
+        run(*inputs)
+        trace.phase = "other"
+        _kernel_launches(trace, launches)
+        return _summary(trace, 1, GPUS[gpu], {"inputs_gib": inputs_gib})
 
 
 def estimate_step(cfg: TrainConfig, gpu: str = "h100", *, world_size: int = 1,

@@ -19,11 +19,11 @@ column scale g / ||v|| applied to the fp32 product):
 1. `_fused_head_loss_fwd_kernel`, one program per (BLOCK_M images, split of the K chunks): per chunk of BLOCK_N
    prototypes the P teacher tiles, then for each crop the student tile; writes per (row, split) partials that a few
    torch ops on (rows, splits) tensors combine. FLOPs: one sweep of teacher and student logits (2 (P + V) N K D).
-2. `_fused_head_loss_bwd_kernel`, one program per (BLOCK_M images, BLOCK_N prototypes) of a chunk of images:
-   recomputes both tiles and writes dS = g r (w_tot softmax(x) - sum_p q_p) / tau_s for that chunk of images only
-   ((V * N_chunk, K), at most BACKWARD_CHUNK_BYTES), from which cuBLAS forms dH = dS W and U = dS^T H; then
-   dg = (U . v / ||v||) and dv = (g / ||v||) (U - (U . v_hat) v_hat) per prototype. FLOPs: a second sweep of both
-   logits plus the two gradient products.
+2. `_fused_head_loss_bwd_kernel`, one program per (BLOCK_M images, BLOCK_N prototypes) of a chunk of prototypes:
+   recomputes both tiles and writes dS = g r (w_tot softmax(x) - sum_p q_p) / tau_s for that chunk only
+   ((V*N, chunk), at most BACKWARD_CHUNK_BYTES), from which cuBLAS forms the chunk's share of dH = dS W (added up
+   in fp32, (V*N, D)) and its rows of U = dS^T H; then dg = U . v_hat and dv = (g / ||v||) (U - (U . v_hat) v_hat)
+   for those prototypes. FLOPs: a second sweep of both logits plus the two gradient products.
 Exact without a (rows, K) tensor this is the floor: 6 products of N_rows x K x D (3 forward-equivalent sweeps), where
 the unfused path does 4 and keeps (rows, K) logits alive through backward. Teacher column sums (center update) are
 linear in H_t: colsum = (g / ||v||) * (v_t @ sum_rows H_t), one matrix-vector product. Saved for backward: the
@@ -194,21 +194,20 @@ def _teacher_probs_tile(ht_ptr, rows, row_mask, stride_ht, vt_ptr, cols, col_mas
 @triton.jit
 def _fused_head_loss_bwd_kernel(
     hs_ptr, vs_ptr, ht_ptr, vt_ptr, s_scale_ptr, t_scale_ptr, c_ptr, rw_ptr, lse_ptr, t_shift_ptr, t_sum_ptr,
-    grad_loss_ptr, grad_ptr, n_images, image_start, n_chunk_images, n_crops, n_cols, n_dim,
+    grad_loss_ptr, grad_ptr, n_images, n_crops, n_cols, col_start, col_stop, n_dim,
     stride_hs, stride_vs, stride_ht, stride_vt, stride_grad, inv_student_temp, inv_teacher_temp,
     CROPS: tl.constexpr, HAS_CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dS of the images image_start + program_id(0) * BLOCK_M + [0, BLOCK_M) (within the chunk of n_chunk_images)
-    over prototypes program_id(1) * BLOCK_N + [0, BLOCK_N), into grad_ptr (V * n_chunk_images, K), row
-    v * n_chunk_images + (image - image_start), in its dtype after the fp32 math. lse_ptr (V*N,), t_shift/t_sum_ptr
-    (P*N,): the forward's statistics; grad_loss_ptr: the 0-d grad_output, read on device. Others as in forward."""
-    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = local < n_chunk_images
-    images = (image_start + local).to(tl.int64)
-    local = local.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
+    """dS of images program_id(0) * BLOCK_M + [0, BLOCK_M), every crop, over prototypes col_start +
+    program_id(1) * BLOCK_N + [0, BLOCK_N) (up to col_stop), into grad_ptr (V*N, col_stop - col_start) in its dtype
+    after the fp32 math. lse_ptr (V*N,), t_shift/t_sum_ptr (P*N,): the forward's statistics; grad_loss_ptr: the 0-d
+    grad_output, read on device. Others as in `_fused_head_loss_fwd_kernel`."""
+    images = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = images < n_images
+    images = images.to(tl.int64)
+    cols = col_start + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < col_stop
     g = tl.load(grad_loss_ptr).to(tl.float32) * inv_student_temp
     t_scale = tl.load(t_scale_ptr + cols, mask=col_mask, other=0.0)
     s_scale = tl.load(s_scale_ptr + cols, mask=col_mask, other=0.0)
@@ -238,7 +237,7 @@ def _fused_head_loss_bwd_kernel(
             w_total = 1.0
         weight = tl.load(rw_ptr + rows, mask=row_mask, other=0.0) * g
         grad = (w_total * softmax - w) * weight[:, None]
-        out = (v * n_chunk_images + local)[:, None] * stride_grad + cols[None, :]
+        out = rows[:, None] * stride_grad + (cols - col_start)[None, :]
         tl.store(grad_ptr + out, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -266,6 +265,28 @@ def _column_scale(weight_v: torch.Tensor, gain: torch.Tensor | None) -> tuple[to
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 features: fp32 products, as torch's default
+
+
+def fused_head_loss_launch_cost(pairing: str, n_images: int, n_crops: int, n_cols: int, dim: int,
+                                feature_bytes: int, weight_bytes: int, chunk_cols: int | None = None
+                                ) -> dict[str, tuple[int, int]]:
+    """{kernel name: (HBM bytes, matrix-product FLOPs)} of one forward launch over all K prototypes and of one
+    backward launch over `chunk_cols` of them (default all), as the launchers above size them. Bytes: features and
+    weights read once per launch (the programs of one K range run side by side, so a weight chunk comes from HBM
+    once and then from L2), the fp32 partials, dS written; FLOPs: 2 D per logit of every tile, teacher and student."""
+    teachers = 2 if pairing == "crops" else 1
+    cfg = _launch_settings(pairing, n_images, n_cols, TARGET_PROGRAMS)
+    cols = n_cols if chunk_cols is None else chunk_cols
+    features = (n_crops + teachers) * n_images * dim * feature_bytes
+    partials = (2 * n_crops + 4 * teachers) * n_images * cfg["n_splits"] * 4
+    return {
+        _fused_head_loss_fwd_kernel.fn.__name__: (
+            features + 2 * n_cols * (dim * weight_bytes + 4) + partials,
+            2 * dim * n_cols * (n_crops + teachers) * n_images),
+        _fused_head_loss_bwd_kernel.fn.__name__: (
+            features + 2 * cols * (dim * weight_bytes + 4) + n_crops * n_images * cols * feature_bytes,
+            2 * dim * cols * (n_crops + teachers) * n_images),
+    }
 
 
 class FusedHeadLossFunction(torch.autograd.Function):
@@ -326,28 +347,35 @@ class FusedHeadLossFunction(torch.autograd.Function):
         crops = pairing == "crops"
         n_cols, dim, device = v_s.shape[0], hs.shape[1], hs.device
         cfg = _launch_settings(pairing, n_images, n_cols, TARGET_PROGRAMS)
+        block_n = cfg["BLOCK_N"]
         grad_loss = grad_loss.float().reshape(())
-        chunk = max(1, min(n_images, BACKWARD_CHUNK_BYTES // (n_crops * n_cols * hs.element_size())))
-        weight = (v_s.float() * s_scale[:, None]).to(hs.dtype)  # W (K, D) for dH = dS W
-        grad_h = torch.empty_like(hs)
-        grad_w = None  # U = dS^T H (K, D), fp32
-        hs_by_crop, grad_by_crop = hs.view(n_crops, n_images, dim), grad_h.view(n_crops, n_images, dim)
-        for start in range(0, n_images, chunk):
-            count = min(chunk, n_images - start)
-            grad_s = _launch.empty((n_crops * count, n_cols), hs.dtype, device)
-            _fused_head_loss_bwd_kernel[(triton.cdiv(count, cfg["BLOCK_M"]), cfg["n_chunks"])](
+        # Prototype chunks of dS (V*N, chunk) within BACKWARD_CHUNK_BYTES, whole tiles: each gives its rows of dv and
+        # dg at once, and adds its share of dH ((V*N, D), small) in fp32.
+        chunk = BACKWARD_CHUNK_BYTES // (hs.shape[0] * hs.element_size()) // block_n * block_n
+        chunk = min(max(block_n, chunk), triton.cdiv(n_cols, block_n) * block_n)
+        grad_h = None
+        grad_v = torch.empty_like(v_s)
+        want_g = g_s is not None and ctx.needs_input_grad[2]
+        grad_g = torch.empty(n_cols, device=device, dtype=g_s.dtype) if want_g else None
+        for start in range(0, n_cols, chunk):
+            stop = min(start + chunk, n_cols)
+            grad_s = _launch.empty((hs.shape[0], stop - start), hs.dtype, device)
+            _fused_head_loss_bwd_kernel[(cfg["n_row_blocks"], triton.cdiv(stop - start, block_n))](
                 hs, v_s, ht, v_t, s_scale, t_scale, center, row_weights, lse, t_shift, t_total, grad_loss, grad_s,
-                n_images, start, count, n_crops, n_cols, dim, hs.stride(0), v_s.stride(0), ht.stride(0),
+                n_images, n_crops, n_cols, start, stop, dim, hs.stride(0), v_s.stride(0), ht.stride(0),
                 v_t.stride(0), grad_s.stride(0), 1.0 / student_temp, 1.0 / teacher_temp,
                 CROPS=crops, HAS_CENTER=has_center, PRECISION=_precision(hs.dtype), **_kernel_blocks(cfg),
             )
-            grad_by_crop[:, start:start + count] = (grad_s @ weight).view(n_crops, count, dim)
-            product = (grad_s.T @ hs_by_crop[:, start:start + count].reshape(-1, dim)).float()
-            grad_w = product if grad_w is None else grad_w.add_(product)
-        v_hat = v_s.float() * s_inv_norm[:, None]
-        radial = (grad_w * v_hat).sum(dim=1)  # dL/dg_k = U_k . v_hat_k
-        grad_v = ((grad_w - radial[:, None] * v_hat) * s_scale[:, None]).to(v_s.dtype)
-        grad_g = None if g_s is None or not ctx.needs_input_grad[2] else radial.reshape(g_s.shape).to(g_s.dtype)
+            v_chunk, scale = v_s[start:stop].float(), s_scale[start:stop, None]
+            part = (grad_s @ (v_chunk * scale).to(hs.dtype)).float()  # dS W for this chunk's prototypes
+            grad_h = part if grad_h is None else grad_h.add_(part)
+            grad_w = (grad_s.T @ hs).float()  # U = dS^T H, (chunk, D)
+            v_hat = v_chunk * s_inv_norm[start:stop, None]
+            radial = (grad_w * v_hat).sum(dim=1)  # dL/dg_k = U_k . v_hat_k
+            grad_v[start:stop] = grad_w.sub_(radial[:, None] * v_hat).mul_(scale)
+            if want_g:
+                grad_g[start:stop] = radial
+        grad_g = None if grad_g is None else grad_g.reshape(g_s.shape)
         return (grad_h.to(features_dtype), grad_v, grad_g) + (None,) * 10
 
 

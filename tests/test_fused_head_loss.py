@@ -89,8 +89,8 @@ def test_rows_pairing_matches_reference(rows, dim, k, gain, dtype):
 
 
 def test_large_logits_and_chunked_backward(monkeypatch):
-    """Logits up to 30 / tau (softmax stability) and a backward in several chunks of images, the last partial."""
-    monkeypatch.setattr(fused_module, "BACKWARD_CHUNK_BYTES", 4 * 2 * 300 * 4)  # 2 images of 4 crops at a time
+    """Logits up to 30 / tau (softmax stability) and a backward in chunks of 128 prototypes, the last partial."""
+    monkeypatch.setattr(fused_module, "BACKWARD_CHUNK_BYTES", 4 * 5 * 128 * 4)  # (V*B, 128) fp32
     inputs = make_inputs(4 * 5, 2 * 5, 32, 300, torch.float32, scale=30.0)
     assert_matches_reference(inputs, torch.float32, pairing="crops", ncrops=4)
 
