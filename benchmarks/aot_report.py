@@ -82,6 +82,14 @@ def head_loss_launch(pairing: str):
     return launch
 
 
+def sinkhorn_launch():
+    """`sinkhorn_center` of the iBOT teacher: 3 iterations, column and row steps."""
+    from fastdino.kernels import sinkhorn_center
+
+    h_t = fake_cuda(IBOT_ROWS, HEAD_DIM, dtype=torch.bfloat16)
+    sinkhorn_center(h_t, fake_cuda(K, HEAD_DIM), TEACHER_TEMP, teacher_gain=fake_cuda(K), impl="triton")
+
+
 def ema_launch(student_dtype: torch.dtype, aligned: bool = True):
     """The trainer's EMAUpdate over the parameters of ViT-S/16 + its DINO head, fp32 teacher, a 0-d momentum tensor;
     unaligned: each tensor a view one element into a larger buffer. (Not `ema_update_`: its plan cache is keyed on
@@ -110,6 +118,7 @@ LAUNCHES = [
     ("loss, centering, K=65000 (rows unaligned)", loss_launch(n_cols=65000)),
     ("head+loss, crops (DINO)", head_loss_launch("crops")),
     ("head+loss, rows (iBOT, 9760 rows)", head_loss_launch("rows")),
+    ("sinkhorn_center (iBOT, 9760 rows)", sinkhorn_launch),
     ("ema fp32/fp32, aligned", ema_launch(torch.float32)),
     ("ema fp32/bf16, aligned", ema_launch(torch.bfloat16)),
     ("ema fp32/fp32, unaligned", ema_launch(torch.float32, aligned=False)),

@@ -65,8 +65,8 @@ def dino_cases(args):
     def build():
         h_s = torch.empty(rows_s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         v_s = torch.empty(k, d, device="cuda", requires_grad=True)
-        return h_s, v_s, torch.empty(rows_t, d, device="cuda", dtype=torch.bfloat16), torch.empty(k, d, device="cuda"), \
-            torch.empty(1, k, device="cuda")
+        h_t = torch.empty(rows_t, d, device="cuda", dtype=torch.bfloat16)
+        return h_s, v_s, h_t, torch.empty(k, d, device="cuda"), torch.empty(1, k, device="cuda")
 
     def unfused(h_s, v_s, h_t, v_t, center):
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -17,7 +17,8 @@ fused AdamW) and the second step is measured (optimizer state exists, as in a ru
   FLOPs and by reading q, k, v and writing the output (no N x N tensor). Fake tensors have no device to choose a
   backend from, and SDPA's CPU-side choice would take the math path.
 - Triton launches do not run: each is recorded as one launch costed from the HBM bytes the kernel reports for its
-  shapes (kernels: `dino_loss_launch_bytes`, `ema_launch_bytes`).
+  shapes (kernels: `dino_loss_launch_bytes`, `ema_launch_bytes`), and from their FLOPs too where they multiply
+  matrices (`fused_head_loss_launch_cost`, `sinkhorn_launch_cost`).
 - Memory: every CUDA storage is counted from allocation to release, rounded up to the caching allocator's 512-byte
   blocks, plus the cuBLAS workspace; the peak is what `torch.cuda.max_memory_allocated` would report, and what held
   memory at that moment is split into weights, gradients, optimizer state, activations (kept from forward), logits
@@ -319,7 +320,8 @@ def _dtype_bytes(tl_dtype) -> int:
 def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> None:
     """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`). The
     loss's combine kernel takes the shapes of the forward kernel launched right before it."""
-    from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes, fused_head_loss_launch_cost
+    from fastdino.kernels import (dino_loss_launch_bytes, ema_launch_bytes, fused_head_loss_launch_cost,
+                                  sinkhorn_launch_cost)
     from fastdino.kernels.ema import BLOCK
 
     loss_bytes = None
@@ -340,6 +342,11 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
                 "crops" if args["CROPS"] else "rows", args["n_images"], args["n_crops"], args["n_cols"],
                 args["n_dim"], features.element_size(), args["vs_ptr"].element_size(),
                 args["col_stop"] - args["col_start"] if "col_stop" in args else None)[name]
+            trace.add(f"triton.{name}", nbytes, flops, features.dtype)
+        elif name in ("_sinkhorn_col_kernel", "_sinkhorn_row_kernel"):
+            features = args["h_ptr"]
+            nbytes, flops = sinkhorn_launch_cost(args["n_rows"], args["n_cols"], args["n_dim"],
+                                                 features.element_size(), args["v_ptr"].element_size())[name]
             trace.add(f"triton.{name}", nbytes, flops, features.dtype)
         else:
             raise NotImplementedError(f"the step model has no byte count for the Triton kernel {name}")

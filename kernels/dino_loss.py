@@ -300,7 +300,8 @@ def _launch_settings(batch: int, n_cols: int, max_block_k: int, target_programs:
     images = max(1, min(max_images, batch * n_chunks // target_programs))
     return dict(block_k=block_k, num_warps=num_warps, n_chunks=n_chunks, even_k=n_cols % block_k == 0,
                 block_chunks=triton.next_power_of_2(n_chunks), images_per_program=images,
-                n_groups=triton.cdiv(batch, images), block_c=combine_block_c, n_col_blocks=triton.cdiv(n_cols, combine_block_c))
+                n_groups=triton.cdiv(batch, images), block_c=combine_block_c,
+                n_col_blocks=triton.cdiv(n_cols, combine_block_c))
 
 
 def _settings(batch: int, n_cols: int, device_type: str) -> dict:

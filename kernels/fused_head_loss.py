@@ -44,6 +44,8 @@ PAIRINGS = ("crops", "rows")
 # sums and a student tile live (BLOCK_M = 16, tl.dot's minimum); "rows" keeps one of each, so it takes 64 rows.
 BLOCKS = {"crops": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_D=64, num_warps=8),
           "rows": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=8)}
+# The Sinkhorn steps keep one tile and two vectors: 4 warps (8 spill on sm_80).
+SINKHORN_WARPS = 4
 # Forward programs the K splits aim at (about four per SM on an H100/H200).
 TARGET_PROGRAMS = 512
 # Most bytes of dS (V * N_chunk, K) alive at once in backward; images are processed in chunks that fit.
@@ -486,20 +488,80 @@ def fused_head_loss(
         student_temp, teacher_temp, pairing, n_crops, compute_dtype)
 
 
+@triton.jit
+def _sinkhorn_col_kernel(h_ptr, v_ptr, scale_ptr, log_a_ptr, col_max_ptr, col_sum_ptr, n_rows, n_cols, n_dim,
+                         stride_h, stride_v, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Column step of Sinkhorn-Knopp for prototypes program_id(0) * BLOCK_N + [0, BLOCK_N): over all rows i, the
+    max and the sum of exp(z_ik + log a_i - max) with z = H v^T * scale (scale = g / (||v|| tau)), into
+    col_max/col_sum_ptr (n_cols,) fp32. log_a_ptr (n_rows,) fp32: the row scales' logs."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+    col_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    col_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        z = _logits_tile(h_ptr, rows.to(tl.int64), row_mask, stride_h, v_ptr, cols, col_mask, stride_v, scale, n_dim,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        z = tl.where(row_mask[:, None], z + tl.load(log_a_ptr + rows, mask=row_mask, other=0.0)[:, None],
+                     float("-inf"))
+        new_max = tl.maximum(col_max, tl.max(z, axis=0))
+        col_sum = col_sum * tl.exp(col_max - new_max) + tl.sum(tl.exp(z - new_max[None, :]), axis=0)
+        col_max = new_max
+    tl.store(col_max_ptr + cols, col_max, mask=col_mask)
+    tl.store(col_sum_ptr + cols, col_sum, mask=col_mask)
+
+
+@triton.jit
+def _sinkhorn_row_kernel(h_ptr, v_ptr, scale_ptr, log_b_ptr, row_max_ptr, row_sum_ptr, n_rows, n_cols, n_dim,
+                         n_splits, chunks_per_split, stride_h, stride_v, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Row step of Sinkhorn-Knopp for rows program_id(0) * BLOCK_M + [0, BLOCK_M) over the prototype chunks of
+    split program_id(1): the max and sum of exp(z_ik + log b_k - max), into row_max/row_sum_ptr (n_rows, n_splits)
+    fp32. log_b_ptr (n_cols,) fp32: the column scales' logs; others as in `_sinkhorn_col_kernel`."""
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    first = split * chunks_per_split
+    for chunk in range(first, tl.minimum(first + chunks_per_split, tl.cdiv(n_cols, BLOCK_N))):
+        cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+        z = _logits_tile(h_ptr, rows, row_mask, stride_h, v_ptr, cols, col_mask, stride_v, scale, n_dim,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        z = tl.where(col_mask[None, :], z + tl.load(log_b_ptr + cols, mask=col_mask, other=0.0)[None, :],
+                     float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(z, axis=1))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        row_max = new_max
+    offs = rows * n_splits + split
+    tl.store(row_max_ptr + offs, row_max, mask=row_mask)
+    tl.store(row_sum_ptr + offs, row_sum, mask=row_mask)
+
+
 @torch.no_grad()
 def sinkhorn_center(teacher_features: torch.Tensor, teacher_weight_v: torch.Tensor, teacher_temp: float, *,
-                    teacher_gain: torch.Tensor | None = None, n_iterations: int = 3, chunk_size: int = 2048,
-                    all_reduce=None) -> torch.Tensor:
+                    teacher_gain: torch.Tensor | None = None, n_iterations: int = 3, all_reduce=None,
+                    impl: str = "auto") -> torch.Tensor:
     """The center C (K,) fp32 for which softmax((T - C) / teacher_temp) is DINOv2's Sinkhorn-Knopp teacher of the
     logits T = teacher_features @ W^T (W as in `fused_head_loss`), so `fused_head_loss(..., center=C)` trains on it.
 
     Sinkhorn-Knopp only rescales rows and columns: Q = diag(a) exp(T / tau) diag(b). DINOv2's loop ends with the
-    per-sample normalisation, so each row of Q is a softmax of T / tau + log b, and C = -tau log b. Its uniform
-    factors (the global sum, 1/K, 1/B) cancel. Each iteration's column step b = 1 / sum_i a_i e^(T_i / tau) and row
-    step a = 1 / sum_k e^(T_k / tau) b_k are log-sum-exps over one sweep of column chunks of T (rows, chunk_size),
-    recomputed from the features, so the sweep count is n_iterations (the last one needs no row step) and T is never
-    whole in memory. all_reduce(tensor, op) with op "max" or "sum" combines the column statistics across ranks in
-    place (DINOv2 all-reduces the per-prototype sums); None on one process.
+    per-sample normalisation, so each row of Q is a softmax of T / tau + log b, and C = -tau log b; its uniform
+    factors (the global sum, 1/K, 1/B) cancel. Iteration by iteration, log b = -LSE_i(T_i / tau + log a_i) (column
+    step) and log a = -LSE_k(T_k / tau + log b_k) (row step, not needed after the last column step): each step is
+    one sweep of the logits, recomputed tile by tile with tl.dot as in `fused_head_loss` (`_sinkhorn_col_kernel`,
+    `_sinkhorn_row_kernel`), 2 n_iterations - 1 sweeps in all; no (rows, K) tensor. A column step needs every row,
+    a row step every column, so no two steps share a sweep: this is the cheapest exact form without the logits in
+    memory (with them, (rows, K) fp32 would be read and written at every step instead).
+    all_reduce(tensor, op) with op "max" or "sum" combines the column statistics (K,) across ranks in place
+    (DINOv2 all-reduces the per-prototype sums); None on one process. impl as `fused_head_loss` ("torch":
+    `sinkhorn_center_ref` of the logits).
     """
     _check_matrix("teacher_features", teacher_features)
     _check_matrix("teacher_weight_v", teacher_weight_v, teacher_features.shape[1])
@@ -508,27 +570,64 @@ def sinkhorn_center(teacher_features: torch.Tensor, teacher_weight_v: torch.Tens
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
     device = teacher_features.device
+    chosen = _launch.select_impl("sinkhorn_center", impl, device, "torch", _sinkhorn_col_kernel)
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else teacher_features.dtype
-    h = teacher_features.to(dtype)
-    scale, _ = _column_scale(teacher_weight_v, teacher_gain)
-    n_cols = teacher_weight_v.shape[0]
-    log_a = torch.zeros(h.shape[0], 1, device=device)
-    log_b = torch.empty(n_cols, device=device)
+    h = teacher_features.to(dtype).contiguous()
+    v = teacher_weight_v.contiguous()
+    if chosen == "torch":
+        weight = F.normalize(v.float(), dim=1) * (1.0 if teacher_gain is None else teacher_gain.float().reshape(-1, 1))
+        return sinkhorn_center_ref(h @ weight.to(dtype).T, teacher_temp, n_iterations, all_reduce)
+    n_rows, n_cols = h.shape[0], v.shape[0]
+    scale = _column_scale(v, teacher_gain)[0] / teacher_temp
+    cfg = _launch_settings("rows", n_rows, n_cols, TARGET_PROGRAMS)
+    blocks = _kernel_blocks(cfg) | dict(PRECISION=_precision(dtype), num_warps=SINKHORN_WARPS)
+    splits = cfg["n_splits"]
+    sizes = [n_rows, n_cols, n_cols, n_rows * splits, n_rows * splits]
+    log_a, col_max, col_sum, row_max, row_sum = _launch.empty((sum(sizes),), torch.float32, device).split(sizes)
+    log_a.zero_()
+    row_max, row_sum = row_max.view(n_rows, splits), row_sum.view(n_rows, splits)
     for iteration in range(n_iterations):
-        row_lse = torch.full((h.shape[0],), float("-inf"), device=device)
-        for start in range(0, n_cols, chunk_size):
-            stop = min(start + chunk_size, n_cols)
-            z = (h @ teacher_weight_v[start:stop].to(dtype).T).float() * (scale[start:stop] / teacher_temp)
-            shifted = z + log_a
-            col_max = shifted.amax(dim=0)
-            if all_reduce is not None:
-                all_reduce(col_max, "max")
-            col_sum = torch.exp(shifted - col_max).sum(dim=0)
-            if all_reduce is not None:
-                all_reduce(col_sum, "sum")
-            log_b[start:stop] = -(col_max + torch.log(col_sum))
-            if iteration < n_iterations - 1:
-                row_lse = torch.logaddexp(row_lse, torch.logsumexp(z + log_b[start:stop], dim=1))
-        log_a = -row_lse[:, None]
+        _sinkhorn_col_kernel[(triton.cdiv(n_cols, cfg["BLOCK_N"]),)](
+            h, v, scale, log_a, col_max, col_sum, n_rows, n_cols, h.shape[1], h.stride(0), v.stride(0), **blocks)
+        log_b = _log_column_scale(col_max, col_sum, all_reduce)
+        if iteration == n_iterations - 1:
+            return -teacher_temp * log_b
+        _sinkhorn_row_kernel[(cfg["n_row_blocks"], splits)](
+            h, v, scale, log_b, row_max, row_sum, n_rows, n_cols, h.shape[1], splits, cfg["chunks_per_split"],
+            h.stride(0), v.stride(0), **blocks)
+        top = row_max.amax(dim=1, keepdim=True)
+        log_a = -(top + torch.log((row_sum * torch.exp(row_max - top)).sum(dim=1, keepdim=True))).squeeze(1)
+
+
+def sinkhorn_launch_cost(n_rows: int, n_cols: int, dim: int, feature_bytes: int, weight_bytes: int
+                         ) -> dict[str, tuple[int, int]]:
+    """{kernel name: (HBM bytes, matrix-product FLOPs)} of one column step and one row step of `sinkhorn_center`:
+    H and v read once (re-reads from L2 not counted, as in `fused_head_loss_launch_cost`), fp32 statistics."""
+    cfg = _launch_settings("rows", n_rows, n_cols, TARGET_PROGRAMS)
+    reads, flops = n_rows * dim * feature_bytes + n_cols * (dim * weight_bytes + 4), 2 * n_rows * n_cols * dim
+    return {_sinkhorn_col_kernel.fn.__name__: (reads + n_rows * 4 + 2 * n_cols * 4, flops),
+            _sinkhorn_row_kernel.fn.__name__: (reads + n_cols * 4 + 2 * n_rows * cfg["n_splits"] * 4, flops)}
+
+
+def _log_column_scale(col_max, col_sum, all_reduce):
+    """log b = -log(sum over all ranks' rows), from this rank's column max and sum of exp(. - max)."""
+    if all_reduce is not None:
+        top = col_max.clone()
+        all_reduce(top, "max")
+        col_sum = col_sum * torch.exp(col_max - top)
+        all_reduce(col_sum, "sum")
+        col_max = top
+    return -(col_max + torch.log(col_sum))
+
+
+def sinkhorn_center_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None):
+    """`sinkhorn_center` of given logits (rows, K), in log space on the whole tensor (the CPU path)."""
+    z = teacher_logits.float() / teacher_temp
+    log_a = torch.zeros(z.shape[0], 1, device=z.device)
+    for iteration in range(n_iterations):
+        shifted = z + log_a
+        col_max = shifted.amax(dim=0)
+        log_b = _log_column_scale(col_max, torch.exp(shifted - col_max).sum(dim=0), all_reduce)
+        log_a = -torch.logsumexp(z + log_b, dim=1, keepdim=True)
     return -teacher_temp * log_b

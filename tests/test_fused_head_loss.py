@@ -107,13 +107,15 @@ def test_no_logits_saved():
     assert not [s for s in shapes if len(s) == 2 and s[1] == k], f"saved (rows, K) tensors: {shapes}"
 
 
-@pytest.mark.parametrize("rows, k, chunk", [(6, 300, 128), (1, 50, 64), (9, 257, 300)])
-def test_sinkhorn_center_gives_the_sinkhorn_teacher(rows, k, chunk):
+@pytest.mark.usefixtures("splits")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("rows, k", [(6, 300), (1, 50), (70, 257)])
+def test_sinkhorn_center_gives_the_sinkhorn_teacher(rows, k, impl):
     """softmax((T - C) / tau) with C = sinkhorn_center(...) equals the Sinkhorn-Knopp teacher of the logits T."""
-    inputs = make_inputs(rows, rows, 24, k, torch.float32, gain=True)
+    inputs = make_inputs(rows, rows, 24, k, torch.float32, gain=True, scale=3.0)
     weight = F.normalize(inputs["v_t"], dim=1) * inputs["g"]
     logits = inputs["h_t"] @ weight.T
-    center = sinkhorn_center(inputs["h_t"], inputs["v_t"], TEACHER_TEMP, teacher_gain=inputs["g"], chunk_size=chunk)
+    center = sinkhorn_center(inputs["h_t"], inputs["v_t"], TEACHER_TEMP, teacher_gain=inputs["g"], impl=impl)
     assert center.shape == (k,) and center.dtype == torch.float32
     expected = sinkhorn_knopp_teacher(logits, TEACHER_TEMP)
     assert_close(torch.softmax((logits - center) / TEACHER_TEMP, dim=-1), expected, atol=1e-6, rtol=1e-4,
@@ -123,7 +125,7 @@ def test_sinkhorn_center_gives_the_sinkhorn_teacher(rows, k, chunk):
 def test_sinkhorn_center_trains_through_fused_head_loss():
     """The iBOT call with the Sinkhorn teacher: center from sinkhorn_center, pairing rows, equals the reference."""
     inputs = make_inputs(11, 11, 24, 300, torch.float32)
-    inputs["c"] = sinkhorn_center(inputs["h_t"], inputs["v_t"], TEACHER_TEMP)
+    inputs["c"] = sinkhorn_center(inputs["h_t"], inputs["v_t"], TEACHER_TEMP, impl="triton")
     assert_matches_reference(inputs, torch.float32, pairing="rows", row_weights=torch.full((11,), 0.5, device=DEVICE))
 
 
@@ -156,3 +158,29 @@ def test_rows_pairing_needs_matching_rows():
     with pytest.raises(ValueError, match='pairing="rows" needs as many teacher_features rows'):
         fused_head_loss(torch.zeros(5, 8), torch.ones(10, 8), torch.zeros(4, 8), torch.ones(10, 8), None, 0.1, 0.04,
                         pairing="rows")
+
+
+def test_sinkhorn_center_across_ranks_equals_one_process():
+    """Two ranks with half the rows each (threads, all_reduce by a barrier) get the center of all rows at once."""
+    import threading
+
+    inputs = make_inputs(10, 10, 24, 200, torch.float32, scale=3.0)
+    expected = sinkhorn_center(inputs["h_t"], inputs["v_t"], TEACHER_TEMP, impl="torch")
+    barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def all_reduce(tensor, op):
+            slots[r] = tensor.clone()
+            barrier.wait()
+            tensor.copy_(torch.maximum(*slots) if op == "max" else slots[0] + slots[1])
+            barrier.wait()
+        results[r] = sinkhorn_center(inputs["h_t"][r * 5:(r + 1) * 5], inputs["v_t"], TEACHER_TEMP,
+                                     all_reduce=all_reduce, impl="torch")
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in range(2):
+        assert_close(results[r], expected, atol=1e-5, rtol=1e-5, name=f"rank {r} center")
