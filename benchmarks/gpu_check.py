@@ -286,6 +286,27 @@ def summarize_head(ctx: Context, record: dict) -> None:
                          f"{gib['unfused']:.3g} GiB ({(gib['unfused'] - gib['fused_head']) * 1024:.0f} MiB less)")
 
 
+def head_ibot_command(ctx: Context, limit_s: float) -> list[str]:
+    shape = ["--ibot", "5", "--K", "64", "--dim", "8", "--reps", "2"] if ctx.smoke else ["--ibot", "9760"]
+    return bench("bench_dino_loss.py", *shape, *cpu_args(ctx), "--csv", ctx.work / "head_ibot.csv")
+
+
+def summarize_head_ibot(ctx: Context, record: dict) -> None:
+    rows = read_csv(ctx.work / "head_ibot.csv")
+    by = {r["provider"]: r for r in rows}
+    record["figures"] = {"rows": rows}
+    record["markdown"] = csv_markdown("iBOT term, fused head + loss vs DINOv2's formulation (bench_dino_loss.py "
+                                      "--ibot)", rows)
+    if set(by) != {"dinov2", "fused_head"}:
+        fail(record, "no fused/dinov2 rows")
+        return
+    ms = {p: number(r["p50_ms"]) for p, r in by.items()}
+    gib = {p: number(r["peak_GiB"]) for p, r in by.items()}
+    record["summary"] = (f"M={by['fused_head']['M']} fwd+bwd: fused {ms['fused_head']:.3g} ms, DINOv2 "
+                         f"{ms['dinov2']:.3g} ms; peak fused {gib['fused_head']:.3g} GiB, DINOv2 "
+                         f"{gib['dinov2']:.3g} GiB")
+
+
 def ema_command(ctx: Context, limit_s: float) -> list[str]:
     # torch.compile of the official loop last: its cold compile is the longest part
     shape = (["--arch", "vit_tiny", "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32",
@@ -464,6 +485,8 @@ STEPS = [
          summarize_head, csv_rows("head")),
     Step("ema", 1, "bench_ema.py: official loop, triton, foreach, compile", ema_command, 30, 50, 10, summarize_ema,
          csv_rows("ema")),
+    Step("head_ibot", 1, "bench_dino_loss.py --ibot: the iBOT term, fused head + loss vs DINOv2's formulation, "
+         "M=9760 (ViT-S/14, batch 128)", head_ibot_command, 0, 60, 20, summarize_head_ibot, csv_rows("head_ibot")),
     Step("gpu_tests", 1, "the other gpu-marked tests (GPU_TESTS)", GPU_TEST_STEP[0], 0, 150, 30, GPU_TEST_STEP[1],
          GPU_TEST_STEP[2]),
     Step("quality", 1, "quality_run.py: ViT-S/16 on the CIFAR-10 subset, k-NN before/after", quality_command, 0,

@@ -59,6 +59,27 @@ def dinov2_sinkhorn(teacher_output, teacher_temp, n_iterations=3):
     return q.t()
 
 
+def dinov2_ibot_loss(h_s, v_s, g_s, h_t, v_t, g_t, center, masks_weight, n_images, sinkhorn=False):
+    """The iBOT term as dinov2 computes it (ssl_meta_arch.py with ibot_patch_loss.py, no xformers): the weight-normed
+    last layer on the masked patches' bottleneck features, the teacher softmax-centered (or Sinkhorn-Knopp), then
+    `forward_masked`: -sum(masks_weight * sum(t * log_softmax(s / temp))) / n_images."""
+    s = F.linear(h_s, weight_norm(v_s, g_s))
+    with torch.no_grad():
+        t = F.linear(h_t, weight_norm(v_t, g_t))
+        t = dinov2_sinkhorn(t, TEACHER_TEMP) if sinkhorn else F.softmax((t - center) / TEACHER_TEMP, dim=-1)
+    loss = torch.sum(t * F.log_softmax(s / STUDENT_TEMP, dim=-1), dim=-1)
+    return -(loss * masks_weight).sum() / n_images
+
+
+def fused_ibot_loss(h_s, v_s, g_s, h_t, v_t, g_t, center, masks_weight, n_images, sinkhorn=False):
+    """The same term by `fused_head_loss(pairing="rows")` (and `sinkhorn_center`): the call engine/ibot_loss.py
+    makes."""
+    if sinkhorn:
+        center = sinkhorn_center(h_t, v_t, TEACHER_TEMP, teacher_gain=g_t)
+    return fused_head_loss(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, pairing="rows",
+                           row_weights=masks_weight / n_images, student_gain=g_s, teacher_gain=g_t)[0]
+
+
 def dino_cases(args):
     rows_s, rows_t, k, d = args.ncrops * args.batch, 2 * args.batch, args.K, args.dim
 
@@ -96,25 +117,14 @@ def ibot_cases(args):
         v_t, g_t = torch.empty(k, d, device="cuda"), torch.empty(k, 1, device="cuda")
         return h_s, v_s, g_s, h_t, v_t, g_t, torch.empty(1, 1, k, device="cuda"), torch.empty(m, device="cuda")
 
-    def dinov2(h_s, v_s, g_s, h_t, v_t, g_t, center, masks_weight):
+    def dinov2(*inputs):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            s = F.linear(h_s, weight_norm(v_s, g_s))
-            with torch.no_grad():
-                t = F.linear(h_t, weight_norm(v_t, g_t))
-                if args.sinkhorn:
-                    t = dinov2_sinkhorn(t, TEACHER_TEMP)
-                else:
-                    t = F.softmax((t - center) / TEACHER_TEMP, dim=-1)
-            loss = torch.sum(t * F.log_softmax(s / STUDENT_TEMP, dim=-1), dim=-1)
-            loss = -(loss * masks_weight).sum() / 128
+            loss = dinov2_ibot_loss(*inputs, n_images=128, sinkhorn=args.sinkhorn)
         loss.backward()
 
-    def fused(h_s, v_s, g_s, h_t, v_t, g_t, center, masks_weight):
+    def fused(*inputs):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            if args.sinkhorn:
-                center = sinkhorn_center(h_t, v_t, TEACHER_TEMP, teacher_gain=g_t)
-            loss = fused_head_loss(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, pairing="rows",
-                                   row_weights=masks_weight / 128, student_gain=g_s, teacher_gain=g_t)[0]
+            loss = fused_ibot_loss(*inputs, n_images=128, sinkhorn=args.sinkhorn)
         loss.backward()
 
     teacher = "Sinkhorn-Knopp" if args.sinkhorn else "centering"

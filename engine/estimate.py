@@ -321,7 +321,7 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
     """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`). The
     loss's combine kernel takes the shapes of the forward kernel launched right before it."""
     from fastdino.kernels import (dino_loss_launch_bytes, ema_launch_bytes, fused_head_loss_launch_cost,
-                                  sinkhorn_launch_cost)
+                                  sinkhorn_launch_cost, weight_norm_bwd_bytes)
     from fastdino.kernels.ema import BLOCK
 
     loss_bytes = None
@@ -343,6 +343,9 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
                 args["n_dim"], features.element_size(), args["vs_ptr"].element_size(),
                 args["col_stop"] - args["col_start"] if "col_stop" in args else None)[name]
             trace.add(f"triton.{name}", nbytes, flops, features.dtype)
+        elif name == "_weight_norm_bwd_kernel":
+            trace.add(f"triton.{name}", weight_norm_bwd_bytes(
+                args["n_rows"], args["n_dim"], args["u_ptr"].element_size(), args["v_ptr"].element_size()))
         elif name in ("_sinkhorn_col_kernel", "_sinkhorn_row_kernel"):
             features = args["h_ptr"]
             nbytes, flops = sinkhorn_launch_cost(args["n_rows"], args["n_cols"], args["n_dim"],

@@ -22,8 +22,9 @@ column scale g / ||v|| applied to the fp32 product):
 2. `_fused_head_loss_bwd_kernel`, one program per (BLOCK_M images, BLOCK_N prototypes) of a chunk of prototypes:
    recomputes both tiles and writes dS = g r (w_tot softmax(x) - sum_p q_p) / tau_s for that chunk only
    ((V*N, chunk), at most BACKWARD_CHUNK_BYTES), from which cuBLAS forms the chunk's share of dH = dS W (added up
-   in fp32, (V*N, D)) and its rows of U = dS^T H; then dg = U . v_hat and dv = (g / ||v||) (U - (U . v_hat) v_hat)
-   for those prototypes. FLOPs: a second sweep of both logits plus the two gradient products.
+   in fp32, (V*N, D)) and its rows of U = dS^T H; then `_weight_norm_bwd_kernel` gives dg = U . v_hat and
+   dv = (g / ||v||) (U - (U . v_hat) v_hat) for those prototypes in one pass. FLOPs: a second sweep of both logits
+   plus the two gradient products.
 Exact without a (rows, K) tensor this is the floor: 6 products of N_rows x K x D (3 forward-equivalent sweeps), where
 the unfused path does 4 and keeps (rows, K) logits alive through backward. Teacher column sums (center update) are
 linear in H_t: colsum = (g / ||v||) * (v_t @ sum_rows H_t), one matrix-vector product. Saved for backward: the
@@ -48,8 +49,10 @@ BLOCKS = {"crops": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_D=64, num_warps=8),
 SINKHORN_WARPS = 4
 # Forward programs the K splits aim at (about four per SM on an H100/H200).
 TARGET_PROGRAMS = 512
-# Most bytes of dS (V * N_chunk, K) alive at once in backward; images are processed in chunks that fit.
+# Most bytes of dS (V*N, chunk) alive at once in backward; prototypes are processed in chunks that fit.
 BACKWARD_CHUNK_BYTES = 128 * 2**20
+# Prototypes per program of the weight-norm backward (a BLOCK_K x D tile).
+WEIGHT_NORM_BLOCK_K = 16
 
 
 @triton.jit
@@ -243,6 +246,29 @@ def _fused_head_loss_bwd_kernel(
         tl.store(grad_ptr + out, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _weight_norm_bwd_kernel(u_ptr, v_ptr, inv_norm_ptr, scale_ptr, grad_v_ptr, grad_g_ptr, n_rows, n_dim,
+                            stride_u, stride_v, stride_grad_v, HAS_GAIN: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """Backward of W = g v / ||v|| for prototypes program_id(0) * BLOCK_K + [0, BLOCK_K) given U = dL/dW / g (the
+    gradient of the unit rows' product, (n_rows, n_dim) any float dtype): dg = U . v_hat into grad_g_ptr (fp32, with
+    HAS_GAIN) and dv = (g / ||v||) (U - (U . v_hat) v_hat) into grad_v_ptr (its dtype)."""
+    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (d < n_dim)[None, :]
+    u = tl.load(u_ptr + rows[:, None] * stride_u + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    v_hat = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=mask, other=0.0).to(tl.float32) * tl.load(
+        inv_norm_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    radial = tl.sum(u * v_hat, axis=1)
+    grad = (u - radial[:, None] * v_hat) * tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    tl.store(grad_v_ptr + rows[:, None] * stride_grad_v + d[None, :], grad.to(grad_v_ptr.dtype.element_ty),
+             mask=mask)
+    if HAS_GAIN:
+        tl.store(grad_g_ptr + rows, radial, mask=row_mask)
+
+
 @functools.lru_cache(maxsize=64)
 def _launch_settings(pairing: str, n_images: int, n_cols: int, target_programs: int) -> dict:
     """Tiles, K splits and grid for one shape, computed once (the host path stays short)."""
@@ -289,6 +315,12 @@ def fused_head_loss_launch_cost(pairing: str, n_images: int, n_crops: int, n_col
             features + 2 * cols * (dim * weight_bytes + 4) + n_crops * n_images * cols * feature_bytes,
             2 * dim * cols * (n_crops + teachers) * n_images),
     }
+
+
+def weight_norm_bwd_bytes(n_rows: int, dim: int, grad_bytes: int, weight_bytes: int) -> int:
+    """HBM bytes of one `_weight_norm_bwd_kernel` launch over n_rows prototypes: read U and v, write dv; 3 fp32
+    vectors."""
+    return n_rows * (dim * (grad_bytes + 2 * weight_bytes) + 3 * 4)
 
 
 class FusedHeadLossFunction(torch.autograd.Function):
@@ -358,7 +390,8 @@ class FusedHeadLossFunction(torch.autograd.Function):
         grad_h = None
         grad_v = torch.empty_like(v_s)
         want_g = g_s is not None and ctx.needs_input_grad[2]
-        grad_g = torch.empty(n_cols, device=device, dtype=g_s.dtype) if want_g else None
+        grad_g = _launch.empty((n_cols,), torch.float32, device) if want_g else None
+        weight = (v_s.float() * s_scale[:, None]).to(hs.dtype)  # W (K, D) for dH = dS W
         for start in range(0, n_cols, chunk):
             stop = min(start + chunk, n_cols)
             grad_s = _launch.empty((hs.shape[0], stop - start), hs.dtype, device)
@@ -368,16 +401,15 @@ class FusedHeadLossFunction(torch.autograd.Function):
                 v_t.stride(0), grad_s.stride(0), 1.0 / student_temp, 1.0 / teacher_temp,
                 CROPS=crops, HAS_CENTER=has_center, PRECISION=_precision(hs.dtype), **_kernel_blocks(cfg),
             )
-            v_chunk, scale = v_s[start:stop].float(), s_scale[start:stop, None]
-            part = (grad_s @ (v_chunk * scale).to(hs.dtype)).float()  # dS W for this chunk's prototypes
-            grad_h = part if grad_h is None else grad_h.add_(part)
-            grad_w = (grad_s.T @ hs).float()  # U = dS^T H, (chunk, D)
-            v_hat = v_chunk * s_inv_norm[start:stop, None]
-            radial = (grad_w * v_hat).sum(dim=1)  # dL/dg_k = U_k . v_hat_k
-            grad_v[start:stop] = grad_w.sub_(radial[:, None] * v_hat).mul_(scale)
-            if want_g:
-                grad_g[start:stop] = radial
-        grad_g = None if grad_g is None else grad_g.reshape(g_s.shape)
+            part = grad_s @ weight[start:stop]  # dS W for this chunk's prototypes
+            grad_h = part.float() if grad_h is None else grad_h.add_(part)
+            grad_w = grad_s.T @ hs  # U = dS^T H, (chunk, D)
+            _weight_norm_bwd_kernel[(triton.cdiv(stop - start, WEIGHT_NORM_BLOCK_K),)](
+                grad_w, v_s[start:stop], s_inv_norm[start:stop], s_scale[start:stop], grad_v[start:stop],
+                grad_g[start:stop] if want_g else s_scale, stop - start, dim, grad_w.stride(0), v_s.stride(0),
+                grad_v.stride(0), HAS_GAIN=want_g, BLOCK_K=WEIGHT_NORM_BLOCK_K,
+                BLOCK_D=triton.next_power_of_2(dim))
+        grad_g = None if grad_g is None else grad_g.reshape(g_s.shape).to(g_s.dtype)
         return (grad_h.to(features_dtype), grad_v, grad_g) + (None,) * 10
 
 
