@@ -92,7 +92,14 @@ def head_table(args, device, dtype):
 def ibot_table(args, device, dtype):
     """The iBOT term, fwd+bwd: DINOv2's formulation ((M, K) logits and probabilities in memory) against the fused
     head + loss; trainable gains, bf16 autocast on the GPU."""
-    from model_head_loss import dinov2_ibot_loss, fused_ibot_loss
+    from model_head_loss import dinov2_ibot_loss, dinov2_ibot_teacher, fused_ibot_loss
+
+    def dinov2(h_s, v_s, g_s, h_t, v_t, g_t, center, weights):
+        teacher = dinov2_ibot_teacher(h_t, v_t, g_t, center)  # alive through backward, as in dinov2's step
+        dinov2_ibot_loss(h_s, v_s, g_s, teacher, weights, n_images=128).backward()
+
+    def fused(*inputs):
+        fused_ibot_loss(*inputs, n_images=128).backward()
 
     table = Table(["M", "provider", "p50_ms", "p20_ms", "p80_ms", "speedup", "peak_GiB"], args.csv)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -105,11 +112,10 @@ def ibot_table(args, device, dtype):
         v_t, g_t = torch.randn(args.K, args.dim, device=device), torch.ones(args.K, 1, device=device)
         center, weights = torch.zeros(1, 1, args.K, device=device), torch.rand(masked, device=device)
         baseline = None
-        for provider, loss_fn in (("dinov2", dinov2_ibot_loss), ("fused_head", fused_ibot_loss)):
+        for provider, run in (("dinov2", dinov2), ("fused_head", fused)):
             def full():
                 with autocast:
-                    loss = loss_fn(h_s, v_s, g_s, h_t, v_t, g_t, center, weights, n_images=128)
-                loss.backward()
+                    run(h_s, v_s, g_s, h_t, v_t, g_t, center, weights)
 
             p50, p20, p80 = measure_ms(full, str(device), grad_to_none=[h_s, v_s, g_s], reps=args.reps)
             baseline = baseline or p50

@@ -59,15 +59,20 @@ def dinov2_sinkhorn(teacher_output, teacher_temp, n_iterations=3):
     return q.t()
 
 
-def dinov2_ibot_loss(h_s, v_s, g_s, h_t, v_t, g_t, center, masks_weight, n_images, sinkhorn=False):
-    """The iBOT term as dinov2 computes it (ssl_meta_arch.py with ibot_patch_loss.py, no xformers): the weight-normed
-    last layer on the masked patches' bottleneck features, the teacher softmax-centered (or Sinkhorn-Knopp), then
-    `forward_masked`: -sum(masks_weight * sum(t * log_softmax(s / temp))) / n_images."""
-    s = F.linear(h_s, weight_norm(v_s, g_s))
+def dinov2_ibot_teacher(h_t, v_t, g_t, center, sinkhorn=False):
+    """dinov2's teacher for the masked patches (ssl_meta_arch.py `get_teacher_output`): the weight-normed last layer,
+    then softmax-centered (ibot_patch_loss.py `softmax_center_teacher`) or Sinkhorn-Knopp. forward_backward keeps
+    the result alive until its backward has run."""
     with torch.no_grad():
         t = F.linear(h_t, weight_norm(v_t, g_t))
-        t = dinov2_sinkhorn(t, TEACHER_TEMP) if sinkhorn else F.softmax((t - center) / TEACHER_TEMP, dim=-1)
-    loss = torch.sum(t * F.log_softmax(s / STUDENT_TEMP, dim=-1), dim=-1)
+        return dinov2_sinkhorn(t, TEACHER_TEMP) if sinkhorn else F.softmax((t - center) / TEACHER_TEMP, dim=-1)
+
+
+def dinov2_ibot_loss(h_s, v_s, g_s, teacher, masks_weight, n_images):
+    """dinov2's iBOT term (ibot_patch_loss.py `forward_masked`, no xformers): the student's weight-normed last layer
+    on the masked patches, -sum(masks_weight * sum(t * log_softmax(s / temp))) / n_images."""
+    s = F.linear(h_s, weight_norm(v_s, g_s))
+    loss = torch.sum(teacher * F.log_softmax(s / STUDENT_TEMP, dim=-1), dim=-1)
     return -(loss * masks_weight).sum() / n_images
 
 
@@ -117,9 +122,10 @@ def ibot_cases(args):
         v_t, g_t = torch.empty(k, d, device="cuda"), torch.empty(k, 1, device="cuda")
         return h_s, v_s, g_s, h_t, v_t, g_t, torch.empty(1, 1, k, device="cuda"), torch.empty(m, device="cuda")
 
-    def dinov2(*inputs):
+    def dinov2(h_s, v_s, g_s, h_t, v_t, g_t, center, masks_weight):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = dinov2_ibot_loss(*inputs, n_images=128, sinkhorn=args.sinkhorn)
+            teacher = dinov2_ibot_teacher(h_t, v_t, g_t, center, args.sinkhorn)
+            loss = dinov2_ibot_loss(h_s, v_s, g_s, teacher, masks_weight, n_images=128)
         loss.backward()
 
     def fused(*inputs):
