@@ -95,6 +95,18 @@ def test_large_logits_and_chunked_backward(monkeypatch):
     assert_matches_reference(inputs, torch.float32, pairing="crops", ncrops=4)
 
 
+@pytest.mark.parametrize("pairing", ["crops", "rows"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_positions_match_reference(where, pairing):
+    """A NaN in one feature poisons exactly what it poisons in the reference: its logits row, the loss, the dS rows
+    that row reaches (then dH rows and every dv row), the teacher column sums and entropy for a teacher row."""
+    rows_s, rows_t = (4 * 3, 2 * 3) if pairing == "crops" else (7, 7)
+    inputs = make_inputs(rows_s, rows_t, 24, 300, torch.float32)
+    inputs["h_s" if where == "student" else "h_t"][4, 5] = float("nan")
+    kwargs = dict(ncrops=4) if pairing == "crops" else dict(row_weights=torch.full((7,), 0.2, device=DEVICE))
+    assert_matches_reference(inputs, torch.float32, pairing=pairing, **kwargs)
+
+
 def test_no_logits_saved():
     """What backward keeps: no (rows, K) logits beyond the inputs themselves (the reference saves them)."""
     ncrops, batch, dim, k = 4, 2, 16, 600
