@@ -335,7 +335,8 @@ class FusedHeadLossFunction(torch.autograd.Function):
         cfg = _launch_settings(pairing, n_images, n_cols, TARGET_PROGRAMS)
         hs, ht = h_s.detach().to(compute_dtype).contiguous(), h_t.detach().to(compute_dtype).contiguous()
         v_s, v_t = v_s.detach().contiguous(), v_t.detach().contiguous()
-        with torch.no_grad():
+        # The small torch ops here in fp32 whatever the caller's autocast (the column sums feed the center).
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             s_scale, s_inv_norm = _column_scale(v_s, g_s)
             t_scale, _ = _column_scale(v_t, g_t)
             has_center = center is not None
@@ -352,7 +353,7 @@ class FusedHeadLossFunction(torch.autograd.Function):
             CROPS=crops, HAS_CENTER=has_center, BLOCK_V=triton.next_power_of_2(n_crops),
             PRECISION=_precision(compute_dtype), **_kernel_blocks(cfg),
         )
-        with torch.no_grad():  # combine the splits: a few ops on (rows, splits)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # combine the splits (rows, splits)
             row_max = s_max.amax(dim=1, keepdim=True)
             lse = (row_max + torch.log((s_sum * torch.exp(s_max - row_max)).sum(dim=1, keepdim=True))).squeeze(1)
             t_row_max = t_max.amax(dim=1, keepdim=True)
@@ -360,9 +361,10 @@ class FusedHeadLossFunction(torch.autograd.Function):
             t_total = (t_sum * rescale).sum(dim=1)
             entropy_term = (rescale * (t_ent + (t_max - t_row_max) * t_sum)).sum(dim=1)
             entropy = (torch.log(t_total) - entropy_term / t_total).mean()
-            pair_total = 1.0 if not crops else torch.tensor([1.0, 1.0] + [2.0] * (n_crops - 2), device=device
-                                                            ).repeat_interleave(n_images)
-            loss = (row_weights * pair_total * lse).sum() - ((t_dot * rescale).sum(dim=1) / t_total).sum()
+            weighted = row_weights * lse
+            # sum_rows r w_tot LSE: local crops (rows from 2N on) pair with both teacher crops, so count twice.
+            paired = weighted.sum() + (weighted[2 * n_images:].sum() if crops else 0.0)
+            loss = paired - ((t_dot * rescale).sum(dim=1) / t_total).sum()
         ctx.mark_non_differentiable(colsum, entropy)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hs, v_s, g_s, ht, v_t, s_scale, s_inv_norm, t_scale, center, row_weights, lse,

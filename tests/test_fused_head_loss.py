@@ -107,6 +107,18 @@ def test_nan_positions_match_reference(where, pairing):
     assert_matches_reference(inputs, torch.float32, pairing=pairing, **kwargs)
 
 
+def test_teacher_column_sums_stay_fp32_under_autocast():
+    """Under fp16 autocast the logits are fp16 products, but the column sums (the center update) are formed in fp32
+    from the fp16-rounded features, not by an fp16 matrix-vector product."""
+    inputs = make_inputs(8, 4, 32, 300, torch.float32, scale=4.0)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        colsum = fused_head_loss(inputs["h_s"], inputs["v_s"], inputs["h_t"], inputs["v_t"], inputs["c"],
+                                 STUDENT_TEMP, TEACHER_TEMP, ncrops=4, impl="triton")[1]
+    expected = inputs["h_t"].half().float().sum(dim=0) @ F.normalize(inputs["v_t"], dim=1).T
+    assert colsum.dtype == torch.float32
+    assert_close(colsum, expected, atol=1e-5, rtol=1e-5, name="colsum")
+
+
 def test_no_logits_saved():
     """What backward keeps: no (rows, K) logits beyond the inputs themselves (the reference saves them)."""
     ncrops, batch, dim, k = 4, 2, 16, 600
