@@ -138,7 +138,8 @@ class LossConfig:
     and backward (223 vs 163 GFLOP at ViT-S/16, batch 128, K=65536), to save their memory and traffic. Modelled
     (`fastdino estimate`, batch 128, H200): step 59.1 vs 59.7 ms, peak 15.96 vs 16.18 GiB; head + loss alone 0.69
     vs 1.22 ms (benchmarks/model_head_loss.py). Off by default until the GPU check has measured it (step `head`).
-    Needs head.norm_last_layer and teacher_norm=centering."""
+    Needs head.norm_last_layer; with teacher_norm=sinkhorn_knopp the teacher's Sinkhorn sums are sweeps of the
+    recomputed logits too (kernels: `sinkhorn_center`)."""
 
     def __post_init__(self):
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -152,9 +153,6 @@ class LossConfig:
                f"{self.warmup_teacher_temp_epochs}")
         _check_choice("loss.impl", self.impl, ("auto", "triton", "torch"))
         _check_choice("loss.teacher_norm", self.teacher_norm, ("centering", "sinkhorn_knopp"))
-        _check(not self.fused_head or self.teacher_norm == "centering",
-               "loss.fused_head=true needs loss.teacher_norm=centering (Sinkhorn-Knopp needs the teacher logits): "
-               "set loss.fused_head=false")
 
 
 @dataclass
