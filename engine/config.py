@@ -138,8 +138,8 @@ class LossConfig:
     and backward (223 vs 163 GFLOP at ViT-S/16, batch 128, K=65536), to save their memory and traffic. Modelled
     (`fastdino estimate`, batch 128, H200): step 59.1 vs 59.7 ms, peak 15.96 vs 16.18 GiB; head + loss alone 0.69
     vs 1.22 ms (benchmarks/model_head_loss.py). Off by default until the GPU check has measured it (step `head`).
-    Needs head.norm_last_layer; with teacher_norm=sinkhorn_knopp the teacher's Sinkhorn sums are sweeps of the
-    recomputed logits too (kernels: `sinkhorn_center`)."""
+    With head.norm_last_layer=false the trained gains go into the kernel too; with teacher_norm=sinkhorn_knopp the
+    teacher's Sinkhorn sums are sweeps of the recomputed logits as well (kernels: `sinkhorn_center`)."""
 
     def __post_init__(self):
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -325,9 +325,6 @@ class TrainConfig:
             _check(size % patch == 0, f"data.{name} ({size}) must be a multiple of model.patch_size ({patch})")
         _check(self.max_nonfinite_in_a_row > 0,
                f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}")
-        _check(not self.loss.fused_head or self.head.norm_last_layer,
-               "loss.fused_head=true folds a unit-gain last layer into the loss: set head.norm_last_layer=true or "
-               "loss.fused_head=false")
 
 
 # Settings a resumed run may change (prefixes of dotted keys): when to stop, how often and where to log, when to

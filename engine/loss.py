@@ -142,10 +142,12 @@ class DINOLoss(nn.Module):
 
     def forward_fused_head(self, student_features: torch.Tensor, student_weight_v: torch.Tensor,
                            teacher_features: torch.Tensor, teacher_weight_v: torch.Tensor, epoch: int,
-                           teacher_temp: float | None = None) -> torch.Tensor:
+                           teacher_temp: float | None = None, *, student_gain: torch.Tensor | None = None,
+                           teacher_gain: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` on the logits features @ normalize(weight_v)^T without building them (`fused_head_loss`,
         pairing="crops"): student_features (ncrops*B, D) and teacher_features (2*B, D) are the heads' L2-normalised
-        bottleneck features, *_weight_v (K, D) their un-normalised last-layer weights (norm_last_layer=True: gain 1).
+        bottleneck features, *_weight_v (K, D) their un-normalised last-layer weights and *_gain (K, 1) the gains
+        (`weight_g`; None: fixed at 1, norm_last_layer=True).
         Centering updates the center; Sinkhorn-Knopp passes `sinkhorn_center`'s center of the teacher logits (the
         same teacher as `sinkhorn_knopp_teacher`, its sums all-reduced across ranks). Sets `last_teacher_entropy`
         as `forward` does."""
@@ -154,11 +156,12 @@ class DINOLoss(nn.Module):
                              f"has out_dim={self.out_dim}")
         teacher_temp = self._teacher_temp(epoch, teacher_temp)
         sinkhorn = self.teacher_norm == "sinkhorn_knopp"
-        center = (sinkhorn_center(teacher_features, teacher_weight_v, teacher_temp, all_reduce=self._all_reduce_hook(),
-                                  impl=self.impl) if sinkhorn else self.center)
+        center = (sinkhorn_center(teacher_features, teacher_weight_v, teacher_temp, teacher_gain=teacher_gain,
+                                  all_reduce=self._all_reduce_hook(), impl=self.impl) if sinkhorn else self.center)
         loss, colsum, entropy = fused_head_loss(student_features, student_weight_v, teacher_features,
                                                 teacher_weight_v, center, self.student_temp, teacher_temp,
-                                                pairing="crops", ncrops=self.ncrops, impl=self.impl)
+                                                pairing="crops", ncrops=self.ncrops, student_gain=student_gain,
+                                                teacher_gain=teacher_gain, impl=self.impl)
         if not sinkhorn:
             self._update_center(colsum, teacher_features.shape[0])
         self.last_teacher_entropy = entropy.detach()
