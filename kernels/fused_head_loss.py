@@ -45,7 +45,7 @@ PAIRINGS = ("crops", "rows")
 # sums and a student tile live (BLOCK_M = 16, tl.dot's minimum); "rows" keeps one of each, so it takes 64 rows.
 BLOCKS = {"crops": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_D=64, num_warps=8),
           "rows": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=8)}
-# The Sinkhorn steps keep one tile and two vectors: 4 warps (8 spill on sm_80).
+# The Sinkhorn steps keep one tile and two vectors: 4 warps (with 8 the row step spills on sm_80).
 SINKHORN_WARPS = 4
 # Forward programs the K splits aim at (about four per SM on an H100/H200).
 TARGET_PROGRAMS = 512
