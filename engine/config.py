@@ -136,7 +136,7 @@ class LossConfig:
     """Fold the head's last layer into the loss (kernels/fused_head_loss.py, Triton on CUDA): the logits are built
     tile by tile with tl.dot and never exist in memory (any parallel.mode). Cost: it computes them twice, forward
     and backward (223 vs 163 GFLOP at ViT-S/16, batch 128, K=65536), to save their memory and traffic. Modelled
-    (`fastdino estimate`, batch 128, H200): step 59.1 vs 59.7 ms, peak 15.96 vs 16.18 GiB; head + loss alone 0.69
+    (`fastdino estimate`, batch 128, H200): step 59.1 vs 59.7 ms, peak 15.96 vs 16.18 GiB; head + loss alone 0.67
     vs 1.22 ms (benchmarks/model_head_loss.py). Off by default until the GPU check has measured it (step `head`).
     With head.norm_last_layer=false the trained gains go into the kernel too; with teacher_norm=sinkhorn_knopp the
     teacher's Sinkhorn sums are sweeps of the recomputed logits as well (kernels: `sinkhorn_center`)."""
