@@ -75,8 +75,10 @@ GPU_TESTS = {
 }
 # The kernel test files, run whole on CUDA by the first step (their fp32/fp16 cases then run compiled kernels,
 # which CI runs in the interpreter only); the step-shape tests first.
-KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py", "tests/test_dino_loss.py", "tests/test_ema.py",
-                     "tests/test_fused_head_loss.py"]
+KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py", "tests/test_dino_loss.py", "tests/test_ema.py"]
+# The fused head + loss tests compile some 30 tl.dot kernel variants (both pairings, fp32 / fp16, odd sizes): a step
+# of their own with what is left, so that the kernels step keeps its slot.
+HEAD_TEST_FILES = ["tests/test_fused_head_loss.py"]
 # The short quality run: the paper's ViT-S/16 recipe on the CIFAR-10 subset (32-px images, upscaled by the crops).
 QUALITY_SUBSET = dict(train=1000, val=200)  # images per class
 TARGETS = {"loss": "<= 0.15 ms (fwd+bwd, B=64)",
@@ -213,6 +215,8 @@ def fail(record: dict, summary: str | None = None) -> None:
 KERNELS = pytest_step("kernels", [*KERNEL_TEST_FILES, "--deselect=tests/test_dino_loss.py::"
                                                      "test_kernels_compile_for_h100"],
                       smoke_selection=["-m", "gpu", *KERNEL_TEST_FILES])
+HEAD_KERNELS = pytest_step("head_kernels", HEAD_TEST_FILES,  # smoke: the argument checks (the CPU suite runs the rest)
+                           smoke_selection=["tests/test_fused_head_loss.py::test_bad_arguments"])
 GPU_TEST_STEP = pytest_step("gpu_tests", ["-m", "gpu", "tests"], smoke_selection=["-m", "gpu", "tests"])
 DALI_TESTS = pytest_step("dali_tests", ["-m", "gpu", "tests/test_pipelines.py"], smoke_selection=None)
 
@@ -485,6 +489,8 @@ STEPS = [
          summarize_head, csv_rows("head")),
     Step("ema", 1, "bench_ema.py: official loop, triton, foreach, compile", ema_command, 30, 50, 10, summarize_ema,
          csv_rows("ema")),
+    Step("head_kernels", 1, f"{', '.join(HEAD_TEST_FILES)} on CUDA (fused head + loss, Sinkhorn center)",
+         HEAD_KERNELS[0], 0, 120, 30, HEAD_KERNELS[1], HEAD_KERNELS[2]),
     Step("head_ibot", 1, "bench_dino_loss.py --ibot: the iBOT term, fused head + loss vs DINOv2's formulation, "
          "M=9760 (ViT-S/14, batch 128)", head_ibot_command, 0, 60, 20, summarize_head_ibot, csv_rows("head_ibot")),
     Step("gpu_tests", 1, "the other gpu-marked tests (GPU_TESTS)", GPU_TEST_STEP[0], 0, 150, 30, GPU_TEST_STEP[1],

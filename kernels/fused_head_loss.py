@@ -103,7 +103,9 @@ def _store_teacher(t_max_ptr, t_sum_ptr, t_ent_ptr, t_dot_ptr, rows, row_mask, n
     tl.store(t_dot_ptr + offs, dot, mask=row_mask)
 
 
-@triton.jit
+# Row counts, splits and chunk offsets are not specialised (divisible by 16, equal to 1): one compile serves them all
+# (the GPU check's tests run many sizes); strides, K and D keep theirs (the loads at the step's shapes).
+@triton.jit(do_not_specialize=["n_images", "n_crops", "n_splits", "chunks_per_split"])
 def _fused_head_loss_fwd_kernel(
     hs_ptr, vs_ptr, ht_ptr, vt_ptr, s_scale_ptr, t_scale_ptr, c_ptr, rw_ptr,
     s_max_ptr, s_sum_ptr, t_max_ptr, t_sum_ptr, t_ent_ptr, t_dot_ptr,
@@ -196,7 +198,7 @@ def _teacher_probs_tile(ht_ptr, rows, row_mask, stride_ht, vt_ptr, cols, col_mas
     return tl.exp(z - shift[:, None]) / total[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_images", "n_crops", "col_start", "col_stop"])
 def _fused_head_loss_bwd_kernel(
     hs_ptr, vs_ptr, ht_ptr, vt_ptr, s_scale_ptr, t_scale_ptr, c_ptr, rw_ptr, lse_ptr, t_shift_ptr, t_sum_ptr,
     grad_loss_ptr, grad_ptr, n_images, n_crops, n_cols, col_start, col_stop, n_dim,
@@ -246,7 +248,7 @@ def _fused_head_loss_bwd_kernel(
         tl.store(grad_ptr + out, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _weight_norm_bwd_kernel(u_ptr, v_ptr, inv_norm_ptr, scale_ptr, grad_v_ptr, grad_g_ptr, n_rows, n_dim,
                             stride_u, stride_v, stride_grad_v, HAS_GAIN: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_D: tl.constexpr):
@@ -522,7 +524,7 @@ def fused_head_loss(
         student_temp, teacher_temp, pairing, n_crops, compute_dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _sinkhorn_col_kernel(h_ptr, v_ptr, scale_ptr, log_a_ptr, col_max_ptr, col_sum_ptr, n_rows, n_cols, n_dim,
                          stride_h, stride_v, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          PRECISION: tl.constexpr):
@@ -548,7 +550,7 @@ def _sinkhorn_col_kernel(h_ptr, v_ptr, scale_ptr, log_a_ptr, col_max_ptr, col_su
     tl.store(col_sum_ptr + cols, col_sum, mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_splits", "chunks_per_split"])
 def _sinkhorn_row_kernel(h_ptr, v_ptr, scale_ptr, log_b_ptr, row_max_ptr, row_sum_ptr, n_rows, n_cols, n_dim,
                          n_splits, chunks_per_split, stride_h, stride_v, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
