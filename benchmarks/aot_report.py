@@ -62,6 +62,34 @@ def loss_launch(teacher_is_probs: bool = False, n_cols: int = K):
     return launch
 
 
+# The iBOT term of the DINOv2 step at ViT-S/14, batch 128: about 9,760 masked patches, bottleneck D = 256.
+IBOT_ROWS, HEAD_DIM = 9760, 256
+
+
+def head_loss_launch(pairing: str):
+    """`fused_head_loss` forward + backward: bf16 bottleneck features, fp32 last-layer weights and gains."""
+    def launch():
+        from fastdino.kernels import fused_head_loss
+
+        rows_s, rows_t = (CROPS * BATCH, 2 * BATCH) if pairing == "crops" else (IBOT_ROWS, IBOT_ROWS)
+        h_s = fake_cuda(rows_s, HEAD_DIM, dtype=torch.bfloat16, requires_grad=True)
+        v_s, g_s = fake_cuda(K, HEAD_DIM, requires_grad=True), fake_cuda(K, requires_grad=pairing == "rows")
+        h_t, v_t = fake_cuda(rows_t, HEAD_DIM, dtype=torch.bfloat16), fake_cuda(K, HEAD_DIM)
+        extra = dict(ncrops=CROPS) if pairing == "crops" else dict(row_weights=fake_cuda(rows_s))
+        loss, _, _ = fused_head_loss(h_s, v_s, h_t, v_t, fake_cuda(K), STUDENT_TEMP, TEACHER_TEMP, pairing=pairing,
+                                     student_gain=g_s, teacher_gain=fake_cuda(K), impl="triton", **extra)
+        backward(loss)
+    return launch
+
+
+def sinkhorn_launch():
+    """`sinkhorn_center` of the iBOT teacher: 3 iterations, column and row steps."""
+    from fastdino.kernels import sinkhorn_center
+
+    h_t = fake_cuda(IBOT_ROWS, HEAD_DIM, dtype=torch.bfloat16)
+    sinkhorn_center(h_t, fake_cuda(K, HEAD_DIM), TEACHER_TEMP, teacher_gain=fake_cuda(K), impl="triton")
+
+
 def ema_launch(student_dtype: torch.dtype, aligned: bool = True):
     """The trainer's EMAUpdate over the parameters of ViT-S/16 + its DINO head, fp32 teacher, a 0-d momentum tensor;
     unaligned: each tensor a view one element into a larger buffer. (Not `ema_update_`: its plan cache is keyed on
@@ -88,6 +116,9 @@ LAUNCHES = [
     ("loss, teacher probabilities", loss_launch(teacher_is_probs=True)),
     ("loss, centering, K=65520 (masked)", loss_launch(n_cols=65520)),
     ("loss, centering, K=65000 (rows unaligned)", loss_launch(n_cols=65000)),
+    ("head+loss, crops (DINO)", head_loss_launch("crops")),
+    ("head+loss, rows (iBOT, 9760 rows)", head_loss_launch("rows")),
+    ("sinkhorn_center (iBOT, 9760 rows)", sinkhorn_launch),
     ("ema fp32/fp32, aligned", ema_launch(torch.float32)),
     ("ema fp32/bf16, aligned", ema_launch(torch.bfloat16)),
     ("ema fp32/fp32, unaligned", ema_launch(torch.float32, aligned=False)),

@@ -11,9 +11,14 @@ device copy of an S-sized buffer (read + write), the practical bandwidth ceiling
     python benchmarks/bench_dino_loss.py --batch 64 --device cpu --host     # host us per call, launches mocked
 
 `--head` compares the head's last layer + loss: `unfused` (F.linear(H, F.normalize(v)) for student and teacher, then
-`dino_loss`) against `fused_head` (`dino_loss_fused_head`, no logits in memory), fwd+bwd time and peak memory.
+`dino_loss`) against `fused_head` (`fused_head_loss`, no logits in memory), fwd+bwd time and peak memory.
 
     python benchmarks/bench_dino_loss.py --head --batch 128                   # GPU: fused vs unfused head + loss
+
+`--ibot M` does the same for the iBOT term of the DINOv2 step at M masked patches: `dinov2` (its formulation,
+benchmarks/model_head_loss.py `dinov2_ibot_loss`) against `fused_head` (`fused_head_loss(pairing="rows")`).
+
+    python benchmarks/bench_dino_loss.py --ibot 9760                          # GPU: ViT-S/14 at batch 128
 
 `--host` times only the Python side of the triton provider (checks, allocations, launch calls, the autograd node)
 with the kernel launches mocked, so it runs on the CPU: fwd is `dino_loss(...)`, full adds `loss.backward()`.
@@ -39,7 +44,10 @@ def parse_args():
     parser.add_argument("--reps", type=int, default=10, help="timed runs off the GPU and of bwd (do_bench decides "
                                                              "for fwd/full on the GPU)")
     parser.add_argument("--head", action="store_true", help="head last layer + loss: unfused vs fused_head")
-    parser.add_argument("--dim", type=int, default=256, help="head bottleneck width (D), with --head")
+    parser.add_argument("--dim", type=int, default=256, help="head bottleneck width (D), with --head or --ibot")
+    parser.add_argument("--ibot", type=int, nargs="+", default=None, metavar="M",
+                        help="the iBOT term at M masked patches (batch 128 images): DINOv2's formulation vs "
+                             "fused_head_loss(pairing=rows), fwd+bwd time and peak memory")
     parser.add_argument("--host", action="store_true", help="only the host us per call of the triton provider, "
                                                             "kernel launches mocked")
     return parser.parse_args()
@@ -49,7 +57,7 @@ def head_table(args, device, dtype):
     """Last layer + loss, fwd+bwd: unfused (logits and normalised weights in memory) against fused_head."""
     import torch.nn.functional as F
 
-    from fastdino.kernels import dino_loss, dino_loss_fused_head
+    from fastdino.kernels import dino_loss, fused_head_loss
 
     def unfused(h_s, v_s, h_t, v_t, center):
         student = F.linear(h_s, F.normalize(v_s, dim=1))  # (V*B, K)
@@ -58,7 +66,7 @@ def head_table(args, device, dtype):
         return dino_loss(student, teacher, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
 
     def fused(h_s, v_s, h_t, v_t, center):
-        return dino_loss_fused_head(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, args.ncrops)[0]
+        return fused_head_loss(h_s, v_s, h_t, v_t, center, STUDENT_TEMP, TEACHER_TEMP, ncrops=args.ncrops)[0]
 
     table = Table(["B", "provider", "p50_ms", "p20_ms", "p80_ms", "speedup", "peak_GiB"], args.csv)
     for batch in args.batch:
@@ -79,6 +87,42 @@ def head_table(args, device, dtype):
             table.add(B=batch, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80, speedup=baseline / p50,
                       peak_GiB=peak_memory_gib(full, str(device)))
             h_s.grad = v_s.grad = None
+
+
+def ibot_table(args, device, dtype):
+    """The iBOT term, fwd+bwd: DINOv2's formulation ((M, K) logits and probabilities in memory) against the fused
+    head + loss; trainable gains, bf16 autocast on the GPU."""
+    from model_head_loss import dinov2_ibot_loss, dinov2_ibot_teacher, fused_ibot_loss
+
+    def dinov2(h_s, v_s, g_s, h_t, v_t, g_t, center, weights):
+        teacher = dinov2_ibot_teacher(h_t, v_t, g_t, center)  # alive through backward, as in dinov2's step
+        dinov2_ibot_loss(h_s, v_s, g_s, teacher, weights, n_images=128).backward()
+
+    def fused(*inputs):
+        fused_ibot_loss(*inputs, n_images=128).backward()
+
+    table = Table(["M", "provider", "p50_ms", "p20_ms", "p80_ms", "speedup", "peak_GiB"], args.csv)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for masked in args.ibot:
+        h_s = torch.nn.functional.normalize(torch.randn(masked, args.dim, device=device), dim=-1)
+        h_s = h_s.to(dtype).requires_grad_(True)
+        h_t = torch.nn.functional.normalize(torch.randn(masked, args.dim, device=device), dim=-1).to(dtype)
+        v_s = torch.randn(args.K, args.dim, device=device, requires_grad=True)
+        g_s = torch.ones(args.K, 1, device=device, requires_grad=True)
+        v_t, g_t = torch.randn(args.K, args.dim, device=device), torch.ones(args.K, 1, device=device)
+        center, weights = torch.zeros(1, 1, args.K, device=device), torch.rand(masked, device=device)
+        baseline = None
+        for provider, run in (("dinov2", dinov2), ("fused_head", fused)):
+            def full():
+                with autocast:
+                    run(h_s, v_s, g_s, h_t, v_t, g_t, center, weights)
+
+            p50, p20, p80 = measure_ms(full, str(device), grad_to_none=[h_s, v_s, g_s], reps=args.reps)
+            baseline = baseline or p50
+            h_s.grad = v_s.grad = g_s.grad = None
+            table.add(M=masked, provider=provider, p50_ms=p50, p20_ms=p20, p80_ms=p80, speedup=baseline / p50,
+                      peak_GiB=peak_memory_gib(full, str(device)))
+            h_s.grad = v_s.grad = g_s.grad = None
 
 
 def host_table(args, device, dtype, dino_loss):
@@ -136,6 +180,8 @@ def main():
         return host_table(args, device, dtype, dino_loss)
     if args.head:
         return head_table(args, device, dtype)
+    if args.ibot:
+        return ibot_table(args, device, dtype)
     compiled_ref = torch.compile(dino_loss_ref)
     loss_fns = {
         "torch": dino_loss_ref,

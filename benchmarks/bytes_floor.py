@@ -3,15 +3,16 @@
 Counts are the minimal HBM traffic of the kernels as written: every input read once, every output written once; re-reads
 that the launch order keeps in L2 (the teacher rows and the center, read by every crop of an image) are not counted. The
 loss and EMA counts come from the kernels themselves (kernels/dino_loss.py `dino_loss_launch_bytes`, kernels/ema.py
-`ema_launch_bytes`, which the step model uses too); the fused head's (kernels/fused_head_loss.py) are written here. The fused head is also
-compute-bound, so its matmul FLOPs and the bf16 dense floor (H100 989 TFLOP/s, H200 the same) are shown.
+`ema_launch_bytes`, which the step model uses too); the fused head's from kernels/fused_head_loss.py
+`fused_head_loss_launch_cost`. The fused head is compute-bound, so its matmul FLOPs and the bf16 dense floor
+(H100 989 TFLOP/s, H200 the same) are shown.
 
     python benchmarks/bytes_floor.py                          # B=64, 12 crops, K=65536, bf16, ViT-S/16 EMA
     python benchmarks/bytes_floor.py --batch 128 --dim 256
 """
 import argparse
 
-from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes
+from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes, fused_head_loss_launch_cost
 
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.3e12}  # bytes/s (SXM datasheets)
 BF16_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s, H100 and H200 SXM
@@ -35,21 +36,20 @@ def rows(args):
     f32 = 4
     loss = dino_loss_launch_bytes(b, v, k, e, e)
     out = [
-        ("teacher_stats", "read T, C; write colsum per row group, C copy, 3 partials", loss["_teacher_stats_kernel"], 0),
-        ("loss fwd", "read S, T, C, colsum parts; write colsum, 3 partials per (row, chunk)",
+        ("loss fwd", "read S, T, C; write C copy, colsum per image group, chunk partials",
          loss["_dino_loss_fwd_kernel"], 0),
-        ("loss finish", "read partials; write LSE, loss", loss["_dino_loss_finish_kernel"], 0),
+        ("loss combine", "read partials; write colsum, LSE, teacher stats, image terms",
+         loss["_dino_loss_combine_kernel"], 0),
         ("loss bwd", "read S, T, C, LSE; write dS", loss["_dino_loss_bwd_kernel"], 0),
     ]
-    out.append(("loss fwd+bwd", "sum of the four above", sum(r[2] for r in out), 0))
+    out.append(("loss fwd+bwd", "sum of the three above", sum(r[2] for r in out), 0))
     # Unfused head's last layer per step: normalise v for student and teacher (read v, write W) and the backward of
     # normalize (read v, dW; write dv), besides the logits that the loss reads.
     out.append(("head weight norm (unfused)", "F.normalize(v) fwd x2 + bwd", (2 * 2 + 3) * k * d * e, 0))
-    fused_reads = (v * b * d + 2 * b * d) * e + 2 * k * d * e  # features and both weights
-    out.append(("fused head+loss fwd", "read H_s, H_t, v_s, v_t (v_t twice); no logits",
-                fused_reads + k * d * e + k * f32, 2 * d * k * (2 * b * 2 + v * b)))
-    out.append(("fused head+loss bwd", "read H, v again; write dH, dv",
-                fused_reads + (v * b * d + k * d) * e, 2 * d * k * (2 * b + 3 * v * b)))
+    head = fused_head_loss_launch_cost("crops", b, v, k, d, e, 4)  # fp32 last-layer weights
+    fwd, bwd = head["_fused_head_loss_fwd_kernel"], head["_fused_head_loss_bwd_kernel"]
+    out.append(("fused head+loss fwd", "read H_s, H_t, v_s, v_t, scales; write partials; no logits", *fwd))
+    out.append(("fused head+loss bwd kernel", "read H, v again; write dS (dH, dv by cuBLAS after)", *bwd))
     ema_bytes = ema_launch_bytes(round(args.ema_params), 4, args.ema_student_bytes)["_ema_update_kernel"]
     out.append(("ema update", "read teacher (fp32), student; write teacher", ema_bytes, 0))
     return out

@@ -78,8 +78,10 @@ GPU_TESTS = {
 }
 # The kernel test files, run whole on CUDA by the first step (their fp32/fp16 cases then run compiled kernels,
 # which CI runs in the interpreter only); the step-shape tests first.
-KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py", "tests/test_dino_loss.py", "tests/test_ema.py",
-                     "tests/test_fused_head_loss.py"]
+KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py", "tests/test_dino_loss.py", "tests/test_ema.py"]
+# The fused head + loss tests compile some 30 tl.dot kernel variants (both pairings, fp32 / fp16, odd sizes): a step
+# of their own with what is left, so that the kernels step keeps its slot.
+HEAD_TEST_FILES = ["tests/test_fused_head_loss.py"]
 # The short quality run: the paper's ViT-S/16 recipe on the CIFAR-10 subset (32-px images, upscaled by the crops).
 QUALITY_SUBSET = dict(train=1000, val=200)  # images per class
 TARGETS = {"loss": "<= 0.15 ms (fwd+bwd, B=64)",
@@ -216,6 +218,8 @@ def fail(record: dict, summary: str | None = None) -> None:
 KERNELS = pytest_step("kernels", [*KERNEL_TEST_FILES, "--deselect=tests/test_dino_loss.py::"
                                                      "test_kernels_compile_for_h100"],
                       smoke_selection=["-m", "gpu", *KERNEL_TEST_FILES])
+HEAD_KERNELS = pytest_step("head_kernels", HEAD_TEST_FILES,  # smoke: the argument checks (the CPU suite runs the rest)
+                           smoke_selection=["tests/test_fused_head_loss.py::test_bad_arguments"])
 GPU_TEST_STEP = pytest_step("gpu_tests", ["-m", "gpu", "tests"], smoke_selection=["-m", "gpu", "tests"])
 DALI_TESTS = pytest_step("dali_tests", ["-m", "gpu", "tests/test_pipelines.py"], smoke_selection=None)
 
@@ -304,6 +308,27 @@ def summarize_ibot(ctx: Context, record: dict) -> None:
         return
     record["summary"] = "; ".join(f"B={r['B']} M={r['M']} {r['provider']} fwd+bwd {number(r['p50_ms']):.3g} ms, "
                                   f"peak {number(r['peak_GiB']):.3g} GiB" for r in rows)
+
+
+def head_ibot_command(ctx: Context, limit_s: float) -> list[str]:
+    shape = ["--ibot", "5", "--K", "64", "--dim", "8", "--reps", "2"] if ctx.smoke else ["--ibot", "9760"]
+    return bench("bench_dino_loss.py", *shape, *cpu_args(ctx), "--csv", ctx.work / "head_ibot.csv")
+
+
+def summarize_head_ibot(ctx: Context, record: dict) -> None:
+    rows = read_csv(ctx.work / "head_ibot.csv")
+    by = {r["provider"]: r for r in rows}
+    record["figures"] = {"rows": rows}
+    record["markdown"] = csv_markdown("iBOT term, fused head + loss vs DINOv2's formulation (bench_dino_loss.py "
+                                      "--ibot)", rows)
+    if set(by) != {"dinov2", "fused_head"}:
+        fail(record, "no fused/dinov2 rows")
+        return
+    ms = {p: number(r["p50_ms"]) for p, r in by.items()}
+    gib = {p: number(r["peak_GiB"]) for p, r in by.items()}
+    record["summary"] = (f"M={by['fused_head']['M']} fwd+bwd: fused {ms['fused_head']:.3g} ms, DINOv2 "
+                         f"{ms['dinov2']:.3g} ms; peak fused {gib['fused_head']:.3g} GiB, DINOv2 "
+                         f"{gib['dinov2']:.3g} GiB")
 
 
 def ema_command(ctx: Context, limit_s: float) -> list[str]:
@@ -490,6 +515,10 @@ STEPS = [
          summarize_head, csv_rows("head")),
     Step("ema", 1, "bench_ema.py: official loop, triton, foreach, compile", ema_command, 30, 50, 10, summarize_ema,
          csv_rows("ema")),
+    Step("head_kernels", 1, f"{', '.join(HEAD_TEST_FILES)} on CUDA (fused head + loss, Sinkhorn center)",
+         HEAD_KERNELS[0], 0, 120, 30, HEAD_KERNELS[1], HEAD_KERNELS[2]),
+    Step("head_ibot", 1, "bench_dino_loss.py --ibot: the iBOT term, fused head + loss vs DINOv2's formulation, "
+         "M=9760 (ViT-S/14, batch 128)", head_ibot_command, 0, 60, 20, summarize_head_ibot, csv_rows("head_ibot")),
     Step("ibot_torch", 1, "bench_ibot_loss.py: the iBOT term in DINOv2's formulation (torch, compile), B=128",
          ibot_command, 0, 40, 10, summarize_ibot, csv_rows("ibot")),
     Step("gpu_tests", 1, "the other gpu-marked tests (GPU_TESTS)", GPU_TEST_STEP[0], 0, 150, 30, GPU_TEST_STEP[1],

@@ -17,7 +17,8 @@ fused AdamW) and the second step is measured (optimizer state exists, as in a ru
   FLOPs and by reading q, k, v and writing the output (no N x N tensor). Fake tensors have no device to choose a
   backend from, and SDPA's CPU-side choice would take the math path.
 - Triton launches do not run: each is recorded as one launch costed from the HBM bytes the kernel reports for its
-  shapes (kernels: `dino_loss_launch_bytes`, `ema_launch_bytes`).
+  shapes (kernels: `dino_loss_launch_bytes`, `ema_launch_bytes`), and from their FLOPs too where they multiply
+  matrices (`fused_head_loss_launch_cost`, `sinkhorn_launch_cost`).
 - Memory: every CUDA storage is counted from allocation to release, rounded up to the caching allocator's 512-byte
   blocks, plus the cuBLAS workspace; the peak is what `torch.cuda.max_memory_allocated` would report, and what held
   memory at that moment is split into weights, gradients, optimizer state, activations (kept from forward), logits
@@ -322,12 +323,12 @@ def _dtype_bytes(tl_dtype) -> int:
 
 def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> None:
     """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`). The
-    loss's statistics and finish kernels take the shapes of the forward kernel launched between them."""
-    from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes
+    loss's combine kernel takes the shapes of the forward kernel launched right before it."""
+    from fastdino.kernels import (dino_loss_launch_bytes, ema_launch_bytes, fused_head_loss_launch_cost,
+                                  sinkhorn_launch_cost, weight_norm_bwd_bytes)
     from fastdino.kernels.ema import BLOCK
 
     loss_bytes = None
-    pending = []
     for name, args in launches:
         if name == "_ema_update_kernel":  # whole blocks per program: the last block of each tensor is counted full
             numel = args["table_ptr"].shape[0] * BLOCK
@@ -336,13 +337,24 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
         elif name in ("_dino_loss_fwd_kernel", "_dino_loss_bwd_kernel"):
             loss_bytes = dino_loss_launch_bytes(args["n_batch"], args["n_crops"], args["n_cols"],
                                                 args["s_ptr"].element_size(), args["t_ptr"].element_size())
-            for waiting in pending + [name]:
-                trace.add(f"triton.{waiting}", loss_bytes[waiting])
-            pending = []
-        elif name == "_teacher_stats_kernel":
-            pending.append(name)
-        elif name == "_dino_loss_finish_kernel":  # launched right after the forward kernel
             trace.add(f"triton.{name}", loss_bytes[name])
+        elif name == "_dino_loss_combine_kernel":  # launched right after the forward kernel
+            trace.add(f"triton.{name}", loss_bytes[name])
+        elif name in ("_fused_head_loss_fwd_kernel", "_fused_head_loss_bwd_kernel"):
+            features = args["hs_ptr"]
+            nbytes, flops = fused_head_loss_launch_cost(
+                "crops" if args["CROPS"] else "rows", args["n_images"], args["n_crops"], args["n_cols"],
+                args["n_dim"], features.element_size(), args["vs_ptr"].element_size(),
+                args["col_stop"] - args["col_start"] if "col_stop" in args else None)[name]
+            trace.add(f"triton.{name}", nbytes, flops, features.dtype)
+        elif name == "_weight_norm_bwd_kernel":
+            trace.add(f"triton.{name}", weight_norm_bwd_bytes(
+                args["n_rows"], args["n_dim"], args["u_ptr"].element_size(), args["v_ptr"].element_size()))
+        elif name in ("_sinkhorn_col_kernel", "_sinkhorn_row_kernel"):
+            features = args["h_ptr"]
+            nbytes, flops = sinkhorn_launch_cost(args["n_rows"], args["n_cols"], args["n_dim"],
+                                                 features.element_size(), args["v_ptr"].element_size())[name]
+            trace.add(f"triton.{name}", nbytes, flops, features.dtype)
         else:
             raise NotImplementedError(f"the step model has no byte count for the Triton kernel {name}")
 
@@ -355,6 +367,16 @@ def _patched(obj, name: str, value):
         yield
     finally:
         setattr(obj, name, saved)
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    """What the launch costs read of a tensor argument of a recorded Triton launch."""
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
 
 
 @contextlib.contextmanager
@@ -370,7 +392,10 @@ def _fake_cuda(gpu: GPU):
 
     def launch(kernel, *args, grid=None, warmup=False, **kwargs):
         names = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.__code__.co_varnames
-        launches.append((kernel.fn.__name__, dict(zip(names, args)) | kwargs))
+        # Tensors as their shape and dtype only: a kept reference would keep the buffer alive in the memory model.
+        described = {name: _TensorInfo(a.shape, a.dtype) if isinstance(a, torch.Tensor) else a
+                     for name, a in zip(names, args)}
+        launches.append((kernel.fn.__name__, described | kwargs))
 
     trace = _StepTrace(gpu)
     backward = _Backward(trace)
@@ -540,6 +565,26 @@ def _official_step(cfg: TrainConfig, gpu: GPU) -> dict:
 
 
 FORMULATIONS = {"fastdino": _fastdino_step, "official": _official_step}
+
+
+def estimate_ops(build, run, gpu: str = "h100") -> dict:
+    """The same model for any CUDA computation, not only the training step (benchmarks/model_head_loss.py):
+    `build()` returns its inputs (CUDA tensors, created inside the model's fake CUDA, counted as "inputs"), and
+    `run(*inputs)` runs it, backward included (`.backward()` on its result). Returns what `estimate_step` returns
+    per formulation (peak_gib with the inputs, step_ms, by_op, peak_by_role_gib, ...); "inputs_gib" is what the
+    inputs hold, so peak_gib - inputs_gib is the computation's own memory (gradients of the inputs included)."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
+    with _fake_cuda(GPUS[gpu]) as (trace, launches):
+        inputs = build()
+        trace.assign(inputs, "inputs")
+        inputs_gib = trace.totals["inputs"] / GIB
+        trace.start_measuring()
+        trace.phase = "forward"
+        run(*inputs)
+        trace.phase = "other"
+        _kernel_launches(trace, launches)
+        return _summary(trace, 1, GPUS[gpu], {"inputs_gib": inputs_gib})
 
 
 def estimate_step(cfg: TrainConfig, gpu: str = "h100", *, world_size: int = 1,

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastdino.engine.schedules import linear_warmup
-from fastdino.kernels import dino_loss, dino_loss_fused_head
+from fastdino.kernels import dino_loss, fused_head_loss, sinkhorn_center
 from fastdino.kernels._launch import select_impl
 
 logger = logging.getLogger(__name__)
@@ -153,22 +153,37 @@ class DINOLoss(nn.Module):
 
     def forward_fused_head(self, student_features: torch.Tensor, student_weight_v: torch.Tensor,
                            teacher_features: torch.Tensor, teacher_weight_v: torch.Tensor, epoch: int,
-                           teacher_temp: float | None = None) -> torch.Tensor:
-        """`forward` on the logits features @ normalize(weight_v)^T without building them (`dino_loss_fused_head`):
-        student_features (ncrops*B, D) and teacher_features (2*B, D) are the heads' L2-normalised bottleneck
-        features, *_weight_v (K, D) their un-normalised last-layer weights (norm_last_layer=True: gain 1). Centering
-        only; updates the center and `last_teacher_entropy` as `forward` does."""
-        if self.teacher_norm != "centering":
-            raise ValueError(f"the fused head + loss needs teacher_norm='centering', got {self.teacher_norm!r}")
+                           teacher_temp: float | None = None, *, student_gain: torch.Tensor | None = None,
+                           teacher_gain: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` on the logits features @ normalize(weight_v)^T without building them (`fused_head_loss`,
+        pairing="crops"): student_features (ncrops*B, D) and teacher_features (2*B, D) are the heads' L2-normalised
+        bottleneck features, *_weight_v (K, D) their un-normalised last-layer weights and *_gain (K, 1) the gains
+        (`weight_g`; None: fixed at 1, norm_last_layer=True).
+        Centering updates the center; Sinkhorn-Knopp passes `sinkhorn_center`'s center of the teacher logits (the
+        same teacher as `sinkhorn_knopp_teacher`, its sums all-reduced across ranks). Sets `last_teacher_entropy`
+        as `forward` does."""
         if student_weight_v.shape[0] != self.out_dim:
             raise ValueError(f"student_weight_v has K={student_weight_v.shape[0]} rows but the loss (and its center) "
                              f"has out_dim={self.out_dim}")
-        loss, colsum, entropy = dino_loss_fused_head(student_features, student_weight_v, teacher_features,
-                                                     teacher_weight_v, self.center, self.student_temp,
-                                                     self._teacher_temp(epoch, teacher_temp), self.ncrops)
-        self._update_center(colsum, teacher_features.shape[0])
+        teacher_temp = self._teacher_temp(epoch, teacher_temp)
+        sinkhorn = self.teacher_norm == "sinkhorn_knopp"
+        center = (sinkhorn_center(teacher_features, teacher_weight_v, teacher_temp, teacher_gain=teacher_gain,
+                                  all_reduce=self._all_reduce_hook(), impl=self.impl) if sinkhorn else self.center)
+        loss, colsum, entropy = fused_head_loss(student_features, student_weight_v, teacher_features,
+                                                teacher_weight_v, center, self.student_temp, teacher_temp,
+                                                pairing="crops", ncrops=self.ncrops, student_gain=student_gain,
+                                                teacher_gain=teacher_gain, impl=self.impl)
+        if not sinkhorn:
+            self._update_center(colsum, teacher_features.shape[0])
         self.last_teacher_entropy = entropy.detach()
         return loss
+
+    def _all_reduce_hook(self):
+        """`sinkhorn_center`'s all_reduce(tensor, op) over this loss's process group, or None on one process."""
+        if not _distributed():
+            return None
+        ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+        return lambda tensor, op: dist.all_reduce(tensor, op=ops[op], group=self.process_group)
 
     def _teacher_temp(self, epoch: int, teacher_temp: float | None) -> float:
         """`teacher_temp` when given, else the official per-epoch warmup's value at `epoch`."""

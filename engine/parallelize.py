@@ -171,19 +171,21 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Mo
                                    process_group=mesh.get_group())
 
 
-def last_layer_weights(student: nn.Module, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole last-layer weights v (K, D) of the student's and the teacher's heads, read after their forward
-    passes, for the fused head + loss. Under FSDP2 the student's head stays unsharded after forward (`apply_fsdp`),
-    so its module holds the all-gathered parameter, whose gradient FSDP2 reduce-scatters in backward as usual; the
-    teacher's head is resharded after forward, so its weight is all-gathered here (collective, no gradient)."""
-    student_v, teacher_v = student.head.last_layer.weight_v, teacher.head.last_layer.weight_v
-    if isinstance(student_v, DTensor):
+def last_layer_weights(student: nn.Module, teacher: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The whole last-layer weights v (K, D) and gains g (K, 1) (None with norm_last_layer: fixed at 1) of the
+    student's and the teacher's heads, read after their forward passes, for the fused head + loss:
+    (student_v, teacher_v, student_g, teacher_g). Under FSDP2 the student's head stays unsharded after forward
+    (`apply_fsdp`), so its module holds the all-gathered parameters, whose gradients FSDP2 reduce-scatters in
+    backward as usual; the teacher's head is resharded after forward, so its weights are all-gathered here
+    (collective, no gradient)."""
+    student_layer, teacher_layer = student.head.last_layer, teacher.head.last_layer
+    if isinstance(student_layer.weight_v, DTensor):
         raise RuntimeError("the student's last layer is sharded after its forward; loss.fused_head needs its FSDP2 "
                            "head unit kept unsharded after forward (apply_fsdp with trains=True)")
-    if isinstance(teacher_v, DTensor):
-        with torch.no_grad():
-            teacher_v = teacher_v.full_tensor()
-    return student_v, teacher_v
+    teacher_v, teacher_g = teacher_layer.weight_v, teacher_layer.weight_g
+    with torch.no_grad():
+        teacher_v, teacher_g = (t.full_tensor() if isinstance(t, DTensor) else t for t in (teacher_v, teacher_g))
+    return student_layer.weight_v, teacher_v, student_layer.weight_g, teacher_g
 
 
 def local_tensors(params) -> list[torch.Tensor]:

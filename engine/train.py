@@ -382,9 +382,9 @@ class Trainer:
         """DINOLoss of the logits, or with loss.fused_head of the bottleneck features and the last layers' weights."""
         if not self.cfg.loss.fused_head:
             return self.loss_fn(student_out, teacher_out, self.epoch, teacher_temp=teacher_temp)
-        student_v, teacher_v = last_layer_weights(self.model, self.teacher)
+        student_v, teacher_v, student_g, teacher_g = last_layer_weights(self.model, self.teacher)
         return self.loss_fn.forward_fused_head(student_out, student_v, teacher_out, teacher_v, self.epoch,
-                                               teacher_temp)
+                                               teacher_temp, student_gain=student_g, teacher_gain=teacher_g)
 
     def train(self, loader, stop: StopRequest | None = None) -> list[dict]:
         """Run from `self.step` to the stop step over `loader` (a MultiCropLoader of this rank's batches): log

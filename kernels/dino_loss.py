@@ -8,6 +8,11 @@ Shapes: student S (V*B, K) crop-major (row v*B + b is crop v of image b), teache
   tau_s and w = sum_{iq != v} q_{iq*B+b} (one or two teacher rows), the row's summed loss terms are
       sum_{iq != v} -q_iq . log_softmax(x) = (sum_k w_k) * LSE(x) - sum_k w_k x_k,
   so log_softmax is never built per pair. loss = sum over rows / (B * n_terms) with n_terms = 2*(V-1) pairs.
+- The pairing term is linear in x, so per image it is sum_iq q_iq . A_iq with A_iq = sum_{v != iq} x_v: each crop
+  only adds its x into two running sums, and q needs only the teacher row's own chunk statistics while it is built:
+  with z = (T - C) / tau_t, chunk max m_c, row max M and row sum L = sum_c e^(m_c - M) l_c,
+      q . A = (1 / L) sum_c e^(m_c - M) P_c,   P_c = sum_{k in c} e^(z_k - m_c) A_k,
+  so S and T are read once, in one launch, before the row statistics exist.
 - Gradient, computed in backward from S, the saved per-row LSE and grad_output g:
       d (g * loss) / d S_row = g * ((sum_k w_k) * softmax(x) - w) / (tau_s * B * n_terms),
   in fp32 and only then cast to the storage dtype, so that a loss scale in g (fp16 GradScaler, 2^16) lifts small
@@ -17,18 +22,18 @@ Shapes: student S (V*B, K) crop-major (row v*B + b is crop v of image b), teache
 - Teacher entropy (logged, not differentiated): H_i = -sum_k q_ik log q_ik = log L - (sum_k e^(z_k - M) (z_k - M)) / L
   for z = (T_i - C) / tau_t with row max M and L = sum_k e^(z_k - M) (no large terms cancel).
 
-Forward, three launches; fp32 math, loads in the storage dtype:
-1. `_teacher_stats_kernel`, a 2-D grid of BLOCK_T columns x TEACHER_ROWS_PER_PROGRAM rows of T: per-group column
-   sums of T (for the center update), a snapshot of C (backward needs the center of this step; the caller updates
-   it in place), and per-(row, block) softmax partials. Reads T (2B*K) once and C once per row group.
-2. `_dino_loss_fwd_kernel`, one program per (image b, chunk of BLOCK_K columns): combines the teacher partials of
-   the image's two teacher rows, builds their probabilities for the chunk once, then for each of the V crops makes
-   one pass over the chunk of S for the max, the sum of exp and sum w*x together (per-chunk partials). Reads S once
-   and T once; writes 3 fp32 per (row, chunk). The image-0 programs also add up the teacher column sums.
-3. `_dino_loss_finish_kernel`, one program: per-row LSE from the chunk partials, the loss and the mean entropy.
-Backward, one launch: `_dino_loss_bwd_kernel` on the same (image, chunk) grid reads S, T and C once and writes dS
-once. Saved for backward: S and T (inputs), C's snapshot (K,), per-row LSE (V*B,) and per-teacher-row softmax shift
-and scale (2B,) each: no (V*B, K) tensor beyond the input itself.
+Forward, two launches and one small sum; fp32 math, loads in the storage dtype:
+1. `_dino_loss_fwd_kernel`, one program per (group of IMAGES_PER_PROGRAM images, chunk of BLOCK_K columns): per
+   image the chunk of its two teacher rows (max, sum of exp, entropy term and P_c against the crops' running sums,
+   the teacher statistics folded in) and, crop by crop, the student chunk's max and sum of exp; the next crop's
+   chunk is loaded before the current one's reductions, so a load is in flight across every barrier. The group's
+   teacher column sums (center update) go to one row of partials. Reads S, T and C once.
+2. `_dino_loss_combine_kernel`, B + K / BLOCK_C programs in parallel: per image, the row LSEs, the teacher shift,
+   scale and entropy, and the image's share of the loss and of the mean entropy; the others add up the column sum
+   partials. A (2, B) sum then gives the loss and the entropy.
+Backward, one launch: `_dino_loss_bwd_kernel` on an (image, chunk) grid reads S, T and C once and writes dS once,
+also with the next crop's load in flight. Saved for backward: S and T (inputs), C's snapshot (K,), per-row LSE
+(V*B,) and per-teacher-row softmax shift and scale (2B,) each: no (V*B, K) tensor beyond the input itself.
 """
 import functools
 
@@ -40,98 +45,16 @@ from . import _launch
 from .reference import dino_loss_ref
 
 # Column-chunk caps of the student kernels (one chunk per program, so also the grid's second extent). On the GPU
-# 4096 columns with 8 warps hold the chunk's two teacher rows in registers without spills (benchmarks/aot_report.py)
-# and give B * 16 programs at K = 65536. The interpreter runs one numpy op per block, so there bigger blocks mean
-# fewer Python steps.
-MAX_BLOCK_K = {"cuda": 4096, "cpu": 16384}
-# Teacher kernel tile: BLOCK_T columns x TEACHER_BLOCK_R rows per step. 256 columns give 256 programs at K = 65536,
-# about two per SM on an H100/H200 (512 gave 128 programs for 132 SMs); the fwd programs then combine 256 partials
-# per teacher row, from L2. Two warps keep 4 columns per thread: 128-bit center loads and colsum stores.
-MAX_BLOCK_T = 256
-TEACHER_BLOCK_R = 8
-TEACHER_NUM_WARPS = 2
-# Teacher rows per program (a multiple of TEACHER_BLOCK_R): the grid's second extent is 2B / this, 8 at B = 64.
-TEACHER_ROWS_PER_PROGRAM = 16
-# Rows per step of the one-program finish kernel (V*B rows of n_chunks partials each).
-FINISH_BLOCK_R = 64
-
-
-@triton.jit
-def _teacher_stats_kernel(
-    t_ptr, c_ptr, colsum_part_ptr, c_copy_ptr, part_a_ptr, part_b_ptr, part_c_ptr,
-    n_rows, n_cols, stride_t_row, inv_teacher_temp, n_blocks, rows_per_group,
-    HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """Column sums and per-(row, column block) softmax partials of one tile of T: BLOCK_T columns (program_id(0))
-    by `rows_per_group` rows (program_id(1)), a 2-D grid so that the chip is full at K = 65536.
-
-    t_ptr: T (n_rows, n_cols), rows `stride_t_row` apart, any float dtype. c_ptr: C (n_cols,) (unused without
-    HAS_CENTER). colsum_part_ptr: (n_groups, n_cols) fp32 out, the sum over the group's rows of T (the forward
-    kernel adds the groups up). c_copy_ptr: (n_cols,) fp32 out, a snapshot of C (with HAS_CENTER) for backward. part_*_ptr: (n_rows, n_blocks) fp32 out, entry
-    [i, pid]. Logits (IS_PROBS=False): a = max z, b = sum exp(z - a), c = sum exp(z - a) * (z - a) over the block, with
-    z = (T - C) * inv_teacher_temp. Probabilities (IS_PROBS=True): a = sum q, b = -sum q log q, c unused.
-    """
-    pid = tl.program_id(0)
-    group = tl.program_id(1)
-    cols = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    col_mask = cols < n_cols
-    if HAS_CENTER:
-        center = tl.load(c_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if group == 0:
-            tl.store(c_copy_ptr + cols, center, mask=col_mask)
-    colsum = tl.zeros([BLOCK_T], dtype=tl.float32)
-    group_start = group * rows_per_group
-    group_end = tl.minimum(group_start + rows_per_group, n_rows)
-    for row_start in range(group_start, group_end, BLOCK_R):
-        rows = row_start + tl.arange(0, BLOCK_R)
-        row_mask = rows < group_end
-        mask = row_mask[:, None] & col_mask[None, :]
-        t = tl.load(t_ptr + rows[:, None].to(tl.int64) * stride_t_row + cols[None, :], mask=mask, other=0.0)
-        t = t.to(tl.float32)
-        colsum += tl.sum(t, axis=0)
-        part_offs = rows.to(tl.int64) * n_blocks + pid
-        if IS_PROBS:
-            # torch.special.entr: 0 at q = 0, -inf below, NaN stays NaN.
-            not_positive = tl.where(t == 0, 0.0, tl.where(t < 0, float("-inf"), t))
-            neg_q_log_q = tl.where(t > 0, -t * tl.log(tl.where(t > 0, t, 1.0)), not_positive)
-            tl.store(part_a_ptr + part_offs, tl.sum(t, axis=1), mask=row_mask)
-            tl.store(part_b_ptr + part_offs, tl.sum(neg_q_log_q, axis=1), mask=row_mask)
-        else:
-            if HAS_CENTER:
-                t = t - center[None, :]
-            z = t * inv_teacher_temp
-            # Masked lanes are -inf for the max and 0 after the exp; masked rows get max 0 (they are not stored).
-            z_max = tl.where(row_mask, tl.max(tl.where(mask, z, float("-inf")), axis=1), 0.0)
-            e = tl.where(mask, tl.exp(z - z_max[:, None]), 0.0)
-            tl.store(part_a_ptr + part_offs, z_max, mask=row_mask)
-            tl.store(part_b_ptr + part_offs, tl.sum(e, axis=1), mask=row_mask)
-            tl.store(part_c_ptr + part_offs, tl.sum(e * (z - z_max[:, None]), axis=1), mask=row_mask)
-    tl.store(colsum_part_ptr + group.to(tl.int64) * n_cols + cols, colsum, mask=col_mask)
-
-
-@triton.jit
-def _combine_teacher_row(part_a_ptr, part_b_ptr, part_c_ptr, row, n_blocks, IS_PROBS: tl.constexpr,
-                         BLOCK_P: tl.constexpr):
-    """(shift, scale, entropy) of teacher row `row` from its partials: q = exp(z - shift) / scale for logits;
-    for probabilities shift = 0 and scale = sum q (unused for q itself)."""
-    offs = tl.arange(0, BLOCK_P)
-    mask = offs < n_blocks
-    base = row.to(tl.int64) * n_blocks
-    if IS_PROBS:
-        row_sum = tl.sum(tl.load(part_a_ptr + base + offs, mask=mask, other=0.0), axis=0)
-        entropy = tl.sum(tl.load(part_b_ptr + base + offs, mask=mask, other=0.0), axis=0)
-        return 0.0, row_sum, entropy
-    block_max = tl.load(part_a_ptr + base + offs, mask=mask, other=float("-inf"))
-    row_max = tl.max(block_max, axis=0)
-    rescale = tl.exp(block_max - row_max)  # 0 for the padding blocks
-    block_sumexp = tl.load(part_b_ptr + base + offs, mask=mask, other=0.0)
-    row_sumexp = tl.sum(block_sumexp * rescale, axis=0)
-    # sum_k e^(z_k - M) (z_k - M), re-based from each block's max: every term is <= 0, so nothing cancels.
-    block_c = tl.load(part_c_ptr + base + offs, mask=mask, other=0.0)
-    block_shift = tl.where(mask, block_max - row_max, 0.0)
-    shifted = rescale * (block_c + block_shift * block_sumexp)
-    entropy = tl.log(row_sumexp) - tl.sum(shifted, axis=0) / row_sumexp
-    return row_max, row_sumexp, entropy
+# 2048 columns with 8 warps keep the two teacher rows, the two running sums and two crops' chunks in registers
+# without spills (benchmarks/aot_report.py) and give 32 chunks at K = 65536. The interpreter runs one numpy op per
+# block, so there bigger blocks mean fewer Python steps.
+MAX_BLOCK_K = {"cuda": 2048, "cpu": 16384}
+# Forward programs in flight the image grouping aims at (about four per SM on an H100/H200): at B = 64 and
+# K = 65536 that is 4 images per program; at most MAX_IMAGES_PER_PROGRAM, each group writes one row of column sums.
+TARGET_PROGRAMS = 512
+MAX_IMAGES_PER_PROGRAM = 8
+# Columns per program of the combine kernel's column-sum part.
+COMBINE_BLOCK_C = 1024
 
 
 @triton.jit
@@ -152,6 +75,166 @@ def _store(ptr, value, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _teacher_chunk(t, center, mask, inv_teacher_temp, HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr):
+    """Chunk statistics of one fp32 teacher row chunk `t`: (e, m, l, c) with e the chunk's unnormalised weights,
+    q = e * e^(m - M) / L once the row max M and sum L are known. Logits: z = (t - C) / tau_t, m = max z,
+    e = e^(z - m), l = sum e, c = sum e (z - m). Probabilities: e = t, m = 0, l = sum q, c = -sum q log q.
+    Lanes off `mask` weigh 0."""
+    if IS_PROBS:
+        # torch.special.entr: 0 at q = 0, -inf below, NaN stays NaN.
+        not_positive = tl.where(t == 0, 0.0, tl.where(t < 0, float("-inf"), t))
+        neg_q_log_q = tl.where(t > 0, -t * tl.log(tl.where(t > 0, t, 1.0)), not_positive)
+        return t, 0.0, tl.sum(t, axis=0), tl.sum(neg_q_log_q, axis=0)
+    if HAS_CENTER:
+        t = t - center
+    z = t * inv_teacher_temp
+    m = tl.max(tl.where(mask, z, float("-inf")), axis=0)
+    e = tl.where(mask, tl.exp(z - m), 0.0)
+    return e, m, tl.sum(e, axis=0), tl.sum(tl.where(mask, e * (z - m), 0.0), axis=0)
+
+
+@triton.jit
+def _store_teacher_chunk(t, acc, row, chunk, n_chunks, center, mask, t_max_ptr, t_sum_ptr, t_ent_ptr, t_dot_ptr,
+                         inv_teacher_temp, HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr):
+    """Stores teacher row `row`'s chunk partials: m, l, c of `_teacher_chunk` and P = sum e * acc."""
+    e, m, l, c = _teacher_chunk(t, center, mask, inv_teacher_temp, HAS_CENTER, IS_PROBS)
+    part = tl.cast(row, tl.int64) * n_chunks + chunk
+    tl.store(t_max_ptr + part, m)
+    tl.store(t_sum_ptr + part, l)
+    tl.store(t_ent_ptr + part, c)
+    tl.store(t_dot_ptr + part, tl.sum(e * acc, axis=0))
+
+
+@triton.jit
+def _dino_loss_fwd_kernel(
+    s_ptr, t_ptr, c_ptr, c_copy_ptr, s_max_ptr, s_sumexp_ptr, t_max_ptr, t_sum_ptr, t_ent_ptr, t_dot_ptr,
+    colsum_part_ptr, n_batch, n_crops, n_cols, n_chunks, images_per_program, stride_s_row, stride_t_row,
+    inv_student_temp, inv_teacher_temp,
+    HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Chunk partials of the images of group program_id(0), over columns program_id(1) * BLOCK_K + [0, BLOCK_K).
+
+    s_ptr: S (V*B, n_cols), rows `stride_s_row` apart. t_ptr: T (2B, n_cols) logits or probabilities (IS_PROBS).
+    c_ptr: C (n_cols,) (unused without HAS_CENTER); c_copy_ptr: its fp32 snapshot out (for backward, written by the
+    group-0 programs). s_max/s_sumexp_ptr: (V*B, n_chunks) fp32 out, max x and sum exp(x - max x) over the chunk,
+    x = S / tau_s. t_max/t_sum/t_ent/t_dot_ptr: (2B, n_chunks) fp32 out, m, l, c of `_teacher_chunk` and
+    P = sum e * A with A = sum over the crops paired with the row of x. colsum_part_ptr: (n_groups, n_cols) fp32
+    out, the sum of the group's teacher rows.
+    """
+    group = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = cols < n_cols
+    center = 0.0
+    if HAS_CENTER:
+        center = _load(c_ptr + cols, mask, 0.0, EVEN_K).to(tl.float32)
+        if group == 0:
+            _store(c_copy_ptr + cols, center, mask, EVEN_K)
+    colsum = tl.zeros([BLOCK_K], dtype=tl.float32)
+    first = group * images_per_program
+    for b in range(first, tl.minimum(first + images_per_program, n_batch)):
+        t0 = _load(t_ptr + tl.cast(b, tl.int64) * stride_t_row + cols, mask, 0.0, EVEN_K).to(tl.float32)
+        t1 = _load(t_ptr + tl.cast(n_batch + b, tl.int64) * stride_t_row + cols, mask, 0.0, EVEN_K).to(tl.float32)
+        colsum += t0 + t1
+        # A_iq = sum of x over the crops v != iq (masked lanes 0, so that 0 * -inf never appears).
+        acc0 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        x = _load(s_ptr + tl.cast(b, tl.int64) * stride_s_row + cols, mask, float("-inf"), EVEN_K)
+        for v in range(0, n_crops):
+            # The next crop's chunk (the last one re-reads itself, from L2) is issued before this one's reductions.
+            next_row = tl.minimum(v + 1, n_crops - 1) * n_batch + b
+            x_next = _load(s_ptr + tl.cast(next_row, tl.int64) * stride_s_row + cols, mask, float("-inf"), EVEN_K)
+            xs = x.to(tl.float32) * inv_student_temp
+            x_max = tl.max(xs, axis=0)
+            part = tl.cast(v * n_batch + b, tl.int64) * n_chunks + chunk
+            tl.store(s_max_ptr + part, x_max)
+            tl.store(s_sumexp_ptr + part, tl.sum(tl.exp(xs - x_max), axis=0))
+            x_zero = xs if EVEN_K else tl.where(mask, xs, 0.0)
+            acc0 += tl.where(v != 0, x_zero, 0.0)
+            acc1 += tl.where(v != 1, x_zero, 0.0)
+            x = x_next
+        _store_teacher_chunk(t0, acc0, b, chunk, n_chunks, center, mask, t_max_ptr, t_sum_ptr, t_ent_ptr,
+                             t_dot_ptr, inv_teacher_temp, HAS_CENTER, IS_PROBS)
+        _store_teacher_chunk(t1, acc1, n_batch + b, chunk, n_chunks, center, mask, t_max_ptr, t_sum_ptr,
+                             t_ent_ptr, t_dot_ptr, inv_teacher_temp, HAS_CENTER, IS_PROBS)
+    _store(colsum_part_ptr + tl.cast(group, tl.int64) * n_cols + cols, colsum, mask, EVEN_K)
+
+
+@triton.jit
+def _combine_teacher_row(t_max_ptr, t_sum_ptr, t_ent_ptr, t_dot_ptr, row, n_chunks, IS_PROBS: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    """(shift, scale, entropy, q . A) of teacher row `row` from its chunk partials: q = exp(z - shift) / scale for
+    logits; for probabilities shift = 0 and scale = sum q (unused for q itself)."""
+    offs = tl.arange(0, BLOCK_P)
+    mask = offs < n_chunks
+    base = tl.cast(row, tl.int64) * n_chunks
+    if IS_PROBS:
+        row_sum = tl.sum(tl.load(t_sum_ptr + base + offs, mask=mask, other=0.0), axis=0)
+        entropy = tl.sum(tl.load(t_ent_ptr + base + offs, mask=mask, other=0.0), axis=0)
+        return 0.0, row_sum, entropy, tl.sum(tl.load(t_dot_ptr + base + offs, mask=mask, other=0.0), axis=0)
+    chunk_max = tl.load(t_max_ptr + base + offs, mask=mask, other=float("-inf"))
+    row_max = tl.max(chunk_max, axis=0)
+    rescale = tl.exp(chunk_max - row_max)  # 0 for the padding chunks
+    chunk_sum = tl.load(t_sum_ptr + base + offs, mask=mask, other=0.0)
+    row_sum = tl.sum(chunk_sum * rescale, axis=0)
+    # sum_k e^(z_k - M) (z_k - M), re-based from each chunk's max: every term is <= 0, so nothing cancels.
+    chunk_ent = tl.load(t_ent_ptr + base + offs, mask=mask, other=0.0)
+    chunk_shift = tl.where(mask, chunk_max - row_max, 0.0)
+    entropy = tl.log(row_sum) - tl.sum(rescale * (chunk_ent + chunk_shift * chunk_sum), axis=0) / row_sum
+    dot = tl.sum(rescale * tl.load(t_dot_ptr + base + offs, mask=mask, other=0.0), axis=0) / row_sum
+    return row_max, row_sum, entropy, dot
+
+
+@triton.jit
+def _dino_loss_combine_kernel(
+    s_max_ptr, s_sumexp_ptr, t_max_ptr, t_sum_ptr, t_ent_ptr, t_dot_ptr, colsum_part_ptr, colsum_ptr, lse_ptr,
+    t_shift_ptr, t_scale_ptr, image_terms_ptr, n_batch, n_crops, n_cols, n_chunks, n_groups, loss_scale,
+    IS_PROBS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Programs 0 .. B-1: image b's per-row LSE (lse_ptr, (V*B,) fp32 out), its teacher rows' shift and scale
+    (t_shift/t_scale_ptr, (2B,) out) and its terms (image_terms_ptr, (2, B) out): loss_scale * (sum over its rows of
+    (sum w) * LSE - q . A) and the mean entropy's share (entropy of both rows / 2B). Programs B ..: the column sums
+    (colsum_ptr, (n_cols,) out) of BLOCK_C columns each, from the (n_groups, n_cols) partials."""
+    pid = tl.program_id(0)
+    if pid >= n_batch:
+        cols = (pid - n_batch) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < n_cols
+        colsum = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for group in range(0, n_groups):
+            colsum += tl.load(colsum_part_ptr + tl.cast(group, tl.int64) * n_cols + cols, mask=col_mask, other=0.0)
+        tl.store(colsum_ptr + cols, colsum, mask=col_mask)
+    else:
+        b = pid
+        shift0, scale0, entropy0, dot0 = _combine_teacher_row(t_max_ptr, t_sum_ptr, t_ent_ptr, t_dot_ptr, b,
+                                                              n_chunks, IS_PROBS, BLOCK_P)
+        shift1, scale1, entropy1, dot1 = _combine_teacher_row(t_max_ptr, t_sum_ptr, t_ent_ptr, t_dot_ptr,
+                                                              n_batch + b, n_chunks, IS_PROBS, BLOCK_P)
+        tl.store(t_shift_ptr + b, shift0)
+        tl.store(t_shift_ptr + n_batch + b, shift1)
+        tl.store(t_scale_ptr + b, scale0)
+        tl.store(t_scale_ptr + n_batch + b, scale1)
+        crops = tl.arange(0, BLOCK_V)
+        chunks = tl.arange(0, BLOCK_P)
+        crop_mask = crops < n_crops
+        mask = crop_mask[:, None] & (chunks < n_chunks)[None, :]
+        rows = crops * n_batch + b
+        offs = rows[:, None].to(tl.int64) * n_chunks + chunks[None, :]
+        part_max = tl.load(s_max_ptr + offs, mask=mask, other=float("-inf"))
+        row_max = tl.where(crop_mask, tl.max(part_max, axis=1), 0.0)
+        sumexp = tl.sum(tl.load(s_sumexp_ptr + offs, mask=mask, other=0.0) * tl.exp(part_max - row_max[:, None]),
+                        axis=1)
+        lse = row_max + tl.log(tl.where(crop_mask, sumexp, 1.0))  # padding crops: no log(0)
+        tl.store(lse_ptr + rows, lse, mask=crop_mask)
+        if IS_PROBS:
+            w_total = tl.where(crops != 0, scale0, 0.0) + tl.where(crops != 1, scale1, 0.0)
+        else:
+            w_total = tl.where(crops < 2, 1.0, 2.0)
+        loss = tl.sum(tl.where(crop_mask, w_total * lse, 0.0), axis=0) - dot0 - dot1
+        tl.store(image_terms_ptr + b, loss * loss_scale)
+        tl.store(image_terms_ptr + n_batch + b, (entropy0 + entropy1) / (2 * n_batch))
+
+
+@triton.jit
 def _teacher_probs(t_row_ptr, c_ptr, cols, mask, shift, scale, inv_teacher_temp,
                    HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr, EVEN_K: tl.constexpr):
     """fp32 teacher probabilities of one chunk of a teacher row, 0 where `mask` is off."""
@@ -165,114 +248,18 @@ def _teacher_probs(t_row_ptr, c_ptr, cols, mask, shift, scale, inv_teacher_temp,
 
 
 @triton.jit
-def _dino_loss_fwd_kernel(
-    s_ptr, t_ptr, c_ptr, part_max_ptr, part_sumexp_ptr, part_wx_ptr, t_shift_ptr, t_scale_ptr, t_entropy_ptr,
-    part_a_ptr, part_b_ptr, part_c_ptr, colsum_part_ptr, colsum_ptr,
-    n_batch, n_crops, n_cols, n_chunks, n_blocks, n_groups, stride_s_row, stride_t_row, inv_student_temp,
-    inv_teacher_temp,
-    HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """Chunk partials of every crop of image b = program_id(0), over columns chunk * BLOCK_K + [0, BLOCK_K).
-
-    s_ptr: S (V*B, n_cols), rows `stride_s_row` apart. t_ptr: T (2B, n_cols) logits or probabilities (IS_PROBS).
-    c_ptr: the fp32 center snapshot (n_cols,) (unused without HAS_CENTER). part_max/sumexp/wx_ptr: (V*B, n_chunks)
-    fp32 out: max x, sum exp(x - max x) and sum w*x over the chunk, x = S / tau_s. t_shift/scale/entropy_ptr: (2B,)
-    fp32 out, written by the chunk-0 programs: q = exp(z - shift) / scale (probabilities: shift 0, scale = row sum)
-    and the row entropy. part_a/b/c_ptr: (2B, n_blocks) teacher partials of `_teacher_stats_kernel`, and
-    colsum_part_ptr its (n_groups, n_cols) column sums, which the image-0 programs add into colsum_ptr (n_cols,).
-    """
-    b = tl.program_id(0)
-    chunk = tl.program_id(1)
-    shift0, scale0, entropy0 = _combine_teacher_row(part_a_ptr, part_b_ptr, part_c_ptr, b, n_blocks,
-                                                    IS_PROBS, BLOCK_P)
-    shift1, scale1, entropy1 = _combine_teacher_row(part_a_ptr, part_b_ptr, part_c_ptr, n_batch + b, n_blocks,
-                                                    IS_PROBS, BLOCK_P)
-    if chunk == 0:
-        tl.store(t_shift_ptr + b, shift0)
-        tl.store(t_shift_ptr + n_batch + b, shift1)
-        tl.store(t_scale_ptr + b, scale0)
-        tl.store(t_scale_ptr + n_batch + b, scale1)
-        tl.store(t_entropy_ptr + b, entropy0)
-        tl.store(t_entropy_ptr + n_batch + b, entropy1)
-    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = cols < n_cols
-    if b == 0:
-        colsum = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for group in range(0, n_groups):
-            colsum += _load(colsum_part_ptr + group * n_cols + cols, mask, 0.0, EVEN_K)
-        _store(colsum_ptr + cols, colsum, mask, EVEN_K)
-    # The image's two teacher rows, once for all V crops (each crop pairs with one or both).
-    q0 = _teacher_probs(t_ptr + b.to(tl.int64) * stride_t_row, c_ptr, cols, mask, shift0, scale0,
-                        inv_teacher_temp, HAS_CENTER, IS_PROBS, EVEN_K)
-    q1 = _teacher_probs(t_ptr + (n_batch + b).to(tl.int64) * stride_t_row, c_ptr, cols, mask, shift1, scale1,
-                        inv_teacher_temp, HAS_CENTER, IS_PROBS, EVEN_K)
-    for v in range(0, n_crops):
-        row = v * n_batch + b
-        w = tl.where(v != 0, q0, 0.0) + tl.where(v != 1, q1, 0.0)
-        x = _load(s_ptr + row.to(tl.int64) * stride_s_row + cols, mask, float("-inf"), EVEN_K)
-        x = x.to(tl.float32) * inv_student_temp
-        x_max = tl.max(x, axis=0)
-        wx = w * x if EVEN_K else w * tl.where(mask, x, 0.0)  # masked lanes: 0 * -inf would be NaN
-        part = row.to(tl.int64) * n_chunks + chunk
-        tl.store(part_max_ptr + part, x_max)
-        tl.store(part_sumexp_ptr + part, tl.sum(tl.exp(x - x_max), axis=0))
-        tl.store(part_wx_ptr + part, tl.sum(wx, axis=0))
-
-
-@triton.jit
-def _dino_loss_finish_kernel(
-    part_max_ptr, part_sumexp_ptr, part_wx_ptr, t_scale_ptr, t_entropy_ptr, lse_ptr, loss_ptr, entropy_ptr,
-    n_batch, n_rows, n_chunks, loss_scale,
-    IS_PROBS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """One program: per-row LSE (lse_ptr, (V*B,) fp32 out) from the chunk partials, the loss (loss_ptr, 0-d) =
-    loss_scale * sum over rows of (sum w) * LSE - sum w x, and the mean teacher entropy (entropy_ptr, 0-d).
-    n_rows = V*B; loss_scale = 1 / (B * n_terms)."""
-    chunks = tl.arange(0, BLOCK_P)
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for row_start in range(0, n_rows, BLOCK_R):
-        rows = row_start + tl.arange(0, BLOCK_R)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & (chunks < n_chunks)[None, :]
-        offs = rows[:, None].to(tl.int64) * n_chunks + chunks[None, :]
-        part_max = tl.load(part_max_ptr + offs, mask=mask, other=float("-inf"))
-        row_max = tl.where(row_mask, tl.max(part_max, axis=1), 0.0)
-        sumexp = tl.sum(tl.load(part_sumexp_ptr + offs, mask=mask, other=0.0) * tl.exp(part_max - row_max[:, None]),
-                        axis=1)
-        sumexp = tl.where(row_mask, sumexp, 1.0)  # padding rows: no log(0)
-        lse = row_max + tl.log(sumexp)
-        tl.store(lse_ptr + rows, lse, mask=row_mask)
-        wx = tl.sum(tl.load(part_wx_ptr + offs, mask=mask, other=0.0), axis=1)
-        v = rows // n_batch
-        if IS_PROBS:
-            b = rows % n_batch
-            w_total = (tl.where(v != 0, tl.load(t_scale_ptr + b, mask=row_mask, other=0.0), 0.0)
-                       + tl.where(v != 1, tl.load(t_scale_ptr + n_batch + b, mask=row_mask, other=0.0), 0.0))
-        else:
-            w_total = tl.where(v < 2, 1.0, 2.0)
-        total += tl.where(row_mask, w_total * lse - wx, 0.0)
-    tl.store(loss_ptr, tl.sum(total, axis=0) * loss_scale)
-    entropy = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for row_start in range(0, 2 * n_batch, BLOCK_R):
-        rows = row_start + tl.arange(0, BLOCK_R)
-        entropy += tl.load(t_entropy_ptr + rows, mask=rows < 2 * n_batch, other=0.0)
-    tl.store(entropy_ptr, tl.sum(entropy, axis=0) / (2 * n_batch))
-
-
-@triton.jit
 def _dino_loss_bwd_kernel(
     s_ptr, t_ptr, c_ptr, grad_ptr, lse_ptr, t_shift_ptr, t_scale_ptr, grad_loss_ptr,
     n_batch, n_crops, n_cols, stride_s_row, stride_t_row, stride_grad_row,
     inv_student_temp, inv_teacher_temp, grad_scale,
     HAS_CENTER: tl.constexpr, IS_PROBS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dS for every crop of image b = program_id(0) over one chunk of BLOCK_K columns, on the forward's grid.
+    """dS for every crop of image b = program_id(0) over one chunk of BLOCK_K columns.
 
     grad_ptr: dS out, like S, rows `stride_grad_row` apart. lse_ptr: (V*B,) per-row LSE of the forward.
     t_shift/scale_ptr: (2B,) teacher softmax statistics of the forward. grad_loss_ptr: the 0-d grad_output, read on
     device (no host sync) and applied in fp32 with grad_scale = 1 / (tau_s * B * n_terms) before the cast to dS's
-    dtype. Other arguments as in `_dino_loss_fwd_kernel`.
+    dtype. c_ptr: the forward's fp32 center snapshot. Other arguments as in `_dino_loss_fwd_kernel`.
     """
     b = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -281,32 +268,46 @@ def _dino_loss_bwd_kernel(
     shift1, scale1 = tl.load(t_shift_ptr + n_batch + b), tl.load(t_scale_ptr + n_batch + b)
     cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = cols < n_cols
-    q0 = _teacher_probs(t_ptr + b.to(tl.int64) * stride_t_row, c_ptr, cols, mask, shift0, scale0,
+    q0 = _teacher_probs(t_ptr + tl.cast(b, tl.int64) * stride_t_row, c_ptr, cols, mask, shift0, scale0,
                         inv_teacher_temp, HAS_CENTER, IS_PROBS, EVEN_K)
-    q1 = _teacher_probs(t_ptr + (n_batch + b).to(tl.int64) * stride_t_row, c_ptr, cols, mask, shift1, scale1,
+    q1 = _teacher_probs(t_ptr + tl.cast(n_batch + b, tl.int64) * stride_t_row, c_ptr, cols, mask, shift1, scale1,
                         inv_teacher_temp, HAS_CENTER, IS_PROBS, EVEN_K)
+    x = _load(s_ptr + tl.cast(b, tl.int64) * stride_s_row + cols, mask, 0.0, EVEN_K)
+    lse = tl.load(lse_ptr + b)
     for v in range(0, n_crops):
         row = v * n_batch + b
+        next_row = tl.minimum(v + 1, n_crops - 1) * n_batch + b  # loaded before this crop's math, as in forward
+        x_next = _load(s_ptr + tl.cast(next_row, tl.int64) * stride_s_row + cols, mask, 0.0, EVEN_K)
+        lse_next = tl.load(lse_ptr + next_row)
         w = tl.where(v != 0, q0, 0.0) + tl.where(v != 1, q1, 0.0)
         if IS_PROBS:
             w_total = tl.where(v != 0, scale0, 0.0) + tl.where(v != 1, scale1, 0.0)
         else:
             w_total = tl.where(v < 2, 1.0, 2.0)
-        x = _load(s_ptr + row.to(tl.int64) * stride_s_row + cols, mask, 0.0, EVEN_K).to(tl.float32)
-        softmax = tl.exp(x * inv_student_temp - tl.load(lse_ptr + row))
+        softmax = tl.exp(x.to(tl.float32) * inv_student_temp - lse)
         grad = ((w_total * softmax - w) * g).to(grad_ptr.dtype.element_ty)
-        _store(grad_ptr + row.to(tl.int64) * stride_grad_row + cols, grad, mask, EVEN_K)
+        _store(grad_ptr + tl.cast(row, tl.int64) * stride_grad_row + cols, grad, mask, EVEN_K)
+        x, lse = x_next, lse_next
 
 
 @functools.lru_cache(maxsize=64)
-def _launch_settings(n_cols: int, max_block_k: int, max_block_t: int) -> dict:
-    """Block sizes, grid extents and warps for K = n_cols, computed once per shape (the host path stays short)."""
+def _launch_settings(batch: int, n_cols: int, max_block_k: int, target_programs: int, max_images: int,
+                     combine_block_c: int) -> dict:
+    """Block sizes, grid extents and warps for B = batch and K = n_cols, computed once per shape (the host path
+    stays short)."""
     block_k, num_warps = _launch.row_settings(n_cols, max_block_k)
-    block_t = min(triton.next_power_of_2(n_cols), max_block_t)
-    n_chunks, n_blocks = triton.cdiv(n_cols, block_k), triton.cdiv(n_cols, block_t)
-    return dict(block_k=block_k, num_warps=num_warps, block_t=block_t, n_chunks=n_chunks, n_blocks=n_blocks,
-                even_k=n_cols % block_k == 0, block_chunks=triton.next_power_of_2(n_chunks),
-                block_blocks=triton.next_power_of_2(n_blocks))
+    n_chunks = triton.cdiv(n_cols, block_k)
+    images = max(1, min(max_images, batch * n_chunks // target_programs))
+    return dict(block_k=block_k, num_warps=num_warps, n_chunks=n_chunks, even_k=n_cols % block_k == 0,
+                block_chunks=triton.next_power_of_2(n_chunks), images_per_program=images,
+                n_groups=triton.cdiv(batch, images), block_c=combine_block_c,
+                n_col_blocks=triton.cdiv(n_cols, combine_block_c))
+
+
+def _settings(batch: int, n_cols: int, device_type: str) -> dict:
+    """`_launch_settings` with this module's caps (read per call: the tests shrink them)."""
+    return _launch_settings(batch, n_cols, MAX_BLOCK_K["cuda" if device_type == "cuda" else "cpu"], TARGET_PROGRAMS,
+                            MAX_IMAGES_PER_PROGRAM, COMBINE_BLOCK_C)
 
 
 def _dino_loss_fwd(student_logits, teacher, center, student_temp, teacher_temp, ncrops, teacher_is_probs):
@@ -316,38 +317,34 @@ def _dino_loss_fwd(student_logits, teacher, center, student_temp, teacher_temp, 
     student_logits = _launch.last_dim_contiguous(student_logits)
     teacher = _launch.last_dim_contiguous(teacher)
     device = student_logits.device
-    cfg = _launch_settings(n_cols, MAX_BLOCK_K["cuda" if device.type == "cuda" else "cpu"], MAX_BLOCK_T)
-    n_rows_s, n_rows_t, n_chunks, n_blocks = ncrops * batch, 2 * batch, cfg["n_chunks"], cfg["n_blocks"]
+    cfg = _settings(batch, n_cols, device.type)
+    n_rows_s, n_rows_t, n_chunks, n_groups = ncrops * batch, 2 * batch, cfg["n_chunks"], cfg["n_groups"]
     has_center = center is not None and not teacher_is_probs
     center = center.reshape(-1).contiguous() if has_center else None
-    n_groups = triton.cdiv(n_rows_t, TEACHER_ROWS_PER_PROGRAM)
 
     # One fp32 workspace for every small buffer: one allocation instead of fourteen.
-    sizes = [n_cols, n_groups * n_cols, n_cols, *[n_rows_t * n_blocks] * 3, *[n_rows_s * n_chunks] * 3, *[n_rows_t] * 3, n_rows_s, 1, 1]
+    sizes = [n_cols, n_groups * n_cols, n_cols, *[n_rows_s * n_chunks] * 2, *[n_rows_t * n_chunks] * 4,
+             n_rows_s, n_rows_t, n_rows_t, 2 * batch]
     workspace = _launch.empty((sum(sizes),), torch.float32, device)
-    (colsum, colsum_part, center_copy, part_a, part_b, part_c, part_max, part_sumexp, part_wx, t_shift, t_scale, t_entropy, lse,
-     loss, entropy) = workspace.split(sizes)
-    _teacher_stats_kernel[(n_blocks, n_groups)](
-        teacher, center if has_center else center_copy, colsum_part, center_copy, part_a, part_b, part_c,
-        n_rows_t, n_cols, teacher.stride(0), 1.0 / teacher_temp, n_blocks, TEACHER_ROWS_PER_PROGRAM,
-        HAS_CENTER=has_center, IS_PROBS=teacher_is_probs, BLOCK_R=TEACHER_BLOCK_R, BLOCK_T=cfg["block_t"],
-        num_warps=TEACHER_NUM_WARPS,
-    )
-    _dino_loss_fwd_kernel[(batch, n_chunks)](
-        student_logits, teacher, center_copy, part_max, part_sumexp, part_wx, t_shift, t_scale, t_entropy,
-        part_a, part_b, part_c, colsum_part, colsum,
-        batch, ncrops, n_cols, n_chunks, n_blocks, n_groups, student_logits.stride(0), teacher.stride(0),
+    (colsum, colsum_part, center_copy, s_max, s_sumexp, t_max, t_sum, t_ent, t_dot, lse, t_shift, t_scale,
+     image_terms) = workspace.split(sizes)
+    _dino_loss_fwd_kernel[(n_groups, n_chunks)](
+        student_logits, teacher, center if has_center else center_copy, center_copy, s_max, s_sumexp,
+        t_max, t_sum, t_ent, t_dot, colsum_part,
+        batch, ncrops, n_cols, n_chunks, cfg["images_per_program"], student_logits.stride(0), teacher.stride(0),
         1.0 / student_temp, 1.0 / teacher_temp,
         HAS_CENTER=has_center, IS_PROBS=teacher_is_probs, EVEN_K=cfg["even_k"], BLOCK_K=cfg["block_k"],
-        BLOCK_P=cfg["block_blocks"], num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"],
     )
-    _dino_loss_finish_kernel[(1,)](
-        part_max, part_sumexp, part_wx, t_scale, t_entropy, lse, loss, entropy,
-        batch, n_rows_s, n_chunks, 1.0 / (batch * 2 * (ncrops - 1)),
-        IS_PROBS=teacher_is_probs, BLOCK_R=FINISH_BLOCK_R, BLOCK_P=cfg["block_chunks"],
+    _dino_loss_combine_kernel[(batch + cfg["n_col_blocks"],)](
+        s_max, s_sumexp, t_max, t_sum, t_ent, t_dot, colsum_part, colsum, lse, t_shift, t_scale, image_terms,
+        batch, ncrops, n_cols, n_chunks, n_groups, 1.0 / (batch * 2 * (ncrops - 1)),
+        IS_PROBS=teacher_is_probs, BLOCK_V=triton.next_power_of_2(ncrops), BLOCK_P=cfg["block_chunks"],
+        BLOCK_C=cfg["block_c"],
     )
+    loss, entropy = image_terms.view(2, batch).sum(dim=1).unbind()  # a parallel reduction of 2B numbers
     saved = (student_logits, teacher, center_copy, lse, t_shift, t_scale)
-    return loss.view(()), colsum, entropy.view(()), saved
+    return loss, colsum, entropy, saved
 
 
 def _dino_loss_bwd(grad_loss, saved, student_temp, teacher_temp, ncrops, has_center, teacher_is_probs):
@@ -355,9 +352,8 @@ def _dino_loss_bwd(grad_loss, saved, student_temp, teacher_temp, ncrops, has_cen
     student_logits, teacher, center_copy, lse, t_shift, t_scale = saved
     n_rows_s, n_cols = student_logits.shape
     batch = n_rows_s // ncrops
-    device = student_logits.device
-    cfg = _launch_settings(n_cols, MAX_BLOCK_K["cuda" if device.type == "cuda" else "cpu"], MAX_BLOCK_T)
-    grad = _launch.empty((n_rows_s, n_cols), student_logits.dtype, device)
+    cfg = _settings(batch, n_cols, student_logits.device.type)
+    grad = _launch.empty((n_rows_s, n_cols), student_logits.dtype, student_logits.device)
     _dino_loss_bwd_kernel[(batch, cfg["n_chunks"])](
         student_logits, teacher, center_copy, grad, lse, t_shift, t_scale, grad_loss,
         batch, ncrops, n_cols, student_logits.stride(0), teacher.stride(0), grad.stride(0),
@@ -372,21 +368,22 @@ def dino_loss_launch_bytes(batch: int, ncrops: int, n_cols: int, student_bytes: 
     """Minimal HBM traffic of each launch of one forward and backward at these shapes, {kernel name: bytes}:
     every input read once and every output written once as the launchers above size them (fp32 workspaces);
     re-reads that the launch order keeps in L2 (the teacher rows and the center, read by every crop of an
-    image) are not counted. S is (ncrops*batch, n_cols) of `student_bytes` per element, T (2*batch, n_cols)."""
-    cfg = _launch_settings(n_cols, MAX_BLOCK_K["cuda"], MAX_BLOCK_T)
+    image; the last crop's chunk, which the prefetch reads twice) are not counted. S is (ncrops*batch, n_cols) of
+    `student_bytes` per element, T (2*batch, n_cols)."""
+    cfg = _settings(batch, n_cols, "cuda")
     s, t, f32 = ncrops * batch * n_cols * student_bytes, 2 * batch * n_cols * teacher_bytes, 4
-    n_groups = triton.cdiv(2 * batch, TEACHER_ROWS_PER_PROGRAM)
-    colsum_parts = n_groups * n_cols * f32
-    chunk_partials = 3 * ncrops * batch * cfg["n_chunks"] * f32
+    colsum_parts = cfg["n_groups"] * n_cols * f32
+    student_partials = 2 * ncrops * batch * cfg["n_chunks"] * f32
+    teacher_partials = 4 * 2 * batch * cfg["n_chunks"] * f32
     return {
-        # read T, C; write per-group column sums, the C snapshot, 3 partials per (teacher row, column block)
-        _teacher_stats_kernel.fn.__name__: t + 2 * n_cols * f32 + colsum_parts + 3 * 2 * batch * cfg["n_blocks"] * f32,
-        # read S, T, C, the column sum parts; write the column sums, 3 partials per (row, chunk)
-        _dino_loss_fwd_kernel.fn.__name__: s + t + n_cols * f32 + colsum_parts + n_cols * f32 + chunk_partials,
-        # read the partials; write the per-row LSE
-        _dino_loss_finish_kernel.fn.__name__: chunk_partials + ncrops * batch * f32,
+        # read S, T, C; write the C snapshot, per-group column sums, 2 partials per (row, chunk), 4 per teacher row
+        _dino_loss_fwd_kernel.fn.__name__: s + t + 2 * n_cols * f32 + colsum_parts + student_partials
+        + teacher_partials,
+        # read the partials; write the column sums, LSE, teacher shift and scale, 2 terms per image
+        _dino_loss_combine_kernel.fn.__name__: colsum_parts + student_partials + teacher_partials + n_cols * f32
+        + (ncrops * batch + 6 * batch) * f32,
         # read S, T, C, LSE; write dS
-        _dino_loss_bwd_kernel.fn.__name__: 2 * s + t + n_cols * f32,
+        _dino_loss_bwd_kernel.fn.__name__: 2 * s + t + n_cols * f32 + ncrops * batch * f32,
     }
 
 

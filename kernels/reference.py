@@ -58,15 +58,37 @@ def dino_loss_ref(
     return loss, colsum, torch.special.entr(q).sum(dim=-1).mean()
 
 
-def dino_loss_fused_head_ref(student_features, student_weight_v, teacher_features, teacher_weight_v, center,
-                             student_temp, teacher_temp, ncrops):
-    """The spec of `dino_loss_fused_head`: the DINO head's weight-normalised last layer (rows v_k / ||v_k||, gain 1,
-    as `F.normalize`) applied to student and teacher features, then `dino_loss_ref` with the entropy."""
-    student_logits = F.linear(student_features, F.normalize(student_weight_v, dim=1))  # (V*B, K)
+def fused_head_loss_ref(student_features, student_weight_v, teacher_features, teacher_weight_v, center,
+                        student_temp, teacher_temp, *, pairing="crops", ncrops=None, row_weights=None,
+                        student_gain=None, teacher_gain=None):
+    """The spec of `fused_head_loss`: the weight-normalised last layer (rows g_k v_k / ||v_k||, as
+    `F.normalize` and dinov2's `weight_norm`) applied to student and teacher features, then the cross-entropy.
+
+    pairing="crops": `dino_loss_ref` of the logits (ncrops crops, row_weights unused). pairing="rows" (iBOT, as
+    dinov2's `forward_masked`): loss = sum_i row_weights_i * -sum_k q_ik log softmax(s_i / student_temp)_k with
+    q = softmax((t - center) / teacher_temp), row_weights default 1 / rows. Returns (loss, teacher_colsum,
+    teacher_entropy) as `dino_loss_ref(..., return_entropy=True)`."""
+    def last_layer(features, weight_v, gain):
+        weight = F.normalize(weight_v, dim=1)
+        weight = weight if gain is None else weight * gain.reshape(-1, 1)
+        return F.linear(features, weight.to(features.dtype))  # master weights, low-precision features: as autocast
+
+    student_logits = last_layer(student_features, student_weight_v, student_gain)
     with torch.no_grad():
-        teacher_logits = F.linear(teacher_features, F.normalize(teacher_weight_v, dim=1))  # (2*B, K)
-    return dino_loss_ref(student_logits, teacher_logits, center, student_temp, teacher_temp, ncrops,
-                         return_entropy=True)
+        teacher_logits = last_layer(teacher_features, teacher_weight_v, teacher_gain)
+    if pairing == "crops":
+        return dino_loss_ref(student_logits, teacher_logits, center, student_temp, teacher_temp, ncrops,
+                             return_entropy=True)
+    with torch.no_grad():
+        t = teacher_logits.float()
+        logits = t if center is None else t - center.float().reshape(1, -1)
+        q = F.softmax(logits / teacher_temp, dim=-1)
+    if row_weights is None:
+        row_weights = torch.full((student_logits.shape[0],), 1.0 / student_logits.shape[0],
+                                 device=student_logits.device)
+    per_row = torch.sum(-q * F.log_softmax(student_logits.float() / student_temp, dim=-1), dim=-1)
+    loss = (per_row * row_weights.float()).sum()
+    return loss, t.sum(dim=0), torch.special.entr(q).sum(dim=-1).mean()
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from _helpers import assert_close
 
 from fastdino.engine.backbone_io import RUN_FILE, save_backbone
 from fastdino.engine.vit import build_backbone
-from fastdino.kernels import EMAUpdate, dino_loss, dino_loss_fused_head, ema_update_
+from fastdino.kernels import EMAUpdate, dino_loss, ema_update_, fused_head_loss
 from fastdino.kernels.reference import ema_update_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,7 +77,7 @@ def test_dino_loss_names_an_argument_that_is_no_tensor():
         dino_loss(student, teacher, torch.zeros(16, dtype=torch.long), 0.1, 0.04, 4)
     features, weight = torch.nn.functional.normalize(torch.randn(8, 6), dim=1), torch.randn(16, 6)
     with pytest.raises(ValueError, match="teacher_features must be a torch.Tensor, got a ndarray"):
-        dino_loss_fused_head(features, weight, features[:4].numpy(), weight, None, 0.1, 0.04, 4)
+        fused_head_loss(features, weight, features[:4].numpy(), weight, None, 0.1, 0.04, ncrops=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -37,13 +37,14 @@ def poisoned_outputs(monkeypatch):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 256 student / 128 teacher columns: K=1000 spans several blocks and ends in a partial one. Teacher
-    tiles of 2 rows by 3: with B >= 2 the teacher grid has several row groups, the last one partial."""
+    """Chunks of 256 columns: K=1000 spans several chunks and ends in a partial one. Two images per forward program
+    (B*4 chunks / 6 target programs): with B = 3 the last image group is partial. Column sums combined 128 columns a
+    program."""
     for device_type in dino_loss_module.MAX_BLOCK_K:
         monkeypatch.setitem(dino_loss_module.MAX_BLOCK_K, device_type, 256)
-    monkeypatch.setattr(dino_loss_module, "MAX_BLOCK_T", 128)
-    monkeypatch.setattr(dino_loss_module, "TEACHER_BLOCK_R", 2)
-    monkeypatch.setattr(dino_loss_module, "TEACHER_ROWS_PER_PROGRAM", 3)
+    monkeypatch.setattr(dino_loss_module, "TARGET_PROGRAMS", 6)
+    monkeypatch.setattr(dino_loss_module, "MAX_IMAGES_PER_PROGRAM", 2)
+    monkeypatch.setattr(dino_loss_module, "COMBINE_BLOCK_C", 128)
 
 
 def make_inputs(ncrops, batch, k, dtype, center=True, probs=False, scale=1.0):
