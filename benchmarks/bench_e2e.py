@@ -11,7 +11,8 @@ Providers:
   (bf16 on CUDA): packed multi-crop forward with SDPA, stochastic depth that skips dropped images, Triton loss and
   EMA kernels, fused AdamW, no host sync.
 - fastdino-compile: the same Trainer with model.compile=true (each block, the head and the torch loss compiled);
-  the fastdino provider runs model.compile=false.
+  the fastdino provider runs model.compile=false and optim.cuda_graph=false (the eager step the step model costs).
+- fastdino-step-graph: the eager Trainer with optim.cuda_graph=step (the whole step replayed as one CUDA graph).
 
 Both providers run the same recipe (vit_small16_imagenet with the model, batch and crops of the row; the head's
 last layer is not frozen, so every step does the full update). Data sources:
@@ -64,7 +65,7 @@ from fastdino.engine import config as C
 from fastdino.engine.model import build_model
 from fastdino.engine.train import Trainer
 
-PROVIDERS = ("official", "fastdino", "fastdino-compile")
+PROVIDERS = ("official", "fastdino", "fastdino-compile", "fastdino-step-graph")
 SOURCES = ("device", "jpeg")
 STEPS_PER_EPOCH = 1000  # schedule length only: every row stays far inside the recipe's first epochs
 MAX_SETTLE_STEPS = 30  # fp16 loss scaling from 2**16 needs one skipped step per halving
@@ -199,6 +200,8 @@ def build_provider(provider: str, cfg: C.TrainConfig, args, device: torch.device
         return Provider(step, sync, lambda: skipped[0], run.teacher.backbone, precision)
     if provider == "fastdino-compile":
         cfg = C.apply_overrides(cfg, overrides=["model.compile=true"])
+    if provider == "fastdino-step-graph":  # eager, the whole step replayed as one CUDA graph
+        cfg = C.apply_overrides(cfg, overrides=["optim.cuda_graph=step"])
     trainer = Trainer(cfg, steps_per_epoch=steps_per_epoch, device=device)
     skipped = [0]
 

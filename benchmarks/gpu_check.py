@@ -71,12 +71,14 @@ GPU_TESTS = {
     "tests/test_cuda.py::test_varlen_attention_runs_one_call_and_matches_sdpa": "gpu_tests",
     "tests/test_cuda.py::test_residual_stream_is_bf16_under_cuda_autocast": "gpu_tests",
     "tests/test_cuda_graph.py::test_captured_graphs_equal_the_default_step_on_gpu": "gpu_tests",
+    "tests/test_cuda_graph.py::test_captured_step_graph_equals_the_eager_step_on_gpu": "gpu_tests",
     "tests/test_pipelines.py::test_dali_on_the_gpu_agrees_with_the_reference": "dali_tests",
 }
 # The kernel test files, run whole on CUDA by the first step (their fp32/fp16 cases then run compiled kernels,
 # which CI runs in the interpreter only); the step-shape tests first.
 KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py", "tests/test_dino_loss.py", "tests/test_ema.py",
-                     "tests/test_fused_head_loss.py"]
+                     "tests/test_fused_head_loss.py", "tests/test_clip_kernel.py", "tests/test_adamw_kernel.py",
+                     "tests/test_step_stats.py"]
 # The short quality run: the paper's ViT-S/16 recipe on the CIFAR-10 subset (32-px images, upscaled by the crops).
 QUALITY_SUBSET = dict(train=1000, val=200)  # images per class
 TARGETS = {"loss": "<= 0.15 ms (fwd+bwd, B=64)",
@@ -306,7 +308,7 @@ def summarize_ema(ctx: Context, record: dict) -> None:
 
 
 # The train-step rows: a tiny ViT on the CPU in smoke runs (the same rows, labelled with the smoke shapes).
-TRAIN_STEP_PROVIDERS = ["official", "fastdino", "fastdino-compile"]
+TRAIN_STEP_PROVIDERS = ["official", "fastdino", "fastdino-compile", "fastdino-step-graph"]
 SMOKE_E2E = dict(archs=["vit_tiny/8"], batch=[2], args=["--embed-dim", "64", "--depth", "2", "--num-heads", "2",
                  "--out-dim", "256", "--local-crops", "2", "--global-size", "32", "--local-size", "16", "--steps", "1",
                  "--warmup", "1"])

@@ -32,6 +32,7 @@ ARCHS = {
 PARALLEL_MODES = ("auto", "fsdp", "ddp", "single")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CLIP_GRAD_MODES = ("global", "per_tensor")
+CUDA_GRAPH_MODES = ("auto", "false", "true", "step")
 TEACHER_TEMP_SCHEDULES = ("per_step", "per_epoch")
 
 
@@ -175,8 +176,13 @@ class OptimConfig:
     """global: the norm of all gradients together; per_tensor: each tensor's own norm, as the official code."""
     freeze_last_layer_epochs: float = 1
     """The head's last layer gets no update for this many epochs (DINO: helps the first epoch)."""
-    cuda_graph: bool = False
-    """Replay the step's part after backward (clip, AdamW, EMA, center, counters) as CUDA graphs (CUDA only)."""
+    cuda_graph: str = "auto"
+    """CUDA graphs: auto (true on CUDA outside FSDP2, else false), false, true (the step's part after backward --
+    clip, AdamW, EMA, center, counters -- replayed as graphs), step (the whole step captured as one graph while
+    its shapes and scalars stay the same: the teacher temperature, the last-layer freeze; CUDA only)."""
+    impl: str = "auto"
+    """The update after backward: triton (the clip, AdamW and the step statistics one Triton launch each), torch
+    (torch's clip and fused AdamW) or auto (triton on CUDA outside FSDP2, else torch)."""
 
     def __post_init__(self):
         _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
@@ -187,6 +193,8 @@ class OptimConfig:
         for name in ("teacher_momentum", "teacher_momentum_end"):
             _check(0 <= getattr(self, name) <= 1, f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
         _check_choice("optim.clip_grad_mode", self.clip_grad_mode, CLIP_GRAD_MODES)
+        _check_choice("optim.cuda_graph", self.cuda_graph, CUDA_GRAPH_MODES)
+        _check_choice("optim.impl", self.impl, ("auto", "triton", "torch"))
 
 
 @dataclass(frozen=True)
@@ -336,7 +344,7 @@ class TrainConfig:
 # How the same step is computed may change too (kernels, compilation, recomputation): only rounding differs.
 MAY_CHANGE_ON_RESUME = ("max_steps", "log_every", "eval.", "checkpoint.", "data.path", "data.num_workers",
                         "parallel.", "model.attention", "model.compile", "model.activation_checkpointing",
-                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "max_nonfinite_in_a_row", "logging.")
+                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "optim.impl", "max_nonfinite_in_a_row", "logging.")
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:

@@ -63,6 +63,7 @@ GIB = 2**30
 
 _FLOP_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}  # no bytes moved
+_PHASE_COUNTS = ("aten_ops", "triton_launches", "launches")
 _ROLES = ("weights", "gradients", "optimizer state", "activations", "logits/loss", "inputs", "temporaries", "other")
 
 
@@ -87,6 +88,8 @@ class _StepTrace(TorchDispatchMode):
         self.phase = "build"
         self.in_logits = 0  # depth of modules whose allocations are logits/loss (head last layer, loss)
         self.by_op: dict[str, _Launch] = defaultdict(_Launch)
+        # phase -> aten ops, Triton launches and GPU launches (kernels) in it: forward, backward, update (after it)
+        self.by_phase: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_PHASE_COUNTS, 0))
         self.live: dict[int, tuple[int, str]] = {}  # id(storage) -> (bytes, role)
         self.storages: dict[int, weakref.ref] = {}
         self.totals = dict.fromkeys(_ROLES, 0)
@@ -125,6 +128,7 @@ class _StepTrace(TorchDispatchMode):
         """Begin the measured step: the peak starts from what is live now (torch.cuda.reset_peak_memory_stats)."""
         self.measuring = True
         self.by_op.clear()
+        self.by_phase.clear()
         self.host_reads = 0
         self.peak, self.peak_roles, self.peak_phase = sum(self.totals.values()), dict(self.totals), self.phase
 
@@ -166,10 +170,12 @@ class _StepTrace(TorchDispatchMode):
         if func.overloadpacket in flop_registry:
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
         dtype = next((t.dtype for t in cuda_inputs if t.is_floating_point()), torch.float32)
-        self.add(f"aten.{name}", nbytes, flops, dtype)
+        self.add(f"aten.{name}", nbytes, flops, dtype, kernels=_foreach_kernels(name, args))
 
-    def add(self, name: str, nbytes: int, flops: int = 0, dtype: torch.dtype = torch.float32) -> None:
-        """Count one launch of `name` moving `nbytes` and doing `flops` (matrix-product FLOPs at `dtype`'s peak)."""
+    def add(self, name: str, nbytes: int, flops: int = 0, dtype: torch.dtype = torch.float32, *,
+            phase: str | None = None, kernels: int = 1) -> None:
+        """Count one launch of `name` moving `nbytes` and doing `flops` (matrix-product FLOPs at `dtype`'s peak), in
+        `phase` (default: the current one); `kernels`: the GPU kernels it takes (a foreach op's per-tensor path)."""
         ms = max(nbytes / (self.gpu.hbm_tb_s * 1e12 * HBM_EFFICIENCY),
                  flops / (self.gpu.tflops[_FLOP_DTYPES.get(dtype, "fp32")] * 1e12 * FLOP_EFFICIENCY)) * 1e3
         entry = self.by_op[name]
@@ -177,6 +183,23 @@ class _StepTrace(TorchDispatchMode):
         entry.bytes += nbytes
         entry.flops += flops
         entry.ms += ms
+        counts = self.by_phase[phase or self.phase]
+        counts["aten_ops" if name.startswith("aten.") else "triton_launches"] += 1
+        if nbytes or flops:
+            counts["launches"] += kernels
+
+
+def _foreach_kernels(name: str, args) -> int:
+    """GPU kernels of one aten op: a foreach op over tensor pairs of different shapes (`_foreach_mul_(grads,
+    list_of_0d_tensors)`: the per-tensor clip of torch's path) leaves torch's multi-tensor kernel for one kernel
+    per tensor; every other op counts as one."""
+    if not name.startswith("_foreach_") or len(args) < 2:
+        return 1
+    first, second = args[0], args[1]
+    if (isinstance(second, (list, tuple)) and second and isinstance(second[0], torch.Tensor)
+            and any(a.shape != b.shape for a, b in zip(first, second))):
+        return len(first)
+    return 1
 
 
 HOST_NUMEL = 4096
@@ -317,28 +340,38 @@ def _dtype_bytes(tl_dtype) -> int:
 
 
 def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> None:
-    """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`). The
-    loss's statistics and finish kernels take the shapes of the forward kernel launched between them."""
-    from fastdino.kernels import dino_loss_launch_bytes, ema_launch_bytes
-    from fastdino.kernels.ema import BLOCK
+    """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`), each in
+    the phase it was launched in. The loss's statistics and finish kernels take the shapes of the forward kernel
+    launched between them."""
+    from fastdino.kernels import adamw, clip, dino_loss_launch_bytes, ema, ema_launch_bytes
 
     loss_bytes = None
     pending = []
     for name, args in launches:
+        phase = args["_phase"]
         if name == "_ema_update_kernel":  # whole blocks per program: the last block of each tensor is counted full
-            numel = args["table_ptr"].shape[0] * BLOCK
+            numel = args["table_ptr"].shape[0] * ema.BLOCK
             trace.add(f"triton.{name}", ema_launch_bytes(numel, _dtype_bytes(args["T_DTYPE"]),
-                                                         _dtype_bytes(args["S_DTYPE"]))[name])
+                                                         _dtype_bytes(args["S_DTYPE"]))[name], phase=phase)
+        elif name == "_clip_coefficients_kernel":
+            numel = args["table_ptr"].shape[0] * clip.BLOCK
+            trace.add(f"triton.{name}", clip.clip_launch_bytes(numel, _dtype_bytes(args["G_DTYPE"]))[name],
+                      phase=phase)
+        elif name == "_adamw_kernel":
+            numel = args["table_ptr"].shape[0] * adamw.BLOCK
+            trace.add(f"triton.{name}", adamw.adamw_launch_bytes(numel)[name], phase=phase)
+        elif name == "_step_stats_kernel":  # the center read and written (on a skipped step)
+            trace.add(f"triton.{name}", 8 * args["n_center"] + 64, phase=phase)
         elif name in ("_dino_loss_fwd_kernel", "_dino_loss_bwd_kernel"):
             loss_bytes = dino_loss_launch_bytes(args["n_batch"], args["n_crops"], args["n_cols"],
                                                 args["s_ptr"].element_size(), args["t_ptr"].element_size())
-            for waiting in pending + [name]:
-                trace.add(f"triton.{waiting}", loss_bytes[waiting])
+            for waiting, waiting_phase in pending + [(name, phase)]:
+                trace.add(f"triton.{waiting}", loss_bytes[waiting], phase=waiting_phase)
             pending = []
         elif name == "_teacher_stats_kernel":
-            pending.append(name)
+            pending.append((name, phase))
         elif name == "_dino_loss_finish_kernel":  # launched right after the forward kernel
-            trace.add(f"triton.{name}", loss_bytes[name])
+            trace.add(f"triton.{name}", loss_bytes[name], phase=phase)
         else:
             raise NotImplementedError(f"the step model has no byte count for the Triton kernel {name}")
 
@@ -366,7 +399,7 @@ def _fake_cuda(gpu: GPU):
 
     def launch(kernel, *args, grid=None, warmup=False, **kwargs):
         names = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.__code__.co_varnames
-        launches.append((kernel.fn.__name__, dict(zip(names, args)) | kwargs))
+        launches.append((kernel.fn.__name__, dict(zip(names, args)) | kwargs | {"_phase": trace.phase}))
 
     trace = _StepTrace(gpu)
     backward = _Backward(trace)
@@ -445,7 +478,8 @@ def _summary(trace: _StepTrace, batch: int, gpu: GPU, extra: dict) -> dict:
         "img_per_s": batch / step_ms * 1e3,
         "gflop_per_image": flops / batch / 1e9,
         "aten_ops": sum(e.count for e in aten.values()),
-        "launches": sum(e.count for e in trace.by_op.values() if e.bytes or e.flops),
+        "launches": sum(counts["launches"] for counts in trace.by_phase.values()),
+        "by_phase": {phase: dict(counts) for phase, counts in trace.by_phase.items()},
         "host_reads": trace.host_reads,
         "batch_per_rank": batch,
         "peak_phase": trace.peak_phase,

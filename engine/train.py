@@ -35,7 +35,7 @@ from fastdino.engine.checkpoint import (
 )
 from fastdino.engine.clipping import clip_gradients_
 from fastdino.engine.config import TrainConfig, checkpoint_every, to_dict
-from fastdino.engine.cuda_graph import PostBackwardGraphs
+from fastdino.engine.cuda_graph import PostBackwardGraphs, StepGraph, resolve_cuda_graph
 from fastdino.engine.eval import KNNDataError, knn_accuracy
 from fastdino.engine.loss import DINOLoss
 from fastdino.engine.metrics import (
@@ -63,6 +63,7 @@ from fastdino.engine.parallelize import (
 from fastdino.engine.model import build_model, initial_state
 from fastdino.engine.schedules import Schedules
 from fastdino.engine.stop import StopRequest
+from fastdino.engine.update import TritonUpdate, resolve_update_impl
 from fastdino.kernels import EMAUpdate
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,13 @@ class Trainer:
             compile_forward(self.loss_fn)
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
-        self.graphs = PostBackwardGraphs(self) if cfg.optim.cuda_graph else None
+        # This step's lr, weight decay and teacher momentum on the device: one copy per step, read by the Triton
+        # update and by CUDA graphs.
+        self.schedule_values = torch.zeros(3, device=device)
+        self.update_impl = resolve_update_impl(cfg.optim.impl, device, self.mode)
+        self.triton_update = TritonUpdate(self, self.schedule_values) if self.update_impl == "triton" else None
+        cuda_graph = resolve_cuda_graph(cfg.optim.cuda_graph, device, self.mode)
+        self.graphs = {"true": PostBackwardGraphs, "step": StepGraph}.get(cuda_graph, lambda _: None)(self)
         self.step = 0
         self.next_step_rng = None  # (cpu, cuda) RNG states set right before the next step (resume, time budget)
         self.trained_seconds = 0.0  # training wall time of the earlier runs of this output folder
@@ -200,14 +207,23 @@ class Trainer:
     def train_step(self, crops: list[torch.Tensor]) -> None:
         """One DINO step on this rank's crops (2 global first, then the local ones, each (B, 3, H, W))."""
         values = self.schedules.at(self.step)
+        self.schedule_values.copy_(torch.tensor([values.lr, values.weight_decay, values.teacher_momentum]),
+                                   non_blocking=True)  # from pageable memory: staged at once, no sync
         if self.graphs is not None:
-            self.graphs.set_schedule(values)
+            self.graphs.set_schedule()
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = values.lr
             self.optimizer.param_groups[0]["weight_decay"] = values.weight_decay
-        center = self.loss_fn.center.clone()
+        if isinstance(self.graphs, StepGraph):
+            self.graphs.run(crops, values)
+        else:
+            self.device_step(crops, values)
+        self.step += 1
 
+    def device_step(self, crops: list[torch.Tensor], values) -> None:
+        """The step's device work for the schedule `values` (schedules.py): forward, loss, backward, update."""
+        center = self.loss_fn.center.clone()
         fused = self.cfg.loss.fused_head  # the models stop at the bottleneck; the loss applies the last layers
         with self._autocast():
             with torch.no_grad():
@@ -218,18 +234,23 @@ class Trainer:
 
         if values.freeze_last_layer:
             self.model.head.cancel_last_layer_gradients()
-        if self.graphs is not None:
+        if isinstance(self.graphs, PostBackwardGraphs):
             self.graphs.run(loss, center, frozen=values.freeze_last_layer)
+        elif self.graphs is not None:  # inside the step's graph: the schedule comes from the device
+            self.graphs.update(loss.detach(), self.loss_fn.last_teacher_entropy, center)
         else:
             self.after_backward(loss.detach(), self.loss_fn.last_teacher_entropy, center, values.teacher_momentum)
-        self.step += 1
 
     def after_backward(self, loss: torch.Tensor, entropy: torch.Tensor, center: torch.Tensor, teacher_momentum, *,
                        lr: torch.Tensor | None = None, weight_decay: torch.Tensor | None = None) -> None:
         """Unscale, clip, AdamW, EMA, center and counters: device work only, state changed in place, so that
         optim.cuda_graph can capture it (cuda_graph.py). `loss` and `entropy` are the step's, `center` the center
         before this step's loss (restored on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs'
-        inputs) AdamW's decoupled weight decay is applied here, before its update, instead of by AdamW."""
+        inputs) AdamW's decoupled weight decay is applied here, before its update, instead of by AdamW. On the
+        Triton path (update.py) the schedule comes from `schedule_values` and these three are not read."""
+        if self.triton_update is not None:
+            self.triton_update(loss, entropy, center, keep_grads=self.graphs is not None)
+            return
         if self.loss_scale:
             self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
         grad_norm = clip_gradients_(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_grad_mode)

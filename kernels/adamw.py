@@ -37,16 +37,20 @@ def _adamw_kernel(
     """table_ptr (n_programs, 2) int32 (tensor, block); addr_ptr (n_tensors, 7) int64: fp32 param, grad, exp_avg,
     exp_avg_sq, then the fp32 0-d step, lr and weight decay; numel_ptr (n_tensors,) int64; ticket_ptr (n_tensors,)
     int32, zero between launches; coef_ptr (n_tensors,) fp32 gradient coefficients; skip_ptr 0-d fp32."""
-    if HAS_SKIP:
-        if tl.load(skip_ptr) != 0:
-            return
     pid = tl.program_id(0)
     idx = tl.load(table_ptr + 2 * pid)
     block = tl.load(table_ptr + 2 * pid + 1)
     numel = tl.load(numel_ptr + idx)
     row = addr_ptr + 7 * idx
-    p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0:  # nothing changes, but kept gradients start the next step from zero
+            if ZERO_GRAD:
+                tl.store(g_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+            return
+    p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     step_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
@@ -56,8 +60,6 @@ def _adamw_kernel(
     bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
     bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
 
-    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
     p = tl.load(p_ptr + offs, mask=mask)
     g = tl.load(g_ptr + offs, mask=mask)
     if HAS_COEF:
@@ -141,7 +143,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays,
     """One AdamW step in place over lists of fp32 tensors (see the module docstring): `steps`, `lrs` and
     `weight_decays` hold one 0-d fp32 tensor on the parameters' device per parameter (a group's tensors may be
     shared), `grad_coefficients` (n,) multiplies each gradient, `skip` (0-d, 1.0 = skip) leaves everything as it
-    is; `zero_grads` zeroes the gradients after reading them. impl: "auto" (Triton on CUDA, else the torch
+    is; `zero_grads` zeroes the gradients after reading them (skipped or not). impl: "auto" (Triton on CUDA, else the torch
     reference), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch". Returns the path taken."""
     columns = dict(zip(ADDRESSES, (params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays)))
     if not params:

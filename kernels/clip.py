@@ -44,7 +44,7 @@ def _clip_coefficients_kernel(
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
     tl.store(partial_ptr + pid, tl.sum(g * g, axis=0))
-    n_blocks = tl.cdiv(numel, BLOCK).to(tl.int32)
+    n_blocks = tl.maximum(tl.cdiv(numel, BLOCK), 1).to(tl.int32)
     # acq_rel: the partial sums stored before each ticket are visible to the program that takes the last one.
     if tl.atomic_add(ticket_ptr + idx, 1) == n_blocks - 1:
         first = pid - block  # the row of the tensor's block 0
@@ -83,7 +83,7 @@ class _ClipPlan:
         self.layout = _layout(grads)
         device = grads[0].device
         numels = [g.numel() for g in grads]
-        rows = _launch.block_rows(numels, BLOCK) or [(0, 0)]  # all empty: one program, a zero norm
+        rows = _launch.block_rows([max(n, 1) for n in numels], BLOCK)  # an empty tensor: one masked program
         self.grid = (len(rows),)
         self.table = torch.tensor(rows, dtype=torch.int32).to(device)
         self.addr = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64).to(device)
