@@ -64,6 +64,7 @@ from fastdino.engine.model import build_model, initial_state
 from fastdino.engine.schedules import Schedules
 from fastdino.engine.stop import StopRequest
 from fastdino.engine.update import TritonUpdate, resolve_update_impl
+from fastdino.engine.weight_cast import WeightCasts
 from fastdino.kernels import EMAUpdate
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Trainer:
         self._init_optimizer_state()
         # Its launch plan is built at the first step; storage moves are checked at log steps (`_log`), not per step.
         self.ema = EMAUpdate(self.teacher_params, self.params, check_storage=False)
+        self.weight_casts = self._weight_casts()
         ncrops = 2 + cfg.data.local_crops_number
         self.loss_fn = DINOLoss(cfg.head.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
@@ -184,6 +186,14 @@ class Trainer:
             student = apply_ddp(student, self.mesh, self.device)
         return student, teacher
 
+    def _weight_casts(self) -> tuple[WeightCasts, WeightCasts] | None:
+        """(teacher, student) run on one cast of their weights per step (weight_cast.py says when), or None."""
+        dtype = self.precision.autocast_dtype
+        if (dtype is None or self.mode != "single" or self.compile
+                or checkpoint_every(self.cfg.model.activation_checkpointing)):
+            return None
+        return WeightCasts(self.teacher, dtype, trains=False), WeightCasts(self.student, dtype, trains=True)
+
     def _init_optimizer_state(self) -> None:
         """Create AdamW's state for every parameter now, as its first real step would (zero moments, step 0), by a
         skipped step on zero gradients. Otherwise a parameter without state yet (the frozen last layer) gets a fake
@@ -225,10 +235,11 @@ class Trainer:
         """The step's device work for the schedule `values` (schedules.py): forward, loss, backward, update."""
         center = self.loss_fn.center.clone()
         fused = self.cfg.loss.fused_head  # the models stop at the bottleneck; the loss applies the last layers
+        teacher, student = self.weight_casts or (self.teacher, self.student)
         with self._autocast():
             with torch.no_grad():
-                teacher_out = self.teacher(crops[:2], bottleneck=fused)  # (2*B, K), fused: (2*B, D)
-            student_out = self.student(crops, bottleneck=fused)  # (V*B, K), fused: (V*B, D)
+                teacher_out = teacher(crops[:2], bottleneck=fused)  # (2*B, K), fused: (2*B, D)
+            student_out = student(crops, bottleneck=fused)  # (V*B, K), fused: (V*B, D)
             loss = self._loss(student_out, teacher_out, values.teacher_temp)
         (loss * self.loss_scale.scale if self.loss_scale else loss).backward()
 
