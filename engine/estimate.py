@@ -557,7 +557,9 @@ def estimate_step(cfg: TrainConfig, gpu: str = "h100", *, world_size: int = 1,
     """The step model for `cfg` on one of `world_size` ranks (per-rank batch data.batch_size / world_size) of GPU
     `gpu` (a key of GPUS): {"fastdino": {...}, "official": {...}} (the formulations named in `which`), each with
     peak_gib (what torch.cuda.max_memory_allocated would read), step_ms and img_per_s (roofline, per rank),
-    gflop_per_image, aten_ops (non-view aten ops of one step), launches, host_reads, peak_by_role_gib (what holds
+    gflop_per_image, aten_ops (non-view aten ops of one step), launches (GPU kernels: aten ops moving bytes, a
+    foreach op off torch's multi-tensor path once per tensor, Triton launches), by_phase (aten_ops,
+    triton_launches and launches of the forward, backward and update phases), host_reads, peak_by_role_gib (what holds
     the peak), by_op (count, GB, GFLOP and ms per aten op or Triton kernel, most bytes first) and the model's
     constants (gpu, efficiencies). The step is eager (model.compile and optim.cuda_graph set off) and
     single-rank. The module docstring has the method and what it ignores."""

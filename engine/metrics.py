@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastdino.kernels.reference import N_STEP_STATS, add_step_stats_
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,22 +37,14 @@ class StepStats:
               "max_nonfinite_in_a_row", "grad_norm")
 
     def __init__(self, device: torch.device):
+        assert len(self.FIELDS) == N_STEP_STATS
         self.values = torch.zeros(len(self.FIELDS), device=device)
 
     def update(self, loss: torch.Tensor, entropy: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor,
                nonfinite: torch.Tensor) -> None:
-        """Add one step (0-d device tensors; `skipped` and `nonfinite` are bool). No host sync."""
-        v = dict(zip(self.FIELDS, self.values.unbind()))
-        in_a_row = (v["nonfinite_in_a_row"] + 1) * nonfinite
-        self.values.copy_(torch.stack([  # in place: a CUDA graph of the step keeps writing this tensor
-            v["loss_sum"] + torch.where(nonfinite, 0.0, loss.float()),
-            v["entropy_sum"] + torch.where(nonfinite, 0.0, entropy.float()),
-            v["finite_steps"] + ~nonfinite,
-            v["skipped_steps"] + skipped,
-            in_a_row,
-            torch.maximum(v["max_nonfinite_in_a_row"], in_a_row),
-            grad_norm.float(),
-        ]))
+        """Add one step (0-d device tensors; `skipped` and `nonfinite` are bool). No host sync. (The Triton update
+        adds it with kernels/step_stats.py instead, in one launch.)"""
+        add_step_stats_(self.values, loss, entropy, grad_norm, skipped, nonfinite)
 
     def read(self, process_group=None, *, reset: bool = True) -> dict[str, float]:
         """Means since the last read and the counters, reduced over ranks (collective when torch.distributed is

@@ -1,8 +1,13 @@
-"""Single-device kernels for DINO: the fused loss (also with the head's last layer folded in) and the EMA update,
-and the HBM bytes each of their launches moves (for the step model, engine/estimate.py, and bytes_floor.py)."""
+"""Single-device kernels for DINO: the fused loss (also with the head's last layer folded in), the EMA update, and
+the update after backward (clip coefficients, AdamW, step statistics), and the HBM bytes each of their launches
+moves (for the step model, engine/estimate.py, and bytes_floor.py)."""
+from .adamw import adamw_launch_bytes, adamw_step_
+from .clip import clip_coefficients, clip_launch_bytes
 from .dino_loss import dino_loss, dino_loss_launch_bytes
 from .ema import EMAUpdate, ema_launch_bytes, ema_update_
 from .fused_head_loss import dino_loss_fused_head
+from .step_stats import step_stats_update_
 
-__all__ = ["EMAUpdate", "dino_loss", "dino_loss_fused_head", "dino_loss_launch_bytes", "ema_launch_bytes",
-           "ema_update_"]
+__all__ = ["EMAUpdate", "adamw_launch_bytes", "adamw_step_", "clip_coefficients", "clip_launch_bytes", "dino_loss",
+           "dino_loss_fused_head", "dino_loss_launch_bytes", "ema_launch_bytes", "ema_update_",
+           "step_stats_update_"]

@@ -133,16 +133,11 @@ N_STEP_STATS = 7  # loss sum, entropy sum, finite steps, skipped steps, non-fini
 
 
 @torch.no_grad()
-def step_stats_ref(values, loss, entropy, grad_norm, skip, momentum, momentum_out, center=None, center_before=None,
-                   *, skip_is_nonfinite: bool = True) -> None:
-    """`step_stats_update_` (kernels/step_stats.py) in torch ops, in place."""
-    skipped = skip != 0
-    nonfinite = ~torch.isfinite(loss)
-    if skip_is_nonfinite:
-        nonfinite |= skipped
+def add_step_stats_(values, loss, entropy, grad_norm, skipped, nonfinite) -> None:
+    """Add one step to the (7,) accumulators `values` in place (`skipped`, `nonfinite`: 0-d bool tensors)."""
     loss_sum, entropy_sum, finite, skipped_steps, in_a_row, longest, _ = values.unbind()
     in_a_row = (in_a_row + 1) * nonfinite
-    values.copy_(torch.stack([
+    values.copy_(torch.stack([  # in place: a CUDA graph of the step keeps writing this tensor
         loss_sum + torch.where(nonfinite, 0.0, loss.float()),
         entropy_sum + torch.where(nonfinite, 0.0, entropy.float()),
         finite + ~nonfinite,
@@ -151,6 +146,17 @@ def step_stats_ref(values, loss, entropy, grad_norm, skip, momentum, momentum_ou
         torch.maximum(longest, in_a_row),
         grad_norm.float(),
     ]))
+
+
+@torch.no_grad()
+def step_stats_ref(values, loss, entropy, grad_norm, skip, momentum, momentum_out, center=None, center_before=None,
+                   *, skip_is_nonfinite: bool = True) -> None:
+    """`step_stats_update_` (kernels/step_stats.py) in torch ops, in place."""
+    skipped = skip != 0
+    nonfinite = ~torch.isfinite(loss)
+    if skip_is_nonfinite:
+        nonfinite |= skipped
+    add_step_stats_(values, loss, entropy, grad_norm, skipped, nonfinite)
     momentum_out.copy_(torch.where(skipped, 1.0, momentum.float()))
     if center is not None:
         center.copy_(torch.where(skipped, center_before, center))
