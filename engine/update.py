@@ -50,12 +50,26 @@ class TritonUpdate:
         self.momentum = torch.ones((), device=schedule.device)  # this step's, written by step_stats_update_
         fixed = {}  # the other groups' weight decay as device tensors, one per value
         self.hyper = {}  # param -> (lr, weight decay) 0-d device tensors
+        self._key, self._cached = None, None  # see _columns
         for i, group in enumerate(optimizer.param_groups):
             if i:
                 value = float(group["weight_decay"])
                 wd = fixed.setdefault(value, torch.full((), value, device=schedule.device))
             for p in group["params"]:
                 self.hyper[p] = (lr, decay if i == 0 else wd)
+
+    def _columns(self, params: list) -> list[list[torch.Tensor]]:
+        """AdamW's moments, step counts, lr and weight decay of `params`, kept while the parameter set and the
+        optimizer's state stays (a checkpoint load replaces it; the key holds the one it was built from, so
+        that no later object takes its id)."""
+        state = self.trainer.optimizer.state
+        key = (tuple(map(id, params)), state)
+        if self._key is None or key[0] != self._key[0] or key[1] is not self._key[1]:
+            states = [state[p] for p in params]
+            self._key, self._cached = key, [
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                [self.hyper[p][0] for p in params], [self.hyper[p][1] for p in params]]
+        return self._cached
 
     def __call__(self, loss: torch.Tensor, entropy: torch.Tensor, center: torch.Tensor, *,
                  keep_grads: bool) -> None:
@@ -68,11 +82,8 @@ class TritonUpdate:
         if t.loss_scale:
             t.loss_scale.unscale_(grads)
         coefficients, norm, skip = clip_coefficients(grads, cfg.clip_grad, cfg.clip_grad_mode, impl="triton")
-        states = [t.optimizer.state[p] for p in params]
-        hyper = [self.hyper[p] for p in params]
-        adamw_step_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [s["step"] for s in states], [h[0] for h in hyper], [h[1] for h in hyper], betas=self.betas,
-                    eps=self.eps, grad_coefficients=coefficients, skip=skip, zero_grads=keep_grads, impl="triton")
+        adamw_step_(params, grads, *self._columns(params), betas=self.betas, eps=self.eps,
+                    grad_coefficients=coefficients, skip=skip, zero_grads=keep_grads, impl="triton")
         if not keep_grads:
             t.optimizer.zero_grad(set_to_none=True)
         step_stats_update_(t.stats.values, loss, entropy, norm, skip, self.schedule[2], self.momentum,

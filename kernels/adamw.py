@@ -17,6 +17,9 @@ moments, step count, lr and weight-decay addresses and a (tensor, block) row per
 finishes a tensor's last block (an atomic ticket per tensor) writes its new step count and resets the ticket:
 every program of the tensor has read the old count by then.
 """
+import itertools
+import operator
+
 import torch
 import triton
 import triton.language as tl
@@ -98,7 +101,10 @@ class _AdamWPlan:
 
 
 def _layout(params) -> tuple:
-    return tuple(p.shape for p in params)
+    return tuple(map(_shape, params))
+
+
+_shape = operator.attrgetter("shape")
 
 
 MAX_PLANS = 4
@@ -150,7 +156,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays,
         return "torch"
     device = params[0].device
     chosen = _launch.select_impl("adamw_step_", impl, device, "torch", _adamw_kernel)
-    key = tuple(map(_data_ptr, (t for tensors in columns.values() for t in tensors)))
+    key = tuple(map(_data_ptr, itertools.chain.from_iterable(columns.values())))
     plan = _plans.get(key) if chosen == "triton" else None
     if plan is None or plan.layout != _layout(params):
         _check(columns, grad_coefficients, skip)

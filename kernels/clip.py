@@ -13,6 +13,8 @@ finishes a tensor's last block (an atomic ticket per tensor) adds that tensor's 
 the program that finishes the last tensor computes the total, the coefficients and the flag. Each finisher resets
 its ticket, so the next launch (or CUDA graph replay) starts from zero.
 """
+import operator
+
 import torch
 import triton
 import triton.language as tl
@@ -97,7 +99,10 @@ class _ClipPlan:
 
 
 def _layout(grads) -> tuple:
-    return tuple((g.shape, g.dtype) for g in grads)
+    return tuple(map(_shape, grads)), tuple(map(_dtype, grads))
+
+
+_shape, _dtype = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 MAX_PLANS = 4
@@ -137,6 +142,11 @@ def clip_coefficients(grads: list[torch.Tensor], max_norm: float, mode: str, *,
     gradient tensors `grads`, nothing scaled (see the module docstring). impl: "auto" (Triton on CUDA, else the
     torch reference), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch". The Triton results live in a
     buffer of the launch plan, rewritten by the next call on the same gradients: copy them to keep them."""
+    key = tuple(map(_data_ptr, grads)) if isinstance(grads, (list, tuple)) and impl != "torch" else None
+    plan = _plans.get(key)
+    if plan is not None and plan.layout == _layout(grads):  # the same live tensors as when the plan was checked
+        _launch_plan(plan, grads, max_norm, mode)
+        return plan.coef, plan.out[0], plan.out[1]
     _check(grads, max_norm, mode)
     chosen = _launch.select_impl("clip_coefficients", impl, grads[0].device, "torch", _clip_coefficients_kernel)
     if chosen == "triton":
@@ -149,18 +159,23 @@ def clip_coefficients(grads: list[torch.Tensor], max_norm: float, mode: str, *,
             chosen = "torch"
     if chosen == "torch":
         return clip_coefficients_ref(grads, max_norm, mode)
-    key = tuple(map(_data_ptr, grads))
-    plan = _plans.get(key)
-    if plan is None or plan.layout != _layout(grads):
-        if len(_plans) >= MAX_PLANS:
-            _plans.pop(next(iter(_plans)))
-        plan = _plans[key] = _ClipPlan(grads)
+    if len(_plans) >= MAX_PLANS:
+        _plans.pop(next(iter(_plans)))
+    plan = _plans[key] = _ClipPlan(grads)
+    _launch_plan(plan, grads, max_norm, mode)
+    return plan.coef, plan.out[0], plan.out[1]
+
+
+def _launch_plan(plan: _ClipPlan, grads, max_norm: float, mode: str) -> None:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
+        raise ValueError(f"clip_coefficients: max_norm must be a number >= 0, got {max_norm!r}")
+    if mode not in CLIP_MODES:
+        raise ValueError(f"clip_coefficients: mode must be one of {CLIP_MODES}, got {mode!r}")
     _clip_coefficients_kernel[plan.grid](
         plan.table, plan.addr, plan.numel, plan.partial, plan.square, plan.ticket, plan.coef, plan.out, len(grads),
         float(max_norm), G_DTYPE=plan.g_dtype, PER_TENSOR=mode == "per_tensor", EPS=CLIP_EPS, BLOCK=BLOCK,
         FINISH_BLOCK=FINISH_BLOCK, num_warps=NUM_WARPS,
     )
-    return plan.coef, plan.out[0], plan.out[1]
 
 
 def clip_launch_bytes(numel: int, grad_bytes: int) -> dict[str, int]:

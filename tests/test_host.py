@@ -4,6 +4,8 @@ tensor, Triton launches recorded, not run), and that the paths which cut it chan
   takes ~200 (the per-tensor clip's `_foreach_mul_` with 0-d tensors runs one kernel per tensor);
 - the eager ViT-S/16 step stays within 1,000 aten ops, the weights cast once per model and step (weight_cast.py);
 - the Triton update equals torch's update, and the casts equal autocast's, over steps on the CPU."""
+import copy
+
 import pytest
 import torch
 
@@ -89,3 +91,19 @@ def test_weight_casts_change_no_number():
     for name in ("params", "teacher_params"):
         for i, (a, e) in enumerate(zip(getattr(cast, name), getattr(plain, name), strict=True)):
             assert_close(a, e, atol=0, rtol=0, name=f"{name}[{i}]")
+
+
+def test_triton_update_follows_a_loaded_optimizer_state():
+    """A checkpoint load gives AdamW new state tensors: the next Triton update writes those, not the old ones."""
+    cfg = tiny_config("optim.impl=triton", "optim.freeze_last_layer_epochs=0")
+    trainer = make_trainer(cfg)
+    batches = synthetic_batches(cfg, 2)
+    trainer.train_step(batches[0])
+    old = trainer.optimizer.state[trainer.params[0]]
+    trainer.optimizer.load_state_dict(copy.deepcopy(trainer.optimizer.state_dict()))  # as from a checkpoint
+    new = trainer.optimizer.state[trainer.params[0]]
+    assert new["exp_avg"] is not old["exp_avg"]
+    old_moment = old["exp_avg"].clone()
+    trainer.train_step(batches[1])
+    assert all(float(trainer.optimizer.state[p]["step"]) == 2 for p in trainer.params)
+    assert torch.equal(old["exp_avg"], old_moment) and not torch.equal(new["exp_avg"], old_moment)
