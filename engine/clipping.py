@@ -6,7 +6,9 @@
   are left alone. This is the official DINO code's `utils.clip_gradients`, without its host sync per tensor.
 
 The Triton update (update.py, optim.impl=triton) computes the same coefficients in one launch (kernels/clip.py)
-and applies them inside AdamW. Both return the norm of all gradients together before clipping, a 0-d tensor that is the same on every rank. It is
+and applies them inside AdamW.
+
+Both return the norm of all gradients together before clipping, a 0-d tensor that is the same on every rank. It is
 non-finite exactly when some gradient is, so the step uses it as its skip flag. Nothing here syncs the host.
 
 Under FSDP2 a gradient is a DTensor sharded over the ranks, so a tensor's norm spans its shards. The per-tensor mode

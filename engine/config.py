@@ -344,7 +344,8 @@ class TrainConfig:
 # How the same step is computed may change too (kernels, compilation, recomputation): only rounding differs.
 MAY_CHANGE_ON_RESUME = ("max_steps", "log_every", "eval.", "checkpoint.", "data.path", "data.num_workers",
                         "parallel.", "model.attention", "model.compile", "model.activation_checkpointing",
-                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "optim.impl", "max_nonfinite_in_a_row", "logging.")
+                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "optim.impl", "max_nonfinite_in_a_row",
+                        "logging.")
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:

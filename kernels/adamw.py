@@ -33,40 +33,11 @@ ADDRESSES = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "lr", "weight_dec
 
 
 @triton.jit
-def _adamw_kernel(
-    table_ptr, addr_ptr, numel_ptr, ticket_ptr, coef_ptr, skip_ptr, beta1, beta2, eps,
-    HAS_COEF: tl.constexpr, HAS_SKIP: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """table_ptr (n_programs, 2) int32 (tensor, block); addr_ptr (n_tensors, 7) int64: fp32 param, grad, exp_avg,
-    exp_avg_sq, then the fp32 0-d step, lr and weight decay; numel_ptr (n_tensors,) int64; ticket_ptr (n_tensors,)
-    int32, zero between launches; coef_ptr (n_tensors,) fp32 gradient coefficients; skip_ptr 0-d fp32."""
-    pid = tl.program_id(0)
-    idx = tl.load(table_ptr + 2 * pid)
-    block = tl.load(table_ptr + 2 * pid + 1)
-    numel = tl.load(numel_ptr + idx)
-    row = addr_ptr + 7 * idx
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    if HAS_SKIP:
-        if tl.load(skip_ptr) != 0:  # nothing changes, but kept gradients start the next step from zero
-            if ZERO_GRAD:
-                tl.store(g_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
-            return
-    p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    step_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    lr = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
-    wd = tl.load(tl.load(row + 6).to(tl.pointer_type(tl.float32)))
-    step = tl.load(step_ptr) + 1.0
-    bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-    bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
-
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef, lr, wd, beta1, beta2, eps, bias_correction1,
+                 bias_correction2_sqrt, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The update of one block (`mask` None: a full block, unmasked, so that the accesses vectorize)."""
     p = tl.load(p_ptr + offs, mask=mask)
-    g = tl.load(g_ptr + offs, mask=mask)
-    if HAS_COEF:
-        g = g * tl.load(coef_ptr + idx)
+    g = tl.load(g_ptr + offs, mask=mask) * coef
     m = tl.load(m_ptr + offs, mask=mask)
     v = tl.load(v_ptr + offs, mask=mask)
     p -= lr * wd * p
@@ -78,9 +49,53 @@ def _adamw_kernel(
     tl.store(v_ptr + offs, v, mask=mask)
     if ZERO_GRAD:
         tl.store(g_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
-    if tl.atomic_add(ticket_ptr + idx, 1) == tl.maximum(tl.cdiv(numel, BLOCK), 1).to(tl.int32) - 1:
-        tl.store(step_ptr, step)
-        tl.atomic_xchg(ticket_ptr + idx, 0)
+
+
+@triton.jit
+def _adamw_kernel(
+    table_ptr, addr_ptr, numel_ptr, ticket_ptr, coef_ptr, skip_ptr, beta1, beta2, eps,
+    HAS_COEF: tl.constexpr, ZERO_GRAD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """table_ptr (n_programs, 2) int32 (tensor, block); addr_ptr (n_tensors, 7) int64: fp32 param, grad, exp_avg,
+    exp_avg_sq, then the fp32 0-d step, lr and weight decay; numel_ptr (n_tensors,) int64; ticket_ptr (n_tensors,)
+    int32, zero between launches; coef_ptr (n_tensors,) fp32 gradient coefficients; skip_ptr 0-d fp32 (1: skip).
+    ALIGNED: the host checked that the four tensor addresses of every row are 16-byte aligned."""
+    pid = tl.program_id(0)
+    idx = tl.load(table_ptr + 2 * pid)
+    block = tl.load(table_ptr + 2 * pid + 1)
+    numel = tl.load(numel_ptr + idx)
+    row = addr_ptr + 7 * idx
+    p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if tl.load(skip_ptr) != 0:  # nothing changes, but kept gradients start the next step from zero
+        if ZERO_GRAD:
+            tl.store(g_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < numel)
+    else:
+        step_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        lr = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
+        wd = tl.load(tl.load(row + 6).to(tl.pointer_type(tl.float32)))
+        coef = tl.load(coef_ptr + idx) if HAS_COEF else 1.0
+        step = tl.load(step_ptr) + 1.0
+        bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+        if (block + 1) * BLOCK <= numel:
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, coef, lr, wd, beta1, beta2, eps,
+                         bias_correction1, bias_correction2_sqrt, ZERO_GRAD, BLOCK)
+        else:
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, coef, lr, wd, beta1, beta2, eps,
+                         bias_correction1, bias_correction2_sqrt, ZERO_GRAD, BLOCK)
+        tl.debug_barrier()  # every thread has read the old step count before the ticket is taken
+        if tl.atomic_add(ticket_ptr + idx, 1) == tl.maximum(tl.cdiv(numel, BLOCK), 1).to(tl.int32) - 1:
+            tl.store(step_ptr, step)
+            tl.atomic_xchg(ticket_ptr + idx, 0)
 
 
 class _AdamWPlan:
@@ -98,6 +113,8 @@ class _AdamWPlan:
         self.addr = torch.tensor(addresses, dtype=torch.int64).to(device)
         self.numel = torch.tensor(numels, dtype=torch.int64).to(device)
         self.ticket = torch.zeros(len(numels), dtype=torch.int32, device=device)
+        self.no_skip = torch.zeros((), device=device)
+        self.aligned = all(a % 16 == 0 for row in addresses for a in row[:4])
 
 
 def _layout(params) -> tuple:
@@ -149,8 +166,8 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays,
     """One AdamW step in place over lists of fp32 tensors (see the module docstring): `steps`, `lrs` and
     `weight_decays` hold one 0-d fp32 tensor on the parameters' device per parameter (a group's tensors may be
     shared), `grad_coefficients` (n,) multiplies each gradient, `skip` (0-d, 1.0 = skip) leaves everything as it
-    is; `zero_grads` zeroes the gradients after reading them (skipped or not). impl: "auto" (Triton on CUDA, else the torch
-    reference), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch". Returns the path taken."""
+    is; `zero_grads` zeroes the gradients after reading them (skipped or not). impl: "auto" (Triton on CUDA, else
+    the torch reference), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch". Returns the path taken."""
     columns = dict(zip(ADDRESSES, (params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays)))
     if not params:
         return "torch"
@@ -176,9 +193,9 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays,
         plan = _plans[key] = _AdamWPlan(list(columns.values()), device)
     _adamw_kernel[plan.grid](
         plan.table, plan.addr, plan.numel, plan.ticket,
-        grad_coefficients if grad_coefficients is not None else plan.numel, skip if skip is not None else plan.numel,
-        float(betas[0]), float(betas[1]), float(eps), HAS_COEF=grad_coefficients is not None,
-        HAS_SKIP=skip is not None, ZERO_GRAD=zero_grads, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        grad_coefficients if grad_coefficients is not None else plan.numel, skip if skip is not None else plan.no_skip,
+        float(betas[0]), float(betas[1]), float(eps), HAS_COEF=grad_coefficients is not None, ZERO_GRAD=zero_grads,
+        ALIGNED=plan.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return "triton"
 

@@ -31,23 +31,30 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 @triton.jit
 def _clip_coefficients_kernel(
     table_ptr, addr_ptr, numel_ptr, partial_ptr, square_ptr, ticket_ptr, coef_ptr, out_ptr, n_tensors, max_norm,
-    G_DTYPE: tl.constexpr, PER_TENSOR: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+    G_DTYPE: tl.constexpr, PER_TENSOR: tl.constexpr, EPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     FINISH_BLOCK: tl.constexpr,
 ):
     """table_ptr (n_programs, 2) int32 (tensor, block); addr_ptr (n_tensors,) int64 gradient addresses; numel_ptr
     (n_tensors,) int64; partial_ptr (n_programs,) fp32 scratch; square_ptr (n_tensors,) fp32 norm² out; ticket_ptr
     (n_tensors + 1,) int32, zero between launches; coef_ptr (n_tensors,) fp32 out; out_ptr (2,) fp32 out: total
-    norm, skip flag."""
+    norm, skip flag. ALIGNED: the host checked that every gradient address is 16-byte aligned."""
     pid = tl.program_id(0)
     idx = tl.load(table_ptr + 2 * pid)
     block = tl.load(table_ptr + 2 * pid + 1)
     numel = tl.load(numel_ptr + idx)
     g_ptr = tl.load(addr_ptr + idx).to(tl.pointer_type(G_DTYPE))
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    if (block + 1) * BLOCK <= numel:  # full block: no mask, so that the loads vectorize
+        g = tl.load(g_ptr + offs).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
     tl.store(partial_ptr + pid, tl.sum(g * g, axis=0))
     n_blocks = tl.maximum(tl.cdiv(numel, BLOCK), 1).to(tl.int32)
-    # acq_rel: the partial sums stored before each ticket are visible to the program that takes the last one.
+    # The barrier, then acq_rel: the partial sum stored before each ticket is visible to the program that takes
+    # the last one (and the same for the norms² below).
+    tl.debug_barrier()
     if tl.atomic_add(ticket_ptr + idx, 1) == n_blocks - 1:
         first = pid - block  # the row of the tensor's block 0
         acc = tl.zeros([FINISH_BLOCK], dtype=tl.float32)
@@ -56,6 +63,7 @@ def _clip_coefficients_kernel(
             acc += tl.load(partial_ptr + first + rows, mask=rows < n_blocks, other=0.0, cache_modifier=".cg")
         tl.store(square_ptr + idx, tl.sum(acc, axis=0))
         tl.atomic_xchg(ticket_ptr + idx, 0)
+        tl.debug_barrier()
         if tl.atomic_add(ticket_ptr + n_tensors, 1) == n_tensors - 1:
             total = tl.zeros([FINISH_BLOCK], dtype=tl.float32)
             for start in range(0, n_tensors, FINISH_BLOCK):
@@ -96,6 +104,7 @@ class _ClipPlan:
         self.partial, self.square, self.coef, self.out = self.buffer.split([len(rows), n, n, 2])
         self.ticket = torch.zeros(n + 1, dtype=torch.int32, device=device)
         self.g_dtype = TL_DTYPES[grads[0].dtype]
+        self.aligned = all(g.data_ptr() % 16 == 0 for g in grads)
 
 
 def _layout(grads) -> tuple:
@@ -173,7 +182,8 @@ def _launch_plan(plan: _ClipPlan, grads, max_norm: float, mode: str) -> None:
         raise ValueError(f"clip_coefficients: mode must be one of {CLIP_MODES}, got {mode!r}")
     _clip_coefficients_kernel[plan.grid](
         plan.table, plan.addr, plan.numel, plan.partial, plan.square, plan.ticket, plan.coef, plan.out, len(grads),
-        float(max_norm), G_DTYPE=plan.g_dtype, PER_TENSOR=mode == "per_tensor", EPS=CLIP_EPS, BLOCK=BLOCK,
+        float(max_norm), G_DTYPE=plan.g_dtype, PER_TENSOR=mode == "per_tensor", EPS=CLIP_EPS, ALIGNED=plan.aligned,
+        BLOCK=BLOCK,
         FINISH_BLOCK=FINISH_BLOCK, num_warps=NUM_WARPS,
     )
 
