@@ -59,6 +59,7 @@ COMPILE_CACHE = Path("/tmp/fastdino_compile_cache")  # on the GPU machine; lasts
 GPU_TESTS = {
     "tests/test_kernels_at_step_shapes.py::test_dino_loss_at_the_step_shapes": "kernels",
     "tests/test_kernels_at_step_shapes.py::test_ema_at_the_step_shapes": "kernels",
+    "tests/test_host.py::test_update_kernels_at_the_step_shapes": "kernels",
     "tests/test_dino_loss.py::test_matches_reference": "kernels",
     "tests/test_dino_loss.py::test_full_size_k_default_blocks": "kernels",
     "tests/test_dino_loss.py::test_teacher_probabilities": "kernels",
@@ -76,9 +77,10 @@ GPU_TESTS = {
 }
 # The kernel test files, run whole on CUDA by the first step (their fp32/fp16 cases then run compiled kernels,
 # which CI runs in the interpreter only); the step-shape tests first.
-KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py", "tests/test_dino_loss.py", "tests/test_ema.py",
-                     "tests/test_fused_head_loss.py", "tests/test_clip_kernel.py", "tests/test_adamw_kernel.py",
-                     "tests/test_step_stats.py"]
+KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py",
+                     "tests/test_host.py::test_update_kernels_at_the_step_shapes",
+                     "tests/test_dino_loss.py", "tests/test_ema.py", "tests/test_fused_head_loss.py",
+                     "tests/test_clip_kernel.py", "tests/test_adamw_kernel.py", "tests/test_step_stats.py"]
 # The short quality run: the paper's ViT-S/16 recipe on the CIFAR-10 subset (32-px images, upscaled by the crops).
 QUALITY_SUBSET = dict(train=1000, val=200)  # images per class
 TARGETS = {"loss": "<= 0.15 ms (fwd+bwd, B=64)",

@@ -95,8 +95,9 @@ CLIP_EPS = 1e-6  # added to the norm before dividing, as torch's clip_grad_norm_
 def clip_coefficients_ref(grads, max_norm: float, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(coefficients (n,), total norm, skip flag) of `clip_coefficients` (kernels/clip.py), in fp32: per tensor
     min(1, max_norm / (||g_i|| + eps)) ("per_tensor", the official clip_gradients) or min(1, max_norm / (total +
-    eps)) ("global"), 1 with max_norm 0; the flag is 1.0 when the total norm is not finite."""
-    norms = torch.stack(torch._foreach_norm([g.float() for g in grads]))
+    eps)) ("global"), 1 with max_norm 0; the flag is 1.0 when the total norm is not finite. fp64 gradients are
+    measured in fp64 (a reference for the tests), others in fp32."""
+    norms = torch.stack(torch._foreach_norm([g if g.dtype == torch.float64 else g.float() for g in grads]))
     total = norms.square().sum().sqrt()
     norm = norms if mode == "per_tensor" else total.expand_as(norms)
     coefficients = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norms)

@@ -107,3 +107,42 @@ def test_triton_update_follows_a_loaded_optimizer_state():
     trainer.train_step(batches[1])
     assert all(float(trainer.optimizer.state[p]["step"]) == 2 for p in trainer.params)
     assert torch.equal(old["exp_avg"], old_moment) and not torch.equal(new["exp_avg"], old_moment)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the step's shapes run compiled on CUDA (GPU check)")
+@pytest.mark.parametrize("mode", C.CLIP_GRAD_MODES)
+def test_update_kernels_at_the_step_shapes(mode):
+    """The clip coefficients and AdamW over ViT-S/16 + its K=65536 head on CUDA, ~7,000 programs racing for the
+    tickets of the last block of each tensor, three launches in a row (the tickets reset themselves): the torch
+    references' coefficients, norm and torch's fused AdamW with the clipped gradients."""
+    from fastdino.engine.head import DINOHead
+    from fastdino.engine.vit import build_backbone
+    from fastdino.kernels import adamw_step_, clip_coefficients
+    from fastdino.kernels.reference import clip_coefficients_ref
+
+    with torch.device("cuda"):
+        shapes = [p.shape for m in (build_backbone("vit_small", 16), DINOHead(384, 65536)) for p in m.parameters()]
+        expected = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        actual = [torch.nn.Parameter(p.detach().clone()) for p in expected]
+        optimizer = torch.optim.AdamW(expected, lr=1e-3, weight_decay=0.04, fused=True)
+        states = [{"step": torch.zeros(()), "exp_avg": torch.zeros(s), "exp_avg_sq": torch.zeros(s)} for s in shapes]
+        lr, wd = torch.tensor(1e-3), torch.tensor(0.04)
+    for step in range(3):
+        grads = [torch.randn(s, device="cuda") * (10.0 if i % 3 == 0 else 0.01) for i, s in enumerate(shapes)]
+        coefficients, norm, skip = clip_coefficients(grads, 3.0, mode, impl="triton")
+        # In fp64: over millions of squares torch's fp32 norm may be the one that is off (1e-4 seen on the CPU).
+        ref_coefficients, ref_norm, _ = clip_coefficients_ref([g.double() for g in grads], 3.0, mode)
+        assert_close(coefficients, ref_coefficients, atol=1e-6, rtol=1e-5, name=f"coefficients, step {step}")
+        assert_close(norm, ref_norm, atol=1e-6, rtol=1e-5, name=f"norm, step {step}")
+        ref_coefficients = ref_coefficients.float()
+        assert float(skip) == 0.0
+        for p, g, c in zip(expected, grads, ref_coefficients):
+            p.grad = g * c
+        optimizer.step()
+        adamw_step_(actual, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    [s["step"] for s in states], [lr] * len(shapes), [wd] * len(shapes), betas=(0.9, 0.999),
+                    eps=1e-8, grad_coefficients=coefficients, skip=skip, impl="triton")
+    assert all(float(s["step"]) == 3 for s in states), "a step count missed its ticket"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, atol=1e-5, rtol=1e-4, name=f"param {i} {tuple(a.shape)}")
