@@ -110,6 +110,31 @@ def ema_launch(student_dtype: torch.dtype, aligned: bool = True):
     return launch
 
 
+def update_launch(mode: str = "per_tensor"):
+    """The Triton update after backward (engine/update.py) over the parameters of ViT-S/16 + its DINO head: clip
+    coefficients, AdamW with them and a skip flag, the step statistics with the center (fp32 throughout)."""
+    from fastdino.engine.head import DINOHead
+    from fastdino.engine.vit import build_backbone
+
+    with torch.device("meta"):  # built outside the report's FakeTensorMode, as for the EMA
+        backbone = build_backbone("vit_small", 16)
+        shapes = [p.shape for m in (backbone, DINOHead(backbone.embed_dim, K)) for p in m.parameters()]
+
+    def launch():
+        from fastdino.kernels import adamw_step_, clip_coefficients, step_stats_update_
+
+        params, grads, moments, squares = ([fake_cuda(*s) for s in shapes] for _ in range(4))
+        steps = [fake_cuda() for _ in shapes]
+        lr, wd = fake_cuda(), fake_cuda()
+        coefficients, norm, skip = clip_coefficients(grads, 3.0, mode, impl="triton")
+        adamw_step_(params, grads, moments, squares, steps, [lr] * len(shapes), [wd] * len(shapes),
+                    betas=(0.9, 0.999), eps=1e-8, grad_coefficients=coefficients, skip=skip, zero_grads=True,
+                    impl="triton")
+        step_stats_update_(fake_cuda(7), fake_cuda(), fake_cuda(), norm, skip, fake_cuda(), fake_cuda(),
+                           fake_cuda(1, K), fake_cuda(1, K), impl="triton")
+    return launch
+
+
 # (label, launch). The kernels helper's entries go here too: one line per launcher variant the step uses.
 LAUNCHES = [
     ("loss, centering", loss_launch()),
@@ -122,6 +147,8 @@ LAUNCHES = [
     ("ema fp32/fp32, aligned", ema_launch(torch.float32)),
     ("ema fp32/bf16, aligned", ema_launch(torch.bfloat16)),
     ("ema fp32/fp32, unaligned", ema_launch(torch.float32, aligned=False)),
+    ("update: clip (per tensor), adamw, step stats", update_launch()),
+    ("update: clip (global), adamw, step stats", update_launch("global")),
 ]
 
 

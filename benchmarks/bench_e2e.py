@@ -11,7 +11,8 @@ Providers:
   (bf16 on CUDA): packed multi-crop forward with SDPA, stochastic depth that skips dropped images, Triton loss and
   EMA kernels, fused AdamW, no host sync.
 - fastdino-compile: the same Trainer with model.compile=true (each block, the head and the torch loss compiled);
-  the fastdino provider runs model.compile=false.
+  the fastdino provider runs model.compile=false and optim.cuda_graph=false (the eager step the step model costs).
+- fastdino-step-graph: the eager Trainer with optim.cuda_graph=step (the whole step replayed as one CUDA graph).
 - fastdino-selective: the fastdino provider (eager) with model.activation_checkpointing=selective (every block
   keeps its matmul and attention outputs and recomputes the rest in backward; engine/parallelize.py).
 
@@ -66,7 +67,7 @@ from fastdino.engine import config as C
 from fastdino.engine.model import build_model
 from fastdino.engine.train import Trainer
 
-PROVIDERS = ("official", "fastdino", "fastdino-compile", "fastdino-selective")
+PROVIDERS = ("official", "fastdino", "fastdino-compile", "fastdino-selective", "fastdino-step-graph")
 SOURCES = ("device", "jpeg")
 STEPS_PER_EPOCH = 1000  # schedule length only: every row stays far inside the recipe's first epochs
 MAX_SETTLE_STEPS = 30  # fp16 loss scaling from 2**16 needs one skipped step per halving
@@ -203,6 +204,8 @@ def build_provider(provider: str, cfg: C.TrainConfig, args, device: torch.device
         cfg = C.apply_overrides(cfg, overrides=["model.compile=true"])
     if provider == "fastdino-selective":
         cfg = C.apply_overrides(cfg, overrides=["model.activation_checkpointing=selective"])
+    if provider == "fastdino-step-graph":  # eager, the whole step replayed as one CUDA graph
+        cfg = C.apply_overrides(cfg, overrides=["optim.cuda_graph=step"])
     trainer = Trainer(cfg, steps_per_epoch=steps_per_epoch, device=device)
     skipped = [0]
 

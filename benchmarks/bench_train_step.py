@@ -13,7 +13,7 @@ without a GPU; on a GPU, compare it with the paper-shape step (a step shorter th
     python benchmarks/bench_train_step.py                        # GPU, paper shapes
     python benchmarks/bench_train_step.py --smoke --dtype float32  # CPU check
     python benchmarks/bench_train_step.py --host-overhead --dtype float32 --compile false,true
-    python benchmarks/bench_train_step.py --compile false,true [--cuda-graph] [--activation-checkpointing all]
+    python benchmarks/bench_train_step.py --compile false,true [--cuda-graph true|step] [--activation-checkpointing all]
     torchrun --nproc_per_node=8 benchmarks/bench_train_step.py     # FSDP2 over 8 GPUs (rank 0 prints)
 """
 import itertools
@@ -50,7 +50,8 @@ def parse_args():
     parser.add_argument("--mode", default="auto", choices=C.PARALLEL_MODES)
     parser.add_argument("--compile", default="auto", help="comma-separated model.compile values: auto, true, false")
     parser.add_argument("--activation-checkpointing", default="none", help="none, all, every-N or selective")
-    parser.add_argument("--cuda-graph", action="store_true", help="optim.cuda_graph: the update as CUDA graphs")
+    parser.add_argument("--cuda-graph", default="false", choices=C.CUDA_GRAPH_MODES,
+                        help="optim.cuda_graph: true = the update as CUDA graphs, step = the whole step as one")
     parser.add_argument("--head-dim", type=int, default=None, help="head.hidden_dim and head.bottleneck_dim")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -71,14 +72,14 @@ def parse_args():
 
 
 def config(args, world_size: int, loss_impl: str, *, compile_: str = "auto", activation_checkpointing: str = "none",
-           cuda_graph: bool = False, head_dim: int | None = None) -> C.TrainConfig:
+           cuda_graph: str = "false", head_dim: int | None = None) -> C.TrainConfig:
     overrides = [f"model.arch={args.arch}", f"model.patch_size={args.patch_size}",
                  f"model.img_size={args.global_size}", f"head.out_dim={args.out_dim}", f"loss.impl={loss_impl}",
                  f"data.batch_size={args.batch_size * world_size}", f"data.global_crops_size={args.global_size}",
                  f"data.local_crops_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
                  f"parallel.mode={args.mode}", f"parallel.precision={PRECISION[args.dtype]}",
                  f"model.compile={compile_}", f"model.activation_checkpointing={activation_checkpointing}",
-                 f"optim.cuda_graph={str(cuda_graph).lower()}",
+                 f"optim.cuda_graph={cuda_graph}",
                  "optim.freeze_last_layer_epochs=0"]  # time the full update: the last layer is frozen for 1 epoch
     if head_dim is not None:
         overrides += [f"head.hidden_dim={head_dim}", f"head.bottleneck_dim={head_dim}"]

@@ -60,6 +60,7 @@ COMPILE_CACHE = Path("/tmp/fastdino_compile_cache")  # on the GPU machine; lasts
 GPU_TESTS = {
     "tests/test_kernels_at_step_shapes.py::test_dino_loss_at_the_step_shapes": "kernels",
     "tests/test_kernels_at_step_shapes.py::test_ema_at_the_step_shapes": "kernels",
+    "tests/test_host.py::test_update_kernels_at_the_step_shapes": "kernels",
     "tests/test_dino_loss.py::test_matches_reference": "kernels",
     "tests/test_dino_loss.py::test_full_size_k_default_blocks": "kernels",
     "tests/test_dino_loss.py::test_teacher_probabilities": "kernels",
@@ -74,11 +75,15 @@ GPU_TESTS = {
     "tests/test_cuda.py::test_selective_checkpointing_on_cuda_recomputes_no_attention_and_keeps_less": "gpu_tests",
     "tests/test_cuda_graph.py::test_captured_graphs_equal_the_default_step_on_gpu": "gpu_tests",
     "tests/test_dinov2_objective.py::test_dinov2_step_on_cuda_bf16_compiled_follows_fp32_eager": "gpu_tests",
+    "tests/test_cuda_graph.py::test_captured_step_graph_equals_the_eager_step_on_gpu": "gpu_tests",
     "tests/test_pipelines.py::test_dali_on_the_gpu_agrees_with_the_reference": "dali_tests",
 }
 # The kernel test files, run whole on CUDA by the first step (their fp32/fp16 cases then run compiled kernels,
 # which CI runs in the interpreter only); the step-shape tests first.
-KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py", "tests/test_dino_loss.py", "tests/test_ema.py"]
+KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py",
+                     "tests/test_host.py::test_update_kernels_at_the_step_shapes",
+                     "tests/test_dino_loss.py", "tests/test_ema.py",
+                     "tests/test_clip_kernel.py", "tests/test_adamw_kernel.py", "tests/test_step_stats.py"]
 # The fused head + loss tests compile some 30 tl.dot kernel variants (both pairings, fp32 / fp16, odd sizes): a step
 # of their own with what is left, so that the kernels step keeps its slot.
 HEAD_TEST_FILES = ["tests/test_fused_head_loss.py"]
@@ -351,10 +356,10 @@ def summarize_ema(ctx: Context, record: dict) -> None:
 
 
 # The train-step rows: a tiny ViT on the CPU in smoke runs (the same rows, labelled with the smoke shapes).
-TRAIN_STEP_PROVIDERS = ["official", "fastdino", "fastdino-compile"]
+TRAIN_STEP_PROVIDERS = ["official", "fastdino", "fastdino-compile", "fastdino-step-graph"]
 # Batch 128 also runs selective checkpointing (issue 22's <= 12 GiB), before the compiled row: an eager row takes
 # seconds, the compiled one its compile, which could take the step's limit.
-TRAIN_STEP_B128_PROVIDERS = ["official", "fastdino", "fastdino-selective", "fastdino-compile"]
+TRAIN_STEP_B128_PROVIDERS = ["official", "fastdino", "fastdino-selective", "fastdino-step-graph", "fastdino-compile"]
 SMOKE_E2E = dict(archs=["vit_tiny/8"], batch=[2], args=["--embed-dim", "64", "--depth", "2", "--num-heads", "2",
                  "--out-dim", "256", "--local-crops", "2", "--global-size", "32", "--local-size", "16", "--steps", "1",
                  "--warmup", "1"])

@@ -5,6 +5,9 @@
 - "per_tensor": each gradient tensor whose own norm exceeds `max_norm` is scaled to norm `max_norm`; the others
   are left alone. This is the official DINO code's `utils.clip_gradients`, without its host sync per tensor.
 
+The Triton update (update.py, optim.impl=triton) computes the same coefficients in one launch (kernels/clip.py)
+and applies them inside AdamW.
+
 Both return the norm of all gradients together before clipping, a 0-d tensor that is the same on every rank. It is
 non-finite exactly when some gradient is, so the step uses it as its skip flag. Nothing here syncs the host.
 
@@ -18,8 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from fastdino.engine.config import CLIP_GRAD_MODES
 from fastdino.engine.parallelize import local_tensors
-
-EPS = 1e-6  # added to the norm before dividing, as torch's clip_grad_norm_ and the official clip_gradients do
+from fastdino.kernels.reference import CLIP_EPS as EPS  # the Triton path's (kernels/clip.py) as well
 
 
 @torch.no_grad()

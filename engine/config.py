@@ -32,6 +32,7 @@ ARCHS = {
 PARALLEL_MODES = ("auto", "fsdp", "ddp", "single")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CLIP_GRAD_MODES = ("global", "per_tensor")
+CUDA_GRAPH_MODES = ("auto", "false", "true", "step")
 TEACHER_TEMP_SCHEDULES = ("per_step", "per_epoch")
 LR_SCALINGS = ("linear_256", "sqrt_1024")
 
@@ -210,8 +211,13 @@ class OptimConfig:
     """global: the norm of all gradients together; per_tensor: each tensor's own norm, as the official code."""
     freeze_last_layer_epochs: float = 1
     """The head's last layer gets no update for this many epochs (DINO: helps the first epoch)."""
-    cuda_graph: bool = False
-    """Replay the step's part after backward (clip, AdamW, EMA, center, counters) as CUDA graphs (CUDA only)."""
+    cuda_graph: str = "auto"
+    """CUDA graphs: auto (true on CUDA outside FSDP2, else false), false, true (the step's part after backward --
+    clip, AdamW, EMA, center, counters -- replayed as graphs), step (the whole step captured as one graph while
+    its shapes and scalars stay the same: the teacher temperature, the last-layer freeze; CUDA only)."""
+    impl: str = "auto"
+    """The update after backward: triton (the clip, AdamW and the step statistics one Triton launch each), torch
+    (torch's clip and fused AdamW) or auto (triton on CUDA outside FSDP2, else torch)."""
     lr_scaling: str = "linear_256"
     """Peak lr from base_lr: linear_256 = base_lr * batch / 256 (DINO), sqrt_1024 = base_lr * sqrt(batch / 1024)
     (DINOv2 scaling_rule sqrt_wrt_1024)."""
@@ -233,9 +239,8 @@ class OptimConfig:
         _check_choice("optim.lr_scaling", self.lr_scaling, LR_SCALINGS)
         for name in ("layer_decay", "patch_embed_lr_mult"):
             _check(0 < getattr(self, name) <= 1, f"optim.{name} must be in (0, 1], got {getattr(self, name)}")
-        _check(not self.cuda_graph or (self.layer_decay == 1 and self.patch_embed_lr_mult == 1),
-               "optim.cuda_graph=true sets one lr for every parameter: set optim.layer_decay=1 and "
-               "optim.patch_embed_lr_mult=1, or optim.cuda_graph=false")
+        _check_choice("optim.cuda_graph", self.cuda_graph, CUDA_GRAPH_MODES)
+        _check_choice("optim.impl", self.impl, ("auto", "triton", "torch"))
 
 
 @dataclass(frozen=True)
@@ -372,12 +377,21 @@ class TrainConfig:
             _check(size % patch == 0, f"data.{name} ({size}) must be a multiple of model.patch_size ({patch})")
         _check(self.max_nonfinite_in_a_row > 0,
                f"max_nonfinite_in_a_row must be > 0, got {self.max_nonfinite_in_a_row}")
-        dinov2_terms = self.loss.ibot_weight > 0 or self.loss.koleo_weight > 0
-        _check(not (self.optim.cuda_graph and dinov2_terms),
-               "optim.cuda_graph=true does not capture the iBOT and KoLeo terms' statistics yet: set "
-               "optim.cuda_graph=false or loss.ibot_weight=loss.koleo_weight=0")
+        simple = self.plain_update()
+        _check(self.optim.cuda_graph in ("auto", "false") or simple,
+               f"optim.cuda_graph={self.optim.cuda_graph} captures one lr for every parameter and DINO's statistics "
+               "only (no iBOT/KoLeo terms, layer decay or patch-embed lr multiplier): set optim.cuda_graph=auto|false")
+        _check(self.optim.impl != "triton" or simple,
+               "optim.impl=triton sets one lr for every parameter and sums DINO's statistics only (no iBOT/KoLeo "
+               "terms, layer decay or patch-embed lr multiplier): set optim.impl=auto|torch")
         _check(self.loss.koleo_weight == 0 or self.data.batch_size >= 2,
                "loss.koleo_weight > 0 needs data.batch_size >= 2 (a nearest neighbour in each rank's batch)")
+
+    def plain_update(self) -> bool:
+        """Whether the step is DINO's with one lr for every parameter: what CUDA graphs and the Triton update
+        take (`auto` turns them on for such runs only)."""
+        return (self.loss.ibot_weight == 0 and self.loss.koleo_weight == 0 and self.optim.layer_decay == 1
+                and self.optim.patch_embed_lr_mult == 1)
 
 
 # Settings a resumed run may change (prefixes of dotted keys): when to stop, how often and where to log, when to
@@ -388,7 +402,8 @@ class TrainConfig:
 # How the same step is computed may change too (kernels, compilation, recomputation): only rounding differs.
 MAY_CHANGE_ON_RESUME = ("max_steps", "log_every", "eval.", "checkpoint.", "data.path", "data.num_workers",
                         "parallel.", "model.attention", "model.compile", "model.activation_checkpointing",
-                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "max_nonfinite_in_a_row", "logging.")
+                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "optim.impl", "max_nonfinite_in_a_row",
+                        "logging.")
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:

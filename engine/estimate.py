@@ -68,6 +68,7 @@ GIB = 2**30
 
 _FLOP_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}  # no bytes moved
+_PHASE_COUNTS = ("aten_ops", "triton_launches", "launches")
 _ROLES = ("weights", "gradients", "optimizer state", "activations", "logits/loss", "inputs", "temporaries", "other")
 
 
@@ -92,6 +93,8 @@ class _StepTrace(TorchDispatchMode):
         self.phase = "build"
         self.in_logits = 0  # depth of modules whose allocations are logits/loss (head last layer, loss)
         self.by_op: dict[str, _Launch] = defaultdict(_Launch)
+        # phase -> aten ops, Triton launches and GPU launches (kernels) in it: forward, backward, update (after it)
+        self.by_phase: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_PHASE_COUNTS, 0))
         self.live: dict[int, tuple[int, str]] = {}  # id(storage) -> (bytes, role)
         self.storages: dict[int, weakref.ref] = {}
         self.totals = dict.fromkeys(_ROLES, 0)
@@ -130,6 +133,7 @@ class _StepTrace(TorchDispatchMode):
         """Begin the measured step: the peak starts from what is live now (torch.cuda.reset_peak_memory_stats)."""
         self.measuring = True
         self.by_op.clear()
+        self.by_phase.clear()
         self.host_reads = 0
         self.peak, self.peak_roles, self.peak_phase = sum(self.totals.values()), dict(self.totals), self.phase
 
@@ -171,10 +175,12 @@ class _StepTrace(TorchDispatchMode):
         if func.overloadpacket in flop_registry:
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
         dtype = next((t.dtype for t in cuda_inputs if t.is_floating_point()), torch.float32)
-        self.add(f"aten.{name}", nbytes, flops, dtype)
+        self.add(f"aten.{name}", nbytes, flops, dtype, kernels=_foreach_kernels(name, args))
 
-    def add(self, name: str, nbytes: int, flops: int = 0, dtype: torch.dtype = torch.float32) -> None:
-        """Count one launch of `name` moving `nbytes` and doing `flops` (matrix-product FLOPs at `dtype`'s peak)."""
+    def add(self, name: str, nbytes: int, flops: int = 0, dtype: torch.dtype = torch.float32, *,
+            phase: str | None = None, kernels: int = 1) -> None:
+        """Count one launch of `name` moving `nbytes` and doing `flops` (matrix-product FLOPs at `dtype`'s peak), in
+        `phase` (default: the current one); `kernels`: the GPU kernels it takes (a foreach op's per-tensor path)."""
         ms = max(nbytes / (self.gpu.hbm_tb_s * 1e12 * HBM_EFFICIENCY),
                  flops / (self.gpu.tflops[_FLOP_DTYPES.get(dtype, "fp32")] * 1e12 * FLOP_EFFICIENCY)) * 1e3
         entry = self.by_op[name]
@@ -182,6 +188,23 @@ class _StepTrace(TorchDispatchMode):
         entry.bytes += nbytes
         entry.flops += flops
         entry.ms += ms
+        counts = self.by_phase[phase or self.phase]
+        counts["aten_ops" if name.startswith("aten.") else "triton_launches"] += 1
+        if nbytes or flops:
+            counts["launches"] += kernels
+
+
+def _foreach_kernels(name: str, args) -> int:
+    """GPU kernels of one aten op: a foreach op over tensor pairs of different shapes (`_foreach_mul_(grads,
+    list_of_0d_tensors)`: the per-tensor clip of torch's path) leaves torch's multi-tensor kernel for one kernel
+    per tensor; every other op counts as one."""
+    if not name.startswith("_foreach_") or len(args) < 2:
+        return 1
+    first, second = args[0], args[1]
+    if (isinstance(second, (list, tuple)) and second and isinstance(second[0], torch.Tensor)
+            and any(a.shape != b.shape for a, b in zip(first, second))):
+        return len(first)
+    return 1
 
 
 HOST_NUMEL = 4096
@@ -322,39 +345,50 @@ def _dtype_bytes(tl_dtype) -> int:
 
 
 def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> None:
-    """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`). The
-    loss's combine kernel takes the shapes of the forward kernel launched right before it."""
-    from fastdino.kernels import (dino_loss_launch_bytes, ema_launch_bytes, fused_head_loss_launch_cost,
-                                  sinkhorn_launch_cost, weight_norm_bwd_bytes)
-    from fastdino.kernels.ema import BLOCK
+    """Cost the recorded Triton launches from the bytes the kernels report (kernels/*.py `*_launch_bytes`), each in
+    the phase it was launched in. The loss's combine kernel takes the shapes of the forward kernel launched right
+    before it."""
+    from fastdino.kernels import (adamw, clip, dino_loss_launch_bytes, ema, ema_launch_bytes,
+                                  fused_head_loss_launch_cost, sinkhorn_launch_cost, weight_norm_bwd_bytes)
 
     loss_bytes = None
     for name, args in launches:
+        phase = args["_phase"]
         if name == "_ema_update_kernel":  # whole blocks per program: the last block of each tensor is counted full
-            numel = args["table_ptr"].shape[0] * BLOCK
+            numel = args["table_ptr"].shape[0] * ema.BLOCK
             trace.add(f"triton.{name}", ema_launch_bytes(numel, _dtype_bytes(args["T_DTYPE"]),
-                                                         _dtype_bytes(args["S_DTYPE"]))[name])
+                                                         _dtype_bytes(args["S_DTYPE"]))[name], phase=phase)
+        elif name == "_clip_coefficients_kernel":
+            numel = args["table_ptr"].shape[0] * clip.BLOCK
+            trace.add(f"triton.{name}", clip.clip_launch_bytes(numel, _dtype_bytes(args["G_DTYPE"]))[name],
+                      phase=phase)
+        elif name == "_adamw_kernel":
+            numel = args["table_ptr"].shape[0] * adamw.BLOCK
+            trace.add(f"triton.{name}", adamw.adamw_launch_bytes(numel)[name], phase=phase)
+        elif name == "_step_stats_kernel":  # the center read and written (on a skipped step)
+            trace.add(f"triton.{name}", 8 * args["n_center"] + 64, phase=phase)
         elif name in ("_dino_loss_fwd_kernel", "_dino_loss_bwd_kernel"):
             loss_bytes = dino_loss_launch_bytes(args["n_batch"], args["n_crops"], args["n_cols"],
                                                 args["s_ptr"].element_size(), args["t_ptr"].element_size())
-            trace.add(f"triton.{name}", loss_bytes[name])
+            trace.add(f"triton.{name}", loss_bytes[name], phase=phase)
         elif name == "_dino_loss_combine_kernel":  # launched right after the forward kernel
-            trace.add(f"triton.{name}", loss_bytes[name])
+            trace.add(f"triton.{name}", loss_bytes[name], phase=phase)
         elif name in ("_fused_head_loss_fwd_kernel", "_fused_head_loss_bwd_kernel"):
             features = args["hs_ptr"]
             nbytes, flops = fused_head_loss_launch_cost(
                 "crops" if args["CROPS"] else "rows", args["n_images"], args["n_crops"], args["n_cols"],
                 args["n_dim"], features.element_size(), args["vs_ptr"].element_size(),
                 args["col_stop"] - args["col_start"] if "col_stop" in args else None)[name]
-            trace.add(f"triton.{name}", nbytes, flops, features.dtype)
+            trace.add(f"triton.{name}", nbytes, flops, features.dtype, phase=phase)
         elif name == "_weight_norm_bwd_kernel":
             trace.add(f"triton.{name}", weight_norm_bwd_bytes(
-                args["n_rows"], args["n_dim"], args["u_ptr"].element_size(), args["v_ptr"].element_size()))
+                args["n_rows"], args["n_dim"], args["u_ptr"].element_size(), args["v_ptr"].element_size()),
+                phase=phase)
         elif name in ("_sinkhorn_col_kernel", "_sinkhorn_row_kernel"):
             features = args["h_ptr"]
             nbytes, flops = sinkhorn_launch_cost(args["n_rows"], args["n_cols"], args["n_dim"],
                                                  features.element_size(), args["v_ptr"].element_size())[name]
-            trace.add(f"triton.{name}", nbytes, flops, features.dtype)
+            trace.add(f"triton.{name}", nbytes, flops, features.dtype, phase=phase)
         else:
             raise NotImplementedError(f"the step model has no byte count for the Triton kernel {name}")
 
@@ -395,7 +429,7 @@ def _fake_cuda(gpu: GPU):
         # Tensors as their shape and dtype only: a kept reference would keep the buffer alive in the memory model.
         described = {name: _TensorInfo(a.shape, a.dtype) if isinstance(a, torch.Tensor) else a
                      for name, a in zip(names, args)}
-        launches.append((kernel.fn.__name__, described | kwargs))
+        launches.append((kernel.fn.__name__, described | kwargs | {"_phase": trace.phase}))
 
     trace = _StepTrace(gpu)
     backward = _Backward(trace)
@@ -494,7 +528,8 @@ def _summary(trace: _StepTrace, batch: int, gpu: GPU, extra: dict) -> dict:
         "img_per_s": batch / step_ms * 1e3,
         "gflop_per_image": flops / batch / 1e9,
         "aten_ops": sum(e.count for e in aten.values()),
-        "launches": sum(e.count for e in trace.by_op.values() if e.bytes or e.flops),
+        "launches": sum(counts["launches"] for counts in trace.by_phase.values()),
+        "by_phase": {phase: dict(counts) for phase, counts in trace.by_phase.items()},
         "host_reads": trace.host_reads,
         "batch_per_rank": batch,
         "peak_phase": trace.peak_phase,
@@ -592,7 +627,9 @@ def estimate_step(cfg: TrainConfig, gpu: str = "h100", *, world_size: int = 1,
     """The step model for `cfg` on one of `world_size` ranks (per-rank batch data.batch_size / world_size) of GPU
     `gpu` (a key of GPUS): {"fastdino": {...}, "official": {...}} (the formulations named in `which`), each with
     peak_gib (what torch.cuda.max_memory_allocated would read), step_ms and img_per_s (roofline, per rank),
-    gflop_per_image, aten_ops (non-view aten ops of one step), launches, host_reads, peak_by_role_gib (what holds
+    gflop_per_image, aten_ops (non-view aten ops of one step), launches (GPU kernels: aten ops moving bytes, a
+    foreach op off torch's multi-tensor path once per tensor, Triton launches), by_phase (aten_ops,
+    triton_launches and launches of the forward, backward and update phases), host_reads, peak_by_role_gib (what holds
     the peak), by_op (count, GB, GFLOP and ms per aten op or Triton kernel, most bytes first) and the model's
     constants (gpu, efficiencies). The step is eager (model.compile and optim.cuda_graph set off) and
     single-rank. The module docstring has the method and what it ignores."""

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastdino.kernels.reference import N_STEP_STATS, add_step_stats_
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,26 +39,19 @@ class StepStats:
     TERMS = ("dino_loss", "ibot_loss", "koleo_loss", "teacher_patch_entropy")
 
     def __init__(self, device: torch.device):
+        assert len(self.FIELDS) == N_STEP_STATS
         self.values = torch.zeros(len(self.FIELDS) + len(self.TERMS), device=device)
+        self.fields = self.values[:N_STEP_STATS]  # a view: what the Triton update (kernels/step_stats.py) adds to
 
     def update(self, loss: torch.Tensor, entropy: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor,
                nonfinite: torch.Tensor, terms: torch.Tensor | None = None) -> None:
         """Add one step (0-d device tensors; `skipped` and `nonfinite` are bool; `terms` the (len(TERMS),) values
-        of the named loss terms, or None). No host sync."""
-        v = dict(zip(self.FIELDS, self.values.unbind()))
-        in_a_row = (v["nonfinite_in_a_row"] + 1) * nonfinite
-        term_sums = self.values[len(self.FIELDS):]
+        of the named loss terms, or None). No host sync. (The Triton update adds the FIELDS with
+        kernels/step_stats.py instead, in one launch; it runs without terms.)"""
+        add_step_stats_(self.fields, loss, entropy, grad_norm, skipped, nonfinite)
         if terms is not None:
-            term_sums = term_sums + torch.where(nonfinite, 0.0, terms.float())
-        self.values.copy_(torch.cat([torch.stack([  # in place: a CUDA graph of the step keeps writing this tensor
-            v["loss_sum"] + torch.where(nonfinite, 0.0, loss.float()),
-            v["entropy_sum"] + torch.where(nonfinite, 0.0, entropy.float()),
-            v["finite_steps"] + ~nonfinite,
-            v["skipped_steps"] + skipped,
-            in_a_row,
-            torch.maximum(v["max_nonfinite_in_a_row"], in_a_row),
-            grad_norm.float(),
-        ]), term_sums]))
+            term_sums = self.values[N_STEP_STATS:]
+            term_sums.copy_(term_sums + torch.where(nonfinite, 0.0, terms.float()))
 
     def read(self, process_group=None, *, reset: bool = True) -> dict[str, float]:
         """Means since the last read and the counters, reduced over ranks (collective when torch.distributed is

@@ -35,8 +35,8 @@ from fastdino.engine.checkpoint import (
     set_rng_states,
 )
 from fastdino.engine.clipping import clip_gradients_
-from fastdino.engine.config import TrainConfig, to_dict
-from fastdino.engine.cuda_graph import PostBackwardGraphs
+from fastdino.engine.config import TrainConfig, checkpoint_every, to_dict
+from fastdino.engine.cuda_graph import PostBackwardGraphs, StepGraph, resolve_cuda_graph
 from fastdino.engine.eval import KNNDataError, knn_accuracy
 from fastdino.engine.ibot_loss import iBOTPatchLoss
 from fastdino.engine.koleo_loss import KoLeoLoss
@@ -66,6 +66,8 @@ from fastdino.engine.parallelize import (
 from fastdino.engine.model import Outputs, build_model, initial_state
 from fastdino.engine.schedules import Schedules
 from fastdino.engine.stop import StopRequest
+from fastdino.engine.update import TritonUpdate, resolve_update_impl
+from fastdino.engine.weight_cast import WeightCasts
 from fastdino.kernels import EMAUpdate
 from fastdino.pipelines.masking import MaskBatch, MaskingConfig
 
@@ -156,6 +158,7 @@ class Trainer:
         self._init_optimizer_state()
         # Its launch plan is built at the first step; storage moves are checked at log steps (`_log`), not per step.
         self.ema = EMAUpdate(self.teacher_params, self.params, check_storage=False)
+        self.weight_casts = self._weight_casts()
         ncrops = 2 + cfg.data.local_crops_number
         self.loss_fn = DINOLoss(cfg.head.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                                 cfg.loss.warmup_teacher_temp_epochs, cfg.epochs, cfg.loss.student_temp,
@@ -179,7 +182,13 @@ class Trainer:
         self.loss_scale = DynamicLossScale(device) if self.precision.loss_scaling else None
         self.stats = StepStats(device)
         self.patch_collapse: CollapseWatch | None = None  # the iBOT teacher's, set by `train`
-        self.graphs = PostBackwardGraphs(self) if cfg.optim.cuda_graph else None
+        # This step's lr, weight decay and teacher momentum on the device: one copy per step, read by the Triton
+        # update and by CUDA graphs.
+        self.schedule_values = torch.zeros(3, device=device)
+        self.update_impl = resolve_update_impl(cfg.optim.impl, device, self.mode, cfg.plain_update())
+        self.triton_update = TritonUpdate(self, self.schedule_values) if self.update_impl == "triton" else None
+        cuda_graph = resolve_cuda_graph(cfg.optim.cuda_graph, device, self.mode, cfg.plain_update())
+        self.graphs = {"true": PostBackwardGraphs, "step": StepGraph}.get(cuda_graph, lambda _: None)(self)
         self.step = 0
         self.next_step_rng = None  # (cpu, cuda) RNG states set right before the next step (resume, time budget)
         self.trained_seconds = 0.0  # training wall time of the earlier runs of this output folder
@@ -235,6 +244,14 @@ class Trainer:
             student = apply_ddp(student, self.mesh, self.device)
         return student, teacher
 
+    def _weight_casts(self) -> tuple[WeightCasts, WeightCasts] | None:
+        """(teacher, student) run on one cast of their weights per step (weight_cast.py says when), or None."""
+        dtype = self.precision.autocast_dtype
+        if (dtype is None or self.mode != "single" or self.compile
+                or checkpoint_every(self.cfg.model.activation_checkpointing)):
+            return None
+        return WeightCasts(self.teacher, dtype, trains=False), WeightCasts(self.student, dtype, trains=True)
+
     def _init_optimizer_state(self) -> None:
         """Create AdamW's state for every parameter now, as its first real step would (zero moments, step 0), by a
         skipped step on zero gradients. Otherwise a parameter without state yet (the frozen last layer) gets a fake
@@ -259,37 +276,49 @@ class Trainer:
         """One step on this rank's crops (2 global first, then the local ones, each (B, 3, H, W)); with iBOT,
         `masks` are the global crops' (default: the batch's own, `crops.masks` of a CropBatch)."""
         values = self.schedules.at(self.step)
+        self.schedule_values.copy_(torch.tensor([values.lr, values.weight_decay, values.teacher_momentum]),
+                                   non_blocking=True)  # from pageable memory: staged at once, no sync
         if self.graphs is not None:
-            self.graphs.set_schedule(values)
+            self.graphs.set_schedule()
         else:
             for i, group in enumerate(self.optimizer.param_groups):
                 group["lr"] = values.lr * group.get("lr_multiplier", 1.0)
                 wd_multiplier = group.get("wd_multiplier", float(i == 0))  # groups saved before the multipliers
                 if wd_multiplier:
                     group["weight_decay"] = values.weight_decay * wd_multiplier
+        if isinstance(self.graphs, StepGraph):
+            self.graphs.run(crops, values)
+        else:
+            self.device_step(crops, values, masks)
+        self.step += 1
+
+    def device_step(self, crops: list[torch.Tensor], values, masks: MaskBatch | None = None) -> None:
+        """The step's device work for the schedule `values` (schedules.py): forward, loss, backward, update."""
         center = self.loss_fn.center.clone()
         ibot_center = self.ibot_fn.center.clone() if self.ibot_fn is not None else None
-
         fused = self.cfg.loss.fused_head  # the models stop at the bottleneck; the loss applies the last layers
+        teacher, student = self.weight_casts or (self.teacher, self.student)
         with self._autocast():
             if self.ibot_fn is None and self.koleo_fn is None:  # DINO: the official step
                 with torch.no_grad():
-                    teacher_out = self.teacher(crops[:2], bottleneck=fused)  # (2*B, K), fused: (2*B, D)
-                student_out = self.student(crops, bottleneck=fused)  # (V*B, K), fused: (V*B, D)
+                    teacher_out = teacher(crops[:2], bottleneck=fused)  # (2*B, K), fused: (2*B, D)
+                student_out = student(crops, bottleneck=fused)  # (V*B, K), fused: (V*B, D)
                 loss = self._loss(student_out, teacher_out, values.teacher_temp)
                 terms = None
             else:
-                loss, terms = self._dinov2_loss(crops, self._masks(crops, masks), values.teacher_temp)
+                loss, terms = self._dinov2_loss(teacher, student, crops, self._masks(crops, masks),
+                                                values.teacher_temp)
         (loss * self.loss_scale.scale if self.loss_scale else loss).backward()
 
         if values.freeze_last_layer:
             self.model.cancel_last_layer_gradients()
-        if self.graphs is not None:
+        if isinstance(self.graphs, PostBackwardGraphs):
             self.graphs.run(loss, center, frozen=values.freeze_last_layer)
+        elif self.graphs is not None:  # inside the step's graph: the schedule comes from the device
+            self.graphs.update(loss.detach(), self.loss_fn.last_teacher_entropy, center)
         else:
             self.after_backward(loss.detach(), self.loss_fn.last_teacher_entropy, center, values.teacher_momentum,
                                 terms=terms, ibot_center=ibot_center)
-        self.step += 1
 
     def _masks(self, crops, masks: MaskBatch | None) -> MaskBatch | None:
         if self.ibot_fn is None:
@@ -304,7 +333,7 @@ class Trainer:
         """The masks the loader must draw for this run (None without iBOT)."""
         return masking_config(self.cfg)
 
-    def _dinov2_loss(self, crops: list[torch.Tensor], masks: MaskBatch | None,
+    def _dinov2_loss(self, teacher, student, crops: list[torch.Tensor], masks: MaskBatch | None,
                      teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """DINOv2's objective (dinov2/train/ssl_meta_arch.py: forward_backward) as a sum of named terms: the DINO
         loss over the global and local pairs (normalised by the number of pairs, as DINOLoss and DINOv2), plus
@@ -318,9 +347,9 @@ class Trainer:
         index = masks.indices if masks is not None else None
         fused = cfg.loss.fused_head  # KoLeo with the fused DINO head + loss (config.py refuses it with iBOT)
         with torch.no_grad():  # KoLeo alone: the teacher's CLS outputs only
-            teacher = (self.teacher(crops[:2], patch_index=index) if index is not None
-                       else Outputs(self.teacher(crops[:2], bottleneck=fused), None, None))
-        student = self.student(crops, masks=masks.masks if masks is not None else None, patch_index=index,
+            teacher = (teacher(crops[:2], patch_index=index) if index is not None
+                       else Outputs(teacher(crops[:2], bottleneck=fused), None, None))
+        student = student(crops, masks=masks.masks if masks is not None else None, patch_index=index,
                                cls_tokens=koleo is not None, bottleneck=fused)
         dino = self._loss(student.cls, teacher.cls, teacher_temp)
         loss, zero = dino, torch.zeros((), device=dino.device)
@@ -354,7 +383,12 @@ class Trainer:
         optim.cuda_graph can capture it (cuda_graph.py). `loss` and `entropy` are the step's, `center` the center
         before this step's loss (restored on a skipped step). With `lr` and `weight_decay` (0-d tensors, the graphs'
         inputs) AdamW's decoupled weight decay is applied here, before its update, instead of by AdamW. `terms`: the
-        named loss terms (StepStats.TERMS); `ibot_center`: the iBOT center before this step (restored on a skip)."""
+        named loss terms (StepStats.TERMS); `ibot_center`: the iBOT center before this step (restored on a skip).
+        On the Triton path (update.py; DINO's step only: config.plain_update) the schedule comes from
+        `schedule_values` and `teacher_momentum`, `lr` and `weight_decay` are not read."""
+        if self.triton_update is not None:
+            self.triton_update(loss, entropy, center, keep_grads=self.graphs is not None)
+            return
         if self.loss_scale:
             self.loss_scale.unscale_([p.grad for p in self.params if p.grad is not None])
         grad_norm = clip_gradients_(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_grad_mode)

@@ -119,3 +119,9 @@ def check_dino_loss_args(student_logits, teacher, center, student_temp, teacher_
     check_positive("student_temp", student_temp)
     check_positive("teacher_temp", teacher_temp)
     return batch, k
+
+
+def block_rows(numels, block: int) -> list[tuple[int, int]]:
+    """The (tensor index, block index) row of every program of a multi-tensor launch over tensors of `numels`
+    elements in blocks of `block`: a tensor's blocks are consecutive rows. Built from Python ints, no tensor op."""
+    return [(i, b) for i, n in enumerate(numels) for b in range(-(-n // block))]

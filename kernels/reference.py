@@ -108,3 +108,78 @@ def ema_update_ref(teacher_params, student_params, momentum) -> str:
     else:
         torch._foreach_lerp_(teachers, students, 1.0 - momentum)
     return "foreach"
+
+
+CLIP_MODES = ("global", "per_tensor")
+CLIP_EPS = 1e-6  # added to the norm before dividing, as torch's clip_grad_norm_ and the official clip_gradients do
+
+
+def clip_coefficients_ref(grads, max_norm: float, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(coefficients (n,), total norm, skip flag) of `clip_coefficients` (kernels/clip.py), in fp32: per tensor
+    min(1, max_norm / (||g_i|| + eps)) ("per_tensor", the official clip_gradients) or min(1, max_norm / (total +
+    eps)) ("global"), 1 with max_norm 0; the flag is 1.0 when the total norm is not finite. fp64 gradients are
+    measured in fp64 (a reference for the tests), others in fp32."""
+    norms = torch.stack(torch._foreach_norm([g if g.dtype == torch.float64 else g.float() for g in grads]))
+    total = norms.square().sum().sqrt()
+    norm = norms if mode == "per_tensor" else total.expand_as(norms)
+    coefficients = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norms)
+    return coefficients, total, (~torch.isfinite(total)).float()
+
+
+@torch.no_grad()
+def adamw_step_ref(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays, *, betas, eps,
+                   grad_coefficients=None, skip=None, zero_grads=False) -> None:
+    """`adamw_step_` (kernels/adamw.py) as torch's fused AdamW computes it, one tensor at a time."""
+    beta1, beta2 = betas
+    keep = None if skip is None else 1 - skip  # 1.0: update, 0.0: leave everything as it is
+    for i, (p, g, m, v, step, lr, wd) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, lrs,
+                                                        weight_decays)):
+        g = g if grad_coefficients is None else g * grad_coefficients[i]
+        t = step + 1
+        new_p = p - lr * wd * p
+        new_m = beta1 * m + (1 - beta1) * g
+        new_v = beta2 * v + (1 - beta2) * g * g
+        denom = new_v.sqrt() / (1 - beta2 ** t).sqrt() + eps
+        new_p = new_p - lr / (1 - beta1 ** t) * new_m / denom
+        if keep is not None:
+            new_p, new_m, new_v, t = (torch.where(keep > 0, new, old) for new, old in
+                                      ((new_p, p), (new_m, m), (new_v, v), (t, step)))
+        p.copy_(new_p)
+        m.copy_(new_m)
+        v.copy_(new_v)
+        step.copy_(t)
+        if zero_grads:
+            grads[i].zero_()
+
+
+N_STEP_STATS = 7  # loss sum, entropy sum, finite steps, skipped steps, non-finite in a row, longest such run, norm
+
+
+@torch.no_grad()
+def add_step_stats_(values, loss, entropy, grad_norm, skipped, nonfinite) -> None:
+    """Add one step to the (7,) accumulators `values` in place (`skipped`, `nonfinite`: 0-d bool tensors)."""
+    loss_sum, entropy_sum, finite, skipped_steps, in_a_row, longest, _ = values.unbind()
+    in_a_row = (in_a_row + 1) * nonfinite
+    values.copy_(torch.stack([  # in place: a CUDA graph of the step keeps writing this tensor
+        loss_sum + torch.where(nonfinite, 0.0, loss.float()),
+        entropy_sum + torch.where(nonfinite, 0.0, entropy.float()),
+        finite + ~nonfinite,
+        skipped_steps + skipped,
+        in_a_row,
+        torch.maximum(longest, in_a_row),
+        grad_norm.float(),
+    ]))
+
+
+@torch.no_grad()
+def step_stats_ref(values, loss, entropy, grad_norm, skip, momentum, momentum_out, center=None, center_before=None,
+                   *, skip_is_nonfinite: bool = True) -> None:
+    """`step_stats_update_` (kernels/step_stats.py) in torch ops, in place."""
+    skipped = skip != 0
+    nonfinite = ~torch.isfinite(loss)
+    if skip_is_nonfinite:
+        nonfinite |= skipped
+    add_step_stats_(values, loss, entropy, grad_norm, skipped, nonfinite)
+    momentum_out.copy_(torch.where(skipped, 1.0, momentum.float()))
+    if center is not None:
+        center.copy_(torch.where(skipped, center_before, center))

@@ -206,8 +206,8 @@ def test_bad_arguments(case, impl):
 
 
 def test_kernels_compile_for_h100():
-    """All Triton kernels of fastdino.kernels (loss and EMA) compile to sm_90 code without spills, and the EMA's
-    aligned full blocks use 128-bit accesses, without a GPU, which the interpreter alone does not prove. Runs
+    """All Triton kernels of fastdino.kernels (loss, EMA, the update) compile to sm_90 code without spills, and the
+    EMA's aligned full blocks use 128-bit accesses, without a GPU, which the interpreter alone does not prove. Runs
     `benchmarks/aot_report.py --check` in a fresh process, where TRITON_INTERPRET is unset."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

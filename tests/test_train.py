@@ -67,11 +67,12 @@ def test_last_layer_is_frozen_only_during_its_epochs():
     assert not torch.equal(before, last)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])  # optim.impl: torch's update, or the Triton launches
 @pytest.mark.parametrize("clip_mode", C.CLIP_GRAD_MODES)
-def test_non_finite_loss_skips_the_update_counts_it_and_stops_the_run(monkeypatch, clip_mode):
+def test_non_finite_loss_skips_the_update_counts_it_and_stops_the_run(monkeypatch, clip_mode, impl):
     from fastdino.engine.train import NonFiniteLossError
 
-    cfg = tiny_config("max_nonfinite_in_a_row=3", f"optim.clip_grad_mode={clip_mode}")
+    cfg = tiny_config("max_nonfinite_in_a_row=3", f"optim.clip_grad_mode={clip_mode}", f"optim.impl={impl}")
     trainer = make_trainer(cfg)
     batches = synthetic_batches(cfg, 8)
     trainer.train_step(batches[0])
@@ -143,9 +144,11 @@ def test_fp16_loss_scale_skips_backs_off_and_grows():
     assert scale.scale.item() == 8.0 and scale.good_steps.item() == 0
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("clip_mode", C.CLIP_GRAD_MODES)
-def test_fp16_overflows_back_off_the_loss_scale_without_counting_as_divergence(clip_mode):
-    cfg = tiny_config("parallel.precision=fp16", "max_nonfinite_in_a_row=1", f"optim.clip_grad_mode={clip_mode}")
+def test_fp16_overflows_back_off_the_loss_scale_without_counting_as_divergence(clip_mode, impl):
+    cfg = tiny_config("parallel.precision=fp16", "max_nonfinite_in_a_row=1", f"optim.clip_grad_mode={clip_mode}",
+                      f"optim.impl={impl}")
     trainer = make_trainer(cfg)
     for crops in synthetic_batches(cfg, 12):
         trainer.train_step(crops)
