@@ -78,7 +78,7 @@ def test_step_loss_and_gradients_are_dinov2s(separate):
     expected.backward()
     expected_grads = [p.grad.clone() for p in trainer.params]
     trainer.student.zero_grad()
-    loss, named = trainer._dinov2_loss(crops, masks, temp)
+    loss, named = trainer._dinov2_loss(trainer.teacher, trainer.student, crops, masks, temp)
     loss.backward()
     assert_close(loss, expected, atol=1e-5, rtol=1e-5, name="loss")
     assert_close(named[0], terms["dino_local"] + terms["dino_global"], atol=1e-5, rtol=1e-5, name="dino")

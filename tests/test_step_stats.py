@@ -35,7 +35,7 @@ def test_matches_reference_and_step_stats(skip_is_nonfinite):
         loss_t, entropy, norm, skip_t, _ = scalars
         nonfinite = ~torch.isfinite(loss_t) | ((skip_t != 0) if skip_is_nonfinite else torch.tensor(False))
         stats.update(loss_t, entropy, norm, skip_t != 0, nonfinite)
-        assert_close(values["torch"], stats.values, atol=1e-7, rtol=1e-7, name=f"StepStats after step {i}")
+        assert_close(values["torch"], stats.fields, atol=1e-7, rtol=1e-7, name=f"StepStats after step {i}")
 
 
 def test_misuse_names_the_argument():
