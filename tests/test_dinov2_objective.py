@@ -299,7 +299,7 @@ def test_dinov2_step_on_cuda_bf16_compiled_follows_fp32_eager():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["loss.ibot_weight=1", "loss.fused_head=true"], "not yet the iBOT term"),
+    (["loss.ibot_weight=1", "loss.ibot_impl=triton"], "loss.ibot_impl"),
     (["loss.koleo_weight=0.1", "optim.cuda_graph=true"], "cuda_graph"),
     (["optim.layer_decay=0.9", "optim.cuda_graph=true"], "one lr for every parameter"),
     (["loss.koleo_weight=0.1", "data.batch_size=1"], "nearest neighbour"),
