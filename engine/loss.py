@@ -176,7 +176,8 @@ class DINOLoss(nn.Module):
         teacher_temp = self._teacher_temp(epoch, teacher_temp)
         sinkhorn = self.teacher_norm == "sinkhorn_knopp"
         center = (sinkhorn_center(teacher_features, teacher_weight_v, teacher_temp, teacher_gain=teacher_gain,
-                                  all_reduce=all_reduce_hook(self.process_group), impl=self.impl) if sinkhorn else self.center)
+                                  all_reduce=all_reduce_hook(self.process_group), impl=self.impl)
+                  if sinkhorn else self.center)
         loss, colsum, entropy = fused_head_loss(student_features, student_weight_v, teacher_features,
                                                 teacher_weight_v, center, self.student_temp, teacher_temp,
                                                 pairing="crops", ncrops=self.ncrops, student_gain=student_gain,
