@@ -13,8 +13,9 @@ Providers: `torch` (DINOv2's formulation, eager), `compile` (torch.compile of th
     python benchmarks/bench_ibot_loss.py --model --gpu h200                # step model: the term's memory and time
 
 `--model` runs `fastdino estimate` (engine/estimate.py) on the dinov2_vit_small14 preset at each batch with
-loss.ibot_weight 1 and 0 (KoLeo on in both) and prints the difference: what the iBOT term adds to one step's peak
-memory and roofline time (the head on the masked rows, the losses, the mask token), modelled, no GPU needed.
+loss.ibot_weight 0 and 1 (KoLeo on in both; the term in DINOv2's formulation, loss.ibot_impl=torch, and on the
+fused head + loss, fused) and prints the differences: what the iBOT term adds to one step's peak memory and
+roofline time (the head on the masked rows, the losses, the mask token), modelled, no GPU needed.
 """
 import torch
 import torch.nn.functional as F
@@ -48,17 +49,19 @@ def model_table(args):
     from fastdino.engine import config as C
     from fastdino.engine.estimate import estimate_step
 
-    table = Table(["B", "M", "ibot", "peak_GiB", "step_ms", "term_GiB", "term_ms"], args.csv)
+    table = Table(["B", "M", "ibot", "ibot_impl", "peak_GiB", "step_ms", "term_GiB", "term_ms"], args.csv)
     for batch in args.batch:
         rows = {}
-        for weight in (0.0, 1.0):
+        for weight, impl in ((0.0, "torch"), (1.0, "torch"), (1.0, "fused")):
             cfg = C.apply_overrides(C.dinov2_vit_small14(), overrides=[
-                f"data.batch_size={batch}", f"loss.ibot_weight={weight}", f"head.out_dim={args.K}"])
-            rows[weight] = estimate_step(cfg, args.gpu, which=("fastdino",))["fastdino"]
-        for weight, row in rows.items():
+                f"data.batch_size={batch}", f"loss.ibot_weight={weight}", f"loss.ibot_impl={impl}",
+                f"head.out_dim={args.K}"])
+            rows[weight, impl] = estimate_step(cfg, args.gpu, which=("fastdino",))["fastdino"]
+        off = rows[0.0, "torch"]
+        for (weight, impl), row in rows.items():
             table.add(B=batch, M=masked_rows(batch, args.grid) if weight else 0, ibot=weight,
-                      peak_GiB=row["peak_gib"], step_ms=row["step_ms"],
-                      term_GiB=row["peak_gib"] - rows[0.0]["peak_gib"], term_ms=row["step_ms"] - rows[0.0]["step_ms"])
+                      ibot_impl=impl if weight else "-", peak_GiB=row["peak_gib"], step_ms=row["step_ms"],
+                      term_GiB=row["peak_gib"] - off["peak_gib"], term_ms=row["step_ms"] - off["step_ms"])
 
 
 def main():

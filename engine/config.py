@@ -160,7 +160,7 @@ class LossConfig:
     log-softmax), fused (the patches' bottleneck features and the iBOT head's last layer into the fused head + loss,
     kernels/fused_head_loss.py: no (M, K) tensor) or auto (fused on CUDA, torch elsewhere). Modelled (`fastdino
     estimate --preset dinov2_vit_small14 --gpu h200 data.batch_size=128`): step 78.2 vs 99.5 ms, peak 19.15 vs
-    28.38 GiB, fused vs torch."""
+    28.38 GiB, fused vs torch. The Triton kernels follow loss.impl (triton: also in the CPU interpreter)."""
     ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)
     """Range of the masked share of a masked global crop's patches (DINOv2 ibot.mask_ratio_min_max)."""
     ibot_mask_probability: float = 0.5
@@ -180,16 +180,13 @@ class LossConfig:
         _check_choice("loss.teacher_norm", self.teacher_norm, ("centering", "sinkhorn_knopp"))
         for name in ("ibot_weight", "koleo_weight"):
             _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        _check_choice("loss.ibot_impl", self.ibot_impl, ("auto", "torch"))
+        _check_choice("loss.ibot_impl", self.ibot_impl, ("auto", "torch", "fused"))
         self.ibot_mask_ratio = tuple(self.ibot_mask_ratio)
         low, high = self.ibot_mask_ratio
         _check(len(self.ibot_mask_ratio) == 2 and 0 <= low <= high <= 1,
                f"loss.ibot_mask_ratio must be (low, high) with 0 <= low <= high <= 1, got {self.ibot_mask_ratio}")
         _check(0 < self.ibot_mask_probability <= 1,
                f"loss.ibot_mask_probability must be in (0, 1], got {self.ibot_mask_probability}")
-        _check(not (self.fused_head and self.ibot_weight > 0),
-               "loss.fused_head=true folds the DINO head's last layer only, not yet the iBOT term: set "
-               "loss.fused_head=false or loss.ibot_weight=0")
 
 
 @dataclass
@@ -406,8 +403,8 @@ class TrainConfig:
 # How the same step is computed may change too (kernels, compilation, recomputation): only rounding differs.
 MAY_CHANGE_ON_RESUME = ("max_steps", "log_every", "eval.", "checkpoint.", "data.path", "data.num_workers",
                         "parallel.", "model.attention", "model.compile", "model.activation_checkpointing",
-                        "loss.impl", "loss.fused_head", "optim.cuda_graph", "optim.impl", "max_nonfinite_in_a_row",
-                        "logging.")
+                        "loss.impl", "loss.fused_head", "loss.ibot_impl", "optim.cuda_graph", "optim.impl",
+                        "max_nonfinite_in_a_row", "logging.")
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:

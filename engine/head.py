@@ -93,11 +93,21 @@ class DINOHead(nn.Module):
                 module.reset_parameters()
         self.last_layer.init_weights()
 
-    def forward(self, x: torch.Tensor, *, bottleneck: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, bottleneck: bool | tuple[bool, ...] = False,
+                split: tuple[int, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """(N, in_dim) -> (N, K); with `bottleneck`, the L2-normalised (N, bottleneck_dim) features the last layer
-        would take (the fused head + loss applies `last_layer.weight_v` itself)."""
+        would take (the fused head + loss applies `last_layer.weight_v` itself). With `split` (row counts summing
+        to N), the parts, each at the bottleneck or not by the flags `bottleneck` (one per part): one head pass for
+        DINOv2's CLS and patch rows when only one of the losses is fused, inside this module's forward (FSDP2
+        gathers the last layer for it)."""
         x = F.normalize(self.mlp(x), dim=-1)  # (N, bottleneck)
-        return x if bottleneck else self.last_layer(x)
+        if split is None:
+            return x if bottleneck else self.last_layer(x)
+        if isinstance(bottleneck, bool) or len(bottleneck) != len(split):
+            raise ValueError(f"bottleneck must be one flag per part of split={split}, got {bottleneck!r}")
+        if len(set(bottleneck)) == 1:  # one last layer over all rows (one weight normalisation)
+            return (x if bottleneck[0] else self.last_layer(x)).split(list(split))
+        return tuple(part if flag else self.last_layer(part) for part, flag in zip(x.split(list(split)), bottleneck))
 
     def cancel_last_layer_gradients(self) -> None:
         """Drop the last layer's gradients (DINO freezes it for the first epochs); the trainer decides when."""

@@ -16,8 +16,10 @@ gets wrong is fixed:
   `update_center(..., n_masked_patches_tensor=)` / `sinkhorn_knopp_teacher(..., valid=)` leave it out, without a
   host sync.
 
-`impl`: "auto" | "torch". The fused head + loss kernel for this term is not in yet, so "auto" is "torch", DINOv2's
-formulation ((M, K) fp32 logits, log-softmax, product with the teacher probabilities).
+`impl`: "auto" | "torch" | "fused". "torch" is DINOv2's formulation ((M, K) fp32 logits, log-softmax, product with
+the teacher probabilities: `forward_masked`); "fused" takes the masked patches' bottleneck features and the last
+layers' weights instead (`forward_fused_head`: kernels/fused_head_loss.py, pairing="rows", no (M, K) tensor).
+"auto" is "fused" on CUDA (the step model: see config.py's loss.ibot_impl), "torch" elsewhere.
 """
 import logging
 
@@ -26,11 +28,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastdino.engine.loss import SINKHORN_ITERATIONS, _check_temperature, _distributed, sinkhorn_knopp_teacher
+from fastdino.engine.loss import (SINKHORN_ITERATIONS, _check_temperature, _distributed, all_reduce_hook,
+                                  sinkhorn_knopp_teacher)
+from fastdino.kernels import fused_head_loss, sinkhorn_center
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "torch")
+IMPLS = ("auto", "torch", "fused")
 
 
 def cross_entropy_rows(t: torch.Tensor, s: torch.Tensor, temp: float) -> torch.Tensor:
@@ -62,8 +66,11 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (dinov2's name)
         self.async_batch_center = None
 
     def resolve_impl(self, device: torch.device) -> str:
-        """The implementation impl="auto" selects on `device`: torch until the fused iBOT kernel lands."""
-        self.impl = "torch"
+        """Fix impl="auto" to what it selects on `device` (fused on CUDA, torch elsewhere: on the CPU the fused
+        path's reference builds the logits anyway); returns the implementation."""
+        if self.impl == "auto":
+            self.impl = "fused" if device.type == "cuda" else "torch"
+            logger.info("iBOTPatchLoss: impl=auto chose %s (%s)", self.impl, device.type)
         return self.impl
 
     def _check_columns(self, name: str, t: torch.Tensor) -> None:
@@ -123,6 +130,52 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (dinov2's name)
                              f"{tuple(loss.shape)}")
         return -(loss * masks_weight).sum() / student_masks_flat.shape[0]
 
+    def forward_fused_head(self, student_features: torch.Tensor, student_weight_v: torch.Tensor,
+                           teacher_features: torch.Tensor, teacher_weight_v: torch.Tensor, teacher_temp: float,
+                           student_masks_flat: torch.Tensor, masks_weight: torch.Tensor,
+                           n_masked_patches_tensor: torch.Tensor, *, sinkhorn: bool = False,
+                           student_gain: torch.Tensor | None = None, teacher_gain: torch.Tensor | None = None,
+                           entropy_stride: int = 1, kernel_impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """DINOv2's step for this term on the logits features @ normalize(weight_v)^T without building them:
+        `forward_masked` of the teacher's softmax-centered (then `update_center` + `apply_center_update`) or, with
+        `sinkhorn`, Sinkhorn-Knopp probabilities. *_features (M, D): the masked patches' L2-normalised bottleneck
+        features, padded to a static M (the first `n_masked_patches_tensor` rows are patches; `masks_weight` is 0
+        on the others); *_weight_v (K, D) and *_gain (K, 1) the last layers' (None: gain 1); student_masks_flat
+        (n_crops, N). Returns the loss and the mean entropy of every `entropy_stride`-th real row's teacher
+        probabilities (logging; computed from those rows' logits only). `kernel_impl`: `fused_head_loss`'s impl."""
+        if student_weight_v.shape[0] != self.patch_out_dim:
+            raise ValueError(f"student_weight_v has K={student_weight_v.shape[0]} rows but the loss (and its center) "
+                             f"has patch_out_dim={self.patch_out_dim}")
+        rows = teacher_features.shape[0]
+        valid = torch.arange(rows, device=teacher_features.device) < n_masked_patches_tensor.reshape(())
+        if sinkhorn:
+            center = sinkhorn_center(teacher_features, teacher_weight_v, teacher_temp, teacher_gain=teacher_gain,
+                                     n_iterations=SINKHORN_ITERATIONS, valid=valid,
+                                     all_reduce=all_reduce_hook(self.process_group), impl=kernel_impl)
+        else:
+            self.apply_center_update()
+            center = self.center
+            # The padding repeats a real patch: zeroed, its logits are 0 and the column sums count the real rows.
+            teacher_features = teacher_features * valid[:, None].to(teacher_features.dtype)
+        loss, colsum, _ = fused_head_loss(student_features, student_weight_v, teacher_features, teacher_weight_v,
+                                          center, self.student_temp, teacher_temp, pairing="rows",
+                                          row_weights=masks_weight / student_masks_flat.shape[0],
+                                          student_gain=student_gain, teacher_gain=teacher_gain, impl=kernel_impl)
+        entropy = self._sampled_entropy(teacher_features[::entropy_stride], teacher_weight_v, teacher_gain, center,
+                                        teacher_temp, valid[::entropy_stride])
+        if not sinkhorn:
+            self._start_center_update(colsum[None], n_masked_patches_tensor, n_sets=1)
+            self.apply_center_update()
+        return loss, entropy
+
+    @staticmethod
+    @torch.no_grad()
+    def _sampled_entropy(features, weight_v, gain, center, teacher_temp, valid) -> torch.Tensor:
+        """Mean entropy of softmax((logits - center) / teacher_temp) over the `valid` rows of `features`."""
+        weight = F.normalize(weight_v.float(), dim=1) * (1.0 if gain is None else gain.float().reshape(-1, 1))
+        probs = F.softmax((features.float() @ weight.T - center.reshape(1, -1)) / teacher_temp, dim=-1)
+        return (torch.special.entr(probs).sum(-1) * valid).sum() / valid.sum().clamp_min(1)
+
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens: torch.Tensor,
                       n_masked_patches_tensor: torch.Tensor | None = None) -> None:
@@ -137,17 +190,24 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (dinov2's name)
         self._check_columns("teacher_patch_tokens", teacher_patch_tokens)
         if teacher_patch_tokens.ndim != 3:
             raise ValueError(f"teacher_patch_tokens must be (S, M, K), got shape {tuple(teacher_patch_tokens.shape)}")
-        self.updated = False
-        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
         t = teacher_patch_tokens.float()
         if n_masked_patches_tensor is None:
-            row_means = t.mean(1)
+            self._start_center_update(t.mean(1), None, len(t))
         else:
             count = n_masked_patches_tensor.reshape(()).to(t.device)
             valid = torch.arange(t.shape[1], device=t.device) < count
-            row_means = (t * valid[:, None]).sum(1) / count.clamp_min(1)
+            self._start_center_update((t * valid[:, None]).sum(1), count, len(t))
+
+    @torch.no_grad()
+    def _start_center_update(self, row_stats: torch.Tensor, count: torch.Tensor | None, n_sets: int) -> None:
+        """The pending batch center from (S, K) per-set row means (`count` None) or sums over `count` real rows."""
+        self.updated = False
+        self.len_teacher_patch_tokens = n_sets
+        row_means = row_stats
+        if count is not None:
+            count = count.reshape(()).to(row_stats.device)
             # No masked patch (tiny crops): the center stays, where dinov2's mean of nothing would be NaN.
-            row_means = torch.where(count > 0, row_means, self.center.reshape(1, -1))
+            row_means = torch.where(count > 0, row_stats / count.clamp_min(1), self.center.reshape(1, -1))
         self.async_batch_center = torch.sum(row_means, dim=0, keepdim=True)  # (1, K)
         if _distributed():
             self.reduce_handle = dist.all_reduce(self.async_batch_center, group=self.process_group, async_op=True)

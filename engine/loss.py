@@ -31,6 +31,14 @@ def _check_temperature(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
+def all_reduce_hook(process_group=None):
+    """`sinkhorn_center`'s all_reduce(tensor, op) over `process_group`, or None on one process."""
+    if not _distributed():
+        return None
+    ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+    return lambda tensor, op: dist.all_reduce(tensor, op=ops[op], group=process_group)
+
+
 @torch.no_grad()
 def sinkhorn_knopp_teacher(teacher_output: torch.Tensor, teacher_temp: float,
                            n_iterations: int = SINKHORN_ITERATIONS, process_group=None, *,
@@ -168,7 +176,8 @@ class DINOLoss(nn.Module):
         teacher_temp = self._teacher_temp(epoch, teacher_temp)
         sinkhorn = self.teacher_norm == "sinkhorn_knopp"
         center = (sinkhorn_center(teacher_features, teacher_weight_v, teacher_temp, teacher_gain=teacher_gain,
-                                  all_reduce=self._all_reduce_hook(), impl=self.impl) if sinkhorn else self.center)
+                                  all_reduce=all_reduce_hook(self.process_group), impl=self.impl)
+                  if sinkhorn else self.center)
         loss, colsum, entropy = fused_head_loss(student_features, student_weight_v, teacher_features,
                                                 teacher_weight_v, center, self.student_temp, teacher_temp,
                                                 pairing="crops", ncrops=self.ncrops, student_gain=student_gain,
@@ -177,13 +186,6 @@ class DINOLoss(nn.Module):
             self._update_center(colsum, teacher_features.shape[0])
         self.last_teacher_entropy = entropy.detach()
         return loss
-
-    def _all_reduce_hook(self):
-        """`sinkhorn_center`'s all_reduce(tensor, op) over this loss's process group, or None on one process."""
-        if not _distributed():
-            return None
-        ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
-        return lambda tensor, op: dist.all_reduce(tensor, op=ops[op], group=self.process_group)
 
     def _teacher_temp(self, epoch: int, teacher_temp: float | None) -> float:
         """`teacher_temp` when given, else the official per-epoch warmup's value at `epoch`."""

@@ -21,7 +21,8 @@ class Outputs(NamedTuple):
     cls: torch.Tensor
     """(V*B, K) head outputs of the CLS tokens, in crop order."""
     patches: torch.Tensor | None
-    """(M, K) iBOT head outputs of the patch tokens at `patch_index`, or None."""
+    """(M, K) iBOT head outputs of the patch tokens at `patch_index` ((M, bottleneck_dim) with patch_bottleneck),
+    or None."""
     cls_tokens: torch.Tensor | None
     """(V*B, D) final-norm backbone CLS features (KoLeo's input), or None."""
 
@@ -44,14 +45,15 @@ class DINOModel(nn.Module):
 
     def forward(self, crops: torch.Tensor | list[torch.Tensor], *, bottleneck: bool = False,
                 masks: torch.Tensor | None = None, patch_index: torch.Tensor | None = None,
-                cls_tokens: bool = False) -> torch.Tensor | Outputs:
+                cls_tokens: bool = False, patch_bottleneck: bool = False) -> torch.Tensor | Outputs:
         """Crops [(B, C, H, W)] * V -> (V*B, K), in crop order; with `bottleneck`, the head's (V*B, bottleneck_dim)
         features before its last layer (see DINOHead.forward).
 
         DINOv2: `masks` (2B, N) bool replace the global crops' masked patch embeddings by the mask token;
         `patch_index` (M,) picks the global crops' patch tokens for the iBOT head (see VisionTransformer.forward),
         `cls_tokens` asks for the backbone's CLS features; with either, returns `Outputs`. A shared head runs once
-        over the CLS and patch rows together, as DINOv2's."""
+        over the CLS and patch rows together, as DINOv2's. `patch_bottleneck`: the patch rows' bottleneck features
+        (the fused iBOT loss, loss.ibot_impl=fused), as `bottleneck` for the CLS rows."""
         if patch_index is None and not cls_tokens:
             return self.head(self.backbone(crops, masks=masks) if masks is not None else self.backbone(crops),
                              bottleneck=bottleneck)
@@ -63,10 +65,11 @@ class DINOModel(nn.Module):
         if patch_tokens is None:
             cls = self.head(tokens, bottleneck=bottleneck)
         elif self.ibot_head is not None:
-            cls, patches = self.head(tokens, bottleneck=bottleneck), self.ibot_head(patch_tokens)
+            cls = self.head(tokens, bottleneck=bottleneck)
+            patches = self.ibot_head(patch_tokens, bottleneck=patch_bottleneck)
         else:
-            cls, patches = self.head(torch.cat([tokens, patch_tokens]), bottleneck=bottleneck).split(
-                [tokens.shape[0], patch_tokens.shape[0]])
+            cls, patches = self.head(torch.cat([tokens, patch_tokens]), bottleneck=(bottleneck, patch_bottleneck),
+                                     split=(tokens.shape[0], patch_tokens.shape[0]))
         return Outputs(cls, patches, tokens if cls_tokens else None)
 
     def cancel_last_layer_gradients(self) -> None:

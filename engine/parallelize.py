@@ -171,14 +171,15 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Mo
                                    process_group=mesh.get_group())
 
 
-def last_layer_weights(student: nn.Module, teacher: nn.Module) -> tuple[torch.Tensor, ...]:
+def last_layer_weights(student: nn.Module, teacher: nn.Module, head: str = "head") -> tuple[torch.Tensor, ...]:
     """The whole last-layer weights v (K, D) and gains g (K, 1) (None with norm_last_layer: fixed at 1) of the
-    student's and the teacher's heads, read after their forward passes, for the fused head + loss:
+    student's and the teacher's heads (`head`: "head", or "ibot_head" for DINOv2's separate iBOT head), read after
+    their forward passes, for the fused head + loss:
     (student_v, teacher_v, student_g, teacher_g). Under FSDP2 the student's head stays unsharded after forward
     (`apply_fsdp`), so its module holds the all-gathered parameters, whose gradients FSDP2 reduce-scatters in
     backward as usual; the teacher's head is resharded after forward, so its weights are all-gathered here
     (collective, no gradient)."""
-    student_layer, teacher_layer = student.head.last_layer, teacher.head.last_layer
+    student_layer, teacher_layer = getattr(student, head).last_layer, getattr(teacher, head).last_layer
     if isinstance(student_layer.weight_v, DTensor):
         raise RuntimeError("the student's last layer is sharded after its forward; loss.fused_head needs its FSDP2 "
                            "head unit kept unsharded after forward (apply_fsdp with trains=True)")

@@ -172,7 +172,8 @@ class Trainer:
                                          else cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum,
                                          impl=cfg.loss.ibot_impl,
                                          process_group=mesh.get_group() if mesh is not None else None).to(device)
-            if self.compile and self.ibot_fn.resolve_impl(device) == "torch":  # fuses log-softmax, product, sum
+            ibot_impl = self.ibot_fn.resolve_impl(device)
+            if self.compile and ibot_impl == "torch":  # fuses log-softmax, product, sum
                 self.ibot_fn.forward_masked = torch.compile(self.ibot_fn.forward_masked, fullgraph=True)
         if cfg.loss.koleo_weight > 0:
             if cfg.data.batch_size // self.world_size < 2:
@@ -345,16 +346,20 @@ class Trainer:
         max(n_local_crops * 2, 1) + 2 pairs), DINOLoss by the 2 pairs there are."""
         ibot, koleo, cfg = self.ibot_fn, self.koleo_fn, self.cfg
         index = masks.indices if masks is not None else None
-        fused = cfg.loss.fused_head  # KoLeo with the fused DINO head + loss (config.py refuses it with iBOT)
+        fused = cfg.loss.fused_head  # the CLS rows stop at the bottleneck
+        ibot_fused = ibot is not None and ibot.impl == "fused"  # the patch rows too
         with torch.no_grad():  # KoLeo alone: the teacher's CLS outputs only
-            teacher = (teacher(crops[:2], patch_index=index) if index is not None
-                       else Outputs(teacher(crops[:2], bottleneck=fused), None, None))
+            teacher = (teacher(crops[:2], patch_index=index, bottleneck=fused, patch_bottleneck=ibot_fused)
+                       if index is not None else Outputs(teacher(crops[:2], bottleneck=fused), None, None))
         student = student(crops, masks=masks.masks if masks is not None else None, patch_index=index,
-                               cls_tokens=koleo is not None, bottleneck=fused)
+                          cls_tokens=koleo is not None, bottleneck=fused, patch_bottleneck=ibot_fused)
         dino = self._loss(student.cls, teacher.cls, teacher_temp)
         loss, zero = dino, torch.zeros((), device=dino.device)
         ibot_loss = koleo_loss = patch_entropy = zero
-        if ibot is not None:
+        if ibot_fused:
+            ibot_loss, patch_entropy = self._fused_ibot_loss(student.patches, teacher.patches, masks, teacher_temp)
+            loss = loss + cfg.loss.ibot_weight * ibot_loss
+        elif ibot is not None:
             valid = masks.valid
             if cfg.loss.teacher_norm == "sinkhorn_knopp":
                 probs = ibot.sinkhorn_knopp_teacher(teacher.patches, teacher_temp, masks.n_masked, valid=valid)
@@ -375,6 +380,18 @@ class Trainer:
             loss = loss + cfg.loss.koleo_weight * koleo_loss
         return loss, torch.stack([dino.detach().float(), ibot_loss.detach().float(), koleo_loss.detach().float(),
                                   patch_entropy.float().reshape(())])
+
+    def _fused_ibot_loss(self, student_features: torch.Tensor, teacher_features: torch.Tensor, masks: MaskBatch,
+                         teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """iBOT (loss.ibot_impl=fused) of the masked patches' bottleneck features and the iBOT head's last layers
+        (the DINO head's when shared); returns the loss and the logged teacher patch entropy."""
+        head = "ibot_head" if self.model.ibot_head is not None else "head"
+        student_v, teacher_v, student_g, teacher_g = last_layer_weights(self.model, self.teacher, head)
+        return self.ibot_fn.forward_fused_head(
+            student_features, student_v, teacher_features, teacher_v, teacher_temp, masks.masks, masks.weights,
+            masks.n_masked, sinkhorn=self.cfg.loss.teacher_norm == "sinkhorn_knopp", student_gain=student_g,
+            teacher_gain=teacher_g, entropy_stride=max(1, masks.upperbound // ENTROPY_ROWS),
+            kernel_impl=self.cfg.loss.impl)
 
     def after_backward(self, loss: torch.Tensor, entropy: torch.Tensor, center: torch.Tensor, teacher_momentum, *,
                        lr: torch.Tensor | None = None, weight_decay: torch.Tensor | None = None,

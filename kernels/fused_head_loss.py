@@ -583,7 +583,7 @@ def _sinkhorn_row_kernel(h_ptr, v_ptr, scale_ptr, log_b_ptr, row_max_ptr, row_su
 @torch.no_grad()
 def sinkhorn_center(teacher_features: torch.Tensor, teacher_weight_v: torch.Tensor, teacher_temp: float, *,
                     teacher_gain: torch.Tensor | None = None, n_iterations: int = 3, all_reduce=None,
-                    impl: str = "auto") -> torch.Tensor:
+                    valid: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """The center C (K,) fp32 for which softmax((T - C) / teacher_temp) is DINOv2's Sinkhorn-Knopp teacher of the
     logits T = teacher_features @ W^T (W as in `fused_head_loss`), so `fused_head_loss(..., center=C)` trains on it.
 
@@ -596,13 +596,18 @@ def sinkhorn_center(teacher_features: torch.Tensor, teacher_weight_v: torch.Tens
     a row step every column, so no two steps share a sweep: this is the cheapest exact form without the logits in
     memory (with them, (rows, K) fp32 would be read and written at every step instead).
     all_reduce(tensor, op) with op "max" or "sum" combines the column statistics (K,) across ranks in place
-    (DINOv2 all-reduces the per-prototype sums); None on one process. impl as `fused_head_loss` ("torch":
-    `sinkhorn_center_ref` of the logits).
+    (DINOv2 all-reduces the per-prototype sums); None on one process. valid (rows,) bool: the rows that are samples
+    (iBOT's padded masked patches); the others get row scale 0 and leave the center alone. impl as
+    `fused_head_loss` ("torch": `sinkhorn_center_ref` of the logits).
     """
     _check_matrix("teacher_features", teacher_features)
     _check_matrix("teacher_weight_v", teacher_weight_v, teacher_features.shape[1])
     _check_vector("teacher_gain", teacher_gain, teacher_weight_v.shape[0])
     _launch.check_positive("teacher_temp", teacher_temp)
+    _launch.check_is_tensor("valid", valid, optional=True)
+    if valid is not None and (valid.shape != teacher_features.shape[:1] or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be a bool tensor of {teacher_features.shape[0]} elements, got "
+                         f"{tuple(valid.shape)} {valid.dtype}")
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
     device = teacher_features.device
@@ -613,7 +618,7 @@ def sinkhorn_center(teacher_features: torch.Tensor, teacher_weight_v: torch.Tens
     v = teacher_weight_v.contiguous()
     if chosen == "torch":
         weight = F.normalize(v.float(), dim=1) * (1.0 if teacher_gain is None else teacher_gain.float().reshape(-1, 1))
-        return sinkhorn_center_ref(h @ weight.to(dtype).T, teacher_temp, n_iterations, all_reduce)
+        return sinkhorn_center_ref(h @ weight.to(dtype).T, teacher_temp, n_iterations, all_reduce, valid=valid)
     n_rows, n_cols = h.shape[0], v.shape[0]
     scale = _column_scale(v, teacher_gain)[0] / teacher_temp
     cfg = _launch_settings("rows", n_rows, n_cols, TARGET_PROGRAMS)
@@ -621,7 +626,7 @@ def sinkhorn_center(teacher_features: torch.Tensor, teacher_weight_v: torch.Tens
     splits = cfg["n_splits"]
     sizes = [n_rows, n_cols, n_cols, n_rows * splits, n_rows * splits]
     log_a, col_max, col_sum, row_max, row_sum = _launch.empty((sum(sizes),), torch.float32, device).split(sizes)
-    log_a.zero_()
+    log_a.copy_(_initial_log_row_scale(n_rows, valid, device))
     row_max, row_sum = row_max.view(n_rows, splits), row_sum.view(n_rows, splits)
     for iteration in range(n_iterations):
         _sinkhorn_col_kernel[(triton.cdiv(n_cols, cfg["BLOCK_N"]),)](
@@ -633,7 +638,8 @@ def sinkhorn_center(teacher_features: torch.Tensor, teacher_weight_v: torch.Tens
             h, v, scale, log_b, row_max, row_sum, n_rows, n_cols, h.shape[1], splits, cfg["chunks_per_split"],
             h.stride(0), v.stride(0), **blocks)
         top = row_max.amax(dim=1, keepdim=True)
-        log_a = -(top + torch.log((row_sum * torch.exp(row_max - top)).sum(dim=1, keepdim=True))).squeeze(1)
+        log_a = _mask_rows(-(top + torch.log((row_sum * torch.exp(row_max - top)).sum(dim=1, keepdim=True)))
+                           .squeeze(1), valid)
 
 
 def sinkhorn_launch_cost(n_rows: int, n_cols: int, dim: int, feature_bytes: int, weight_bytes: int
@@ -657,13 +663,26 @@ def _log_column_scale(col_max, col_sum, all_reduce):
     return -(col_max + torch.log(col_sum))
 
 
-def sinkhorn_center_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None):
+# log a of a row that is not a sample (`valid`): finite, so that a column of such rows only is not -inf - -inf = NaN
+# (its sum is then a count and its center finite; no loss row reads it), and far below any real row's.
+PADDING_LOG_ROW_SCALE = -1e30
+
+
+def _mask_rows(log_a: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return log_a if valid is None else log_a.masked_fill(~valid, PADDING_LOG_ROW_SCALE)
+
+
+def _initial_log_row_scale(n_rows: int, valid: torch.Tensor | None, device) -> torch.Tensor:
+    return _mask_rows(torch.zeros(n_rows, device=device), valid)
+
+
+def sinkhorn_center_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None, *, valid=None):
     """`sinkhorn_center` of given logits (rows, K), in log space on the whole tensor (the CPU path)."""
     z = teacher_logits.float() / teacher_temp
-    log_a = torch.zeros(z.shape[0], 1, device=z.device)
+    log_a = _initial_log_row_scale(z.shape[0], valid, z.device)[:, None]
     for iteration in range(n_iterations):
         shifted = z + log_a
         col_max = shifted.amax(dim=0)
         log_b = _log_column_scale(col_max, torch.exp(shifted - col_max).sum(dim=0), all_reduce)
-        log_a = -torch.logsumexp(z + log_b, dim=1, keepdim=True)
+        log_a = _mask_rows(-torch.logsumexp(z + log_b, dim=1), valid)[:, None]
     return -teacher_temp * log_b

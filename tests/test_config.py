@@ -73,6 +73,7 @@ def test_yaml_file_is_read(tmp_path):
     ("minutes=-2", "minutes must be > 0 or null, got -2.0"),
     ("optim.clip_grad_mode=per_param", "optim.clip_grad_mode must be one of"),
     ("loss.teacher_temp_schedule=per_batch", "loss.teacher_temp_schedule must be one of"),
+    ("loss.ibot_impl=triton", "loss.ibot_impl must be one of ['auto', 'torch', 'fused'], got 'triton'"),
     ("eval.knn_every_epochs=-1", "eval.knn_every_epochs must be >= 0, got -1.0"),
     ("logging.tensorboard=maybe", "logging.tensorboard must be one of ['auto', 'true', 'false'], got 'maybe'"),
     ("optim=3", "optim must be a mapping"),
@@ -106,3 +107,14 @@ def test_bad_yaml_files(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'nope'; known presets"):
         C.preset("nope")
+
+
+def test_the_fused_ibot_term_goes_with_the_fused_dino_head_and_may_change_on_resume():
+    """loss.fused_head=true with iBOT (the CLS and the patch rows both fused, or either alone) is a valid run, and
+    switching loss.ibot_impl on resume changes how the step is computed, not what it computes."""
+    for fused_head in ("true", "false"):
+        for impl in ("fused", "torch", "auto"):
+            cfg = C.apply_overrides(C.dinov2_vit_small14(),
+                                    overrides=[f"loss.fused_head={fused_head}", f"loss.ibot_impl={impl}"])
+            assert (cfg.loss.fused_head, cfg.loss.ibot_impl) == (fused_head == "true", impl)
+    assert any("loss.ibot_impl".startswith(prefix) for prefix in C.MAY_CHANGE_ON_RESUME)

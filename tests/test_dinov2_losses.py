@@ -168,3 +168,93 @@ def test_center_stays_when_no_patch_is_masked():
     loss.update_center(torch.randn(1, 4, 5), n_masked_patches_tensor=torch.tensor([0]))
     loss.apply_center_update()
     assert torch.allclose(loss.center, torch.full((1, 1, 5), 0.3))
+
+
+# ------------------------------------------------------------------------------- the fused iBOT term (impl="fused")
+
+def _fused_inputs(seed=5, n_crops=4, n_tokens=12, k=64, d=16, pad=7):
+    """Masks, per-patch weights padded with `pad` zero-weight rows, and the heads' bottleneck features and last
+    layers (trained gains) of M = masked + pad rows; the padding repeats row 0, as MaskBatch's indices do."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(n_crops, n_tokens, generator=g) < 0.4
+    masks[0] = False
+    m = int(masks.sum())
+    weights = torch.cat([(1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks], torch.zeros(pad)])
+
+    def features():
+        h = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=-1)
+        return torch.cat([h, h[:1].expand(pad, d)])
+
+    h_s, h_t = features(), features()
+    v_s, v_t = torch.randn(k, d, generator=g), torch.randn(k, d, generator=g)
+    g_s, g_t = 1 + 0.5 * torch.rand(k, 1, generator=g), 1 + 0.5 * torch.rand(k, 1, generator=g)
+    return masks, weights, torch.tensor([m]), h_s, v_s, g_s, h_t, v_t, g_t
+
+
+def _logits(h, v, gain):
+    return h @ (torch.nn.functional.normalize(v, dim=1) * gain).T
+
+
+@pytest.mark.parametrize("sinkhorn", [False, True], ids=["centering", "sinkhorn_knopp"])
+@pytest.mark.parametrize("kernel_impl", ["torch", "triton"])
+def test_fused_term_equals_forward_masked_of_the_logits(sinkhorn, kernel_impl):
+    """forward_fused_head of the bottleneck features = forward_masked of their logits (dinov2's formulation): loss,
+    gradients of the features, last-layer weights and gains, and the center update; padding rows count nowhere."""
+    masks, weights, n_masked, h_s, v_s, g_s, h_t, v_t, g_t = _fused_inputs()
+    temp, valid = 0.05, torch.arange(h_s.shape[0]) < n_masked
+    fused, torch_impl = iBOTPatchLoss(64), iBOTPatchLoss(64)
+    fused.center.normal_()
+    torch_impl.center.copy_(fused.center)
+    leaves = [t.clone().requires_grad_() for t in (h_s, v_s, g_s)]
+    loss, entropy = fused.forward_fused_head(leaves[0], leaves[1], h_t, v_t, temp, masks, weights, n_masked,
+                                             sinkhorn=sinkhorn, student_gain=leaves[2], teacher_gain=g_t,
+                                             kernel_impl=kernel_impl)
+    loss.backward()
+    expected_leaves = [t.clone().requires_grad_() for t in (h_s, v_s, g_s)]
+    teacher = _logits(h_t, v_t, g_t)
+    if sinkhorn:
+        probs = torch_impl.sinkhorn_knopp_teacher(teacher, temp, n_masked, valid=valid)
+    else:
+        probs = torch_impl.softmax_center_teacher(teacher[None], temp)[0]
+        torch_impl.update_center(teacher[None], n_masked)
+        torch_impl.apply_center_update()
+    expected = torch_impl.forward_masked(_logits(*expected_leaves), probs, masks, masks_weight=weights)
+    expected.backward()
+    assert_close(loss, expected, atol=1e-5, rtol=1e-5, name="loss")
+    for name, ours, theirs in zip(("features", "weight_v", "gain"), leaves, expected_leaves):
+        assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-4, name=name)
+    assert torch.all(leaves[0].grad[~valid] == 0)
+    assert_close(fused.center, torch_impl.center, atol=1e-6, rtol=1e-5, name="center")
+    expected_entropy = (torch.special.entr(probs).sum(-1) * valid).sum() / valid.sum()
+    assert_close(entropy, expected_entropy, atol=1e-5, rtol=1e-5, name="entropy")
+
+
+def test_fused_term_without_any_masked_patch_is_zero_and_keeps_the_center():
+    masks, weights, _, h_s, v_s, g_s, h_t, v_t, g_t = _fused_inputs()
+    loss_fn = iBOTPatchLoss(64)
+    loss_fn.center.normal_()
+    center = loss_fn.center.clone()
+    for sinkhorn in (False, True):
+        loss, entropy = loss_fn.forward_fused_head(h_s, v_s, h_t, v_t, 0.05, masks, torch.zeros_like(weights),
+                                                   torch.tensor([0]), sinkhorn=sinkhorn, kernel_impl="triton")
+        assert loss.item() == 0 and entropy.item() == 0
+    assert_close(loss_fn.center, center, atol=1e-6, rtol=1e-6, name="center")  # m c + (1 - m) c: rounding
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_sinkhorn_center_of_padded_rows_is_the_teacher_of_the_real_rows(impl):
+    """sinkhorn_center(valid=): softmax((T - C) / temp) on the real rows is sinkhorn_knopp_teacher's teacher of
+    those rows alone, whatever the padding rows hold."""
+    from fastdino.kernels import sinkhorn_center
+
+    g = torch.Generator().manual_seed(6)
+    h = torch.nn.functional.normalize(torch.randn(30, 16, generator=g), dim=-1)
+    h[24:] *= 40  # padding far from the real rows: it would dominate the column sums if it counted
+    v, valid, temp = torch.randn(64, 16, generator=g), torch.arange(30) < 24, 0.05
+    center = sinkhorn_center(h, v, temp, valid=valid, impl=impl)
+    logits = _logits(h, v, 1.0)
+    expected = iBOTPatchLoss(64).sinkhorn_knopp_teacher(logits[:24], temp, torch.tensor([24]))
+    assert_close(torch.softmax((logits[:24] - center) / temp, dim=-1), expected, atol=1e-6, rtol=1e-4,
+                 name="teacher")
+    with pytest.raises(ValueError, match="valid"):
+        sinkhorn_center(h, v, temp, valid=valid[:5], impl=impl)

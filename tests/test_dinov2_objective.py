@@ -207,6 +207,29 @@ def test_outputs_of_the_packed_forward():
     views = 2 + cfg.data.local_crops_number
     assert out.cls.shape == (views * 4, cfg.head.out_dim) and out.cls_tokens.shape == (views * 4, 32)
     assert out.patches.shape == (masks.upperbound, cfg.head.out_dim)
+    assert trainer.ibot_fn.impl == "torch"  # ibot_impl=auto on the CPU
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_packed_forward_stops_either_rows_at_the_bottleneck(separate):
+    """bottleneck / patch_bottleneck: the CLS or the patch rows (or both) as the head's bottleneck features, whose
+    last layer gives the logits of the plain forward; one head pass for a shared head either way."""
+    cfg = tiny_config(*DINOV2, f"head.ibot_separate={str(separate).lower()}")
+    trainer = make_trainer(cfg)
+    crops, masks = synthetic_batches(cfg, 1)[0], batch_masks(cfg)
+    model = trainer.model
+    plain = model(crops, masks=masks.masks, patch_index=masks.indices)
+    patch_head = model.ibot_head if separate else model.head
+    for cls_flag, patch_flag in ((True, False), (False, True), (True, True)):
+        out = model(crops, masks=masks.masks, patch_index=masks.indices, bottleneck=cls_flag,
+                    patch_bottleneck=patch_flag)
+        cls = model.head.last_layer(out.cls) if cls_flag else out.cls
+        patches = patch_head.last_layer(out.patches) if patch_flag else out.patches
+        assert out.patches.shape[1] == (cfg.head.bottleneck_dim if patch_flag else cfg.head.out_dim)
+        assert_close(cls, plain.cls, atol=1e-6, rtol=1e-5, name=f"cls {cls_flag, patch_flag}")
+        assert_close(patches, plain.patches, atol=1e-6, rtol=1e-5, name=f"patches {cls_flag, patch_flag}")
+    with pytest.raises(ValueError, match="one flag per part"):
+        model.head(torch.randn(3, 32), bottleneck=True, split=(1, 2))
 
 
 def test_head_with_a_trainable_gain_loads_dinov2s_head_and_computes_the_same():

@@ -132,9 +132,14 @@ def test_help_states_the_assumptions_without_importing_torch():
 
 
 def test_ibot_term_is_modelled_without_a_host_read():
-    """The DINOv2 step (masks at their static upper bound) reads nothing back; iBOT adds memory and time."""
-    plain, ibot = (estimate_step(tiny(f"loss.ibot_weight={w}", "loss.koleo_weight=0.1"), which=("fastdino",))["fastdino"]
-                   for w in (0, 1))
-    assert ibot["host_reads"] == plain["host_reads"] == 0
+    """The DINOv2 step (masks at their static upper bound) reads nothing back; iBOT adds memory and time. In
+    DINOv2's formulation (loss.ibot_impl=torch) through a log-softmax; fused (auto on CUDA) in the fused head + loss
+    kernels, with no log-softmax of its own."""
+    plain, ibot, fused = (estimate_step(tiny(f"loss.ibot_weight={w}", "loss.koleo_weight=0.1",
+                                             f"loss.ibot_impl={impl}"), which=("fastdino",))["fastdino"]
+                          for w, impl in ((0, "torch"), (1, "torch"), (1, "auto")))
+    assert ibot["host_reads"] == plain["host_reads"] == fused["host_reads"] == 0
     assert ibot["peak_gib"] > plain["peak_gib"] and ibot["step_ms"] > plain["step_ms"]
-    assert ibot["by_op"]["aten._log_softmax"]["count"] > plain["by_op"].get("aten._log_softmax", {"count": 0})["count"]
+    log_softmax = [row["by_op"].get("aten._log_softmax", {"count": 0})["count"] for row in (plain, ibot, fused)]
+    assert log_softmax[1] > log_softmax[0] == log_softmax[2]
+    assert fused["by_op"]["triton._fused_head_loss_fwd_kernel"]["count"] == 1

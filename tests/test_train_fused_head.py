@@ -81,3 +81,57 @@ def test_fused_head_options_follow_the_unfused_step(option):
         for i, (ga, gb) in enumerate(zip(a, b)):
             if gb is not None:
                 assert_close(ga, gb, **TOL, name=f"step {step} gradient {i}")
+
+
+# ------------------------------------------------------------------ DINOv2's iBOT term on the fused head + loss
+
+def run_dinov2(ibot_impl: str, *overrides: str, steps: int = 2) -> dict:
+    """`steps` DINOv2 steps (iBOT + KoLeo) with loss.ibot_impl=`ibot_impl`, K = 64 and D = 16 (the Triton kernels
+    run in the interpreter: loss.impl=triton for fused); the losses, named terms, gradients and both centers."""
+    from test_dinov2_objective import DINOV2, batch_masks
+
+    impl = "triton" if ibot_impl == "fused" else "torch"
+    cfg = tiny_config(*DINOV2, "optim.base_lr=0.01", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0",
+                      "head.out_dim=64", "head.bottleneck_dim=16", f"loss.ibot_impl={ibot_impl}",
+                      f"loss.impl={impl}", *overrides)
+    trainer = make_trainer(cfg)
+    assert trainer.ibot_fn.impl == ibot_impl
+    grads, zero_grad = [], trainer.optimizer.zero_grad
+
+    def record_then_zero(*args, **kwargs):
+        grads.append([None if p.grad is None else p.grad.clone() for p in trainer.params])
+        zero_grad(*args, **kwargs)
+
+    trainer.optimizer.zero_grad = record_then_zero
+    rows, centers = [], []
+    for i, crops in enumerate(synthetic_batches(cfg, steps)):
+        trainer.train_step(crops, batch_masks(cfg, i))
+        stats = trainer.stats.read()
+        rows.append([stats[k] for k in ("loss", *trainer.loss_terms(), "teacher_patch_entropy")])
+        centers.append(trainer.ibot_fn.center.clone())
+    return dict(rows=torch.tensor(rows), grads=grads, centers=centers, student=trainer.student.state_dict())
+
+
+@pytest.mark.parametrize("options", [
+    (),
+    ("head.ibot_separate=true", "head.ibot_out_dim=48", "head.norm_last_layer=false"),
+    ("loss.teacher_norm=sinkhorn_knopp",),
+    ("head.ibot_separate=true", "loss.teacher_norm=sinkhorn_knopp", "head.norm_last_layer=false"),
+    ("loss.fused_head=true", "head.norm_last_layer=false"),
+], ids=["shared", "separate_gain", "shared_sinkhorn", "separate_sinkhorn_gain", "with_fused_dino_head"])
+def test_fused_ibot_steps_equal_the_torch_ibot_steps(options):
+    """loss.ibot_impl=fused (the masked patches' bottleneck features into the fused head + loss, padding rows of the
+    static mask bound at weight 0) against DINOv2's formulation: every term, the patch entropy, every gradient
+    (the mask token's and both heads' last layers included), the iBOT center and the trained student."""
+    fused, plain = run_dinov2("fused", *options), run_dinov2("torch", *options)
+    assert_close(fused["rows"], plain["rows"], **TOL, name="loss, terms and patch entropy")
+    for step, (a, b) in enumerate(zip(fused["grads"], plain["grads"])):
+        assert [g is None for g in a] == [g is None for g in b], f"step {step}: different gradients are None"
+        for i, (ga, gb) in enumerate(zip(a, b)):
+            if gb is not None:
+                scale = gb.abs().max().clamp_min(1e-3)  # the interpreter's tl.dot and cuBLAS's order: fp32 rounding
+                assert_close(ga / scale, gb / scale, atol=1e-5, rtol=1e-4, name=f"step {step} gradient {i}")
+    for step, (a, b) in enumerate(zip(fused["centers"], plain["centers"])):
+        assert_close(a, b, **TOL, name=f"iBOT center after step {step}")
+    for key, value in plain["student"].items():
+        assert_close(fused["student"][key], value, **TOL, name=f"student {key}")
