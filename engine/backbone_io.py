@@ -33,6 +33,33 @@ _CHECKPOINT_KEYS = ("teacher", "student")
 _WRAPPER_PREFIXES = ("module.", "backbone.")
 
 
+# timm's Eva (its DINOv3 models) names the LayerScales gamma_1 / gamma_2 where fastdino and timm's ViT say ls1.gamma.
+_EVA_NAMES = (("ls1.gamma", "gamma_1"), ("ls2.gamma", "gamma_2"))
+
+
+def to_timm(name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fastdino backbone state dict under the parameter names of timm's model `name` (a DINOv3 model renames
+    its LayerScales; every other model already has timm's names)."""
+    if "_dinov3" not in name:
+        return dict(state_dict)
+    return {_rename(key, _EVA_NAMES): value for key, value in state_dict.items()}
+
+
+def from_timm(name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `to_timm`: timm model `name`'s state dict under fastdino's names."""
+    if "_dinov3" not in name:
+        return dict(state_dict)
+    return {_rename(key, [(b, a) for a, b in _EVA_NAMES]): value for key, value in state_dict.items()}
+
+
+def _rename(key: str, pairs) -> str:
+    """`blocks.N.<old>` -> `blocks.N.<new>` for the first matching (old, new) pair."""
+    for old, new in pairs:
+        if key.startswith("blocks.") and key.endswith("." + old):
+            return key[: -len(old)] + new
+    return key
+
+
 def save_backbone(backbone_state_dict, path, *, arch: str, patch_size: int, img_size: int, extra=None) -> Path:
     """Write a full (unsharded) backbone state dict as safetensors with its architecture in the header."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in backbone_state_dict.items()}
