@@ -63,6 +63,42 @@ def _rename(key: str, pairs) -> str:
     return key
 
 
+def timm_model(info: dict) -> tuple[str, dict]:
+    """(name, keyword arguments) of the timm.create_model call whose model has the backbone `info` describes
+    (read_backbone's info): a DINOv2 / DINOv3 model by its own name, a DINO ViT as timm's vit_*_patch16_224 with
+    its patch and image size; resized models with their sizes."""
+    from fastdino.engine.config import ARCHS
+    from fastdino.engine.families import FAMILY_MODELS
+
+    own = FAMILY_MODELS.get(info["arch"])
+    if own is None:
+        name, own = f"{info['arch']}_patch16_224", {**ARCHS[info["arch"]], "patch_size": 16, "img_size": 224}
+    else:
+        name = info["arch"]
+        own = {**own, "img_size": info["img_size"] if "dinov3" in name else own["img_size"]}  # RoPE: any size
+    kwargs = {k: info[k] for k in ("patch_size", "img_size", "embed_dim", "depth", "num_heads") if info[k] != own[k]}
+    return name, {"num_classes": 0, **kwargs}
+
+
+def export_timm_weights(checkpoint, output) -> tuple[Path, str]:
+    """Write the backbone of `checkpoint` under timm's parameter names (.safetensors or .pth) and return (the path,
+    the timm.create_model call that loads it strictly)."""
+    output = Path(output)
+    if output.suffix not in (".safetensors", ".pth"):
+        raise ValueError(f"--output {output}: weights are written as .safetensors or .pth")
+    load_backbone(checkpoint)  # the weights build and load into fastdino's backbone: a ValueError otherwise
+    state_dict, info = read_backbone(checkpoint)
+    name, kwargs = timm_model(info)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in to_timm(name, state_dict).items()}
+    if output.suffix == ".safetensors":
+        metadata = {"timm_model": name, "timm_kwargs": json.dumps(kwargs)}
+        atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    else:
+        atomic_write(output, lambda tmp: torch.save(tensors, tmp))
+    call = f"timm.create_model({name!r}, {', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    return output, call
+
+
 def save_backbone(backbone_state_dict, path, *, arch: str, patch_size: int, img_size: int, extra=None) -> Path:
     """Write a full (unsharded) backbone state dict as safetensors with its architecture in the header."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in backbone_state_dict.items()}
@@ -339,6 +375,26 @@ def _backbone_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
 
 
 HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")
+
+
+def read_head(path) -> dict[str, torch.Tensor]:
+    """The DINO head a .pth checkpoint holds beside its backbone, under fastdino's `DINOHead` names: DINO's and
+    fastdino's `head.*`, DINOv2 / DINOv3's `dino_head.*` (the teacher's when it has one); {} when it has none (bare
+    backbones, .safetensors files, run dirs)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or path.is_dir():
+        return {}
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        return {}
+    obj = next((obj[key] for key in _CHECKPOINT_KEYS if isinstance(obj.get(key), dict)), obj)
+    head = {}
+    for name, value in obj.items():
+        name = name.removeprefix("module.")
+        for prefix in ("head.", "dino_head."):
+            if name.startswith(prefix) and isinstance(value, torch.Tensor):
+                head[name.removeprefix(prefix)] = value
+    return head
 
 
 def _strip_heads(tensors: dict) -> dict:
