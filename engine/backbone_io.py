@@ -138,8 +138,9 @@ def read_backbone(path) -> tuple[dict[str, torch.Tensor], dict]:
     run_model = _run_model_config(run_dir) if run_dir else {}
     if run_model.get("arch", info["arch"]) != info["arch"]:
         raise ValueError(f"{run_dir / 'config.json'} trains a {run_model['arch']} but {path} holds a {info['arch']}")
+    timm_kwargs = json.loads(metadata.get("timm_kwargs", "{}"))  # what `export --weights` records
     info["num_heads"] = (info["extra"].get("model", {}).get("num_heads") or run_model.get("num_heads")
-                         or meta_heads or _default_heads(info, path))
+                         or timm_kwargs.get("num_heads") or meta_heads or _default_heads(info, path))
     # How other input sizes resample the position embeddings: as trained; official DINO .pth files the official way.
     info["pos_embed_resample"] = (info["extra"].get("model", {}).get("pos_embed_resample")
                                   or run_model.get("pos_embed_resample") or _native_resample(info, source, path))

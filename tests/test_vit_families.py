@@ -119,3 +119,28 @@ def test_registers_are_left_out_of_the_attention_maps():
     model = _tiny("vit_small_patch14_reg4_dinov2").eval()
     probs = model.get_last_self_attention(torch.randn(1, 3, 56, 42))
     assert probs.shape == (1, 2, 1 + 4 * 3, 1 + 4 * 3)  # CLS + the 4 x 3 patches; the 4 registers' rows and columns go
+
+
+@pytest.mark.parametrize("name", ["vit_small_plus_patch16_dinov3_qkvb"])  # RoPE, registers, LayerScale, SwiGLU
+def test_family_blocks_compile_without_graph_break_and_equal_eager(monkeypatch, name):
+    """Every block compiled as the trainer compiles it (fullgraph=True; backend aot_eager: dynamo and AOTAutograd,
+    what decides graph breaks), with drop path and RoPE tables as arguments: forward and backward equal eager."""
+    import copy
+
+    from fastdino.engine.parallelize import compile_forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend="aot_eager", **kwargs))
+    eager = _tiny(name, drop_path_rate=0.2).train()
+    compiled = copy.deepcopy(eager)
+    for block in compiled.blocks:
+        compile_forward(block)
+    patch = FAMILY_MODELS[name]["patch_size"]
+    crops = [torch.randn(2, 3, 4 * patch, 4 * patch), torch.randn(3, 3, 2 * patch, 3 * patch)]
+    grads = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)
+        model(crops).square().sum().backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for key, grad in grads[0].items():
+        assert torch.allclose(grads[1][key], grad, rtol=1e-4, atol=1e-6), key
