@@ -8,12 +8,16 @@ domain?
 4. `fastdino train --init start --data shifted` with the adaptation schedule (presets dinov2_vit_small14 /
    dinov3_vit_small16: a tenth of the from-scratch peak lr, 1 warmup epoch, teacher momentum 0.999 -> 1, constant
    weight decay, 5-epoch teacher temperature warmup), its ratios applied to the demo recipe this model is trained
-   with (demo's peak lr / 10), for as many steps as the pretraining.
+   with (demo's peak lr / 10), for `--adapt-epochs`.
 5. k-NN top-1 (k=20) on the shifted val split: the start, the adapted teacher, and, for scale, the same model
-   trained from scratch on the shifted domain for the same steps; and the start and adapted teacher on the
-   original domain (what adapting costs there).
+   trained from scratch on the shifted domain with the demo recipe for as many epochs; and the start and the
+   adapted teacher on the original domain (what adapting costs there). The adaptation and the control run side
+   by side.
 
-    python benchmarks/adaptation_quality.py --out /tmp/adapt [--epochs 5]
+    python benchmarks/adaptation_quality.py --out /tmp/adapt [--pretrain-steps 124] [--adapt-epochs 2]
+
+The pretraining's schedules span 5 epochs (62 steps each) and it stops at --pretrain-steps, as a released
+checkpoint is a point of a longer schedule; rerunning with the same --out resumes it.
 
 Prints a Markdown table and writes OUT/adaptation_quality.json. CPU minutes, not a test.
 """
@@ -66,8 +70,9 @@ def inverted(source: Path, target: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=5, help="pretraining epochs (62 steps each); the adaptation "
-                                                              "and the from-scratch control run as many steps")
+    parser.add_argument("--pretrain-steps", type=int, default=124, help="steps of the 5-epoch pretraining run")
+    parser.add_argument("--adapt-epochs", type=int, default=2,
+                        help="epochs (62 steps each) of the adaptation and of the from-scratch control")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -76,14 +81,19 @@ def main() -> None:
     original = make_shapes_dataset(out / "shapes", num_train=2000, num_val=500, image_size=64)
     shifted = inverted(original, out / "shapes_inverted")
     started = time.perf_counter()
-    steps = f"epochs={args.epochs}"
-    fastdino("train", "--preset", "demo", "--output", out / "pretrain", "--data", original, *ARCH, *DEMO_DATA, steps)
+    fastdino("train", "--preset", "demo", "--output", out / "pretrain", "--data", original, *ARCH, *DEMO_DATA,
+             "epochs=5", "--max-steps", args.pretrain_steps)
     start = out / "start_timm.safetensors"
     fastdino("export", "--checkpoint", out / "pretrain", "--weights", "--output", start)
-    adapt = [f"optim.base_lr={DEMO_BASE_LR / 10}", "optim.min_lr=1e-6"]
-    fastdino("train", "--init", start, "--preset", "dinov3_vit_small16", "--output", out / "adapted", "--data",
-             shifted, *ARCH, *DEMO_DATA, *adapt, steps)
-    fastdino("train", "--preset", "demo", "--output", out / "scratch", "--data", shifted, *ARCH, *DEMO_DATA, steps)
+    adapt = [f"optim.base_lr={DEMO_BASE_LR / 10}", "optim.min_lr=1e-6", f"epochs={args.adapt_epochs}"]
+    runs = [[*init, "--output", out / name, "--data", shifted, *ARCH, *DEMO_DATA, *extra]
+            for name, init, extra in (("adapted", ["--init", start, "--preset", "dinov3_vit_small16"], adapt),
+                                      ("scratch", ["--preset", "demo"], [f"epochs={args.adapt_epochs}"]))]
+    procs = [subprocess.Popen([sys.executable, "-m", "fastdino", "train", *map(str, run)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in runs]
+    for proc in procs:
+        if proc.wait():
+            raise SystemExit(f"a training run failed:\n{proc.stderr.read()[-3000:]}")
     minutes = (time.perf_counter() - started) / 60
     rows = {
         "start (pretrained on the original shapes)": (knn_top1(start, shifted), knn_top1(start, original)),
@@ -91,13 +101,14 @@ def main() -> None:
                                                           knn_top1(out / "adapted", original)),
         "from scratch on the inverted shapes": (knn_top1(out / "scratch", shifted), None),
     }
-    print(f"| weights ({args.epochs} epochs = {args.epochs * 62} steps each) | k-NN top-1, inverted val | "
-          f"k-NN top-1, original val |\n|---|---:|---:|")
+    print(f"| weights (pretrained {args.pretrain_steps} steps; adapted / from scratch {args.adapt_epochs * 62} "
+          f"steps) | k-NN top-1, inverted val | k-NN top-1, original val |\n|---|---:|---:|")
     for name, (shift, orig) in rows.items():
         print(f"| {name} | {shift:.1f} | {'' if orig is None else f'{orig:.1f}'} |")
     print(f"\n{minutes:.1f} min of training")
-    (out / "adaptation_quality.json").write_text(json.dumps({"rows": rows, "epochs": args.epochs,
-                                                             "train_minutes": minutes}, indent=1))
+    (out / "adaptation_quality.json").write_text(json.dumps(
+        {"rows": rows, "pretrain_steps": args.pretrain_steps, "adapt_epochs": args.adapt_epochs,
+         "train_minutes": minutes}, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,12 @@
   an h x w grid sits at ((i + 0.5) / h, (j + 0.5) / w) mapped to [-1, 1]; a quarter of each head's channels turn
   with the row coordinate and a quarter with the column one, at periods temperature^(2k / (hd/2)), k < hd/4. The
   prefix tokens (CLS, registers) are not rotated: their rows of the tables are cos 1, sin 0, so one elementwise
-  expression covers every token without splitting and re-concatenating q and k. The rotation runs in fp32 (timm's
-  and DINOv3's fp32 tables promote it) and returns q's dtype.
+  expression covers every token without splitting and re-concatenating q and k. timm's rotate_half(x) * sin, with
+  rotate_half(x) = cat(-x2, x1) for the halves x1, x2, is computed as roll(x, hd/2) * cat(-s, s) for sin =
+  cat(s, s): the same products (a negation is exact), one op instead of three. The tables are made in fp32 and
+  the rotation runs in the dtype they are given in: fp32 (timm's, and Meta's hub models') in fp32, the residual
+  stream's bf16 under autocast, as DINOv3's own training ran it (ssl_default_config.yaml: pos_embed_rope_dtype
+  bf16), so that q and k are not copied to fp32 and back in every block.
 """
 import math
 
@@ -84,25 +88,21 @@ def rope_periods(head_dim: int, temperature: float) -> torch.Tensor:
 @torch.no_grad()
 def rope_tables(h: int, w: int, head_dim: int, num_prefix: int, temperature: float = 100.0,
                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sin, cos), each (num_prefix + h*w, 1, hd) fp32, for tokens laid out as `num_prefix` unrotated prefix tokens
-    and then the h x w patches in row-major order; the 1 broadcasts over heads in (B, N, H, hd) q and k."""
+    """(signed sin, cos), each (num_prefix + h*w, 1, hd) fp32, for tokens laid out as `num_prefix` unrotated prefix
+    tokens and then the h x w patches in row-major order (the 1 broadcasts over heads); the sin table's first half
+    is negated, for `apply_rope`."""
     coords = [torch.arange(0.5, s, dtype=torch.float32) / float(s) for s in (h, w)]  # centred, "separate"
     grid = 2.0 * torch.stack(torch.meshgrid(coords, indexing="ij"), dim=-1) - 1.0  # (h, w, 2) in [-1, 1]
     angles = 2 * math.pi * grid.flatten(0, 1)[:, :, None] / rope_periods(head_dim, temperature)  # (hw, 2, hd/4)
     angles = angles.flatten(1)  # (hw, hd/2): the row angles, then the column angles
-    sin, cos = (torch.cat([f, f], dim=-1) for f in (angles.sin(), angles.cos()))  # rotate-half layout, (hw, hd)
+    sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)  # rotate-half layout, signed: (hw, hd)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
     sin = torch.cat([torch.zeros(num_prefix, head_dim), sin])
     cos = torch.cat([torch.ones(num_prefix, head_dim), cos])
     return sin[:, None].to(device), cos[:, None].to(device)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x0 .. x(n-1), y0 .. y(n-1)] -> [-y0 .. -y(n-1), x0 .. x(n-1)] on the last axis."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin in fp32 for x (B, N, H, hd) and tables (N, 1, hd), in x's dtype."""
-    x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+    """x * cos + rotate_half(x) * sin = x * cos + roll(x, hd/2) * signed sin (`rope_tables`) for x (..., N, ..., hd)
+    and tables broadcasting to it, in x's dtype."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

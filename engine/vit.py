@@ -158,10 +158,12 @@ class Attention(nn.Module):
         """Per group, q, k, v as (B, N, H, hd) views of one qkv projection of the packed (T, D) tokens (q and k
         rotated, so no longer views, with RoPE)."""
         groups = self._project(x).split([b * n for b, n in layout])  # (T, 3*D) -> per group
-        qkvs = [g.view(b, n, 3, self.num_heads, self.head_dim).unbind(2) for (b, n), g in zip(layout, groups)]
+        qkvs = [g.view(b, n, 3, self.num_heads, self.head_dim) for (b, n), g in zip(layout, groups)]
         if rope is None:
-            return qkvs
-        return [(apply_rope(q, sin, cos), apply_rope(k, sin, cos), v) for (q, k, v), (sin, cos) in zip(qkvs, rope)]
+            return [qkv.unbind(2) for qkv in qkvs]
+        # q and k rotated together: (B, N, 2, H, hd) by tables (N, 1, 1, hd)
+        return [(*apply_rope(qkv[:, :, :2], sin[:, None], cos[:, None]).unbind(2), qkv[:, :, 2])
+                for qkv, (sin, cos) in zip(qkvs, rope)]
 
     def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa", rope: Rope = None) -> torch.Tensor:
         if backend == "varlen":  # one call over every image of every group
@@ -338,7 +340,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = LayerNorm(embed_dim, eps=norm_eps, **dd)
         self._pos_interp: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # grid -> (h*w, h0*w0) weights
-        self._rope: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # grid -> tables
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (h, w, device, dtype) -> tables
         self._backend: dict[tuple[torch.device, torch.dtype], str] = {}  # resolved attention backend
         self._drop_constants: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (keep, dtype, device) -> drop_path_constants
 
@@ -411,17 +413,20 @@ class VisionTransformer(nn.Module):
         return [list(g) for _, g in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
 
     def rope(self, crops: list[torch.Tensor]) -> Rope:
-        """Per resolution group of `crops`, RoPE's (sin, cos) tables (N, 1, hd) (cached per grid); None without
-        RoPE."""
+        """Per resolution group of `crops`, RoPE's (sin, cos) tables (N, 1, hd) in the compute dtype (cached per grid
+        and dtype); None without RoPE."""
         if self.position != "rope":
             return None
+        device = crops[0].device
+        dtype = autocast_dtype(device) or self.cls_token.dtype
         tables = []
         for group in self._groups(crops):
             h, w = (s // self.patch_size for s in group[0].shape[-2:])
-            key = (h, w, group[0].device)
+            key = (h, w, device, dtype)
             if key not in self._rope:
-                self._rope[key] = rope_tables(h, w, self.embed_dim // self.num_heads, self.num_prefix_tokens,
-                                              self.rope_temperature, group[0].device)
+                fp32 = rope_tables(h, w, self.embed_dim // self.num_heads, self.num_prefix_tokens,
+                                   self.rope_temperature, device)
+                self._rope[key] = tuple(t.to(dtype) for t in fp32)
             tables.append(self._rope[key])
         return tuple(tables)
 
