@@ -1,9 +1,12 @@
 """The layers DINOv2 and DINOv3 add to DINO's ViT, under timm's parameter names and computing what timm computes.
 
-- `LayerScale` (timm: layers/layer_scale.py; DINOv2's `ls1`/`ls2`): a learned per-channel scale of each residual
-  branch, `gamma` kept in fp32 and cast to the branch's dtype. timm multiplies by the fp32 gamma, which under
-  autocast promotes the bf16 residual stream to fp32 for the rest of the network; here the stream stays in bf16
-  (vit.py's precision rule), so fp32 runs equal timm and bf16 runs keep 2-byte activations.
+- `LayerScale` (timm: layers/layer_scale.py; DINOv2's `ls1`/`ls2`): a learned per-channel scale `gamma` of each
+  residual branch. The block folds it into the branch's last Linear (`scaled_linear`: x W'ᵀ + b' with W' = gamma W,
+  b' = gamma b, the same product as gamma (x Wᵀ + b)): no (T, D) multiply in forward or backward and no (T, D)
+  activation saved for it, and the branch leaves the Linear in the stream's dtype. (timm multiplies by the fp32
+  gamma, which under autocast promotes the bf16 residual stream to fp32 for the rest of the network; here it stays
+  in bf16, vit.py's precision rule.)
+- `Mlp` (timm: layers/mlp.py `Mlp`): fc2(gelu(fc1(x))), as DINO's ViTs have it, taking its LayerScale.
 - `SwiGLU` (timm: layers/mlp.py `SwiGLU`, DINOv3's `SwiGLUFFN` with w1/w2/w3 renamed fc1_g/fc1_x/fc2):
   fc2(silu(fc1_g(x)) * fc1_x(x)), the hidden width rounded up to a multiple of `align_to`.
 - `SwiGLUPacked` (timm: `SwiGLUPacked` = `GluMlp(act_layer=SiLU, gate_last=False)`, DINOv2's `SwiGLUFFNFused`
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 
 
 class LayerScale(nn.Module):
-    """x * gamma per channel, gamma (D,) initialised to `init_values`, cast to x's dtype."""
+    """The per-channel scale gamma (D,) of a residual branch, initialised to `init_values`; applied by the branch's
+    last Linear (`scaled_linear`), so it has no forward of its own."""
 
     def __init__(self, dim: int, init_values: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -38,8 +42,25 @@ class LayerScale(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.constant_(self.gamma, self.init_values)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma.to(x.dtype)
+
+def scaled_linear(linear: nn.Linear, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x) * scale (per output channel), the scale folded into the weight and bias."""
+    if scale is None:
+        return linear(x)
+    bias = linear.bias * scale if linear.bias is not None else None
+    return F.linear(x, linear.weight * scale[:, None], bias)
+
+
+class Mlp(nn.Module):
+    """fc2(gelu(fc1(x))), as timm's Mlp (no norm, no dropout); `scale` is the LayerScale of its output."""
+
+    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return scaled_linear(self.fc2, F.gelu(self.fc1(x)), scale)
 
 
 def swiglu_hidden(dim: int, mlp_ratio: float, align_to: int) -> int:
@@ -58,8 +79,8 @@ class SwiGLU(nn.Module):
         self.fc1_x = nn.Linear(dim, hidden, **dd)
         self.fc2 = nn.Linear(hidden, dim, **dd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return scaled_linear(self.fc2, F.silu(self.fc1_g(x)) * self.fc1_x(x), scale)
 
 
 class SwiGLUPacked(nn.Module):
@@ -72,9 +93,9 @@ class SwiGLUPacked(nn.Module):
         self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden // 2, dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * value)
+        return scaled_linear(self.fc2, F.silu(gate) * value, scale)
 
 
 def rope_periods(head_dim: int, temperature: float) -> torch.Tensor:

@@ -56,14 +56,15 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint
 
 from fastdino.engine.attention import (BACKENDS, attention, attention_probs, select_attention_backend,
                                        varlen_attention)
 from fastdino.engine.config import ARCHS
 from fastdino.engine.families import FAMILY_MODELS
-from fastdino.engine.layers import LayerScale, SwiGLU, SwiGLUPacked, apply_rope, rope_tables, swiglu_hidden
+from fastdino.engine.layers import (LayerScale, Mlp, SwiGLU, SwiGLUPacked, apply_rope, rope_tables, scaled_linear,
+                                    swiglu_hidden)
 
 logger = logging.getLogger(__name__)
 
@@ -161,19 +162,23 @@ class Attention(nn.Module):
         qkvs = [g.view(b, n, 3, self.num_heads, self.head_dim) for (b, n), g in zip(layout, groups)]
         if rope is None:
             return [qkv.unbind(2) for qkv in qkvs]
-        # q and k rotated together: (B, N, 2, H, hd) by tables (N, 1, 1, hd)
-        return [(*apply_rope(qkv[:, :, :2], sin[:, None], cos[:, None]).unbind(2), qkv[:, :, 2])
+        # q and k rotated together: (B, N, 2, H, hd) by tables (N, 1, 1, hd). v is copied out of the projection:
+        # attention saves q, k, v for backward, and a view of v would keep the whole (T, 3*D) projection alive
+        # beside the rotated q, k (5/3 of it; the copy makes it 1).
+        return [(*apply_rope(qkv[:, :, :2], sin[:, None], cos[:, None]).unbind(2), qkv[:, :, 2].contiguous())
                 for qkv, (sin, cos) in zip(qkvs, rope)]
 
-    def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa", rope: Rope = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa", rope: Rope = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed tokens (T, D) -> (T, D); `scale`: the LayerScale of the output (folded into `proj`)."""
         if backend == "varlen":  # one call over every image of every group
             if rope is None:
                 qkv = self._project(x)
             else:  # the rotated q, k packed back with v: a copy that only RoPE with varlen pays
                 qkv = torch.cat([torch.stack(t, dim=2).flatten(0, 1).flatten(1) for t in self._qkv(x, layout, rope)])
-            return self.proj(varlen_attention(qkv, layout, self.num_heads))  # (T, D)
+            return scaled_linear(self.proj, varlen_attention(qkv, layout, self.num_heads), scale)  # (T, D)
         outs = [attention(q, k, v, backend).flatten(0, 1).flatten(1) for q, k, v in self._qkv(x, layout, rope)]
-        return self.proj(torch.cat(outs) if len(outs) > 1 else outs[0])  # (T, D)
+        return scaled_linear(self.proj, torch.cat(outs) if len(outs) > 1 else outs[0], scale)  # (T, D)
 
     def attention_weights(self, x: torch.Tensor, layout: Layout, rope: Rope = None) -> list[torch.Tensor]:
         """Per group, the explicit attention matrix (B, H, N, N); for visualisation, not training."""
@@ -184,7 +189,7 @@ MLPS = ("gelu", "swiglu", "swiglu_packed")
 
 
 def build_mlp(dim: int, mlp: str, mlp_ratio: float, swiglu_align_to: int = 0, device=None, dtype=None) -> nn.Module:
-    """The feed-forward layer: timm's GELU Mlp, SwiGLU (hidden int(dim * ratio) aligned) or SwiGLUPacked (fc1 of
+    """The feed-forward layer: GELU Mlp, SwiGLU (hidden int(dim * ratio) aligned) or SwiGLUPacked (fc1 of
     int(dim * ratio), two halves)."""
     if mlp not in MLPS:
         raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
@@ -198,7 +203,8 @@ def build_mlp(dim: int, mlp: str, mlp_ratio: float, swiglu_align_to: int = 0, de
 
 class Block(nn.Module):
     """Pre-norm transformer block on packed tokens (T, D): x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))),
-    the LayerScales `ls1`, `ls2` present when `layer_scale` (their initial value) is set."""
+    the LayerScales `ls1`, `ls2` present when `layer_scale` (their initial value) is set (folded into each branch's
+    last Linear: layers.scaled_linear)."""
 
     def __init__(
         self,
@@ -222,10 +228,10 @@ class Block(nn.Module):
         self.checkpointed = False  # activation checkpointing, set by VisionTransformer.checkpoint_blocks
         self.norm1 = LayerNorm(dim, eps=norm_eps, **dd)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, k_bias=k_bias, **dd)
-        self.ls1 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
+        self.ls1 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else None
         self.norm2 = LayerNorm(dim, eps=norm_eps, **dd)
         self.mlp = build_mlp(dim, mlp, mlp_ratio, swiglu_align_to, **dd)
-        self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else None
 
     def forward(
         self,
@@ -244,8 +250,9 @@ class Block(nn.Module):
     def _forward(self, x: torch.Tensor, layout: Layout, backend: str,
                  drop_scales: tuple[torch.Tensor, torch.Tensor] | None, rope: Rope = None) -> torch.Tensor:
         attn_scale, mlp_scale = drop_scales if drop_scales is not None else (None, None)
-        x = residual_add(x, self.ls1(self.attn(self.norm1(x), layout, backend, rope)), attn_scale)
-        return residual_add(x, self.ls2(self.mlp(self.norm2(x))), mlp_scale)
+        gamma1, gamma2 = (self.ls1.gamma, self.ls2.gamma) if self.ls1 is not None else (None, None)
+        x = residual_add(x, self.attn(self.norm1(x), layout, backend, rope, scale=gamma1), attn_scale)
+        return residual_add(x, self.mlp(self.norm2(x), scale=gamma2), mlp_scale)
 
 
 POS_EMBED_RESAMPLERS = ("timm", "dino")
