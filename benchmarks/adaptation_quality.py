@@ -73,6 +73,10 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=124, help="steps of the 5-epoch pretraining run")
     parser.add_argument("--adapt-epochs", type=int, default=2,
                         help="epochs (62 steps each) of the adaptation and of the from-scratch control")
+    parser.add_argument("--lr-fraction", type=float, default=0.1,
+                        help="the adaptation's peak lr as a fraction of the demo recipe's (the presets': 0.1)")
+    parser.add_argument("--teacher-momentum", type=float, default=None,
+                        help="the adaptation's starting teacher momentum (default: the presets' 0.999)")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -85,9 +89,11 @@ def main() -> None:
              "epochs=5", "--max-steps", args.pretrain_steps)
     start = out / "start_timm.safetensors"
     fastdino("export", "--checkpoint", out / "pretrain", "--weights", "--output", start)
-    adapt = [f"optim.base_lr={DEMO_BASE_LR / 10}", "optim.min_lr=1e-6", f"epochs={args.adapt_epochs}"]
+    adapt = [f"optim.base_lr={DEMO_BASE_LR * args.lr_fraction}", "optim.min_lr=1e-6", f"epochs={args.adapt_epochs}"]
+    adapt += [f"optim.teacher_momentum={args.teacher_momentum}"] if args.teacher_momentum is not None else []
+    adapted = f"adapted_lr{args.lr_fraction:g}_m{args.teacher_momentum or 0.999:g}"
     runs = [[*init, "--output", out / name, "--data", shifted, *ARCH, *DEMO_DATA, *extra]
-            for name, init, extra in (("adapted", ["--init", start, "--preset", "dinov3_vit_small16"], adapt),
+            for name, init, extra in ((adapted, ["--init", start, "--preset", "dinov3_vit_small16"], adapt),
                                       ("scratch", ["--preset", "demo"], [f"epochs={args.adapt_epochs}"]))]
     procs = [subprocess.Popen([sys.executable, "-m", "fastdino", "train", *map(str, run)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in runs]
@@ -97,8 +103,8 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     rows = {
         "start (pretrained on the original shapes)": (knn_top1(start, shifted), knn_top1(start, original)),
-        "--init start, adapted on the inverted shapes": (knn_top1(out / "adapted", shifted),
-                                                          knn_top1(out / "adapted", original)),
+        f"--init start, adapted on the inverted shapes (peak lr {args.lr_fraction:g} x demo's, teacher momentum "
+        f"{args.teacher_momentum or 0.999:g} -> 1)": (knn_top1(out / adapted, shifted), knn_top1(out / adapted, original)),
         "from scratch on the inverted shapes": (knn_top1(out / "scratch", shifted), None),
     }
     print(f"| weights (pretrained {args.pretrain_steps} steps; adapted / from scratch {args.adapt_epochs * 62} "
@@ -108,7 +114,8 @@ def main() -> None:
     print(f"\n{minutes:.1f} min of training")
     (out / "adaptation_quality.json").write_text(json.dumps(
         {"rows": rows, "pretrain_steps": args.pretrain_steps, "adapt_epochs": args.adapt_epochs,
-         "train_minutes": minutes}, indent=1))
+         "lr_fraction": args.lr_fraction, "teacher_momentum": args.teacher_momentum, "train_minutes": minutes},
+        indent=1))
 
 
 if __name__ == "__main__":

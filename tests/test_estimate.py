@@ -122,3 +122,13 @@ def test_help_states_the_assumptions_without_importing_torch():
     text = " ".join(help_without_torch("estimate", "--help").split())
     for fact in ("HBM x 0.75", "peak x 0.60", "H100", "H200", "A100", "fp16 autocast", "flash attention"):
         assert fact in text, fact
+
+
+def test_a_dinov3_preset_is_estimated_for_fastdino_alone_and_says_why():
+    """DINO's code builds no DINOv2 / DINOv3 ViT: the table has fastdino's column and a line saying so."""
+    proc = fastdino_estimate("--preset", "dinov3_vit_small16", *TINY, "model.patch_size=16", "data.global_crops_size=32",
+                             "data.local_crops_size=16")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["fastdino"] and "official: not estimated" in lines[-1]
+    assert "model.arch=vit_small_patch16_dinov3" in lines[-1]
