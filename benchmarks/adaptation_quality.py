@@ -91,10 +91,11 @@ def main() -> None:
     fastdino("export", "--checkpoint", out / "pretrain", "--weights", "--output", start)
     adapt = [f"optim.base_lr={DEMO_BASE_LR * args.lr_fraction}", "optim.min_lr=1e-6", f"epochs={args.adapt_epochs}"]
     adapt += [f"optim.teacher_momentum={args.teacher_momentum}"] if args.teacher_momentum is not None else []
-    adapted = f"adapted_lr{args.lr_fraction:g}_m{args.teacher_momentum or 0.999:g}"
+    adapted = f"adapted_lr{args.lr_fraction:g}_m{args.teacher_momentum or 0.999:g}_e{args.adapt_epochs}"
+    scratch = f"scratch_e{args.adapt_epochs}"
     runs = [[*init, "--output", out / name, "--data", shifted, *ARCH, *DEMO_DATA, *extra]
             for name, init, extra in ((adapted, ["--init", start, "--preset", "dinov3_vit_small16"], adapt),
-                                      ("scratch", ["--preset", "demo"], [f"epochs={args.adapt_epochs}"]))]
+                                      (scratch, ["--preset", "demo"], [f"epochs={args.adapt_epochs}"]))]
     procs = [subprocess.Popen([sys.executable, "-m", "fastdino", "train", *map(str, run)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in runs]
     for proc in procs:
@@ -105,7 +106,7 @@ def main() -> None:
         "start (pretrained on the original shapes)": (knn_top1(start, shifted), knn_top1(start, original)),
         f"--init start, adapted on the inverted shapes (peak lr {args.lr_fraction:g} x demo's, teacher momentum "
         f"{args.teacher_momentum or 0.999:g} -> 1)": (knn_top1(out / adapted, shifted), knn_top1(out / adapted, original)),
-        "from scratch on the inverted shapes": (knn_top1(out / "scratch", shifted), None),
+        "from scratch on the inverted shapes": (knn_top1(out / scratch, shifted), None),
     }
     print(f"| weights (pretrained {args.pretrain_steps} steps; adapted / from scratch {args.adapt_epochs * 62} "
           f"steps) | k-NN top-1, inverted val | k-NN top-1, original val |\n|---|---:|---:|")
