@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                             ".tar.gz, WebDataset) or a file list (.txt); with labelled train/ and val/ splits the "
                             "run also evaluates k-NN. default: the built-in shapes dataset")
     train.add_argument("--preset", default="demo", help=f"named config: {', '.join(sorted(C.PRESETS))}")
+    train.add_argument("--init", default=None, metavar="PATH",
+                       help="start student and teacher from these backbone weights (continued pretraining): a timm "
+                            "or Meta DINOv2 / DINOv3 checkpoint, .safetensors or .pth, an official DINO one or a "
+                            "fastdino run; the architecture is the checkpoint's (presets dinov2_vit_small14_adapt, "
+                            "dinov3_vit_small16_adapt hold an adaptation schedule)")
     train.add_argument("--config", default=None, help="YAML file with sections of the config tree")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.base_lr=1e-3")
     for name, text in EVAL_COMMANDS.items():
@@ -96,6 +101,13 @@ def build_config(args: argparse.Namespace) -> C.TrainConfig:
     flags = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
     flags += [f"max_steps={args.max_steps}"] if args.max_steps is not None else []
     flags += [f"minutes={args.minutes}"] if args.minutes is not None else []
+    if args.init is not None:  # the checkpoint's architecture, before the command line's overrides
+        from fastdino.engine.model import init_settings
+
+        if not Path(args.init).exists():
+            raise ValueError(f"--init {args.init}: no such file or folder")
+        settings = {**init_settings(args.init), "init": str(Path(args.init).resolve())}
+        flags += [f"model.{key}={json.dumps(value)}" for key, value in settings.items()]
     return C.apply_overrides(C.preset(args.preset), file_values=file_values, overrides=flags + list(args.overrides))
 
 
@@ -198,6 +210,14 @@ def run_train(cfg: C.TrainConfig, output: Path, *, device: torch.device, mesh: D
     started = time.perf_counter()
     rank, world_size = (mesh.get_rank(), mesh.size()) if mesh is not None else (0, 1)
     try:
+        if cfg.model.init is not None:  # the run's first line: what its weights start from
+            import torch
+
+            from fastdino.engine.model import build_model, init_weights
+
+            with torch.device("meta"):
+                shapes = build_model(cfg, student=True).state_dict()
+            logger.info(init_weights(cfg, shapes)[1])
         cfg = asked = with_dataset(cfg, rank)
         check_writes(cfg, output)
         check_resumable(cfg, output, world_size)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from fastdino.engine.families import FAMILY_MODELS
 from fastdino.pipelines.config import MultiCropConfig
 
 # The DINO ViT sizes that `model.arch` names; vit.py builds them (and registers each with patch 16 and 8, MODELS).
@@ -49,7 +50,8 @@ def _check_choice(name: str, value, choices) -> None:
 @dataclass
 class ModelConfig:
     arch: str = "vit_small"
-    """Backbone size: vit_tiny, vit_small, vit_base or vit_large."""
+    """Backbone: a DINO size (vit_tiny, vit_small, vit_base, vit_large) or a DINOv2 / DINOv3 model by its timm name
+    (vit_small_patch14_dinov2, vit_small_patch16_dinov3, ...; engine/families.py), which fixes patch_size."""
     patch_size: int = 16
     """Side of a square patch in pixels."""
     img_size: int = 224
@@ -72,9 +74,16 @@ class ModelConfig:
     """Blocks whose activations are recomputed in backward to save memory: none, all, every-N (every N-th), or
     selective (every block keeps its matmul and attention outputs and recomputes the rest: norms, GELU, casts,
     adds; engine/parallelize.py, `selective_checkpoint_contexts`)."""
+    init: str | None = None
+    """Backbone weights to start student and teacher from (`fastdino train --init PATH`: a timm, Meta DINOv2 /
+    DINOv3, official DINO or fastdino checkpoint); null = random, from `seed`. The heads start fresh."""
 
     def __post_init__(self):
-        _check_choice("model.arch", self.arch, ARCHS)
+        _check_choice("model.arch", self.arch, [*ARCHS, *FAMILY_MODELS])
+        if self.arch in FAMILY_MODELS:
+            own = FAMILY_MODELS[self.arch]["patch_size"]
+            _check(self.patch_size == own, f"model.patch_size must be {own} for model.arch={self.arch}, "
+                                           f"got {self.patch_size}")
         _check(self.patch_size > 0, f"model.patch_size must be > 0, got {self.patch_size}")
         _check(self.img_size % self.patch_size == 0,
                f"model.img_size ({self.img_size}) must be a multiple of model.patch_size ({self.patch_size})")
@@ -527,8 +536,51 @@ def dinov2_vit_small14() -> TrainConfig:
     )
 
 
+def adaptation(arch: str, patch_size: int, img_size: int, local_crops_size: int) -> TrainConfig:
+    """Continued self-supervised pretraining of a released backbone on one's own images (`fastdino train --init
+    PATH`): the `small` preset's data, head and evaluation with a schedule that moves a trained network gently.
+
+    The schedule, and why (reasoning from the from-scratch recipes, not a published adaptation recipe; GPU runs of
+    it have not been made yet, the CPU measurement is in benchmarks/RESULTS.md, issue 25):
+    - peak lr 5e-5 x batch/256, a tenth of DINO's from-scratch 5e-4 (facebookresearch/dino main_dino.py; DINOv2's
+      ssl_default_config.yaml: 4e-3 at batch 1024, sqrt scaling): the usual fine-tuning ratio, so that the first
+      updates, driven by a fresh head, do not undo the pretrained features.
+    - warmup 1 epoch, not 10: the warmup of a from-scratch run protects random weights; here only the head is new,
+      and its last layer is frozen for the first epoch as in DINO.
+    - teacher momentum 0.999 -> 1, not DINO's 0.996 / DINOv2's 0.992: the teacher starts as good as the student,
+      so it should follow the student's early, head-driven updates slowly (a low momentum would copy them into the
+      target at once); DINOv2's schedule also ends at 1 (its 518-px adaptation phase at the end of pretraining runs
+      at momentum near 1).
+    - weight decay 0.04 constant, not 0.04 -> 0.4: decay pulls the weights towards 0, away from where they start.
+    - teacher temperature 0.04 -> 0.07 over 5 epochs, not 30: the warmup exists for random features.
+    - 30 epochs; batch 128 as `small`; drop path 0.1 (DINO ViT-S); gradients clipped at 3.0 on their global norm.
+    The CPU run of benchmarks/adaptation_quality.py found these values too slow for a 124-step run (RESULTS.md):
+    the teacher momentum's horizon, 1 / (1 - m) = 1000 steps, is meant for runs of thousands of steps."""
+    cfg = small()
+    return dataclasses.replace(
+        cfg,
+        model=ModelConfig(arch=arch, patch_size=patch_size, img_size=img_size, drop_path_rate=0.1),
+        loss=dataclasses.replace(cfg.loss, warmup_teacher_temp_epochs=5, teacher_temp_schedule="per_step"),
+        optim=dataclasses.replace(cfg.optim, base_lr=5e-5, min_lr=1e-6, warmup_epochs=1, weight_decay=0.04,
+                                  weight_decay_end=0.04, teacher_momentum=0.999, clip_grad_mode="global"),
+        data=dataclasses.replace(cfg.data, local_crops_size=local_crops_size),
+        epochs=30,
+    )
+
+
+def dinov2_vit_small14_adapt() -> TrainConfig:
+    """`adaptation` for DINOv2's ViT-S/14 (vit_small_patch14_dinov2, img_size 518 as released; 224 / 98 crops)."""
+    return adaptation("vit_small_patch14_dinov2", 14, 518, 98)
+
+
+def dinov3_vit_small16_adapt() -> TrainConfig:
+    """`adaptation` for DINOv3's ViT-S/16 (vit_small_patch16_dinov3; 224 / 96 crops)."""
+    return adaptation("vit_small_patch16_dinov3", 16, 224, 96)
+
+
 PRESETS = {"demo": demo, "small": small, "vit_small16_imagenet": vit_small16_imagenet,
-           "dinov2_vit_small14": dinov2_vit_small14}
+           "dinov2_vit_small14": dinov2_vit_small14, "dinov2_vit_small14_adapt": dinov2_vit_small14_adapt,
+           "dinov3_vit_small16_adapt": dinov3_vit_small16_adapt}
 
 
 def preset(name: str) -> TrainConfig:

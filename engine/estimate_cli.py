@@ -50,22 +50,28 @@ ROWS = [("peak memory per rank, GiB", "peak_gib", "{:.2f}"), ("step, ms (rooflin
 
 
 def format_table(result: dict, top: int = 8) -> str:
-    """The two formulations side by side, what holds the peak, and the op classes with the most bytes."""
-    official, ours = result["official"], result["fastdino"]
-    lines = [f"# {ours['gpu']['name']}; {ours['batch_per_rank']} images per rank; fastdino {ours['precision']}, "
-             f"official {official['precision']}",
-             f"{'':34} {'official':>12} {'fastdino':>12}"]
-    lines += [f"{label:34} {fmt.format(official[key]):>12} {fmt.format(ours[key]):>12}" for label, key, fmt in ROWS]
+    """The formulations side by side (official, when estimated, then fastdino), what holds the peak, and the op
+    classes with the most bytes."""
+    names = [name for name in ("official", "fastdino") if name in result]
+    ours = result["fastdino"]
+    precisions = ", ".join(f"{name} {result[name]['precision']}" for name in reversed(names))
+    lines = [f"# {ours['gpu']['name']}; {ours['batch_per_rank']} images per rank; {precisions}",
+             f"{'':34}" + "".join(f" {name:>12}" for name in names)]
+    lines += [f"{label:34}" + "".join(f" {fmt.format(result[name][key]):>12}" for name in names)
+              for label, key, fmt in ROWS]
     lines.append("peak held by, GiB")
-    roles = dict.fromkeys([*official["peak_by_role_gib"], *ours["peak_by_role_gib"]])
-    lines += [f"  {role:32} {official['peak_by_role_gib'].get(role, 0):>12.2f} "
-              f"{ours['peak_by_role_gib'].get(role, 0):>12.2f}" for role in roles]
-    for name, entry in (("official", official), ("fastdino", ours)):
+    roles = dict.fromkeys(role for name in names for role in result[name]["peak_by_role_gib"])
+    lines += [f"  {role:32}" + "".join(f" {result[name]['peak_by_role_gib'].get(role, 0):>12.2f}" for name in names)
+              for role in roles]
+    for name in names:
         lines.append(f"{name}: op classes by bytes (count, GB, ms)")
         lines += [f"  {op:32} {e['count']:>6} {e['gbytes']:>8.1f} {e['ms']:>8.2f}"
-                  for op, e in list(entry["by_op"].items())[:top]]
+                  for op, e in list(result[name]["by_op"].items())[:top]]
     lines.append(f"roofline: max(bytes / ({ours['gpu']['hbm_tb_s']:g} TB/s x {HBM_EFFICIENCY}), FLOPs / "
                  f"({ours['gpu']['tflops']['bf16']:g} TFLOP/s x {FLOP_EFFICIENCY})) per op; see --help")
+    if "official" not in result:
+        lines.append("official: not estimated (DINO's code builds only DINO's ViTs, not model.arch="
+                     f"{ours.get('arch', 'this one')})")
     return "\n".join(lines)
 
 
@@ -83,6 +89,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     from fastdino.engine.estimate import estimate_step
 
-    result = estimate_step(cfg, args.gpu, world_size=args.world_size)
+    which = ("fastdino", "official") if cfg.model.arch in C.ARCHS else ("fastdino",)  # DINOv2 / DINOv3: ours only
+    result = estimate_step(cfg, args.gpu, world_size=args.world_size, which=which)
+    result["fastdino"]["arch"] = cfg.model.arch
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

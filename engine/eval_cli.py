@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastdino.engine.backbone_io import load_backbone
+from fastdino.engine.backbone_io import export_timm_weights, load_backbone
 from fastdino.engine.command_line import (
     EVAL_COMMANDS,
     EXIT_USAGE,
@@ -44,14 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
-    def backbone_args(p, data=True):
+    def backbone_args(p, data=True, data_required=True):
         p.add_argument("--checkpoint", required=True, type=Path,
                        help="run dir, .safetensors file, or official DINO .pth")
         p.add_argument("--arch", help="expected architecture (vit_tiny / vit_small / vit_base / vit_large): "
                                       "a checkpoint of another one is an error")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
         if data:
-            p.add_argument("--data", required=True, type=Path, help="dataset folder with train/ and val/")
+            p.add_argument("--data", required=data_required, type=Path, help="dataset folder with train/ and val/")
             p.add_argument("--image-size", type=int, default=None,
                            help="resize + center-crop side in pixels (default: the size the backbone was trained "
                                 "at, from the checkpoint; 224 for official DINO weights)")
@@ -81,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by the masks")
 
     p = sub.add_parser("export", help=EVAL_COMMANDS["export"])
-    backbone_args(p)
-    p.add_argument("--output", required=True, type=Path, help="FILE.safetensors or FILE.npz")
+    backbone_args(p, data_required=False)
+    p.add_argument("--output", required=True, type=Path, help="FILE.safetensors or FILE.npz (FILE.pth with --weights)")
+    p.add_argument("--weights", action="store_true",
+                   help="write the backbone's weights instead of features, under timm's parameter names: timm's "
+                        "model of the same name loads them strictly (the command prints the timm.create_model call); "
+                        "no --data")
     p.add_argument("--split", nargs="+", default=["train", "val"], help="splits to export, train first")
     p.add_argument("--pooling", default="cls", choices=POOLINGS, help="cls = final-norm CLS (the k-NN feature)")
 
@@ -119,6 +123,12 @@ def _run(args) -> int:
         for path in plot_runs(args.run_dirs, args.output).paths:
             print(path)
         return 0
+    if args.command == "export" and args.weights:
+        path, call = export_timm_weights(args.checkpoint, args.output)
+        print(f"{path}: load with {call}.load_state_dict(...)")
+        return 0
+    if args.command == "export" and args.data is None:
+        raise ValueError("export needs --data (features of its splits), or --weights (the backbone's weights)")
     device = _device(args.device)
     if args.command == "attention":
         backbone = load_backbone(args.checkpoint, device=device, arch=args.arch)

@@ -14,6 +14,14 @@ the qkv gradient is. `attention="varlen"` instead runs torch's variable-length a
 of every group (CUDA only; engine/attention.py says why it is not the default yet). Nothing is padded, and
 every shape depends only on the crop shapes (never on data), so per-block `torch.compile` and CUDA graphs apply.
 
+DINOv2 and DINOv3 (families.py, under timm's model names) are options of the same model, so the packed forward,
+the attention backends, compile, FSDP2 and activation checkpointing apply to them unchanged: LayerScale, SwiGLU and
+RoPE (layers.py) inside `Block`, register tokens after the CLS token (left out of every output), position
+embeddings for the patches only (`position="learned_patches"`) or none and RoPE (`position="rope"`), whose
+per-grid tables enter each block as arguments as the drop-path scales do. Parameter names are timm's
+VisionTransformer ones also for DINOv3, whose timm Eva names two tensors differently (`gamma_1` / `gamma_2` for
+`ls1.gamma` / `ls2.gamma`; backbone_io.py converts).
+
 Position embeddings for a grid other than the native one are resampled in one of two ways
 (`pos_embed_resample`): "timm" like timm's `dynamic_img_size` (`resample_abs_pos_embed`: bicubic, antialiased,
 to the exact grid), or "dino" like the official DINO code (`interpolate_pos_encoding`: bicubic without
@@ -48,12 +56,15 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from fastdino.engine.attention import (BACKENDS, attention, attention_probs, select_attention_backend,
                                        varlen_attention)
 from fastdino.engine.config import ARCHS
+from fastdino.engine.families import FAMILY_MODELS
+from fastdino.engine.layers import (LayerScale, Mlp, SwiGLU, SwiGLUPacked, apply_rope, rope_tables, scaled_linear,
+                                    swiglu_hidden)
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +72,12 @@ logger = logging.getLogger(__name__)
 # in the order the groups' rows appear in the (T, D) token tensor.
 Layout = tuple[tuple[int, int], ...]
 
-# The timm-style registry: every DINO ViT size (config.ARCHS) with DINO's patch sizes 16 and 8.
+# The timm-style registry: every DINO ViT size (config.ARCHS) with DINO's patch sizes 16 and 8, and the DINOv2 and
+# DINOv3 backbones under timm's names (families.py).
 MODELS = {f"{arch}_patch{patch}": dict(patch_size=patch, **size) for arch, size in ARCHS.items() for patch in (16, 8)}
+MODELS.update(FAMILY_MODELS)
+# Per resolution group, RoPE's (sin, cos) tables, each (N, 1, hd) (layers.rope_tables); None without RoPE.
+Rope = tuple[tuple[torch.Tensor, torch.Tensor], ...] | None
 
 
 # Device types autocast knows, read once: torch 2.11's dynamo cannot trace `torch.amp.is_autocast_available`.
@@ -123,34 +138,77 @@ class Attention(nn.Module):
     """Multi-head self-attention over packed tokens: one dense attention call per resolution group, or one
     variable-length call over all of them (backend "varlen")."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, device=None, dtype=None):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, k_bias: bool = True, device=None,
+                 dtype=None):
+        """`k_bias=False` with `qkv_bias` gives q and v a bias and k none (timm's Eva `q_bias` / `v_bias`, DINOv3's
+        masked k bias)."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
+        separate = qkv_bias and not k_bias
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias and not separate, device=device, dtype=dtype)
+        self.q_bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if separate else None
+        self.v_bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if separate else None
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
-    def _qkv(self, x: torch.Tensor, layout: Layout) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per group, q, k, v as (B, N, H, hd) views of one qkv projection of the packed (T, D) tokens."""
-        qkv = self.qkv(x)  # (T, 3*D)
-        groups = qkv.split([b * n for b, n in layout])
-        return [g.view(b, n, 3, self.num_heads, self.head_dim).unbind(2) for (b, n), g in zip(layout, groups)]
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """The qkv projection (T, 3*D) of packed tokens (T, D)."""
+        if self.q_bias is None:
+            return self.qkv(x)
+        return F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]))
 
-    def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa") -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, layout: Layout, rope: Rope = None) -> list[tuple[torch.Tensor, ...]]:
+        """Per group, q, k, v as (B, N, H, hd) views of one qkv projection of the packed (T, D) tokens (q and k
+        rotated, so no longer views, with RoPE)."""
+        groups = self._project(x).split([b * n for b, n in layout])  # (T, 3*D) -> per group
+        qkvs = [g.view(b, n, 3, self.num_heads, self.head_dim) for (b, n), g in zip(layout, groups)]
+        if rope is None:
+            return [qkv.unbind(2) for qkv in qkvs]
+        # q and k rotated together: (B, N, 2, H, hd) by tables (N, 1, 1, hd). v is copied out of the projection:
+        # attention saves q, k, v for backward, and a view of v would keep the whole (T, 3*D) projection alive
+        # beside the rotated q, k (5/3 of it; the copy makes it 1).
+        return [(*apply_rope(qkv[:, :, :2], sin[:, None], cos[:, None]).unbind(2), qkv[:, :, 2].contiguous())
+                for qkv, (sin, cos) in zip(qkvs, rope)]
+
+    def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa", rope: Rope = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed tokens (T, D) -> (T, D); `scale`: the LayerScale of the output (folded into `proj`)."""
         if backend == "varlen":  # one call over every image of every group
-            return self.proj(varlen_attention(self.qkv(x), layout, self.num_heads))  # (T, D)
-        outs = [attention(q, k, v, backend).flatten(0, 1).flatten(1) for q, k, v in self._qkv(x, layout)]
-        return self.proj(torch.cat(outs) if len(outs) > 1 else outs[0])  # (T, D)
+            if rope is None:
+                qkv = self._project(x)
+            else:  # the rotated q, k packed back with v: a copy that only RoPE with varlen pays
+                qkv = torch.cat([torch.stack(t, dim=2).flatten(0, 1).flatten(1) for t in self._qkv(x, layout, rope)])
+            return scaled_linear(self.proj, varlen_attention(qkv, layout, self.num_heads), scale)  # (T, D)
+        outs = [attention(q, k, v, backend).flatten(0, 1).flatten(1) for q, k, v in self._qkv(x, layout, rope)]
+        return scaled_linear(self.proj, torch.cat(outs) if len(outs) > 1 else outs[0], scale)  # (T, D)
 
-    def attention_weights(self, x: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    def attention_weights(self, x: torch.Tensor, layout: Layout, rope: Rope = None) -> list[torch.Tensor]:
         """Per group, the explicit attention matrix (B, H, N, N); for visualisation, not training."""
-        return [attention_probs(q, k) for q, k, _ in self._qkv(x, layout)]
+        return [attention_probs(q, k) for q, k, _ in self._qkv(x, layout, rope)]
+
+
+MLPS = ("gelu", "swiglu", "swiglu_packed")
+
+
+def build_mlp(dim: int, mlp: str, mlp_ratio: float, swiglu_align_to: int = 0, device=None, dtype=None) -> nn.Module:
+    """The feed-forward layer: GELU Mlp, SwiGLU (hidden int(dim * ratio) aligned) or SwiGLUPacked (fc1 of
+    int(dim * ratio), two halves)."""
+    if mlp not in MLPS:
+        raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
+    dd = dict(device=device, dtype=dtype)
+    if mlp == "swiglu":
+        return SwiGLU(dim, swiglu_hidden(dim, mlp_ratio, swiglu_align_to), **dd)
+    if mlp == "swiglu_packed":
+        return SwiGLUPacked(dim, int(dim * mlp_ratio), **dd)
+    return Mlp(dim, int(dim * mlp_ratio), **dd)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block on packed tokens (T, D): x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block on packed tokens (T, D): x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))),
+    the LayerScales `ls1`, `ls2` present when `layer_scale` (their initial value) is set (folded into each branch's
+    last Linear: layers.scaled_linear)."""
 
     def __init__(
         self,
@@ -161,14 +219,23 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         device=None,
         dtype=None,
+        *,
+        k_bias: bool = True,
+        norm_eps: float = 1e-6,
+        layer_scale: float | None = None,
+        mlp: str = "gelu",
+        swiglu_align_to: int = 0,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.drop_path = drop_path  # the rate; VisionTransformer draws the scales (`drop_path_scales`)
         self.checkpoint_context_fn = None  # activation checkpointing's context_fn, set by checkpoint_blocks; None = off
-        self.norm1 = LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
-        self.norm2 = LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), device=device, dtype=dtype)
+        self.norm1 = LayerNorm(dim, eps=norm_eps, **dd)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, k_bias=k_bias, **dd)
+        self.ls1 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else None
+        self.norm2 = LayerNorm(dim, eps=norm_eps, **dd)
+        self.mlp = build_mlp(dim, mlp, mlp_ratio, swiglu_align_to, **dd)
+        self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else None
 
     def forward(
         self,
@@ -176,9 +243,10 @@ class Block(nn.Module):
         layout: Layout,
         backend: str = "sdpa",
         drop_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: Rope = None,
     ) -> torch.Tensor:
         """Packed tokens (T, D) -> (T, D). `drop_scales`: the stochastic-depth scales (T, 1) of the attention and
-        the MLP branch (VisionTransformer draws them), None for no drop path.
+        the MLP branch (VisionTransformer draws them), None for no drop path; `rope`: per group, RoPE's tables.
 
         Activation checkpointing covers all but the last residual add: that add keeps only its scale for backward,
         and inside the checkpoint the scale would be a saved tensor that the recompute must rebuild, so the
@@ -187,19 +255,25 @@ class Block(nn.Module):
         if self.checkpoint_context_fn is not None and torch.is_grad_enabled():
             # Dynamo takes a user function or functools.partial as context_fn, not torch's default passed explicitly.
             policy = {} if self.checkpoint_context_fn is noop_context_fn else {"context_fn": self.checkpoint_context_fn}
-            x, mlp = checkpoint(self._attention_and_mlp, x, layout, backend, attn_scale, use_reentrant=False, **policy)
+            x, mlp = checkpoint(self._attention_and_mlp, x, layout, backend, attn_scale, rope, use_reentrant=False,
+                                **policy)
         else:
-            x, mlp = self._attention_and_mlp(x, layout, backend, attn_scale)
+            x, mlp = self._attention_and_mlp(x, layout, backend, attn_scale, rope)
         return residual_add(x, mlp, mlp_scale)
 
-    def _attention_and_mlp(self, x: torch.Tensor, layout: Layout, backend: str,
-                           attn_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stream after the attention branch's residual add, and the MLP branch's output on it."""
-        x = residual_add(x, self.attn(self.norm1(x), layout, backend), attn_scale)
-        return x, self.mlp(self.norm2(x))
+    def _attention_and_mlp(self, x: torch.Tensor, layout: Layout, backend: str, attn_scale: torch.Tensor | None,
+                           rope: Rope = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream after the attention branch's residual add, and the MLP branch's output on it (LayerScale
+        folded into each branch's last matmul)."""
+        gamma1, gamma2 = (self.ls1.gamma, self.ls2.gamma) if self.ls1 is not None else (None, None)
+        x = residual_add(x, self.attn(self.norm1(x), layout, backend, rope, scale=gamma1), attn_scale)
+        return x, self.mlp(self.norm2(x), scale=gamma2)
 
 
 POS_EMBED_RESAMPLERS = ("timm", "dino")
+# How tokens know their place: "learned" position embeddings for the CLS token and every patch (DINO, DINOv2),
+# "learned_patches" for the patches only (DINOv2 with registers, timm's no_embed_class), "rope" (DINOv3).
+POSITIONS = ("learned", "learned_patches", "rope")
 
 
 @torch.no_grad()
@@ -215,7 +289,9 @@ def pos_embed_weights(h0: int, w0: int, h: int, w: int, method: str, device=None
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a CLS token and learned position embeddings; `forward` returns final-norm CLS features.
+    """ViT with a CLS token, optional register tokens (after the CLS token, as DINOv2 and DINOv3 lay them out), and
+    learned position embeddings or RoPE; `forward` returns final-norm CLS features. Registers take part in every
+    block, and are left out of every output: features, tokens and attention maps.
 
     The constructor only creates parameters (so the model can be built on the meta device); call
     `init_weights()` to set their values (`create_model` and `build_backbone` do).
@@ -236,12 +312,25 @@ class VisionTransformer(nn.Module):
         attention: str = "auto",
         pos_embed_resample: str = "timm",
         mask_token: bool = False,
+        k_bias: bool = True,
+        norm_eps: float = 1e-6,
+        layer_scale: float | None = None,
+        mlp: str = "gelu",
+        swiglu_align_to: int = 0,
+        reg_tokens: int = 0,
+        position: str = "learned",
+        rope_temperature: float = 100.0,
         device=None,
         dtype=None,
     ):
         """`mask_token`: a learned (1, D) token that replaces the masked patch embeddings of `forward(masks=)`
         (DINOv2's `mask_token`, iBOT)."""
         super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+        if reg_tokens < 0 or (reg_tokens and position == "learned"):
+            raise ValueError(f"reg_tokens must be >= 0, and 0 with position='learned' (registers have no position "
+                             f"embedding), got {reg_tokens} with position={position!r}")
         if attention not in BACKENDS:
             raise ValueError(f"attention must be one of {BACKENDS}, got {attention!r}")
         if pos_embed_resample not in POS_EMBED_RESAMPLERS:
@@ -257,30 +346,51 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.attention = attention
         self.pos_embed_resample = pos_embed_resample
+        self.position = position
+        self.num_reg_tokens = reg_tokens
+        self.rope_temperature = rope_temperature
         self.patch_embed = PatchEmbed(
             img_size, patch_size, in_chans, embed_dim, strict_img_size=False, output_fmt="NHWC", **dd
         )
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
-        self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + 1, embed_dim, **dd))
+        self.reg_token = nn.Parameter(torch.empty(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
+        positions = self.patch_embed.num_patches + (position == "learned")
+        self.pos_embed = nn.Parameter(torch.empty(1, positions, embed_dim, **dd)) if position != "rope" else None
         self.mask_token = nn.Parameter(torch.empty(1, embed_dim, **dd)) if mask_token else None
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # DINO's rates, linear in depth
+        block_options = dict(k_bias=k_bias, norm_eps=norm_eps, layer_scale=layer_scale, mlp=mlp,
+                             swiglu_align_to=swiglu_align_to)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rate, **dd) for rate in rates
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rate, **dd, **block_options)
+            for rate in rates
         )
-        self.norm = LayerNorm(embed_dim, eps=1e-6, **dd)
+        self.norm = LayerNorm(embed_dim, eps=norm_eps, **dd)
         self._pos_interp: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # grid -> (h*w, h0*w0) weights
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (h, w, device, dtype) -> tables
         self._backend: dict[tuple[torch.device, torch.dtype], str] = {}  # resolved attention backend
         self._drop_constants: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (keep, dtype, device) -> drop_path_constants
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the CLS token and the registers."""
+        return 1 + self.num_reg_tokens
+
     def init_weights(self) -> None:
-        """DINO's initialisation: trunc-normal(std .02) pos_embed, cls_token and Linear weights, zero biases,
-        unit LayerNorms; the patch-embedding conv keeps PyTorch's default init, as in DINO."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        """DINO's initialisation: trunc-normal(std .02) pos_embed, cls_token, registers and Linear weights, zero
+        biases (also q_bias / v_bias), unit LayerNorms, LayerScales at their initial value; the patch-embedding conv
+        keeps PyTorch's default init, as in DINO."""
+        for token in (self.pos_embed, self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
         if self.mask_token is not None:
             nn.init.zeros_(self.mask_token)  # as DINOv2
         self.patch_embed.proj.reset_parameters()
         for module in self.modules():
+            if isinstance(module, LayerScale):
+                module.reset_parameters()
+            elif isinstance(module, Attention) and module.q_bias is not None:
+                nn.init.zeros_(module.q_bias)
+                nn.init.zeros_(module.v_bias)
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
@@ -298,32 +408,60 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay by name (timm's convention); DINO also exempts biases and norms."""
-        return {"pos_embed", "cls_token"}
+        return {name for name in ("pos_embed", "cls_token", "reg_token") if getattr(self, name) is not None}
 
     def _pos_embed(self, pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Position embeddings `pos` (1, 1 + h0*w0, D) for an h x w patch grid, (1, 1 + h*w, D); resampled in fp32,
-        returned in pos's dtype."""
+        """Position embeddings `pos` (1, c + h0*w0, D), c = 1 with a CLS slot ("learned") else 0, for an h x w patch
+        grid, (1, c + h*w, D); resampled in fp32, returned in pos's dtype."""
         h0, w0 = self.patch_embed.grid_size
         if (h, w) == (h0, w0):
             return pos
         key = (h, w, pos.device)
         if key not in self._pos_interp:
             self._pos_interp[key] = pos_embed_weights(h0, w0, h, w, self.pos_embed_resample, pos.device)
+        c = int(self.position == "learned")
         with without_autocast(pos.device):
-            patch_pos = self._pos_interp[key] @ pos[0, 1:].float()  # (h*w, D)
-        return torch.cat([pos[:, :1], patch_pos[None].to(pos.dtype)], dim=1)
+            patch_pos = self._pos_interp[key] @ pos[0, c:].float()  # (h*w, D)
+        return torch.cat([pos[:, :c], patch_pos[None].to(pos.dtype)], dim=1)
 
-    def _embed(self, images: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor,
+    def _embed(self, images: torch.Tensor, prefix: torch.Tensor, pos_embed: torch.Tensor | None,
                masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, N, D), N = 1 + (H/p)(W/p), CLS first, position embeddings added; the
-        patch embeddings where `masks` (B, N - 1) is True replaced by the mask token first (as DINOv2)."""
+        """Images (B, C, H, W) -> tokens (B, N, D), N = prefix tokens + (H/p)(W/p): the prefix (1, 1 + R, D) (CLS,
+        then the registers) first, position embeddings added where the model has them; the patch embeddings where
+        `masks` (B, (H/p)(W/p)) is True replaced by the mask token first (as DINOv2)."""
         x = self.patch_embed(images)  # (B, h, w, D)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
         if masks is not None:
             x = torch.where(masks[..., None], self.mask_token.to(x.dtype)[None], x)
-        x = torch.cat([cls_token.expand(b, -1, -1), x], dim=1)  # (B, N, D)
-        return x + self._pos_embed(pos_embed, h, w)
+        if self.position == "learned":  # CLS and patches have a position embedding (no registers here)
+            return torch.cat([prefix.expand(b, -1, -1), x], dim=1) + self._pos_embed(pos_embed, h, w)
+        if self.position == "learned_patches":
+            x = x + self._pos_embed(pos_embed, h, w)
+        return torch.cat([prefix.expand(b, -1, -1), x], dim=1)
+
+    @staticmethod
+    def _groups(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Consecutive crops of the same resolution."""
+        return [list(g) for _, g in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
+
+    def rope(self, crops: list[torch.Tensor]) -> Rope:
+        """Per resolution group of `crops`, RoPE's (sin, cos) tables (N, 1, hd) in the compute dtype (cached per grid
+        and dtype); None without RoPE."""
+        if self.position != "rope":
+            return None
+        device = crops[0].device
+        dtype = autocast_dtype(device) or self.cls_token.dtype
+        tables = []
+        for group in self._groups(crops):
+            h, w = (s // self.patch_size for s in group[0].shape[-2:])
+            key = (h, w, device, dtype)
+            if key not in self._rope:
+                fp32 = rope_tables(h, w, self.embed_dim // self.num_heads, self.num_prefix_tokens,
+                                   self.rope_temperature, device)
+                self._rope[key] = tuple(t.to(dtype) for t in fp32)
+            tables.append(self._rope[key])
+        return tuple(tables)
 
     def _tokens(self, crops: list[torch.Tensor],
                 masks: torch.Tensor | None = None) -> tuple[torch.Tensor, Layout, str]:
@@ -334,12 +472,13 @@ class VisionTransformer(nn.Module):
         param_dtype copies (and as autocast's cached casts of the patch embedding's weights do)."""
         if not crops:
             raise ValueError("forward needs at least one crop, got an empty list")
-        dtype = autocast_dtype(crops[0].device) or self.pos_embed.dtype
-        cls_token, pos_embed = self.cls_token.to(dtype), self.pos_embed.to(dtype)
-        groups = [list(g) for _, g in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:]))]
+        dtype = autocast_dtype(crops[0].device) or self.cls_token.dtype
+        prefix = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], dim=1)
+        prefix, pos_embed = prefix.to(dtype), self.pos_embed.to(dtype) if self.pos_embed is not None else None
+        groups = self._groups(crops)
         if masks is not None:
             self._check_masks(masks, groups[0])
-        embedded = [self._embed(torch.cat(g) if len(g) > 1 else g[0], cls_token, pos_embed, masks if i == 0 else None)
+        embedded = [self._embed(torch.cat(g) if len(g) > 1 else g[0], prefix, pos_embed, masks if i == 0 else None)
                     for i, g in enumerate(groups)]
         tokens = torch.cat([e.flatten(0, 1) for e in embedded])  # (T, D)
         layout = tuple((e.shape[0], e.shape[1]) for e in embedded)
@@ -400,9 +539,11 @@ class VisionTransformer(nn.Module):
         masks (B0, N0) bool: the first resolution group's (the global crops') patches to replace by the mask token.
         patch_index (M,) int64: flat indices into that group's (B0 * N0) patch tokens; then returns (CLS features,
         final-norm patch tokens (M, D) at those positions), both from the one packed forward."""
-        tokens, layout, backend = self._tokens([x] if isinstance(x, torch.Tensor) else list(x), masks)
+        crops = [x] if isinstance(x, torch.Tensor) else list(x)
+        tokens, layout, backend = self._tokens(crops, masks)
+        rope = self.rope(crops)
         for block, scales in zip(self.blocks, self.drop_scales(tokens, layout)):
-            tokens = block(tokens, layout, backend, scales)
+            tokens = block(tokens, layout, backend, scales, rope)
         groups = tokens.split([b * n for b, n in layout])
         cls = torch.cat([g.view(b, n, -1)[:, 0] for (b, n), g in zip(layout, groups)])  # (sum B, D)
         cls = self.norm(cls)  # LayerNorm is per token: norming only the CLS rows gives the same and is cheaper
@@ -410,29 +551,42 @@ class VisionTransformer(nn.Module):
             return cls
         if patch_index.ndim != 1 or patch_index.dtype != torch.int64:
             raise ValueError(f"patch_index must be 1-D int64, got {patch_index.dtype} {tuple(patch_index.shape)}")
-        n_patches = layout[0][1] - 1
-        rows = patch_index + patch_index // n_patches + 1  # past each image's CLS row, in group 0's rows
+        n_patches = layout[0][1] - self.num_prefix_tokens
+        # past each image's CLS and register rows, in group 0's rows
+        rows = patch_index + (patch_index // n_patches + 1) * self.num_prefix_tokens
         return cls, self.norm(groups[0].index_select(0, rows))
 
+    def _without_registers(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """x with the register positions of axis `dim` (tokens CLS, registers, patches) left out."""
+        if not self.num_reg_tokens:
+            return x
+        cls, _, patches = x.split([1, self.num_reg_tokens, x.shape[dim] - self.num_prefix_tokens], dim=dim)
+        return torch.cat([cls, patches], dim=dim)
+
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
-        """Final-normed tokens (B, N, D) after each of the last n blocks, as in DINO's evaluation code."""
+        """Final-normed tokens (B, 1 + hw, D), CLS then patches (registers left out), after each of the last n blocks,
+        as in DINO's evaluation code."""
         tokens, layout, backend = self._tokens([x])
+        rope = self.rope([x])
         outputs = []
         for i, (block, scales) in enumerate(zip(self.blocks, self.drop_scales(tokens, layout))):
-            tokens = block(tokens, layout, backend, scales)
+            tokens = block(tokens, layout, backend, scales, rope)
             if i >= len(self.blocks) - n:
-                outputs.append(self.norm(tokens).view(*layout[0], -1))  # (B, N, D)
+                outputs.append(self._without_registers(self.norm(tokens).view(*layout[0], -1), dim=1))
         return outputs
 
     def get_last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention matrix (B, H, N, N) of the last block for images (B, C, H, W); eval mode only."""
+        """Attention matrix (B, H, 1 + hw, 1 + hw) of the last block for images (B, C, H, W) over the CLS token and
+        the patches (the registers' rows and columns left out, as DINOv2's maps do); eval mode only."""
         if self.training:
             raise RuntimeError("get_last_self_attention needs eval mode (drop path is random): call .eval() first")
         tokens, layout, backend = self._tokens([x])
+        rope = self.rope([x])
         for block in self.blocks[:-1]:
-            tokens = block(tokens, layout, backend)
+            tokens = block(tokens, layout, backend, rope=rope)
         last = self.blocks[-1]
-        return last.attn.attention_weights(last.norm1(tokens), layout)[0]
+        probs = last.attn.attention_weights(last.norm1(tokens), layout, rope)[0]
+        return self._without_registers(self._without_registers(probs, dim=2), dim=3)
 
 
 def create_model(name: str, **overrides) -> VisionTransformer:
@@ -457,13 +611,14 @@ def build_backbone(
     num_heads: int | None = None,
     mask_token: bool = False,
 ) -> VisionTransformer:
-    """DINO backbone `arch` (one of ARCHS: vit_tiny / vit_small / vit_base / vit_large) with any patch size,
-    initialised; `embed_dim`, `depth` and `num_heads` resize it (None keeps the arch's).
+    """DINO backbone `arch` (one of ARCHS: vit_tiny / vit_small / vit_base / vit_large) with any patch size, or a
+    DINOv2 / DINOv3 backbone by its timm name (FAMILY_MODELS) with its own patch size, initialised; `embed_dim`,
+    `depth` and `num_heads` resize it (None keeps the arch's).
 
     Build under `with torch.device("meta"):` to defer allocation, then `to_empty(device=...)` and `init_weights()`.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown backbone arch={arch!r}; known: {list(ARCHS)}")
+    if arch not in ARCHS and arch not in FAMILY_MODELS:
+        raise ValueError(f"unknown backbone arch={arch!r}; known: {list(ARCHS) + list(FAMILY_MODELS)}")
     resized = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)  # None keeps the arch's
     for name, value in {"patch_size": patch_size, "img_size": img_size, **resized}.items():
         if (value is not None or name not in resized) and (isinstance(value, bool) or not isinstance(value, int)
@@ -471,7 +626,14 @@ def build_backbone(
             raise ValueError(f"build_backbone: {name} must be a positive int{' or None' if name in resized else ''}, "
                              f"got {value!r}")
     resized = {k: v for k, v in resized.items() if v is not None}
-    model = VisionTransformer(**{**ARCHS[arch], **resized}, patch_size=patch_size, img_size=img_size,
+    if arch in FAMILY_MODELS:
+        own = FAMILY_MODELS[arch]
+        if patch_size != own["patch_size"]:
+            raise ValueError(f"build_backbone: {arch} has patch size {own['patch_size']}, got patch_size={patch_size}")
+        base = {k: v for k, v in own.items() if k not in ("patch_size", "img_size")}
+    else:
+        base = ARCHS[arch]
+    model = VisionTransformer(**{**base, **resized}, patch_size=patch_size, img_size=img_size,
                               drop_path_rate=drop_path_rate, attention=attention, pos_embed_resample=pos_embed_resample,
                               mask_token=mask_token)
     model.init_weights()

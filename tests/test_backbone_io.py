@@ -37,7 +37,7 @@ def test_save_load_round_trip_through_a_run_dir(tmp_path):
     assert torch.equal(loaded(x), model(x))
     assert read_backbone(tmp_path)[1] == {"arch": "vit_tiny", "patch_size": 16, "img_size": 32, "embed_dim": 192,
                                           "depth": 12, "num_heads": 3, "pos_embed_resample": "timm",
-                                          "extra": {"step": 7}}
+                                          "extra": {"step": 7}, "source": "as-is", "dropped": []}
 
 
 def test_official_full_checkpoint_loads_the_teacher_backbone(tmp_path):
@@ -65,7 +65,8 @@ def test_bare_state_dict_architecture_is_inferred_from_shapes(tmp_path, patch_si
     torch.save(state, tmp_path / "dino_vittiny_pretrain.pth")
     state_dict, info = read_backbone(tmp_path / "dino_vittiny_pretrain.pth")
     assert info == {"arch": "vit_tiny", "patch_size": patch_size, "img_size": img_size, "embed_dim": 192, "depth": 12,
-                    "num_heads": 3, "pos_embed_resample": "dino", "extra": {}}  # official weights: official resampling
+                    "num_heads": 3, "pos_embed_resample": "dino", "extra": {},  # official weights: official resampling
+                    "source": "as-is", "dropped": []}
     _assert_same_weights(load_backbone(tmp_path / "dino_vittiny_pretrain.pth"), state)
 
 

@@ -28,7 +28,8 @@ def fastdino(*args, env=None, launcher=("-m", "fastdino.engine.cli")):
 def test_the_train_options_are_frozen():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     options = {opt for action in train._actions for opt in action.option_strings}
-    assert options == {"-h", "--help", "--output", "--max-steps", "--minutes", "--data", "--preset", "--config"}
+    assert options == {"-h", "--help", "--output", "--max-steps", "--minutes", "--data", "--preset", "--config",
+                       "--init"}
     assert set(build_parser()._subparsers._group_actions[0].choices) == {"train", "estimate", *EVAL_COMMANDS}
 
 

@@ -143,3 +143,13 @@ def test_ibot_term_is_modelled_without_a_host_read():
     log_softmax = [row["by_op"].get("aten._log_softmax", {"count": 0})["count"] for row in (plain, ibot, fused)]
     assert log_softmax[1] > log_softmax[0] == log_softmax[2]
     assert fused["by_op"]["triton._fused_head_loss_fwd_kernel"]["count"] == 1
+
+
+def test_a_dinov3_preset_is_estimated_for_fastdino_alone_and_says_why():
+    """DINO's code builds no DINOv2 / DINOv3 ViT: the table has fastdino's column and a line saying so."""
+    proc = fastdino_estimate("--preset", "dinov3_vit_small16_adapt", *TINY, "model.patch_size=16", "data.global_crops_size=32",
+                             "data.local_crops_size=16")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["fastdino"] and "official: not estimated" in lines[-1]
+    assert "model.arch=vit_small_patch16_dinov3" in lines[-1]
