@@ -513,15 +513,15 @@ def dinov2_vit_small14() -> TrainConfig:
     0.07 over 30 epochs, layer decay 0.9, patch embedding lr x 0.2, last layer frozen 1 epoch, 100 epochs, the heads'
     last-layer gain trained (dinov2 leaves `weight_g` trainable: head.norm_last_layer=false), drop path 0.3, clip 3.
 
-    What differs from DINOv2 until the DINOv2 backbone features land in engine/vit.py: local crops are 98 px, not
-    96 (crops here must be multiples of the patch, 98 = 7 x 14); the backbone has no LayerScale (dinov2 1e-5), no
-    register tokens, and DINO's position-embedding resampling (dinov2: interpolate_offset 0.1, no antialias, as
-    `pos_embed_resample=dino`) with a 224-px native grid (dinov2 ViT-S/14 is built for 518 px); stochastic depth
-    is linear in depth, not uniform. And in the step: the gradient norm is clipped over all gradients together
-    (dinov2 clips the backbone's and each head's on its own, train.py:250-259). The augmentations are DINO's, which
-    dinov2/data/augmentations.py repeats."""
+    The backbone is DINOv2's ViT-S/14 (`vit_small_patch14_dinov2`: LayerScale 1e-5, no registers, as
+    ssl_default_config.yaml's student) built at the global crop size, as dinov2 builds it (models/__init__.py:
+    img_size=crops.global_crops_size), with DINOv2's position-embedding resampling (interpolate_offset 0.1, no
+    antialias: `pos_embed_resample=dino`). What still differs: local crops are 98 px, not 96 (crops here must be
+    multiples of the patch, 98 = 7 x 14); stochastic depth is linear in depth, not uniform (drop_path_uniform). And
+    in the step: the gradient norm is clipped over all gradients together (dinov2 clips the backbone's and each
+    head's on its own, train.py:250-259). The augmentations are DINO's, which dinov2/data/augmentations.py repeats."""
     return TrainConfig(
-        model=ModelConfig(arch="vit_small", patch_size=14, img_size=224, drop_path_rate=0.3,
+        model=ModelConfig(arch="vit_small_patch14_dinov2", patch_size=14, img_size=224, drop_path_rate=0.3,
                           pos_embed_resample="dino"),
         head=HeadConfig(out_dim=65536, norm_last_layer=False),
         loss=LossConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
