@@ -77,7 +77,15 @@ def main() -> None:
                         help="the adaptation's peak lr as a fraction of the demo recipe's (the presets': 0.1)")
     parser.add_argument("--teacher-momentum", type=float, default=None,
                         help="the adaptation's starting teacher momentum (default: the presets' 0.999)")
+    parser.add_argument("--arch", choices=("dinov3", "demo"), default="dinov3",
+                        help="dinov3: the tiny DINOv3-style ViT above; demo: the demo preset's own DINO ViT (8-px "
+                             "patches, 32-px crops), which learns the shapes in the README's two minutes")
+    parser.add_argument("--pretrain-epochs", type=int, default=5, help="epochs the pretraining's schedules span")
     args = parser.parse_args()
+    arch = ARCH if args.arch == "dinov3" else []
+    # The adaptation: the presets' schedule (config.py `adaptation`), or its ratios on the demo recipe.
+    adapt_preset = ["--preset", "dinov3_vit_small16_adapt" if args.arch == "dinov3" else "demo"]
+    adapt_ratios = [] if args.arch == "dinov3" else ["optim.weight_decay_end=0.04", "optim.teacher_momentum=0.999"]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     from fastdino.pipelines import make_shapes_dataset
@@ -85,16 +93,16 @@ def main() -> None:
     original = make_shapes_dataset(out / "shapes", num_train=2000, num_val=500, image_size=64)
     shifted = inverted(original, out / "shapes_inverted")
     started = time.perf_counter()
-    fastdino("train", "--preset", "demo", "--output", out / "pretrain", "--data", original, *ARCH, *DEMO_DATA,
-             "epochs=5", "--max-steps", args.pretrain_steps)
+    fastdino("train", "--preset", "demo", "--output", out / "pretrain", "--data", original, *arch, *DEMO_DATA,
+             f"epochs={args.pretrain_epochs}", "--max-steps", args.pretrain_steps)
     start = out / "start_timm.safetensors"
     fastdino("export", "--checkpoint", out / "pretrain", "--weights", "--output", start)
-    adapt = [f"optim.base_lr={DEMO_BASE_LR * args.lr_fraction}", "optim.min_lr=1e-6", f"epochs={args.adapt_epochs}"]
+    adapt = [*adapt_ratios, f"optim.base_lr={DEMO_BASE_LR * args.lr_fraction}", "optim.min_lr=1e-6", f"epochs={args.adapt_epochs}"]
     adapt += [f"optim.teacher_momentum={args.teacher_momentum}"] if args.teacher_momentum is not None else []
     adapted = f"adapted_lr{args.lr_fraction:g}_m{args.teacher_momentum or 0.999:g}_e{args.adapt_epochs}"
     scratch = f"scratch_e{args.adapt_epochs}"
-    runs = [[*init, "--output", out / name, "--data", shifted, *ARCH, *DEMO_DATA, *extra]
-            for name, init, extra in ((adapted, ["--init", start, "--preset", "dinov3_vit_small16_adapt"], adapt),
+    runs = [[*init, "--output", out / name, "--data", shifted, *arch, *DEMO_DATA, *extra]
+            for name, init, extra in ((adapted, ["--init", start, *adapt_preset], adapt),
                                       (scratch, ["--preset", "demo"], [f"epochs={args.adapt_epochs}"]))]
     procs = [subprocess.Popen([sys.executable, "-m", "fastdino", "train", *map(str, run)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in runs]
@@ -114,7 +122,7 @@ def main() -> None:
         print(f"| {name} | {shift:.1f} | {'' if orig is None else f'{orig:.1f}'} |")
     print(f"\n{minutes:.1f} min of training")
     (out / "adaptation_quality.json").write_text(json.dumps(
-        {"rows": rows, "pretrain_steps": args.pretrain_steps, "adapt_epochs": args.adapt_epochs,
+        {"rows": rows, "arch": args.arch, "pretrain_steps": args.pretrain_steps, "adapt_epochs": args.adapt_epochs,
          "lr_fraction": args.lr_fraction, "teacher_momentum": args.teacher_momentum, "train_minutes": minutes},
         indent=1))
 
