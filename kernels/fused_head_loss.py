@@ -45,8 +45,13 @@ PAIRINGS = ("crops", "rows")
 # sums and a student tile live (BLOCK_M = 16, tl.dot's minimum); "rows" keeps one of each, so it takes 64 rows.
 BLOCKS = {"crops": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_D=64, num_warps=8),
           "rows": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=8)}
-# The Sinkhorn steps keep one tile and two vectors: 4 warps (with 8 the row step spills on sm_80).
+# The Sinkhorn steps keep one tile and two vectors: 4 warps (with 8 the row step spills on sm_80), D walked 32 at a
+# time and one stage: the one setting tried (D 16/32/64, 1-3 stages) with no spill on sm_90 and sm_80 under both
+# triton 3.6 and 3.8 (benchmarks/aot_report.py --only sinkhorn); D=16 with 2 stages is the other; the GPU check
+# times them.
 SINKHORN_WARPS = 4
+SINKHORN_BLOCK_D = 32
+SINKHORN_STAGES = 1
 # Forward programs the K splits aim at (about four per SM on an H100/H200).
 TARGET_PROGRAMS = 512
 # Most bytes of dS (V*N, chunk) alive at once in backward; prototypes are processed in chunks that fit.
@@ -622,7 +627,8 @@ def sinkhorn_center(teacher_features: torch.Tensor, teacher_weight_v: torch.Tens
     n_rows, n_cols = h.shape[0], v.shape[0]
     scale = _column_scale(v, teacher_gain)[0] / teacher_temp
     cfg = _launch_settings("rows", n_rows, n_cols, TARGET_PROGRAMS)
-    blocks = _kernel_blocks(cfg) | dict(PRECISION=_precision(dtype), num_warps=SINKHORN_WARPS)
+    blocks = _kernel_blocks(cfg) | dict(BLOCK_D=SINKHORN_BLOCK_D, PRECISION=_precision(dtype), num_warps=SINKHORN_WARPS,
+                                        num_stages=SINKHORN_STAGES)
     splits = cfg["n_splits"]
     sizes = [n_rows, n_cols, n_cols, n_rows * splits, n_rows * splits]
     log_a, col_max, col_sum, row_max, row_sum = _launch.empty((sum(sizes),), torch.float32, device).split(sizes)
