@@ -91,7 +91,8 @@ def export_timm_weights(checkpoint, output) -> tuple[Path, str]:
     name, kwargs = timm_model(info)
     tensors = {k: v.detach().cpu().contiguous() for k, v in to_timm(name, state_dict).items()}
     if output.suffix == ".safetensors":
-        metadata = {"timm_model": name, "timm_kwargs": json.dumps(kwargs)}
+        # The heads always: no shape shows them, and a resized model's are not its arch's (read_backbone reads them).
+        metadata = {"timm_model": name, "timm_kwargs": json.dumps({**kwargs, "num_heads": info["num_heads"]})}
         atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     else:
         atomic_write(output, lambda tmp: torch.save(tensors, tmp))
@@ -224,9 +225,13 @@ def infer_architecture(state_dict, path="checkpoint") -> dict:
         return {"arch": _family_model(state_dict, info, path), **info}
     shape = {k: info[k] for k in ("embed_dim", "depth", "patch_size")}
     found = [name for name, args in MODELS.items() if all(args[k] == v for k, v in shape.items())]
+    # DINO's archs differ only in width, depth and heads: another width and depth are a resized one of the same
+    # patch size (the closest width named; the heads come from the file's record, else a clear error).
+    found = found or sorted((name for name, args in MODELS.items() if args["patch_size"] == shape["patch_size"]),
+                            key=lambda name: abs(MODELS[name]["embed_dim"] - shape["embed_dim"]))
     if not found:
-        raise ValueError(f"{path}: no known ViT has embed dim {shape['embed_dim']}, depth {shape['depth']} and "
-                         f"patch size {shape['patch_size']}; known: {', '.join(sorted(MODELS))}")
+        raise ValueError(f"{path}: no known ViT has patch size {shape['patch_size']} (embed dim "
+                         f"{shape['embed_dim']}, depth {shape['depth']}); known: {', '.join(sorted(MODELS))}")
     return {"arch": found[0].rsplit("_patch", 1)[0], **info}  # MODELS names are f"{arch}_patch{p}"
 
 

@@ -131,5 +131,21 @@ def test_bad_files_are_value_or_not_found_errors(tmp_path):
         load_backbone(tmp_path / "partial.pth")
     torch.save({"patch_embed.proj.weight": torch.zeros(100, 3, 16, 16), "pos_embed": torch.zeros(1, 5, 100)},
                tmp_path / "odd.pth")
-    with pytest.raises(ValueError, match="no known ViT has embed dim 100, depth 0 and patch size 16"):
+    with pytest.raises(ValueError, match="a vit_tiny resized to D=100, depth 0, and no record of its number of heads"):
         load_backbone(tmp_path / "odd.pth")
+
+
+def test_a_resized_dino_vit_in_timms_names_loads_with_its_recorded_heads(tmp_path):
+    """A DINO ViT of no registered width and depth (the demo's D=96, 2 blocks, 3 heads), exported in timm's names
+    (`fastdino export --weights`), loads as that resized ViT, heads from the export's record: the same features."""
+    from fastdino.engine.backbone_io import export_timm_weights
+
+    model = build_backbone("vit_tiny", 8, img_size=32, embed_dim=96, depth=2, num_heads=3).eval()
+    own = save_backbone(model.state_dict(), tmp_path / "run.safetensors", arch="vit_tiny", patch_size=8, img_size=32,
+                        extra={"model": {"num_heads": 3}})
+    exported, _ = export_timm_weights(own, tmp_path / "timm.safetensors")
+    loaded = load_backbone(exported)
+    assert (loaded.embed_dim, len(loaded.blocks), loaded.num_heads) == (96, 2, 3)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
