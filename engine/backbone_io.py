@@ -141,7 +141,8 @@ def read_backbone(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{run_dir / 'config.json'} trains a {run_model['arch']} but {path} holds a {info['arch']}")
     timm_kwargs = json.loads(metadata.get("timm_kwargs", "{}"))  # what `export --weights` records
     info["num_heads"] = (info["extra"].get("model", {}).get("num_heads") or run_model.get("num_heads")
-                         or timm_kwargs.get("num_heads") or meta_heads or _default_heads(info, path))
+                         or timm_kwargs.get("num_heads") or meta_heads
+                         or _default_heads(info, path, recorded=bool(info["extra"].get("model") or run_model)))
     # How other input sizes resample the position embeddings: as trained; official DINO .pth files the official way.
     info["pos_embed_resample"] = (info["extra"].get("model", {}).get("pos_embed_resample")
                                   or run_model.get("pos_embed_resample") or _native_resample(info, source, path))
@@ -305,12 +306,13 @@ def _model_name(arch: str, patch_size: int, path) -> str:
     return name
 
 
-def _default_heads(info: dict, path) -> int:
-    """The arch's number of heads, when the checkpoint has the arch's own width (a shallower one too)."""
+def _default_heads(info: dict, path, recorded: bool = False) -> int:
+    """The arch's number of heads, when the checkpoint has the arch's own width (a shallower one too), or when its
+    recorded model config leaves them to the arch (`num_heads: null`, as built)."""
     from fastdino.engine.vit import MODELS
 
     args = MODELS[_model_name(info["arch"], info["patch_size"], path)]
-    if args["embed_dim"] != info["embed_dim"]:
+    if args["embed_dim"] != info["embed_dim"] and not recorded:
         raise ValueError(f"{path}: a {info['arch']} resized to D={info['embed_dim']}, depth {info['depth']}, "
                          f"and no record of its number of heads (save it with extra={{'model': {{'num_heads': H}}}})")
     return args["num_heads"]

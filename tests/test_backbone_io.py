@@ -149,3 +149,7 @@ def test_a_resized_dino_vit_in_timms_names_loads_with_its_recorded_heads(tmp_pat
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+    # A run's backbone whose config leaves the heads to the arch (num_heads: null, as `--init` records it): the arch's
+    as_built = save_backbone(model.state_dict(), tmp_path / "init_run.safetensors", arch="vit_tiny", patch_size=8,
+                             img_size=32, extra={"model": {"arch": "vit_tiny", "num_heads": None}})
+    assert read_backbone(as_built)[1]["num_heads"] == 3
