@@ -51,6 +51,17 @@ def log_choice_once(op: str, chosen: str, reason: str) -> None:
     logger.info("%s: impl=auto chose %s (%s)", op, chosen, reason)
 
 
+def unless_blocked(op: str, impl: str, blocker: str | None, what: str = "tensors") -> str:
+    """"triton" when nothing blocks the Triton path, else "torch": logged under impl="auto", a ValueError naming
+    the blocker under impl="triton"."""
+    if blocker is None:
+        return "triton"
+    if impl == "triton":
+        raise ValueError(f'{op}: impl="triton" cannot take these {what} ({blocker}); use impl="torch"')
+    log_choice_once(op, "torch", blocker)
+    return "torch"
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocation of every kernel output buffer; tests replace it with a NaN-filled one to catch unwritten elements."""
     return torch.empty(shape, dtype=dtype, device=device)

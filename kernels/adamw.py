@@ -177,13 +177,8 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, weight_decays,
     plan = _plans.get(key) if chosen == "triton" else None
     if plan is None or plan.layout != _layout(params):
         _check(columns, grad_coefficients, skip)
-        blocker = _triton_blocker(columns, device) if chosen == "triton" else None
-        if blocker is not None:
-            if impl == "triton":
-                raise ValueError(f'adamw_step_: impl="triton" cannot take these tensors ({blocker}); '
-                                 f'use impl="torch"')
-            _launch.log_choice_once("adamw_step_", "torch", blocker)
-            chosen = "torch"
+        if chosen == "triton":
+            chosen = _launch.unless_blocked("adamw_step_", impl, _triton_blocker(columns, device))
         if chosen == "torch":
             adamw_step_ref(*columns.values(), betas=betas, eps=eps, grad_coefficients=grad_coefficients, skip=skip,
                            zero_grads=zero_grads)

@@ -159,13 +159,7 @@ def clip_coefficients(grads: list[torch.Tensor], max_norm: float, mode: str, *,
     _check(grads, max_norm, mode)
     chosen = _launch.select_impl("clip_coefficients", impl, grads[0].device, "torch", _clip_coefficients_kernel)
     if chosen == "triton":
-        blocker = _triton_blocker(grads)
-        if blocker is not None:
-            if impl == "triton":
-                raise ValueError(f'clip_coefficients: impl="triton" cannot take these gradients ({blocker}); '
-                                 f'use impl="torch"')
-            _launch.log_choice_once("clip_coefficients", "torch", blocker)
-            chosen = "torch"
+        chosen = _launch.unless_blocked("clip_coefficients", impl, _triton_blocker(grads), "gradients")
     if chosen == "torch":
         return clip_coefficients_ref(grads, max_norm, mode)
     if len(_plans) >= MAX_PLANS:
