@@ -43,8 +43,8 @@ def fake_cuda(*shape, dtype=torch.float32, requires_grad=False) -> torch.Tensor:
 
 
 def backward(output: torch.Tensor) -> None:
-    """Runs the backward of the autograd node that made `output` (a loss) with gradient 1 for it. The autograd
-    engine itself needs a CUDA device for CUDA tensors, so the node is applied directly."""
+    """Runs the backward of the autograd node that made `output` (a loss, or a kernel's output) with gradient 1 for
+    each element. The autograd engine itself needs a CUDA device for CUDA tensors, so the node is applied directly."""
     node = output.grad_fn
     node.apply(torch.ones_like(output), *[None] * (len(node._input_metadata) - 1))  # one gradient per output
 
@@ -88,6 +88,20 @@ def sinkhorn_launch():
 
     h_t = fake_cuda(IBOT_ROWS, HEAD_DIM, dtype=torch.bfloat16)
     sinkhorn_center(h_t, fake_cuda(K, HEAD_DIM), TEACHER_TEMP, teacher_gain=fake_cuda(K), impl="triton")
+
+
+def mlp_launch(scale: bool = True):
+    """`gelu_mlp_residual` forward + backward at one ViT-S/16 student block: T = 128 x (2 x 197 + 10 x 37) tokens,
+    D = 384, hidden 1536, bf16, with the stochastic-depth row scale or without."""
+    def launch():
+        from fastdino.kernels import gelu_mlp_residual
+
+        rows, dim, hidden = BATCH * (2 * 197 + (CROPS - 2) * 37), 384, 1536
+        tensors = [fake_cuda(*shape, dtype=torch.bfloat16, requires_grad=True)
+                   for shape in ((rows, dim), (rows, dim), (hidden, dim), (hidden,), (dim, hidden), (dim,))]
+        row_scale = fake_cuda(rows, 1, dtype=torch.bfloat16) if scale else None
+        backward(gelu_mlp_residual(*tensors, row_scale, impl="triton"))
+    return launch
 
 
 def ema_launch(student_dtype: torch.dtype, aligned: bool = True):
@@ -144,6 +158,8 @@ LAUNCHES = [
     ("head+loss, crops (DINO)", head_loss_launch("crops")),
     ("head+loss, rows (iBOT, 9760 rows)", head_loss_launch("rows")),
     ("sinkhorn_center (iBOT, 9760 rows)", sinkhorn_launch),
+    ("mlp backward, drop-path scale", mlp_launch()),
+    ("mlp backward, no scale", mlp_launch(scale=False)),
     ("ema fp32/fp32, aligned", ema_launch(torch.float32)),
     ("ema fp32/bf16, aligned", ema_launch(torch.bfloat16)),
     ("ema fp32/fp32, unaligned", ema_launch(torch.float32, aligned=False)),

@@ -349,7 +349,8 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
     the phase it was launched in. The loss's combine kernel takes the shapes of the forward kernel launched right
     before it."""
     from fastdino.kernels import (adamw, clip, dino_loss_launch_bytes, ema, ema_launch_bytes,
-                                  fused_head_loss_launch_cost, sinkhorn_launch_cost, weight_norm_bwd_bytes)
+                                  fused_head_loss_launch_cost, gelu_mlp_launch_bytes, sinkhorn_launch_cost,
+                                  weight_norm_bwd_bytes)
 
     loss_bytes = None
     for name, args in launches:
@@ -389,6 +390,10 @@ def _kernel_launches(trace: _StepTrace, launches: list[tuple[str, dict]]) -> Non
             nbytes, flops = sinkhorn_launch_cost(args["n_rows"], args["n_cols"], args["n_dim"],
                                                  features.element_size(), args["v_ptr"].element_size())[name]
             trace.add(f"triton.{name}", nbytes, flops, features.dtype, phase=phase)
+        elif name == "_gelu_mlp_bwd_kernel":
+            trace.add(f"triton.{name}", gelu_mlp_launch_bytes(args["n_rows"], args["n_cols"],
+                                                              args["h_ptr"].element_size(), args["HAS_SCALE"]),
+                      phase=phase)
         else:
             raise NotImplementedError(f"the step model has no byte count for the Triton kernel {name}")
 

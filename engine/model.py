@@ -90,7 +90,7 @@ def build_model(cfg: TrainConfig, *, student: bool) -> DINOModel:
     backbone = build_backbone(m.arch, m.patch_size, img_size=m.img_size,
                               drop_path_rate=m.drop_path_rate if student else 0.0, attention=m.attention,
                               pos_embed_resample=m.pos_embed_resample, embed_dim=m.embed_dim, depth=m.depth,
-                              num_heads=m.num_heads, mask_token=ibot)
+                              num_heads=m.num_heads, mask_token=ibot, mlp_impl=m.mlp_impl)
     h = cfg.head
 
     def head(out_dim: int) -> DINOHead:

@@ -65,6 +65,7 @@ from fastdino.engine.config import ARCHS
 from fastdino.engine.families import FAMILY_MODELS
 from fastdino.engine.layers import (LayerScale, Mlp, SwiGLU, SwiGLUPacked, apply_rope, rope_tables, scaled_linear,
                                     swiglu_hidden)
+from fastdino.kernels import gelu_mlp_residual
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +226,11 @@ class Block(nn.Module):
         layer_scale: float | None = None,
         mlp: str = "gelu",
         swiglu_align_to: int = 0,
+        mlp_impl: str = "auto",
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        self.mlp_impl = mlp_impl  # the GELU MLP's residual branch (`_mlp_residual`)
         self.drop_path = drop_path  # the rate; VisionTransformer draws the scales (`drop_path_scales`)
         self.checkpoint_context_fn = None  # activation checkpointing's context_fn, set by checkpoint_blocks; None = off
         self.norm1 = LayerNorm(dim, eps=norm_eps, **dd)
@@ -257,17 +260,39 @@ class Block(nn.Module):
             policy = {} if self.checkpoint_context_fn is noop_context_fn else {"context_fn": self.checkpoint_context_fn}
             x, mlp = checkpoint(self._attention_and_mlp, x, layout, backend, attn_scale, rope, use_reentrant=False,
                                 **policy)
-        else:
-            x, mlp = self._attention_and_mlp(x, layout, backend, attn_scale, rope)
-        return residual_add(x, mlp, mlp_scale)
+            return residual_add(x, mlp, mlp_scale)
+        x = self._attention(x, layout, backend, attn_scale, rope)
+        return self._mlp_residual(x, mlp_scale)
+
+    def _attention(self, x: torch.Tensor, layout: Layout, backend: str, attn_scale: torch.Tensor | None,
+                   rope: Rope = None) -> torch.Tensor:
+        """The stream after the attention branch's residual add (LayerScale folded into the projection)."""
+        gamma1 = self.ls1.gamma if self.ls1 is not None else None
+        return residual_add(x, self.attn(self.norm1(x), layout, backend, rope, scale=gamma1), attn_scale)
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP branch's output on the stream `x` (LayerScale folded into its last matmul)."""
+        return self.mlp(self.norm2(x), scale=self.ls2.gamma if self.ls2 is not None else None)
 
     def _attention_and_mlp(self, x: torch.Tensor, layout: Layout, backend: str, attn_scale: torch.Tensor | None,
                            rope: Rope = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stream after the attention branch's residual add, and the MLP branch's output on it (LayerScale
-        folded into each branch's last matmul)."""
-        gamma1, gamma2 = (self.ls1.gamma, self.ls2.gamma) if self.ls1 is not None else (None, None)
-        x = residual_add(x, self.attn(self.norm1(x), layout, backend, rope, scale=gamma1), attn_scale)
-        return x, self.mlp(self.norm2(x), scale=gamma2)
+        """The stream after the attention branch's residual add, and the MLP branch's output on it."""
+        x = self._attention(x, layout, backend, attn_scale, rope)
+        return x, self._mlp_branch(x)
+
+    def _mlp_residual(self, x: torch.Tensor, mlp_scale: torch.Tensor | None) -> torch.Tensor:
+        """x + the MLP branch (scaled by `mlp_scale`): for the GELU Mlp, `gelu_mlp_residual` by `mlp_impl`, whose
+        Triton backward keeps no GELU output (auto: on CUDA, not under torch.compile, which fuses the composition
+        itself); the weights cast to the stream's dtype as autocast casts them for F.linear."""
+        impl = "torch" if torch.compiler.is_compiling() and self.mlp_impl == "auto" else self.mlp_impl
+        if not isinstance(self.mlp, Mlp) or impl == "torch":
+            return residual_add(x, self._mlp_branch(x), mlp_scale)
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        fc2_weight, fc2_bias = fc2.weight, fc2.bias
+        if self.ls2 is not None:  # LayerScale folded into fc2, as layers.scaled_linear folds it
+            fc2_weight, fc2_bias = fc2_weight * self.ls2.gamma[:, None], fc2_bias * self.ls2.gamma
+        weights = [w.to(x.dtype) for w in (fc1.weight, fc1.bias, fc2_weight, fc2_bias)]
+        return gelu_mlp_residual(x, self.norm2(x), *weights, mlp_scale, impl=impl)
 
 
 POS_EMBED_RESAMPLERS = ("timm", "dino")
@@ -320,11 +345,14 @@ class VisionTransformer(nn.Module):
         reg_tokens: int = 0,
         position: str = "learned",
         rope_temperature: float = 100.0,
+        mlp_impl: str = "auto",
         device=None,
         dtype=None,
     ):
         """`mask_token`: a learned (1, D) token that replaces the masked patch embeddings of `forward(masks=)`
-        (DINOv2's `mask_token`, iBOT)."""
+        (DINOv2's `mask_token`, iBOT). `mlp_impl`: the GELU MLP's residual branch, auto, triton or torch
+        (`fastdino.kernels.gelu_mlp_residual`; auto takes Triton on CUDA in blocks neither checkpointed nor
+        compiled)."""
         super().__init__()
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
@@ -358,8 +386,10 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(1, positions, embed_dim, **dd)) if position != "rope" else None
         self.mask_token = nn.Parameter(torch.empty(1, embed_dim, **dd)) if mask_token else None
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # DINO's rates, linear in depth
+        if mlp_impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"mlp_impl must be auto, triton or torch, got {mlp_impl!r}")
         block_options = dict(k_bias=k_bias, norm_eps=norm_eps, layer_scale=layer_scale, mlp=mlp,
-                             swiglu_align_to=swiglu_align_to)
+                             swiglu_align_to=swiglu_align_to, mlp_impl=mlp_impl)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=rate, **dd, **block_options)
             for rate in rates
@@ -610,6 +640,7 @@ def build_backbone(
     depth: int | None = None,
     num_heads: int | None = None,
     mask_token: bool = False,
+    mlp_impl: str = "auto",
 ) -> VisionTransformer:
     """DINO backbone `arch` (one of ARCHS: vit_tiny / vit_small / vit_base / vit_large) with any patch size, or a
     DINOv2 / DINOv3 backbone by its timm name (FAMILY_MODELS) with its own patch size, initialised; `embed_dim`,
@@ -635,6 +666,6 @@ def build_backbone(
         base = ARCHS[arch]
     model = VisionTransformer(**{**base, **resized}, patch_size=patch_size, img_size=img_size,
                               drop_path_rate=drop_path_rate, attention=attention, pos_embed_resample=pos_embed_resample,
-                              mask_token=mask_token)
+                              mask_token=mask_token, mlp_impl=mlp_impl)
     model.init_weights()
     return model

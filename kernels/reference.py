@@ -91,6 +91,13 @@ def fused_head_loss_ref(student_features, student_weight_v, teacher_features, te
     return loss, t.sum(dim=0), torch.special.entr(q).sum(dim=-1).mean()
 
 
+def gelu_mlp_residual_ref(x, normed, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale=None) -> torch.Tensor:
+    """x + scale * fc2(gelu(fc1(normed))): a ViT block's MLP branch (timm's Mlp, exact GELU) and its residual add,
+    the branch scaled per row by `scale` (T, 1) (stochastic depth) when given; autograd's composition."""
+    branch = F.linear(F.gelu(F.linear(normed, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return x + branch if scale is None else torch.addcmul(x, branch, scale.reshape(-1, 1))
+
+
 @torch.no_grad()
 def ema_update_ref(teacher_params, student_params, momentum) -> str:
     """teacher <- momentum * teacher + (1 - momentum) * student, in place, over two lists of tensors.

@@ -165,6 +165,43 @@ def test_block_with_drop_scales_is_the_scaled_residual():
     assert_close(block(x, layout, "sdpa", (s_attn, s_mlp)), expected, **TOL[torch.float32], name="scaled block")
 
 
+@pytest.mark.parametrize("layer_scale", [None, 0.1])
+def test_triton_mlp_branch_equals_the_composition(layer_scale):
+    """mlp_impl=triton (kernels/gelu_mlp.py, the interpreter here) in a training student with stochastic depth:
+    the same features bit for bit (the forward's ops are the composition's) and the same gradients to fp32
+    rounding, LayerScale folded in alike; a checkpointed block keeps the composition."""
+    torch.manual_seed(1)
+    models = {impl: _tiny(drop_path_rate=0.5, layer_scale=layer_scale, mlp_impl=impl).train()
+              for impl in ("triton", "torch")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    crops = _crops()
+    results = {}
+    for impl, model in models.items():
+        torch.manual_seed(0)  # the same stochastic depth draws
+        features = model(crops)
+        features.backward(torch.ones_like(features))
+        results[impl] = features, {n: p.grad for n, p in model.named_parameters()}
+    assert torch.equal(results["triton"][0], results["torch"][0])
+    for name, grad in results["torch"][1].items():
+        assert_close(results["triton"][1][name], grad, **TOL[torch.float32], name=name)
+    assert "GeluMlpResidualBackward" in _graph_nodes(models["triton"](crops))
+    models["triton"].checkpoint_blocks(1)
+    assert "GeluMlpResidualBackward" not in _graph_nodes(models["triton"](crops))
+
+
+def _graph_nodes(output: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind `output`."""
+    seen, todo, names = set(), [output.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def _block_dtypes(model: VisionTransformer) -> list:
     seen = []
     for block in model.blocks:
