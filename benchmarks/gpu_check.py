@@ -64,6 +64,7 @@ GPU_TESTS = {
     "tests/test_dino_loss.py::test_matches_reference": "kernels",
     "tests/test_dino_loss.py::test_full_size_k_default_blocks": "kernels",
     "tests/test_dino_loss.py::test_teacher_probabilities": "kernels",
+    "tests/test_gelu_mlp.py::test_bf16_on_cuda_is_as_close_to_fp64_as_the_composition": "kernels",
     "tests/test_cuda.py::test_bf16_step_on_cuda_follows_fp32": "gpu_tests",
     "tests/test_cuda.py::test_fsdp2_on_one_rank_matches_one_process": "gpu_tests",
     "tests/test_cuda.py::test_compiled_blocks_match_eager_on_cuda": "gpu_tests",
@@ -83,7 +84,8 @@ GPU_TESTS = {
 KERNEL_TEST_FILES = ["tests/test_kernels_at_step_shapes.py",
                      "tests/test_host.py::test_update_kernels_at_the_step_shapes",
                      "tests/test_dino_loss.py", "tests/test_ema.py",
-                     "tests/test_clip_kernel.py", "tests/test_adamw_kernel.py", "tests/test_step_stats.py"]
+                     "tests/test_clip_kernel.py", "tests/test_adamw_kernel.py", "tests/test_step_stats.py",
+                     "tests/test_gelu_mlp.py"]
 # The fused head + loss tests compile some 30 tl.dot kernel variants (both pairings, fp32 / fp16, odd sizes): a step
 # of their own with what is left, so that the kernels step keeps its slot.
 HEAD_TEST_FILES = ["tests/test_fused_head_loss.py"]

@@ -61,6 +61,23 @@ def test_matches_the_composition(rows, dim, hidden, scale, dtype):
         assert fused_err <= 2 * composed_err + 1e-3 * x.abs().max(), (name, fused_err, composed_err)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels on the GPU (the interpreter's bf16 is wrong)")
+@pytest.mark.parametrize("scale", [True, False])
+def test_bf16_on_cuda_is_as_close_to_fp64_as_the_composition(scale):
+    """At a ViT-S/16 block's widths (D = 384, hidden 1536) over 4,000 tokens, in bf16."""
+    tensors, row_scale = make_inputs(4000, 384, 1536, torch.bfloat16, scale)
+    grad_out = torch.randn(4000, 384, device=DEVICE).to(torch.bfloat16)
+    fused = outputs_and_grads(lambda *a: gelu_mlp_residual(*a, impl="triton"), tensors, row_scale, grad_out)
+    expected = outputs_and_grads(gelu_mlp_residual_ref, tensors, row_scale, grad_out)
+    exact = outputs_and_grads(gelu_mlp_residual_ref, [t.detach().double().requires_grad_() for t in tensors],
+                              None if row_scale is None else row_scale.double(), grad_out.double())
+    assert torch.equal(fused[0], expected[0])
+    for name, a, e, x in zip(NAMES, fused[1], expected[1], exact[1]):
+        fused_err, composed_err = (a.double() - x).abs().max(), (e.double() - x).abs().max()
+        assert fused_err <= 2 * composed_err + 1e-3 * x.abs().max(), (name, fused_err, composed_err)
+
+
 def test_rows_split_over_many_programs(monkeypatch):
     """Several row programs, each walking several row blocks: the bias gradient's column sums add up."""
     monkeypatch.setattr(gelu_mlp, "ROW_PROGRAMS", 3)
