@@ -172,8 +172,11 @@ class _StepTrace(TorchDispatchMode):
         else:
             nbytes = sum(map(_touched_bytes, cuda_inputs)) + sum(map(_touched_bytes, outputs))
         flops = 0
-        if func.overloadpacket in flop_registry:
-            flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        packet = func.overloadpacket
+        if packet not in flop_registry and name.endswith("_"):  # in place (addmm_): the FLOPs of its out-of-place op
+            packet = getattr(torch.ops.aten, name[:-1], packet)
+        if packet in flop_registry:
+            flops = flop_registry[packet](*args, **kwargs, out_val=out)
         dtype = next((t.dtype for t in cuda_inputs if t.is_floating_point()), torch.float32)
         self.add(f"aten.{name}", nbytes, flops, dtype, kernels=_foreach_kernels(name, args))
 
@@ -324,7 +327,10 @@ class _Backward:
             grads = [torch.zeros(m.shape, dtype=m.dtype, device=m.device) if g is None and getattr(node, "materialize_grads", True)
                      else g for g, m in zip(grads, node._input_metadata)]
             outputs = node.apply(*grads)
-            node.saved_tensors  # noqa: B018 (unpacked, so that they are released below, as torch's engine does)
+            try:
+                node.saved_tensors  # noqa: B018 (unpacked, so that they are released below, as torch's engine does)
+            except torch.utils.checkpoint.CheckpointError:
+                pass  # a checkpointed block's: read once, by the backward, and released by the checkpoint
         else:
             outputs = node(*grads)
         for box in self.unpacked:

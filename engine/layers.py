@@ -43,12 +43,18 @@ class LayerScale(nn.Module):
         nn.init.constant_(self.gamma, self.init_values)
 
 
+def scaled_parameters(linear: nn.Linear, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """linear's weight and bias with the per-output-channel `scale` folded in (as they are for None)."""
+    if scale is None:
+        return linear.weight, linear.bias
+    return linear.weight * scale[:, None], linear.bias * scale if linear.bias is not None else None
+
+
 def scaled_linear(linear: nn.Linear, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """linear(x) * scale (per output channel), the scale folded into the weight and bias."""
     if scale is None:
         return linear(x)
-    bias = linear.bias * scale if linear.bias is not None else None
-    return F.linear(x, linear.weight * scale[:, None], bias)
+    return F.linear(x, *scaled_parameters(linear, scale))
 
 
 class Mlp(nn.Module):

@@ -9,8 +9,9 @@ Multi-crop forward. `forward([crops...])` groups consecutive crops of the same r
 end as one (T, D) tensor, T = sum over groups of B·N. LayerNorm, qkv, projection and MLP run once on that
 tensor. Attention runs per group: each group's rows of the qkv output are a contiguous slice, viewed as
 (B, N, 3, H, hd) without a copy and given to SDPA (cuDNN first on Hopper, the fastest kernel measured on the
-H100: shared/gpu/README.md) or xformers as one dense call; the groups' outputs are concatenated, and in backward
-the qkv gradient is. `attention="varlen"` instead runs torch's variable-length attention once over every image
+H100: shared/gpu/README.md) or xformers as one dense call; the groups' outputs are concatenated for the projection.
+Both projections are autograd Functions (packed_linear.py) whose backward takes the groups' gradients as they come,
+so neither the qkv gradient nor the concatenation is copied or kept twice. `attention="varlen"` instead runs torch's variable-length attention once over every image
 of every group (CUDA only; engine/attention.py says why it is not the default yet). Nothing is padded, and
 every shape depends only on the crop shapes (never on data), so per-block `torch.compile` and CUDA graphs apply.
 
@@ -64,7 +65,8 @@ from fastdino.engine.attention import (BACKENDS, attention, attention_probs, sel
 from fastdino.engine.config import ARCHS
 from fastdino.engine.families import FAMILY_MODELS
 from fastdino.engine.layers import (LayerScale, Mlp, SwiGLU, SwiGLUPacked, apply_rope, rope_tables, scaled_linear,
-                                    swiglu_hidden)
+                                    scaled_parameters, swiglu_hidden)
+from fastdino.engine.packed_linear import concat_linear, group_qkv
 from fastdino.kernels import gelu_mlp_residual
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,13 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def without_autocast(device: torch.device):
     """A context in which autocast is off on `device` (a no-op where it is not on)."""
     return torch.autocast(device.type, enabled=False) if autocast_dtype(device) else contextlib.nullcontext()
+
+
+def autocast_operands(device: torch.device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """`tensors` (None kept) in autocast's dtype when it is on on `device`, as it casts a matmul's operands; else as
+    they are. For ops run with autocast off (`without_autocast`) on the operands autocast would have given them."""
+    dtype = autocast_dtype(device)
+    return tensors if dtype is None else tuple(t.to(dtype) if t is not None else None for t in tensors)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -154,24 +163,32 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype)) if separate else None
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
+    def _qkv_bias(self) -> torch.Tensor | None:
+        """The qkv projection's bias (3*D,): qkv's own, or q_bias, zeros (k), v_bias; None without one."""
+        if self.q_bias is None:
+            return self.qkv.bias
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """The qkv projection (T, 3*D) of packed tokens (T, D)."""
+        """The qkv projection (T, 3*D) of packed tokens (T, D), for varlen's one call over all groups."""
         if self.q_bias is None:
             return self.qkv(x)
-        return F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]))
+        return F.linear(x, self.qkv.weight, self._qkv_bias())
 
     def _qkv(self, x: torch.Tensor, layout: Layout, rope: Rope = None) -> list[tuple[torch.Tensor, ...]]:
         """Per group, q, k, v as (B, N, H, hd) views of one qkv projection of the packed (T, D) tokens (q and k
-        rotated, so no longer views, with RoPE)."""
-        groups = self._project(x).split([b * n for b, n in layout])  # (T, 3*D) -> per group
-        qkvs = [g.view(b, n, 3, self.num_heads, self.head_dim) for (b, n), g in zip(layout, groups)]
+        rotated, so no longer views, with RoPE); in backward their gradients reach the projection apart
+        (packed_linear.group_qkv)."""
+        x, weight, bias = autocast_operands(x.device, x, self.qkv.weight, self._qkv_bias())
+        with without_autocast(x.device):
+            qkvs = group_qkv(x, weight, bias, layout, self.num_heads, k_bias=self.q_bias is None)
         if rope is None:
-            return [qkv.unbind(2) for qkv in qkvs]
-        # q and k rotated together: (B, N, 2, H, hd) by tables (N, 1, 1, hd). v is copied out of the projection:
-        # attention saves q, k, v for backward, and a view of v would keep the whole (T, 3*D) projection alive
-        # beside the rotated q, k (5/3 of it; the copy makes it 1).
-        return [(*apply_rope(qkv[:, :, :2], sin[:, None], cos[:, None]).unbind(2), qkv[:, :, 2].contiguous())
-                for qkv, (sin, cos) in zip(qkvs, rope)]
+            return qkvs
+        # q and k rotated apart by tables (N, 1, hd), so that their gradients stay apart. v is copied out of the
+        # projection: attention saves q, k, v for backward, and a view of v would keep the whole (T, 3*D)
+        # projection alive beside the rotated q, k (5/3 of it; the copy makes it 1).
+        return [(apply_rope(q, sin, cos), apply_rope(k, sin, cos), v.contiguous())
+                for (q, k, v), (sin, cos) in zip(qkvs, rope)]
 
     def forward(self, x: torch.Tensor, layout: Layout, backend: str = "sdpa", rope: Rope = None,
                 scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,7 +200,9 @@ class Attention(nn.Module):
                 qkv = torch.cat([torch.stack(t, dim=2).flatten(0, 1).flatten(1) for t in self._qkv(x, layout, rope)])
             return scaled_linear(self.proj, varlen_attention(qkv, layout, self.num_heads), scale)  # (T, D)
         outs = [attention(q, k, v, backend).flatten(0, 1).flatten(1) for q, k, v in self._qkv(x, layout, rope)]
-        return scaled_linear(self.proj, torch.cat(outs) if len(outs) > 1 else outs[0], scale)  # (T, D)
+        weight, bias = autocast_operands(x.device, *scaled_parameters(self.proj, scale))
+        with without_autocast(x.device):
+            return concat_linear(outs, weight, bias)  # (T, D); saves the groups' outputs, not their concatenation
 
     def attention_weights(self, x: torch.Tensor, layout: Layout, rope: Rope = None) -> list[torch.Tensor]:
         """Per group, the explicit attention matrix (B, H, N, N); for visualisation, not training."""
