@@ -73,7 +73,7 @@ class ModelConfig:
     mlp_impl: str = "auto"
     """The GELU MLP branch with its residual add: triton (one Triton pass in backward that recomputes GELU's output
     instead of keeping it, and folds in the stochastic-depth scale and fc1's bias gradient: 3.4 GiB less at the
-    peak and 0.6 ms less at ViT-S/16, batch 128, modelled; kernels/gelu_mlp.py), torch (autograd's composition), or
+    peak and 0.5 ms less at ViT-S/16, batch 128, modelled; kernels/gelu_mlp.py), torch (autograd's composition), or
     auto: triton on CUDA where the block is neither checkpointed nor compiled (a checkpoint's recompute would rerun
     fc2; the compiler fuses the composition itself)."""
     activation_checkpointing: str = "none"

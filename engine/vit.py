@@ -9,11 +9,12 @@ Multi-crop forward. `forward([crops...])` groups consecutive crops of the same r
 end as one (T, D) tensor, T = sum over groups of B·N. LayerNorm, qkv, projection and MLP run once on that
 tensor. Attention runs per group: each group's rows of the qkv output are a contiguous slice, viewed as
 (B, N, 3, H, hd) without a copy and given to SDPA (cuDNN first on Hopper, the fastest kernel measured on the
-H100: shared/gpu/README.md) or xformers as one dense call; the groups' outputs are concatenated for the projection.
-Both projections are autograd Functions (packed_linear.py) whose backward takes the groups' gradients as they come,
-so neither the qkv gradient nor the concatenation is copied or kept twice. `attention="varlen"` instead runs torch's variable-length attention once over every image
-of every group (CUDA only; engine/attention.py says why it is not the default yet). Nothing is padded, and
-every shape depends only on the crop shapes (never on data), so per-block `torch.compile` and CUDA graphs apply.
+H100: shared/gpu/README.md) or xformers as one dense call; the groups' outputs are concatenated for the
+projection. Both projections are autograd Functions (packed_linear.py) whose backward takes the groups' gradients as
+they come, so neither the qkv gradient nor the concatenation is copied or kept twice. `attention="varlen"` instead
+runs torch's variable-length attention once over every image of every group (CUDA only; engine/attention.py says
+why it is not the default yet). Nothing is padded, and every shape depends only on the crop shapes (never on data),
+so per-block `torch.compile` and CUDA graphs apply.
 
 DINOv2 and DINOv3 (families.py, under timm's model names) are options of the same model, so the packed forward,
 the attention backends, compile, FSDP2 and activation checkpointing apply to them unchanged: LayerScale, SwiGLU and
@@ -302,15 +303,13 @@ class Block(nn.Module):
     def _mlp_residual(self, x: torch.Tensor, mlp_scale: torch.Tensor | None) -> torch.Tensor:
         """x + the MLP branch (scaled by `mlp_scale`): for the GELU Mlp, `gelu_mlp_residual` by `mlp_impl`, whose
         Triton backward keeps no GELU output (auto: on CUDA, not under torch.compile, which fuses the composition
-        itself); the weights cast to the stream's dtype as autocast casts them for F.linear."""
+        itself); the weights cast as autocast casts them for F.linear."""
         impl = "torch" if torch.compiler.is_compiling() and self.mlp_impl == "auto" else self.mlp_impl
         if not isinstance(self.mlp, Mlp) or impl == "torch":
             return residual_add(x, self._mlp_branch(x), mlp_scale)
-        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        fc2_weight, fc2_bias = fc2.weight, fc2.bias
-        if self.ls2 is not None:  # LayerScale folded into fc2, as layers.scaled_linear folds it
-            fc2_weight, fc2_bias = fc2_weight * self.ls2.gamma[:, None], fc2_bias * self.ls2.gamma
-        weights = [w.to(x.dtype) for w in (fc1.weight, fc1.bias, fc2_weight, fc2_bias)]
+        gamma2 = self.ls2.gamma if self.ls2 is not None else None
+        weights = autocast_operands(x.device, self.mlp.fc1.weight, self.mlp.fc1.bias,
+                                    *scaled_parameters(self.mlp.fc2, gamma2))
         return gelu_mlp_residual(x, self.norm2(x), *weights, mlp_scale, impl=impl)
 
 

@@ -90,8 +90,8 @@ def gelu_mlp_launch_bytes(n_rows: int, n_cols: int, elem_bytes: int, has_scale: 
 
 
 def _gelu_mlp_backward(h: torch.Tensor, da: torch.Tensor, scale: torch.Tensor | None):
-    """(dh written over da, s * gelu(h) written over h, db1 in h's dtype) by one launch: backward allocates no (T, hidden)
-    buffer beyond da, the matmul's output."""
+    """(dh written over da, s * gelu(h) written over h, db1 in h's dtype) by one launch: backward allocates no
+    (T, hidden) buffer beyond da, the matmul's output."""
     n_rows, n_cols = h.shape
     rows_per_program, programs = _row_split(n_rows)
     col_sums = _launch.empty((programs, n_cols), torch.float32, h.device)
