@@ -40,7 +40,7 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
         "tensorboard": ["tensorboard"],  # event files in DIR/tb (logging.tensorboard=auto turns them on)
-        "test": ["pytest", "setuptools>=64", "nvidia-dali-cuda130", "tensorboard"],
+        "test": ["pytest", "pytest-timeout", "setuptools>=64", "nvidia-dali-cuda130", "tensorboard"],
     },
     entry_points={"console_scripts": ["fastdino = fastdino.engine.cli:main"]},
 )

@@ -25,6 +25,7 @@ import logging
 import lzma
 import os
 import shutil
+import signal
 import stat
 import struct
 import tarfile
@@ -524,7 +525,7 @@ def _inspect_all(items: list, inspect, num_threads: int, identity) -> list:
                 return [r if isinstance(r, str) else tuple(r) for r in results]
         except (OSError, ValueError):
             pass  # no cache yet, or a damaged one: validate again
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+    with ThreadPoolExecutor(max(1, num_threads), initializer=_leave_signals_to_the_main_thread) as pool:
         results = list(pool.map(inspect, items, chunksize=256))
     if cache is not None:
         try:
@@ -532,6 +533,12 @@ def _inspect_all(items: list, inspect, num_threads: int, identity) -> list:
         except OSError as err:
             logger.warning("could not write the validation cache %s: %s", cache, err)
     return results
+
+
+def _leave_signals_to_the_main_thread() -> None:
+    """Block Ctrl-C and SIGTERM in a pool thread: the kernel then delivers them to the main thread, whose wait on the
+    pool they interrupt, so a run blocked on a hung filesystem still stops at once."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _tar_folder_samples(members, skips):

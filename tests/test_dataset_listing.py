@@ -4,6 +4,7 @@ skipped, not waited on), names that are not UTF-8 are kept and read, floating-po
 two backends read differently) are skipped and counted, a signal during a blocked listing ends the process at
 once, and a run whose images all disappear ends with a checkpoint of the steps done and one line."""
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -109,11 +110,12 @@ def test_floating_point_tiffs_are_skipped_and_counted(tmp_path, scale):
 
 
 # Lists the dataset through an inspection that never returns (a hung filesystem), after saying so.
+# Each of the pool's threads says so in one write: print()'s two writes from several threads could interleave.
 BLOCKED_LISTING = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from fastdino.pipelines import sources
     def hung(path):
-        print("listing", flush=True)
+        os.write(1, b"listing\\n")
         time.sleep(3600)
     sources._inspect_file = hung
     from fastdino.engine.cli import main
@@ -121,19 +123,38 @@ BLOCKED_LISTING = textwrap.dedent("""
 """)
 
 
+def test_listing_threads_leave_signals_to_the_main_thread():
+    # Otherwise the kernel may hand SIGTERM to a thread stuck on a hung file, and the main thread's wait on the pool
+    # is never interrupted.
+    masks = sources._inspect_all(list(range(4)), lambda _: signal.pthread_sigmask(signal.SIG_BLOCK, []), 2,
+                                 identity=list)
+    assert all({signal.SIGINT, signal.SIGTERM} <= mask for mask in masks), masks
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
 @pytest.mark.slow
 def test_a_signal_during_a_blocked_listing_ends_the_run_at_once(tmp_path, tiny_dataset):
     from test_cli import TINY_CLI
 
-    proc = subprocess.Popen([sys.executable, "-c", BLOCKED_LISTING, "train", "--output", str(tmp_path / "run"),
-                             "--data", str(tiny_dataset), *TINY_CLI], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # stderr goes to a file, and every wait is bounded: a failure must not leave the test waiting on a pipe of a
+    # process that sleeps for an hour. The bounds are guards against a hang, not timings.
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "w") as stderr_file:
+        proc = subprocess.Popen([sys.executable, "-c", BLOCKED_LISTING, "train", "--output", str(tmp_path / "run"),
+                                 "--data", str(tiny_dataset), *TINY_CLI], stdout=subprocess.PIPE,
+                                stderr=stderr_file, text=True)
     try:
-        assert proc.stdout.readline() == "listing\n", proc.stderr.read()
+        assert select.select([proc.stdout], [], [], 300)[0], stderr_path.read_text()
+        assert proc.stdout.readline() == "listing\n", stderr_path.read_text()
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)  # a guard against a swallowed signal, not a timing
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the signal did not end the blocked listing: {stderr_path.read_text()}")
     finally:
         proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    stderr = stderr_path.read_text()
     assert proc.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == ("fastdino: stopped by SIGTERM outside the training steps: nothing to "
                                                "checkpoint; rerun the same command to go on")

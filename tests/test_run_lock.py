@@ -41,7 +41,9 @@ def _start(*command):
     proc = subprocess.Popen([sys.executable, *map(str, command)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     first = proc.stdout.readline()
-    assert first.strip() in ("paused", "locked"), first + proc.stderr.read()
+    if first.strip() not in ("paused", "locked"):
+        proc.kill()  # its stderr ends only with it
+        pytest.fail(first + proc.communicate()[1])
     return proc
 
 
